@@ -1,0 +1,777 @@
+//! The Environment aggregate: project × branch or PR × entrypoint, with one deployment per
+//! commit and the test results of each deployment.
+//!
+//! Lifecycle of a deployment: `Requested → Building → Starting → Ready | Failed`; a newer commit
+//! supersedes a deployment still in flight. The environment itself can be deactivated (`Stale`,
+//! woken by the next commit or visit) and `Terminated` (PR closed, branch deleted).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ids::{DeploymentId, EnvironmentId, ProjectId};
+use crate::values::{CommitSha, Entrypoint, Target};
+use crate::{Aggregate, DomainError, DomainEvent};
+
+/// Namespace of the deterministic environment ids (UUID v5).
+const ENVIRONMENT_NAMESPACE: Uuid = Uuid::from_u128(0x5d2b_8c1e_7a43_4f0b_9e6d_2c71_a8f0_3b19);
+
+impl EnvironmentId {
+    /// The one id of an environment: the same project, target and entrypoint always give the
+    /// same environment, so a redelivered webhook finds the environment it already made.
+    pub fn derive(project: ProjectId, target: &Target, entrypoint: &Entrypoint) -> Self {
+        let name = format!("{}|{}|{}", project, target.key(), entrypoint);
+        Self(Uuid::new_v5(&ENVIRONMENT_NAMESPACE, name.as_bytes()))
+    }
+}
+
+/// Where one deployment is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeploymentStatus {
+    Requested,
+    Building,
+    Starting,
+    Ready,
+    Failed,
+    /// A newer commit arrived before this one finished.
+    Superseded,
+}
+
+impl DeploymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "Requested",
+            Self::Building => "Building",
+            Self::Starting => "Starting",
+            Self::Ready => "Ready",
+            Self::Failed => "Failed",
+            Self::Superseded => "Superseded",
+        }
+    }
+
+    pub fn in_flight(self) -> bool {
+        matches!(self, Self::Requested | Self::Building | Self::Starting)
+    }
+}
+
+/// What users see of an environment: its current deployment's status, unless the environment
+/// itself is deactivated or gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnvironmentStatus {
+    Requested,
+    Building,
+    Starting,
+    Ready,
+    Failed,
+    Stale,
+    Terminated,
+}
+
+impl EnvironmentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "Requested",
+            Self::Building => "Building",
+            Self::Starting => "Starting",
+            Self::Ready => "Ready",
+            Self::Failed => "Failed",
+            Self::Stale => "Stale",
+            Self::Terminated => "Terminated",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailedStage {
+    Build,
+    Start,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TestOutcome {
+    Passed,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestResult {
+    pub name: String,
+    pub outcome: TestOutcome,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: DeploymentId,
+    pub commit: CommitSha,
+    pub status: DeploymentStatus,
+    pub requested_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub url: Option<String>,
+    pub failure: Option<String>,
+    /// Latest result per test name, in the order tests first reported.
+    pub tests: Vec<TestResult>,
+}
+
+/// The spec of an environment as it was created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentSpec {
+    pub project_id: ProjectId,
+    pub target: Target,
+    pub entrypoint: Entrypoint,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Environment {
+    pub id: Option<EnvironmentId>,
+    pub spec: Option<EnvironmentSpec>,
+    pub deactivated: bool,
+    pub terminated: bool,
+    /// Every deployment, oldest first; the last one is the current one.
+    pub deployments: Vec<Deployment>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl Environment {
+    pub fn current(&self) -> Option<&Deployment> {
+        self.deployments.last()
+    }
+
+    pub fn deployment(&self, id: DeploymentId) -> Option<&Deployment> {
+        self.deployments.iter().find(|d| d.id == id)
+    }
+
+    /// `None` before the environment exists.
+    pub fn status(&self) -> Option<EnvironmentStatus> {
+        self.spec.as_ref()?;
+        if self.terminated {
+            return Some(EnvironmentStatus::Terminated);
+        }
+        if self.deactivated {
+            return Some(EnvironmentStatus::Stale);
+        }
+        Some(match self.current()?.status {
+            DeploymentStatus::Requested | DeploymentStatus::Superseded => EnvironmentStatus::Requested,
+            DeploymentStatus::Building => EnvironmentStatus::Building,
+            DeploymentStatus::Starting => EnvironmentStatus::Starting,
+            DeploymentStatus::Ready => EnvironmentStatus::Ready,
+            DeploymentStatus::Failed => EnvironmentStatus::Failed,
+        })
+    }
+
+    fn deployment_mut(&mut self, id: DeploymentId) -> Option<&mut Deployment> {
+        self.deployments.iter_mut().find(|d| d.id == id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnvironmentCommand {
+    /// Deploy `commit`: creates the environment on first use, supersedes a deployment in flight,
+    /// wakes a stale or terminated environment. Asking again for the commit already current is a
+    /// no-op (webhooks are redelivered).
+    RequestDeployment {
+        environment_id: EnvironmentId,
+        spec: EnvironmentSpec,
+        deployment_id: DeploymentId,
+        commit: CommitSha,
+        at: DateTime<Utc>,
+    },
+    StartBuild {
+        deployment_id: DeploymentId,
+        at: DateTime<Utc>,
+    },
+    /// The build finished; the app is starting.
+    CompleteBuild {
+        deployment_id: DeploymentId,
+        at: DateTime<Utc>,
+    },
+    MarkReady {
+        deployment_id: DeploymentId,
+        url: String,
+        at: DateTime<Utc>,
+    },
+    MarkFailed {
+        deployment_id: DeploymentId,
+        stage: FailedStage,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    RecordTestResult {
+        deployment_id: DeploymentId,
+        test: String,
+        outcome: TestOutcome,
+        at: DateTime<Utc>,
+    },
+    /// Idle too long: stop it; the next commit or visit brings it back.
+    Deactivate {
+        at: DateTime<Utc>,
+    },
+    /// A visit to a stale environment: redeploy its latest commit.
+    Wake {
+        deployment_id: DeploymentId,
+        at: DateTime<Utc>,
+    },
+    Terminate {
+        reason: String,
+        at: DateTime<Utc>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum EnvironmentEvent {
+    EnvironmentCreated { environment_id: EnvironmentId, spec: EnvironmentSpec, at: DateTime<Utc> },
+    DeploymentRequested { deployment_id: DeploymentId, commit: CommitSha, at: DateTime<Utc> },
+    DeploymentSuperseded { deployment_id: DeploymentId, by: DeploymentId, at: DateTime<Utc> },
+    BuildStarted { deployment_id: DeploymentId, at: DateTime<Utc> },
+    BuildSucceeded { deployment_id: DeploymentId, at: DateTime<Utc> },
+    DeploymentReady { deployment_id: DeploymentId, url: String, at: DateTime<Utc> },
+    DeploymentFailed { deployment_id: DeploymentId, stage: FailedStage, reason: String, at: DateTime<Utc> },
+    TestPassed { deployment_id: DeploymentId, test: String, at: DateTime<Utc> },
+    TestFailed { deployment_id: DeploymentId, test: String, at: DateTime<Utc> },
+    EnvironmentDeactivated { at: DateTime<Utc> },
+    EnvironmentReactivated { at: DateTime<Utc> },
+    EnvironmentTerminated { reason: String, at: DateTime<Utc> },
+}
+
+impl DomainEvent for EnvironmentEvent {
+    const SCHEMA_VERSION: u32 = 1;
+
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::EnvironmentCreated { .. } => "EnvironmentCreated",
+            Self::DeploymentRequested { .. } => "DeploymentRequested",
+            Self::DeploymentSuperseded { .. } => "DeploymentSuperseded",
+            Self::BuildStarted { .. } => "BuildStarted",
+            Self::BuildSucceeded { .. } => "BuildSucceeded",
+            Self::DeploymentReady { .. } => "DeploymentReady",
+            Self::DeploymentFailed { .. } => "DeploymentFailed",
+            Self::TestPassed { .. } => "TestPassed",
+            Self::TestFailed { .. } => "TestFailed",
+            Self::EnvironmentDeactivated { .. } => "EnvironmentDeactivated",
+            Self::EnvironmentReactivated { .. } => "EnvironmentReactivated",
+            Self::EnvironmentTerminated { .. } => "EnvironmentTerminated",
+        }
+    }
+}
+
+impl EnvironmentEvent {
+    pub fn at(&self) -> DateTime<Utc> {
+        match self {
+            Self::EnvironmentCreated { at, .. }
+            | Self::DeploymentRequested { at, .. }
+            | Self::DeploymentSuperseded { at, .. }
+            | Self::BuildStarted { at, .. }
+            | Self::BuildSucceeded { at, .. }
+            | Self::DeploymentReady { at, .. }
+            | Self::DeploymentFailed { at, .. }
+            | Self::TestPassed { at, .. }
+            | Self::TestFailed { at, .. }
+            | Self::EnvironmentDeactivated { at }
+            | Self::EnvironmentReactivated { at }
+            | Self::EnvironmentTerminated { at, .. } => *at,
+        }
+    }
+}
+
+pub struct EnvironmentAggregate;
+
+fn not_found(id: impl std::fmt::Display) -> DomainError {
+    DomainError::NotFound { entity: "deployment", id: id.to_string() }
+}
+
+/// Looks up a deployment a worker reports on, refusing reports on superseded or gone ones.
+fn reported<'a>(state: &'a Environment, id: DeploymentId) -> Result<&'a Deployment, DomainError> {
+    let deployment = state.deployment(id).ok_or_else(|| not_found(id))?;
+    if deployment.status == DeploymentStatus::Superseded {
+        return Err(DomainError::Superseded { deployment: id.to_string() });
+    }
+    if state.terminated {
+        return Err(DomainError::IllegalEnvironmentTransition { status: "Terminated", action: "a worker report", expected: "active" });
+    }
+    Ok(deployment)
+}
+
+fn expect_status(deployment: &Deployment, expected: DeploymentStatus, action: &'static str) -> Result<(), DomainError> {
+    if deployment.status == expected {
+        Ok(())
+    } else {
+        Err(DomainError::IllegalTransition {
+            deployment: deployment.id.to_string(),
+            status: deployment.status.as_str(),
+            action,
+            expected: expected.as_str(),
+        })
+    }
+}
+
+fn existing(state: &Environment) -> Result<(), DomainError> {
+    if state.spec.is_none() {
+        return Err(DomainError::NotFound { entity: "environment", id: "(not created)".into() });
+    }
+    Ok(())
+}
+
+impl Aggregate for EnvironmentAggregate {
+    const NAME: &'static str = "environment";
+    type State = Environment;
+    type Command = EnvironmentCommand;
+    type Event = EnvironmentEvent;
+
+    fn decide(state: &Environment, command: EnvironmentCommand) -> Result<Vec<EnvironmentEvent>, DomainError> {
+        use EnvironmentCommand as C;
+        use EnvironmentEvent as E;
+        match command {
+            C::RequestDeployment { environment_id, spec, deployment_id, commit, at } => {
+                let mut events = Vec::new();
+                match &state.spec {
+                    None => events.push(E::EnvironmentCreated { environment_id, spec, at }),
+                    Some(existing) if *existing != spec || state.id != Some(environment_id) => {
+                        return Err(DomainError::invalid("environment", "this id belongs to another project, target or entrypoint"));
+                    }
+                    Some(_) => {}
+                }
+                if state.deployment(deployment_id).is_some() {
+                    return Err(DomainError::AlreadyExists { entity: "deployment", id: deployment_id.to_string() });
+                }
+                let asleep = state.deactivated || state.terminated;
+                if let Some(current) = state.current() {
+                    let same_commit = current.commit == commit && current.status != DeploymentStatus::Failed;
+                    if same_commit && !asleep {
+                        return Ok(vec![]);
+                    }
+                    if current.status.in_flight() {
+                        events.push(E::DeploymentSuperseded { deployment_id: current.id, by: deployment_id, at });
+                    }
+                }
+                if asleep {
+                    events.push(E::EnvironmentReactivated { at });
+                }
+                events.push(E::DeploymentRequested { deployment_id, commit, at });
+                Ok(events)
+            }
+            C::StartBuild { deployment_id, at } => {
+                expect_status(reported(state, deployment_id)?, DeploymentStatus::Requested, "starting a build")?;
+                Ok(vec![E::BuildStarted { deployment_id, at }])
+            }
+            C::CompleteBuild { deployment_id, at } => {
+                expect_status(reported(state, deployment_id)?, DeploymentStatus::Building, "completing a build")?;
+                Ok(vec![E::BuildSucceeded { deployment_id, at }])
+            }
+            C::MarkReady { deployment_id, url, at } => {
+                expect_status(reported(state, deployment_id)?, DeploymentStatus::Starting, "marking ready")?;
+                if url.trim().is_empty() {
+                    return Err(DomainError::invalid("url", "a ready deployment needs its preview URL"));
+                }
+                Ok(vec![E::DeploymentReady { deployment_id, url, at }])
+            }
+            C::MarkFailed { deployment_id, stage, reason, at } => {
+                let deployment = reported(state, deployment_id)?;
+                let expected = match stage {
+                    FailedStage::Build => [DeploymentStatus::Requested, DeploymentStatus::Building],
+                    FailedStage::Start => [DeploymentStatus::Starting, DeploymentStatus::Ready],
+                };
+                if !expected.contains(&deployment.status) {
+                    return Err(DomainError::IllegalTransition {
+                        deployment: deployment_id.to_string(),
+                        status: deployment.status.as_str(),
+                        action: "marking failed",
+                        expected: match stage {
+                            FailedStage::Build => "Requested or Building",
+                            FailedStage::Start => "Starting or Ready",
+                        },
+                    });
+                }
+                Ok(vec![E::DeploymentFailed { deployment_id, stage, reason, at }])
+            }
+            C::RecordTestResult { deployment_id, test, outcome, at } => {
+                expect_status(reported(state, deployment_id)?, DeploymentStatus::Ready, "recording a test result")?;
+                if test.trim().is_empty() {
+                    return Err(DomainError::invalid("test", "a test result needs the test's name"));
+                }
+                Ok(vec![match outcome {
+                    TestOutcome::Passed => E::TestPassed { deployment_id, test, at },
+                    TestOutcome::Failed => E::TestFailed { deployment_id, test, at },
+                }])
+            }
+            C::Deactivate { at } => {
+                existing(state)?;
+                match state.status() {
+                    Some(EnvironmentStatus::Stale) => Ok(vec![]),
+                    Some(EnvironmentStatus::Ready | EnvironmentStatus::Failed) => Ok(vec![E::EnvironmentDeactivated { at }]),
+                    Some(other) => Err(DomainError::IllegalEnvironmentTransition {
+                        status: other.as_str(),
+                        action: "deactivating",
+                        expected: "Ready or Failed",
+                    }),
+                    None => Err(DomainError::NotFound { entity: "environment", id: "(no deployment)".into() }),
+                }
+            }
+            C::Wake { deployment_id, at } => {
+                existing(state)?;
+                if !state.deactivated || state.terminated {
+                    let status = state.status().map_or("unknown", EnvironmentStatus::as_str);
+                    return Err(DomainError::IllegalEnvironmentTransition { status, action: "waking", expected: "Stale" });
+                }
+                let commit = state.current().map(|d| d.commit.clone()).ok_or_else(|| not_found("(none)"))?;
+                if state.deployment(deployment_id).is_some() {
+                    return Err(DomainError::AlreadyExists { entity: "deployment", id: deployment_id.to_string() });
+                }
+                Ok(vec![E::EnvironmentReactivated { at }, E::DeploymentRequested { deployment_id, commit, at }])
+            }
+            C::Terminate { reason, at } => {
+                existing(state)?;
+                if state.terminated {
+                    return Ok(vec![]);
+                }
+                let mut events = Vec::new();
+                if let Some(current) = state.current().filter(|d| d.status.in_flight()) {
+                    // Nothing supersedes it, but its worker must stop: record why.
+                    events.push(E::DeploymentFailed {
+                        deployment_id: current.id,
+                        stage: FailedStage::Build,
+                        reason: format!("environment terminated: {reason}"),
+                        at,
+                    });
+                }
+                events.push(E::EnvironmentTerminated { reason, at });
+                Ok(events)
+            }
+        }
+    }
+
+    fn apply(mut state: Environment, event: &EnvironmentEvent) -> Environment {
+        use EnvironmentEvent as E;
+        state.updated_at = Some(event.at());
+        let set = |state: &mut Environment, id: DeploymentId, status: DeploymentStatus, at: DateTime<Utc>| {
+            if let Some(d) = state.deployment_mut(id) {
+                d.status = status;
+                d.updated_at = at;
+            }
+        };
+        match event {
+            E::EnvironmentCreated { environment_id, spec, .. } => {
+                state.id = Some(*environment_id);
+                state.spec = Some(spec.clone());
+            }
+            E::DeploymentRequested { deployment_id, commit, at } => state.deployments.push(Deployment {
+                id: *deployment_id,
+                commit: commit.clone(),
+                status: DeploymentStatus::Requested,
+                requested_at: *at,
+                updated_at: *at,
+                url: None,
+                failure: None,
+                tests: Vec::new(),
+            }),
+            E::DeploymentSuperseded { deployment_id, at, .. } => set(&mut state, *deployment_id, DeploymentStatus::Superseded, *at),
+            E::BuildStarted { deployment_id, at } => set(&mut state, *deployment_id, DeploymentStatus::Building, *at),
+            E::BuildSucceeded { deployment_id, at } => set(&mut state, *deployment_id, DeploymentStatus::Starting, *at),
+            E::DeploymentReady { deployment_id, url, at } => {
+                set(&mut state, *deployment_id, DeploymentStatus::Ready, *at);
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.url = Some(url.clone());
+                }
+            }
+            E::DeploymentFailed { deployment_id, reason, at, .. } => {
+                set(&mut state, *deployment_id, DeploymentStatus::Failed, *at);
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.failure = Some(reason.clone());
+                }
+            }
+            E::TestPassed { deployment_id, test, at } | E::TestFailed { deployment_id, test, at } => {
+                let outcome = if matches!(event, E::TestPassed { .. }) { TestOutcome::Passed } else { TestOutcome::Failed };
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.updated_at = *at;
+                    match d.tests.iter_mut().find(|t| t.name == *test) {
+                        Some(existing) => {
+                            existing.outcome = outcome;
+                            existing.at = *at;
+                        }
+                        None => d.tests.push(TestResult { name: test.clone(), outcome, at: *at }),
+                    }
+                }
+            }
+            E::EnvironmentDeactivated { .. } => state.deactivated = true,
+            E::EnvironmentReactivated { .. } => {
+                state.deactivated = false;
+                state.terminated = false;
+            }
+            E::EnvironmentTerminated { .. } => state.terminated = true,
+        }
+        state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::given;
+    use crate::values::BranchName;
+    use chrono::TimeZone;
+    use DeploymentStatus as S;
+    use EnvironmentCommand as C;
+    use EnvironmentEvent as E;
+
+    fn at(minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 24, 12, minute, 0).single().expect("valid date")
+    }
+    fn dep(n: u128) -> DeploymentId {
+        DeploymentId(Uuid::from_u128(n))
+    }
+    fn sha(c: char) -> CommitSha {
+        CommitSha::parse(c.to_string().repeat(40)).expect("valid sha")
+    }
+    fn spec() -> EnvironmentSpec {
+        EnvironmentSpec {
+            project_id: ProjectId(Uuid::from_u128(7)),
+            target: Target::PullRequest { number: 42, head_branch: BranchName::parse("feature").expect("valid") },
+            entrypoint: Entrypoint::parse("main.w").expect("valid"),
+        }
+    }
+    fn env_id() -> EnvironmentId {
+        let s = spec();
+        EnvironmentId::derive(s.project_id, &s.target, &s.entrypoint)
+    }
+    fn request(d: u128, c: char, minute: u32) -> C {
+        C::RequestDeployment { environment_id: env_id(), spec: spec(), deployment_id: dep(d), commit: sha(c), at: at(minute) }
+    }
+    fn created() -> E {
+        E::EnvironmentCreated { environment_id: env_id(), spec: spec(), at: at(0) }
+    }
+    fn requested(d: u128, c: char, minute: u32) -> E {
+        E::DeploymentRequested { deployment_id: dep(d), commit: sha(c), at: at(minute) }
+    }
+    /// History that brings deployment 1 (commit a) to `status`.
+    fn history_to(status: DeploymentStatus) -> Vec<E> {
+        let mut h = vec![created(), requested(1, 'a', 0)];
+        let steps = [
+            (S::Building, E::BuildStarted { deployment_id: dep(1), at: at(1) }),
+            (S::Starting, E::BuildSucceeded { deployment_id: dep(1), at: at(2) }),
+            (S::Ready, E::DeploymentReady { deployment_id: dep(1), url: "http://p/1".into(), at: at(3) }),
+        ];
+        if status == S::Failed {
+            h.push(E::DeploymentFailed { deployment_id: dep(1), stage: FailedStage::Build, reason: "boom".into(), at: at(1) });
+            return h;
+        }
+        for (reached, event) in steps {
+            if status == S::Requested {
+                break;
+            }
+            h.push(event);
+            if reached == status {
+                break;
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn environment_ids_are_deterministic() {
+        let s = spec();
+        assert_eq!(EnvironmentId::derive(s.project_id, &s.target, &s.entrypoint), env_id());
+        let other = EnvironmentId::derive(s.project_id, &s.target, &Entrypoint::parse("api.main.w").expect("valid"));
+        assert_ne!(other, env_id());
+    }
+
+    #[test]
+    fn first_request_creates_the_environment() {
+        let state = given::<EnvironmentAggregate>(&[]).when(request(1, 'a', 0)).then(&[created(), requested(1, 'a', 0)]);
+        assert_eq!(state.status(), Some(EnvironmentStatus::Requested));
+        assert_eq!(state.id, Some(env_id()));
+    }
+
+    #[test]
+    fn the_happy_path_reaches_ready_with_tests() {
+        let steps: Vec<(C, E, EnvironmentStatus)> = vec![
+            (
+                C::StartBuild { deployment_id: dep(1), at: at(1) },
+                E::BuildStarted { deployment_id: dep(1), at: at(1) },
+                EnvironmentStatus::Building,
+            ),
+            (
+                C::CompleteBuild { deployment_id: dep(1), at: at(2) },
+                E::BuildSucceeded { deployment_id: dep(1), at: at(2) },
+                EnvironmentStatus::Starting,
+            ),
+            (
+                C::MarkReady { deployment_id: dep(1), url: "http://p/1".into(), at: at(3) },
+                E::DeploymentReady { deployment_id: dep(1), url: "http://p/1".into(), at: at(3) },
+                EnvironmentStatus::Ready,
+            ),
+            (
+                C::RecordTestResult { deployment_id: dep(1), test: "sanity".into(), outcome: TestOutcome::Passed, at: at(4) },
+                E::TestPassed { deployment_id: dep(1), test: "sanity".into(), at: at(4) },
+                EnvironmentStatus::Ready,
+            ),
+            (
+                C::RecordTestResult { deployment_id: dep(1), test: "e2e".into(), outcome: TestOutcome::Failed, at: at(5) },
+                E::TestFailed { deployment_id: dep(1), test: "e2e".into(), at: at(5) },
+                EnvironmentStatus::Ready,
+            ),
+        ];
+        let mut history = history_to(S::Requested);
+        for (command, event, status) in steps {
+            let state = given::<EnvironmentAggregate>(&history).when(command).then(std::slice::from_ref(&event));
+            assert_eq!(state.status(), Some(status));
+            history.push(event);
+        }
+        let state = EnvironmentAggregate::replay(&history);
+        let tests: Vec<_> = state.current().expect("deployed").tests.iter().map(|t| (t.name.as_str(), t.outcome)).collect();
+        assert_eq!(tests, vec![("sanity", TestOutcome::Passed), ("e2e", TestOutcome::Failed)]);
+    }
+
+    #[test]
+    fn illegal_worker_reports_are_refused_in_every_status() {
+        // (status the deployment is in, command, accepted?)
+        let start = |_: ()| C::StartBuild { deployment_id: dep(1), at: at(9) };
+        let complete = |_: ()| C::CompleteBuild { deployment_id: dep(1), at: at(9) };
+        let ready = |_: ()| C::MarkReady { deployment_id: dep(1), url: "http://p".into(), at: at(9) };
+        let fail_build = |_: ()| C::MarkFailed { deployment_id: dep(1), stage: FailedStage::Build, reason: "x".into(), at: at(9) };
+        let fail_start = |_: ()| C::MarkFailed { deployment_id: dep(1), stage: FailedStage::Start, reason: "x".into(), at: at(9) };
+        let test = |_: ()| C::RecordTestResult { deployment_id: dep(1), test: "t".into(), outcome: TestOutcome::Passed, at: at(9) };
+        type Make = fn(()) -> C;
+        let commands: [(&str, Make); 6] = [
+            ("start", start),
+            ("complete", complete),
+            ("ready", ready),
+            ("fail_build", fail_build),
+            ("fail_start", fail_start),
+            ("test", test),
+        ];
+        let table: [(S, [bool; 6]); 5] = [
+            //               start  complete ready  fail_b fail_s test
+            (S::Requested, [true, false, false, true, false, false]),
+            (S::Building, [false, true, false, true, false, false]),
+            (S::Starting, [false, false, true, false, true, false]),
+            (S::Ready, [false, false, false, false, true, true]),
+            (S::Failed, [false, false, false, false, false, false]),
+        ];
+        for (status, allowed) in table {
+            let history = history_to(status);
+            assert_eq!(EnvironmentAggregate::replay(&history).current().expect("deployed").status, status);
+            for ((name, make), ok) in commands.iter().zip(allowed) {
+                let result = EnvironmentAggregate::decide(&EnvironmentAggregate::replay(&history), make(()));
+                match (ok, result) {
+                    (true, Ok(events)) => assert_eq!(events.len(), 1, "{name} in {status:?}"),
+                    (false, Err(DomainError::IllegalTransition { status: s, .. })) => assert_eq!(s, status.as_str(), "{name}"),
+                    (ok, other) => panic!("{name} in {status:?}: expected allowed={ok}, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_newer_commit_supersedes_a_deployment_in_flight() {
+        for status in [S::Requested, S::Building, S::Starting] {
+            let state = given::<EnvironmentAggregate>(&history_to(status))
+                .when(request(2, 'b', 10))
+                .then(&[E::DeploymentSuperseded { deployment_id: dep(1), by: dep(2), at: at(10) }, requested(2, 'b', 10)]);
+            assert_eq!(state.deployment(dep(1)).expect("kept").status, S::Superseded);
+            assert_eq!(state.current().expect("new").id, dep(2));
+            // The old worker's reports are refused from now on.
+            let late = EnvironmentAggregate::decide(&state, C::StartBuild { deployment_id: dep(1), at: at(11) });
+            assert_eq!(late, Err(DomainError::Superseded { deployment: dep(1).to_string() }));
+        }
+        // A finished deployment is not superseded, just followed.
+        given::<EnvironmentAggregate>(&history_to(S::Ready)).when(request(2, 'b', 10)).then(&[requested(2, 'b', 10)]);
+    }
+
+    #[test]
+    fn redelivered_requests_are_no_ops_but_a_failed_commit_can_be_retried() {
+        given::<EnvironmentAggregate>(&history_to(S::Building)).when(request(2, 'a', 10)).then(&[]);
+        given::<EnvironmentAggregate>(&history_to(S::Failed)).when(request(2, 'a', 10)).then(&[requested(2, 'a', 10)]);
+        given::<EnvironmentAggregate>(&history_to(S::Ready))
+            .when(request(1, 'b', 10))
+            .then_error(|e| matches!(e, DomainError::AlreadyExists { .. }));
+    }
+
+    #[test]
+    fn an_id_cannot_be_reused_for_another_spec() {
+        let mut other = spec();
+        other.entrypoint = Entrypoint::parse("other.main.w").expect("valid");
+        given::<EnvironmentAggregate>(&history_to(S::Ready))
+            .when(C::RequestDeployment { environment_id: env_id(), spec: other, deployment_id: dep(2), commit: sha('b'), at: at(10) })
+            .then_error(|e| matches!(e, DomainError::Invalid { field: "environment", .. }));
+    }
+
+    #[test]
+    fn idle_environments_go_stale_and_wake_on_a_visit_or_a_commit() {
+        given::<EnvironmentAggregate>(&history_to(S::Building))
+            .when(C::Deactivate { at: at(20) })
+            .then_error(|e| matches!(e, DomainError::IllegalEnvironmentTransition { status: "Building", .. }));
+        let mut history = history_to(S::Ready);
+        let stale =
+            given::<EnvironmentAggregate>(&history).when(C::Deactivate { at: at(20) }).then(&[E::EnvironmentDeactivated { at: at(20) }]);
+        assert_eq!(stale.status(), Some(EnvironmentStatus::Stale));
+        history.push(E::EnvironmentDeactivated { at: at(20) });
+        given::<EnvironmentAggregate>(&history).when(C::Deactivate { at: at(21) }).then(&[]);
+        // A visit redeploys the latest commit.
+        let woken = given::<EnvironmentAggregate>(&history)
+            .when(C::Wake { deployment_id: dep(2), at: at(30) })
+            .then(&[E::EnvironmentReactivated { at: at(30) }, requested(2, 'a', 30)]);
+        assert_eq!(woken.status(), Some(EnvironmentStatus::Requested));
+        // A commit of the same sha also wakes it.
+        given::<EnvironmentAggregate>(&history)
+            .when(request(2, 'a', 30))
+            .then(&[E::EnvironmentReactivated { at: at(30) }, requested(2, 'a', 30)]);
+        given::<EnvironmentAggregate>(&history_to(S::Ready))
+            .when(C::Wake { deployment_id: dep(2), at: at(30) })
+            .then_error(|e| matches!(e, DomainError::IllegalEnvironmentTransition { status: "Ready", .. }));
+    }
+
+    #[test]
+    fn terminating_stops_work_in_flight_and_is_idempotent() {
+        let mut history = history_to(S::Building);
+        let events = [
+            E::DeploymentFailed {
+                deployment_id: dep(1),
+                stage: FailedStage::Build,
+                reason: "environment terminated: PR closed".into(),
+                at: at(40),
+            },
+            E::EnvironmentTerminated { reason: "PR closed".into(), at: at(40) },
+        ];
+        let state = given::<EnvironmentAggregate>(&history).when(C::Terminate { reason: "PR closed".into(), at: at(40) }).then(&events);
+        assert_eq!(state.status(), Some(EnvironmentStatus::Terminated));
+        history.extend(events);
+        given::<EnvironmentAggregate>(&history).when(C::Terminate { reason: "again".into(), at: at(41) }).then(&[]);
+        given::<EnvironmentAggregate>(&history)
+            .when(C::StartBuild { deployment_id: dep(1), at: at(42) })
+            .then_error(|e| matches!(e, DomainError::IllegalEnvironmentTransition { status: "Terminated", .. }));
+        // Reopening the PR brings it back with a new deployment.
+        given::<EnvironmentAggregate>(&history)
+            .when(request(2, 'b', 50))
+            .then(&[E::EnvironmentReactivated { at: at(50) }, requested(2, 'b', 50)]);
+    }
+
+    #[test]
+    fn commands_on_a_missing_environment_are_refused() {
+        for command in [
+            C::StartBuild { deployment_id: dep(1), at: at(0) },
+            C::Deactivate { at: at(0) },
+            C::Wake { deployment_id: dep(1), at: at(0) },
+            C::Terminate { reason: "x".into(), at: at(0) },
+        ] {
+            given::<EnvironmentAggregate>(&[]).when(command).then_error(|e| matches!(e, DomainError::NotFound { .. }));
+        }
+    }
+
+    #[test]
+    fn events_round_trip_through_the_stored_form_and_unknown_versions_are_errors() {
+        use crate::{Metadata, Recorded};
+        let recorded = Recorded { meta: Metadata::new(Uuid::from_u128(1), "system:test"), event: requested(1, 'a', 0) };
+        let json = recorded.to_json();
+        assert_eq!(json["event"]["type"], "DeploymentRequested");
+        assert_eq!(Recorded::<EnvironmentEvent>::from_json(json.clone()), Ok(recorded));
+        let mut future = json.clone();
+        future["schema_version"] = 99.into();
+        assert!(matches!(
+            Recorded::<EnvironmentEvent>::from_json(future),
+            Err(crate::EventDecodeError::UnknownVersion { version: 99, .. })
+        ));
+        let mut unknown = json;
+        unknown["event"]["type"] = "SomethingNew".into();
+        assert!(matches!(Recorded::<EnvironmentEvent>::from_json(unknown), Err(crate::EventDecodeError::Malformed(_))));
+    }
+}

@@ -1,0 +1,236 @@
+//! The Project aggregate: one repository of one account, its production branch and entrypoint rule.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AccountId, ProjectId};
+use crate::values::{BranchName, ProjectName, RepoFullName};
+use crate::{Aggregate, DomainError, DomainEvent};
+
+/// Which entrypoints a commit gets environments for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EntrypointRule {
+    /// `main.w` and `*.main.w` at the repository root, or what stack detection finds.
+    Detect,
+    /// Exactly these paths.
+    Listed { entrypoints: Vec<crate::values::Entrypoint> },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Project {
+    pub id: Option<ProjectId>,
+    pub account_id: Option<AccountId>,
+    pub name: Option<ProjectName>,
+    pub repository: Option<RepoFullName>,
+    pub production_branch: Option<BranchName>,
+    pub entrypoints: Option<EntrypointRule>,
+    pub active: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProjectCommand {
+    Create {
+        project_id: ProjectId,
+        account_id: AccountId,
+        name: ProjectName,
+        repository: RepoFullName,
+        production_branch: BranchName,
+        entrypoints: EntrypointRule,
+        at: DateTime<Utc>,
+    },
+    ChangeProductionBranch {
+        branch: BranchName,
+        at: DateTime<Utc>,
+    },
+    ChangeEntrypoints {
+        entrypoints: EntrypointRule,
+        at: DateTime<Utc>,
+    },
+    Rename {
+        name: ProjectName,
+        at: DateTime<Utc>,
+    },
+    /// The repository was removed from the installation, or the App uninstalled; history is kept.
+    Deactivate {
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    Reactivate {
+        at: DateTime<Utc>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ProjectEvent {
+    ProjectCreated {
+        project_id: ProjectId,
+        account_id: AccountId,
+        name: ProjectName,
+        repository: RepoFullName,
+        production_branch: BranchName,
+        entrypoints: EntrypointRule,
+        at: DateTime<Utc>,
+    },
+    ProductionBranchChanged {
+        branch: BranchName,
+        at: DateTime<Utc>,
+    },
+    EntrypointsChanged {
+        entrypoints: EntrypointRule,
+        at: DateTime<Utc>,
+    },
+    ProjectRenamed {
+        name: ProjectName,
+        at: DateTime<Utc>,
+    },
+    ProjectDeactivated {
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    ProjectReactivated {
+        at: DateTime<Utc>,
+    },
+}
+
+impl DomainEvent for ProjectEvent {
+    const SCHEMA_VERSION: u32 = 1;
+
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::ProjectCreated { .. } => "ProjectCreated",
+            Self::ProductionBranchChanged { .. } => "ProductionBranchChanged",
+            Self::EntrypointsChanged { .. } => "EntrypointsChanged",
+            Self::ProjectRenamed { .. } => "ProjectRenamed",
+            Self::ProjectDeactivated { .. } => "ProjectDeactivated",
+            Self::ProjectReactivated { .. } => "ProjectReactivated",
+        }
+    }
+}
+
+pub struct ProjectAggregate;
+
+impl Aggregate for ProjectAggregate {
+    const NAME: &'static str = "project";
+    type State = Project;
+    type Command = ProjectCommand;
+    type Event = ProjectEvent;
+
+    fn decide(state: &Project, command: ProjectCommand) -> Result<Vec<ProjectEvent>, DomainError> {
+        use ProjectCommand as C;
+        use ProjectEvent as E;
+        if let C::Create { project_id, account_id, name, repository, production_branch, entrypoints, at } = command {
+            if state.id.is_some() {
+                return Err(DomainError::AlreadyExists { entity: "project", id: project_id.to_string() });
+            }
+            return Ok(vec![E::ProjectCreated { project_id, account_id, name, repository, production_branch, entrypoints, at }]);
+        }
+        let Some(id) = state.id else {
+            return Err(DomainError::NotFound { entity: "project", id: "(not created)".into() });
+        };
+        // Setting what is already set records nothing: callers may repeat themselves.
+        let unless_already = |already: bool, event: E| Ok(if already { vec![] } else { vec![event] });
+        match command {
+            C::Create { .. } => Err(DomainError::AlreadyExists { entity: "project", id: id.to_string() }),
+            C::ChangeProductionBranch { branch, at } => {
+                unless_already(state.production_branch.as_ref() == Some(&branch), E::ProductionBranchChanged { branch, at })
+            }
+            C::ChangeEntrypoints { entrypoints, at } => {
+                if let EntrypointRule::Listed { entrypoints: list } = &entrypoints {
+                    if list.is_empty() {
+                        return Err(DomainError::invalid("entrypoints", "list at least one entrypoint, or use detection"));
+                    }
+                }
+                unless_already(state.entrypoints.as_ref() == Some(&entrypoints), E::EntrypointsChanged { entrypoints, at })
+            }
+            C::Rename { name, at } => unless_already(state.name.as_ref() == Some(&name), E::ProjectRenamed { name, at }),
+            C::Deactivate { reason, at } => unless_already(!state.active, E::ProjectDeactivated { reason, at }),
+            C::Reactivate { at } => unless_already(state.active, E::ProjectReactivated { at }),
+        }
+    }
+
+    fn apply(mut state: Project, event: &ProjectEvent) -> Project {
+        use ProjectEvent as E;
+        match event {
+            E::ProjectCreated { project_id, account_id, name, repository, production_branch, entrypoints, .. } => {
+                state.id = Some(*project_id);
+                state.account_id = Some(*account_id);
+                state.name = Some(name.clone());
+                state.repository = Some(repository.clone());
+                state.production_branch = Some(production_branch.clone());
+                state.entrypoints = Some(entrypoints.clone());
+                state.active = true;
+            }
+            E::ProductionBranchChanged { branch, .. } => state.production_branch = Some(branch.clone()),
+            E::EntrypointsChanged { entrypoints, .. } => state.entrypoints = Some(entrypoints.clone()),
+            E::ProjectRenamed { name, .. } => state.name = Some(name.clone()),
+            E::ProjectDeactivated { .. } => state.active = false,
+            E::ProjectReactivated { .. } => state.active = true,
+        }
+        state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::given;
+    use chrono::TimeZone;
+    use uuid::Uuid;
+    use ProjectCommand as C;
+    use ProjectEvent as E;
+
+    fn at() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).single().expect("valid date")
+    }
+    fn created() -> E {
+        E::ProjectCreated {
+            project_id: ProjectId(Uuid::from_u128(1)),
+            account_id: AccountId(Uuid::from_u128(2)),
+            name: ProjectName::parse("hello").expect("valid"),
+            repository: RepoFullName::parse("octo/hello").expect("valid"),
+            production_branch: BranchName::parse("main").expect("valid"),
+            entrypoints: EntrypointRule::Detect,
+            at: at(),
+        }
+    }
+    fn create() -> C {
+        let E::ProjectCreated { project_id, account_id, name, repository, production_branch, entrypoints, at } = created() else {
+            unreachable!("created() builds ProjectCreated")
+        };
+        C::Create { project_id, account_id, name, repository, production_branch, entrypoints, at }
+    }
+
+    #[test]
+    fn transitions() {
+        let main = BranchName::parse("main").expect("valid");
+        let trunk = BranchName::parse("trunk").expect("valid");
+        let deactivated = E::ProjectDeactivated { reason: "uninstalled".into(), at: at() };
+        // (history, command, expected events or None for an error)
+        let table: Vec<(Vec<E>, C, Option<Vec<E>>)> = vec![
+            (vec![], create(), Some(vec![created()])),
+            (vec![created()], create(), None),
+            (vec![], C::ChangeProductionBranch { branch: trunk.clone(), at: at() }, None),
+            (
+                vec![created()],
+                C::ChangeProductionBranch { branch: trunk.clone(), at: at() },
+                Some(vec![E::ProductionBranchChanged { branch: trunk, at: at() }]),
+            ),
+            (vec![created()], C::ChangeProductionBranch { branch: main, at: at() }, Some(vec![])),
+            (vec![created()], C::ChangeEntrypoints { entrypoints: EntrypointRule::Listed { entrypoints: vec![] }, at: at() }, None),
+            (vec![created()], C::Deactivate { reason: "uninstalled".into(), at: at() }, Some(vec![deactivated.clone()])),
+            (vec![created(), deactivated.clone()], C::Deactivate { reason: "again".into(), at: at() }, Some(vec![])),
+            (vec![created(), deactivated], C::Reactivate { at: at() }, Some(vec![E::ProjectReactivated { at: at() }])),
+            (vec![created()], C::Reactivate { at: at() }, Some(vec![])),
+        ];
+        for (history, command, expected) in table {
+            match expected {
+                Some(events) => {
+                    given::<ProjectAggregate>(&history).when(command).then(&events);
+                }
+                None => given::<ProjectAggregate>(&history).when(command).then_error(|_| true),
+            }
+        }
+    }
+}
