@@ -1,1 +1,160 @@
+//! Helpers for the end-to-end tests: each test gets its own Postgres database and its own NATS
+//! prefix on the machine's real servers, and cleans both up when dropped.
 
+use std::time::{Duration, Instant};
+
+use understudy_adapters::nats::Topology;
+use understudy_api::runtime::Runtime;
+use uuid::Uuid;
+
+pub fn admin_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn nats_url() -> String {
+    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// One test's private world: a fresh database and a unique NATS prefix.
+pub struct TestEnv {
+    pub runtime: Runtime,
+    pub database: String,
+    pub database_url: String,
+    pub prefix: String,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        let database = format!("understudy_test_{}", &id[..16]);
+        let prefix = format!("t{}", &id[..12]);
+        let admin =
+            understudy_adapters::db::connect(&admin_database_url(), 1).await.expect("the test Postgres must be up (scripts/services)");
+        sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await.expect("create test database");
+        admin.close().await;
+        let base = admin_database_url();
+        let database_url = format!("{}/{database}", &base[..base.rfind('/').expect("URL has a path")]);
+        let runtime = Runtime::connect(&database_url, &nats_url(), &prefix).await.expect("connect the test runtime");
+        Self { runtime, database, database_url, prefix }
+    }
+
+    pub fn pool(&self) -> &sqlx::PgPool {
+        &self.runtime.pool
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.runtime.topology
+    }
+
+    pub fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.runtime.nats.clone())
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let (database, stream) = (self.database.clone(), self.runtime.topology.stream_name());
+        // Clean up on a thread with its own runtime and its own connections: Drop cannot await,
+        // and the test's runtime, which drives the test's connections, is blocked in this drop.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                if let Ok(nats) = async_nats::connect(nats_url()).await {
+                    let _ = async_nats::jetstream::new(nats).delete_stream(&stream).await;
+                }
+                if let Ok(admin) = understudy_adapters::db::connect(&admin_database_url(), 1).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&admin).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Numbers every event appended so far. The sequencer's horizon is cluster-wide, so a
+/// transaction of another test may hold it back for a moment: poll, never assume.
+pub async fn sequence_all(pool: &sqlx::PgPool) -> i64 {
+    eventually(Duration::from_secs(30), "every appended event to be numbered", || async {
+        let (_, head) = understudy_adapters::relay::sequence(pool, 100_000).await.expect("sequence");
+        let unnumbered: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM event_log WHERE position IS NULL").fetch_one(pool).await.expect("count");
+        (unnumbered == 0).then_some(head)
+    })
+    .await
+}
+
+/// The `understudy` binary next to this test binary (built by `scripts/test`).
+pub fn understudy_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
+    let bin = dir.join("understudy");
+    assert!(bin.exists(), "{} is missing: build it with `cargo build -p understudy-api --bin understudy`", bin.display());
+    bin
+}
+
+pub mod fixtures {
+    //! Commands a test sends, with fixed shapes and fresh ids.
+    use chrono::Utc;
+    use understudy_domain::environment::{EnvironmentCommand, EnvironmentSpec};
+    use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId};
+    use understudy_domain::values::{BranchName, CommitSha, Entrypoint, Target};
+    use understudy_domain::Metadata;
+    use uuid::Uuid;
+
+    pub fn meta() -> Metadata {
+        Metadata::new(Uuid::new_v4(), "system:test")
+    }
+
+    pub fn sha(n: u64) -> CommitSha {
+        CommitSha::parse(format!("{n:040x}")).expect("40 hex digits")
+    }
+
+    pub fn spec(project: ProjectId, pr: u64, entrypoint: &str) -> EnvironmentSpec {
+        EnvironmentSpec {
+            project_id: project,
+            target: Target::PullRequest { number: pr, head_branch: BranchName::parse(format!("feature-{pr}")).expect("valid") },
+            entrypoint: Entrypoint::parse(entrypoint).expect("valid"),
+        }
+    }
+
+    pub fn env_id(spec: &EnvironmentSpec) -> EnvironmentId {
+        EnvironmentId::derive(spec.project_id, &spec.target, &spec.entrypoint)
+    }
+
+    pub fn request(spec: &EnvironmentSpec, deployment: DeploymentId, commit: u64) -> EnvironmentCommand {
+        EnvironmentCommand::RequestDeployment {
+            environment_id: env_id(spec),
+            spec: spec.clone(),
+            deployment_id: deployment,
+            commit: sha(commit),
+            at: Utc::now(),
+        }
+    }
+
+    /// The commands that take a fresh deployment from Requested to Ready.
+    pub fn to_ready(deployment: DeploymentId) -> Vec<EnvironmentCommand> {
+        vec![
+            EnvironmentCommand::StartBuild { deployment_id: deployment, at: Utc::now() },
+            EnvironmentCommand::CompleteBuild { deployment_id: deployment, at: Utc::now() },
+            EnvironmentCommand::MarkReady { deployment_id: deployment, url: format!("http://preview.test/{deployment}"), at: Utc::now() },
+        ]
+    }
+}

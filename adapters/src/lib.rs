@@ -1,1 +1,13 @@
+//! Understudy's ports to the outside world: the Postgres event store and its global log, the
+//! sequencer and relay that carry the log to NATS JetStream, and the embedded Postgres/NATS
+//! supervisor behind `understudy up`.
 
+pub mod db;
+pub mod embedded;
+pub mod event_store;
+pub mod global_log;
+pub mod nats;
+pub mod relay;
+
+pub use event_store::{AggregateStore, CommandError, EventStore};
+pub use global_log::LoggedEvent;

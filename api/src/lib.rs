@@ -1,1 +1,7 @@
+//! Understudy's API (axum + async-graphql) and the roles the `understudy` binary runs.
 
+pub mod bench;
+pub mod cli;
+pub mod graphql;
+pub mod http;
+pub mod runtime;

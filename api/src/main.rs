@@ -1,1 +1,187 @@
-fn main() {}
+//! `understudy`: the whole product in one binary. `understudy up` runs every role; each role can
+//! also run alone over a shared Postgres and NATS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use understudy_api::runtime::{supervise, Runtime};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "understudy", version, about = "Preview environments for every pull request, with tests, on your own machines.")]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Config {
+    /// Postgres URL. Unset with `up`: a private Postgres is started under the data dir.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+    /// NATS URL (JetStream enabled). Unset with `up`: a private nats-server is started.
+    #[arg(long, env = "NATS_URL", global = true)]
+    nats_url: Option<String>,
+    /// Where `up` keeps its private Postgres and NATS data.
+    #[arg(long, env = "UNDERSTUDY_DATA_DIR", default_value = ".understudy", global = true)]
+    data_dir: PathBuf,
+    /// Address the API listens on.
+    #[arg(long, env = "UNDERSTUDY_LISTEN", default_value = "127.0.0.1:8080", global = true)]
+    listen: SocketAddr,
+    /// The URL users reach the API at (links in PR comments); defaults to http://LISTEN.
+    #[arg(long, env = "UNDERSTUDY_PUBLIC_URL", global = true)]
+    public_url: Option<String>,
+    /// Prefix of every NATS subject, stream and consumer (isolates installations sharing a NATS).
+    #[arg(long, env = "UNDERSTUDY_NATS_PREFIX", default_value = "understudy", global = true)]
+    nats_prefix: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role in one process; starts a private Postgres and NATS when no URLs are given.
+    Up,
+    /// Serve the HTTP and GraphQL API.
+    Api,
+    /// Number the global log and relay it to NATS JetStream.
+    Relay,
+    /// Run projectors (all of them, or one).
+    Projector {
+        /// Only this projection.
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Rebuild a projection from the Postgres log beside the live one, then swap it in.
+    Replay {
+        /// The projection to rebuild, or `all`.
+        #[arg(long)]
+        projection: String,
+    },
+    /// Print an entity's full history (every event, with who caused it).
+    Events {
+        /// The id of an account, project or environment.
+        id: Uuid,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print each projection's checkpoint and lag behind the log.
+    Status,
+    /// Measure throughput and latency; prints ratios against baselines measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: understudy_api::bench::Bench,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn require(value: &Option<String>, name: &str) -> anyhow::Result<String> {
+    value.clone().with_context(|| format!("{name} is not set: set it, or use `understudy up` to start a private one"))
+}
+
+async fn connect(config: &Config) -> anyhow::Result<Runtime> {
+    Runtime::connect(&require(&config.database_url, "DATABASE_URL")?, &require(&config.nats_url, "NATS_URL")?, &config.nats_prefix).await
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config;
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    match cli.command {
+        Command::Up => return up(config).await,
+        Command::Api => {
+            let runtime = connect(&config).await?;
+            let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
+            eprintln!("understudy api listening on http://{addr}/graphql");
+        }
+        Command::Relay => connect(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
+        Command::Projector { projection } => {
+            let projections = match projection {
+                Some(name) => vec![understudy_projections::by_name(&name)?],
+                None => understudy_projections::all(),
+            };
+            connect(&config).await?.spawn_projectors(projections, cancel.clone(), &mut tasks);
+        }
+        Command::Migrate => {
+            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            understudy_adapters::db::migrate(&pool).await?;
+            eprintln!("migrations applied");
+            return Ok(());
+        }
+        Command::Replay { projection } => {
+            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 4).await?;
+            understudy_adapters::db::migrate(&pool).await?;
+            return understudy_api::cli::replay(&pool, &projection).await;
+        }
+        Command::Events { id, json } => {
+            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            return understudy_api::cli::events(&pool, id, json, &mut std::io::stdout()).await;
+        }
+        Command::Status => {
+            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            return understudy_api::cli::status(&pool, &mut std::io::stdout()).await;
+        }
+        Command::Bench { what } => {
+            let runtime = connect(&config).await?;
+            return understudy_api::bench::run(&runtime, what).await;
+        }
+    }
+    supervise(tasks, cancel).await
+}
+
+/// Every role in one process, on a private Postgres and NATS unless URLs are given.
+async fn up(mut config: Config) -> anyhow::Result<()> {
+    let embedded = if config.database_url.is_none() || config.nats_url.is_none() {
+        eprintln!("starting a private Postgres and NATS under {}", config.data_dir.display());
+        let embedded = understudy_adapters::embedded::Embedded::start(&config.data_dir).await?;
+        config.database_url.get_or_insert_with(|| embedded.database_url().to_string());
+        config.nats_url.get_or_insert_with(|| embedded.nats_url().to_string());
+        Some(embedded)
+    } else {
+        None
+    };
+    let result = async {
+        let runtime = connect(&config).await?;
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        runtime.spawn_relay(cancel.clone(), &mut tasks);
+        runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
+        let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
+        eprintln!("understudy is up: http://{addr}/graphql (GraphiQL at http://{addr}/graphiql); Ctrl-C stops it");
+        supervise(tasks, cancel).await
+    }
+    .await;
+    if let Some(embedded) = embedded {
+        embedded.stop().await.context("stopping the private Postgres and NATS")?;
+    }
+    result
+}

@@ -150,7 +150,10 @@ impl Environment {
         if self.deactivated {
             return Some(EnvironmentStatus::Stale);
         }
-        Some(match self.current()?.status {
+        let Some(current) = self.current() else {
+            return Some(EnvironmentStatus::Requested);
+        };
+        Some(match current.status {
             DeploymentStatus::Requested | DeploymentStatus::Superseded => EnvironmentStatus::Requested,
             DeploymentStatus::Building => EnvironmentStatus::Building,
             DeploymentStatus::Starting => EnvironmentStatus::Starting,
@@ -404,7 +407,7 @@ impl Aggregate for EnvironmentAggregate {
                         action: "deactivating",
                         expected: "Ready or Failed",
                     }),
-                    None => Err(DomainError::NotFound { entity: "environment", id: "(no deployment)".into() }),
+                    None => Err(DomainError::NotFound { entity: "environment", id: "(not created)".into() }),
                 }
             }
             C::Wake { deployment_id, at } => {

@@ -1,1 +1,7 @@
+//! End-to-end tests of the spine against the machine's real Postgres and NATS JetStream.
 
+mod graphql;
+mod projector;
+mod relay;
+mod replay;
+mod store;

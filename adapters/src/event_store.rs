@@ -1,0 +1,160 @@
+//! The command path: load an aggregate from its esrs table, decide, append with an optimistic
+//! version check, and retry on fresh state when another writer got there first.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use esrs::store::postgres::{PgStore, PgStoreBuilder, PgStoreError};
+use esrs::store::{EventStore as _, StoreEvent};
+use esrs::AggregateState;
+use sqlx::PgPool;
+use thiserror::Error;
+use understudy_domain::account::AccountAggregate;
+use understudy_domain::environment::EnvironmentAggregate;
+use understudy_domain::project::ProjectAggregate;
+use understudy_domain::{Aggregate, DomainError, Metadata, Recorded};
+use uuid::Uuid;
+
+use crate::global_log::GlobalLog;
+
+/// A command with who sent it and why; its metadata goes onto every event it causes.
+#[derive(Debug, Clone)]
+pub struct Envelope<C> {
+    pub meta: Metadata,
+    pub command: C,
+}
+
+/// Adapts a domain aggregate to esrs: events are stored as [`Recorded`] (event + metadata).
+pub struct Es<A>(PhantomData<A>);
+
+impl<A: Aggregate> esrs::Aggregate for Es<A> {
+    const NAME: &'static str = A::NAME;
+    type State = A::State;
+    type Command = Envelope<A::Command>;
+    type Event = Recorded<A::Event>;
+    type Error = DomainError;
+
+    fn handle_command(state: &A::State, envelope: Envelope<A::Command>) -> Result<Vec<Recorded<A::Event>>, DomainError> {
+        let Envelope { meta, command } = envelope;
+        Ok(A::decide(state, command)?.into_iter().map(|event| Recorded { meta: meta.clone(), event }).collect())
+    }
+
+    fn apply_event(state: A::State, recorded: Recorded<A::Event>) -> A::State {
+        A::apply(state, &recorded.event)
+    }
+}
+
+/// What went wrong with a command, and so what the caller should do.
+#[derive(Debug, Error)]
+pub enum CommandError {
+    /// The command was refused by the domain: the caller's to fix (4xx).
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// Other writers kept winning the race for this aggregate; retrying later may succeed.
+    #[error("aggregate {aggregate_id} kept changing under {attempts} attempts; try again")]
+    Conflict { aggregate_id: Uuid, attempts: u32 },
+    /// The store failed (connection, stored data that does not decode): a 5xx.
+    #[error("event store: {0}")]
+    Store(#[from] PgStoreError),
+}
+
+/// Postgres SQLSTATE 23505 (unique violation) on an append is another writer's event at the same
+/// sequence number: a concurrency conflict.
+fn is_conflict(error: &PgStoreError) -> bool {
+    matches!(error, PgStoreError::Sqlx(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505"))
+}
+
+/// The result of a command that was accepted.
+pub struct Executed<A: Aggregate> {
+    pub state: A::State,
+    pub events: Vec<StoreEvent<Recorded<A::Event>>>,
+}
+
+impl<A: Aggregate> std::fmt::Debug for Executed<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executed").field("state", &self.state).field("events", &self.events).finish()
+    }
+}
+
+/// The event store of one aggregate type.
+pub struct AggregateStore<A: Aggregate> {
+    store: PgStore<Es<A>>,
+}
+
+impl<A: Aggregate> Clone for AggregateStore<A> {
+    fn clone(&self) -> Self {
+        Self { store: self.store.clone() }
+    }
+}
+
+const MAX_ATTEMPTS: u32 = 32;
+
+/// Exponential backoff with full jitter (1 ms doubling to 64 ms), so writers racing for one
+/// aggregate spread out instead of colliding again in lockstep.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling_us = 1000u64 << attempt.min(6);
+    let random = Uuid::new_v4().as_u128() as u64;
+    Duration::from_micros(ceiling_us / 2 + random % (ceiling_us / 2 + 1))
+}
+
+impl<A: Aggregate> AggregateStore<A> {
+    pub async fn new(pool: PgPool) -> Result<Self, sqlx::Error> {
+        let store = PgStoreBuilder::<Es<A>>::new(pool)
+            .without_running_migrations()
+            .add_transactional_event_handler(GlobalLog::<A>::default())
+            .try_build()
+            .await?;
+        Ok(Self { store })
+    }
+
+    /// The current state of `id` (the default state when it has no events yet).
+    pub async fn load(&self, id: Uuid) -> Result<AggregateState<A::State>, PgStoreError> {
+        let events = self.store.by_aggregate_id(id).await?;
+        Ok(AggregateState::with_id(id).apply_store_events(events, <Es<A> as esrs::Aggregate>::apply_event))
+    }
+
+    /// Decides `command` against the current state of `id` and appends the events, retrying on
+    /// fresh state when a concurrent append wins. A command that decides no events appends nothing.
+    pub async fn execute(&self, id: Uuid, command: A::Command, meta: Metadata) -> Result<Executed<A>, CommandError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let mut state = self.load(id).await?;
+            let events =
+                <Es<A> as esrs::Aggregate>::handle_command(state.inner(), Envelope { meta: meta.clone(), command: command.clone() })?;
+            if events.is_empty() {
+                return Ok(Executed { state: state.into_inner(), events: vec![] });
+            }
+            match self.store.persist(&mut state, events).await {
+                Ok(stored) => {
+                    let state = stored.iter().fold(state.into_inner(), |state, e| A::apply(state, &e.payload.event));
+                    return Ok(Executed { state, events: stored });
+                }
+                Err(error) if is_conflict(&error) => {
+                    tracing::debug!(aggregate = A::NAME, %id, attempt, "append conflict; retrying on fresh state");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(CommandError::Conflict { aggregate_id: id, attempts: MAX_ATTEMPTS })
+    }
+}
+
+/// The event stores of every aggregate type, over one pool.
+#[derive(Clone)]
+pub struct EventStore {
+    pub pool: PgPool,
+    pub accounts: AggregateStore<AccountAggregate>,
+    pub projects: AggregateStore<ProjectAggregate>,
+    pub environments: AggregateStore<EnvironmentAggregate>,
+}
+
+impl EventStore {
+    pub async fn new(pool: PgPool) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            accounts: AggregateStore::new(pool.clone()).await?,
+            projects: AggregateStore::new(pool.clone()).await?,
+            environments: AggregateStore::new(pool.clone()).await?,
+            pool,
+        })
+    }
+}

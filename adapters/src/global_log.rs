@@ -1,0 +1,118 @@
+//! The global log: every event of every aggregate in one table with a gap-free position.
+//!
+//! [`GlobalLog`] writes each event into `event_log` inside the esrs append transaction (an esrs
+//! `TransactionalEventHandler`), so an event is in both places or in neither. Positions are
+//! assigned later by the sequencer (`relay.rs`); readers here see only numbered events.
+
+use std::marker::PhantomData;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use esrs::handler::TransactionalEventHandler;
+use esrs::store::postgres::PgStoreError;
+use esrs::store::StoreEvent;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use understudy_domain::{Aggregate, DomainEvent, EventDecodeError, Recorded};
+use uuid::Uuid;
+
+use crate::event_store::Es;
+
+/// One event as the global log holds it, and as the relay publishes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct LoggedEvent {
+    pub position: i64,
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: Uuid,
+    pub aggregate_version: i64,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: serde_json::Value,
+    pub recorded_at: DateTime<Utc>,
+    pub correlation_id: Uuid,
+    pub causation_id: Option<Uuid>,
+    pub actor: String,
+}
+
+impl LoggedEvent {
+    /// Decodes the payload as an event of `E`, upcasting older schema versions.
+    pub fn decode<E: DomainEvent>(&self) -> Result<E, EventDecodeError> {
+        let version = u32::try_from(self.schema_version)
+            .map_err(|_| EventDecodeError::Malformed(format!("negative schema version {}", self.schema_version)))?;
+        understudy_domain::event::decode_event(version, self.payload.clone())
+    }
+}
+
+pub(crate) const COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, \
+     schema_version, payload, recorded_at, correlation_id, causation_id, actor";
+
+/// Writes each appended event into the global log, in the append's own transaction.
+pub struct GlobalLog<A>(PhantomData<A>);
+
+impl<A> Default for GlobalLog<A> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+#[async_trait]
+impl<A: Aggregate> TransactionalEventHandler<Es<A>, PgStoreError, PgConnection> for GlobalLog<A> {
+    async fn handle(&self, event: &StoreEvent<Recorded<A::Event>>, connection: &mut PgConnection) -> Result<(), PgStoreError> {
+        let recorded = &event.payload;
+        sqlx::query(
+            "INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, \
+             payload, recorded_at, correlation_id, causation_id, actor) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(event.id)
+        .bind(A::NAME)
+        .bind(event.aggregate_id)
+        .bind(i64::from(event.sequence_number))
+        .bind(recorded.event.event_type())
+        .bind(A::Event::SCHEMA_VERSION as i32)
+        .bind(serde_json::to_value(&recorded.event)?)
+        .bind(event.occurred_on)
+        .bind(recorded.meta.correlation_id)
+        .bind(recorded.meta.causation_id)
+        .bind(&recorded.meta.actor)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "global_log"
+    }
+}
+
+/// Numbered events after `after`, in order, at most `limit`.
+pub async fn read_after(pool: &PgPool, after: i64, limit: i64) -> sqlx::Result<Vec<LoggedEvent>> {
+    read_range(pool, after, i64::MAX, limit).await
+}
+
+/// Numbered events with `after < position <= up_to`, in order, at most `limit`.
+pub async fn read_range(executor: impl sqlx::PgExecutor<'_>, after: i64, up_to: i64, limit: i64) -> sqlx::Result<Vec<LoggedEvent>> {
+    sqlx::query_as::<_, LoggedEvent>(&format!(
+        "SELECT {COLUMNS} FROM event_log WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3"
+    ))
+    .bind(after)
+    .bind(up_to)
+    .bind(limit)
+    .fetch_all(executor)
+    .await
+}
+
+/// Every numbered event of one aggregate, oldest first.
+pub async fn history(pool: &PgPool, aggregate_id: Uuid) -> sqlx::Result<Vec<LoggedEvent>> {
+    sqlx::query_as::<_, LoggedEvent>(&format!(
+        "SELECT {COLUMNS} FROM event_log WHERE aggregate_id = $1 AND position IS NOT NULL ORDER BY position"
+    ))
+    .bind(aggregate_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// The highest position numbered so far (0 when the log is empty).
+pub async fn head(executor: impl sqlx::PgExecutor<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT position FROM log_cursors WHERE name = 'sequenced'").fetch_one(executor).await
+}

@@ -1,0 +1,129 @@
+//! The sequencer and the relay: number the global log gap-free, then carry it to JetStream.
+//!
+//! **Sequencing.** Writers insert into `event_log` without a position; `id` comes from a sequence
+//! and commits out of order. The sequencer numbers only rows written by transactions older than
+//! every transaction still running (`transaction_id < pg_snapshot_xmin(pg_current_snapshot())`),
+//! in `(transaction_id, id)` order, under a row lock on its cursor, so one numbering commits
+//! before the next begins. A row that commits late is numbered late: nothing is ever skipped, and
+//! nothing waits on a timer. Writers never contend on a shared lock, so their commits group.
+//!
+//! **Relaying.** Numbered events after the `published` cursor are published with
+//! `Nats-Msg-Id` = event id and their position in a header; the cursor moves after JetStream
+//! acknowledged them all. A crash in between republishes, and JetStream's duplicate window and
+//! the projectors' checkpoints absorb the repeats.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::global_log::{self, LoggedEvent};
+use crate::nats::Topology;
+
+/// Header carrying an event's global position.
+pub const POSITION_HEADER: &str = "Understudy-Position";
+
+/// Numbers up to `limit` committed events; returns the new head position (0 if the log is empty).
+pub async fn sequence(pool: &PgPool, limit: i64) -> sqlx::Result<(usize, i64)> {
+    let mut tx = pool.begin().await?;
+    // Taken before this transaction holds an id of its own, so its own id does not hold the
+    // horizon back. An older horizon is always safe: it only numbers less.
+    let horizon: String = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetch_one(&mut *tx).await?;
+    let head: i64 = sqlx::query_scalar("SELECT position FROM log_cursors WHERE name = 'sequenced' FOR UPDATE").fetch_one(&mut *tx).await?;
+    let numbered: Vec<i64> = sqlx::query_scalar(
+        "WITH next AS (
+             SELECT id, $1 + row_number() OVER (ORDER BY transaction_id, id) AS position
+             FROM event_log
+             WHERE position IS NULL AND transaction_id < $2::text::xid8
+             ORDER BY transaction_id, id
+             LIMIT $3
+         )
+         UPDATE event_log e SET position = next.position FROM next WHERE e.id = next.id
+         RETURNING e.position",
+    )
+    .bind(head)
+    .bind(&horizon)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let new_head = numbered.iter().copied().max().unwrap_or(head);
+    if !numbered.is_empty() {
+        sqlx::query("UPDATE log_cursors SET position = $1 WHERE name = 'sequenced'").bind(new_head).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok((numbered.len(), new_head))
+}
+
+/// Publishes up to `limit` numbered events after the `published` cursor; returns how many.
+pub async fn publish_pending(pool: &PgPool, js: &jetstream::Context, topology: &Topology, limit: i64) -> anyhow::Result<usize> {
+    let published: i64 = sqlx::query_scalar("SELECT position FROM log_cursors WHERE name = 'published'").fetch_one(pool).await?;
+    let events = global_log::read_after(pool, published, limit).await?;
+    let Some(last) = events.last().map(|e| e.position) else {
+        return Ok(0);
+    };
+    // Pipeline the publishes, then wait for every acknowledgement before moving the cursor.
+    let mut acks = Vec::with_capacity(events.len());
+    for event in &events {
+        acks.push(publish_one(js, topology, event).await?);
+    }
+    for ack in acks {
+        ack.await.map_err(|e| anyhow::anyhow!("{e}")).context("JetStream did not acknowledge a published event")?;
+    }
+    sqlx::query("UPDATE log_cursors SET position = GREATEST(position, $1) WHERE name = 'published'").bind(last).execute(pool).await?;
+    Ok(events.len())
+}
+
+async fn publish_one(
+    js: &jetstream::Context,
+    topology: &Topology,
+    event: &LoggedEvent,
+) -> anyhow::Result<jetstream::context::PublishAckFuture> {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
+    headers.insert(POSITION_HEADER, event.position.to_string().as_str());
+    let payload = serde_json::to_vec(event)?;
+    js.publish_with_headers(topology.event_subject(&event.aggregate_type, event.aggregate_id), headers, payload.into())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("publishing an event to JetStream")
+}
+
+/// Sequences and relays until cancelled. Errors are logged and retried with backoff: the log in
+/// Postgres is the truth, so nothing is lost while NATS or Postgres is away.
+pub async fn run(pool: PgPool, js: jetstream::Context, topology: Topology, cancel: CancellationToken) {
+    const BATCH: i64 = 1000;
+    let mut idle = Duration::from_millis(1);
+    let mut failures = 0u32;
+    loop {
+        let step = async {
+            let (numbered, _) = sequence(&pool, BATCH).await.context("sequencing the global log")?;
+            let published = publish_pending(&pool, &js, &topology, BATCH).await?;
+            anyhow::Ok(numbered + published)
+        };
+        let pause = match step.await {
+            Ok(0) => {
+                failures = 0;
+                idle = (idle * 2).min(Duration::from_millis(10));
+                idle
+            }
+            Ok(_) => {
+                failures = 0;
+                idle = Duration::from_millis(1);
+                Duration::ZERO
+            }
+            Err(error) => {
+                failures += 1;
+                let backoff = Duration::from_millis(100 * u64::from(failures.min(50)));
+                tracing::warn!(error = format!("{error:#}"), ?backoff, "relay step failed; retrying");
+                backoff
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}

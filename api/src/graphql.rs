@@ -1,0 +1,256 @@
+//! The GraphQL schema: queries over the read models and live subscriptions.
+
+use async_graphql::{Context, Enum, Object, Result, Schema, SimpleObject, Subscription, ID};
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt};
+use sqlx::PgPool;
+use understudy_adapters::nats::Topology;
+use understudy_projections::environments::READ_MODEL;
+use understudy_projections::Change;
+use uuid::Uuid;
+
+pub type AppSchema = Schema<Query, async_graphql::EmptyMutation, Subscription>;
+
+/// Largest page any list returns.
+pub const MAX_PAGE: i64 = 500;
+
+pub fn schema(pool: PgPool, nats: async_nats::Client, topology: Topology) -> AppSchema {
+    Schema::build(Query, async_graphql::EmptyMutation, Subscription)
+        .data(pool)
+        .data(nats)
+        .data(topology)
+        .limit_depth(12)
+        .limit_complexity(2000)
+        .limit_recursive_depth(32)
+        .finish()
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+pub enum EnvironmentStatus {
+    Requested,
+    Building,
+    Starting,
+    Ready,
+    Failed,
+    Stale,
+    Terminated,
+}
+
+impl EnvironmentStatus {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "Requested" => Self::Requested,
+            "Building" => Self::Building,
+            "Starting" => Self::Starting,
+            "Ready" => Self::Ready,
+            "Failed" => Self::Failed,
+            "Stale" => Self::Stale,
+            "Terminated" => Self::Terminated,
+            other => return Err(format!("unknown environment status {other:?} in the read model").into()),
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "Requested",
+            Self::Building => "Building",
+            Self::Starting => "Starting",
+            Self::Ready => "Ready",
+            Self::Failed => "Failed",
+            Self::Stale => "Stale",
+            Self::Terminated => "Terminated",
+        }
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug, serde::Deserialize)]
+pub struct TestResult {
+    pub name: String,
+    /// `Passed` or `Failed`.
+    pub outcome: String,
+    pub at: DateTime<Utc>,
+}
+
+/// One environment: project × branch or PR × entrypoint, as of `position` in the global log.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Environment {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    /// `branch` or `pull_request`.
+    pub target_kind: String,
+    pub branch: String,
+    pub pull_request: Option<i64>,
+    pub entrypoint: String,
+    pub status: EnvironmentStatus,
+    pub latest_deployment_id: Option<Uuid>,
+    pub latest_commit: Option<String>,
+    pub latest_deployment_status: Option<String>,
+    pub preview_url: Option<String>,
+    pub failure: Option<String>,
+    pub tests_passed: i32,
+    pub tests_failed: i32,
+    pub tests: Vec<TestResult>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The global log position this row reflects: order and de-duplicate updates by it.
+    pub position: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct EnvironmentRow {
+    environment_id: Uuid,
+    project_id: Uuid,
+    target_kind: String,
+    branch: String,
+    pull_request: Option<i64>,
+    entrypoint: String,
+    status: String,
+    latest_deployment_id: Option<Uuid>,
+    latest_commit: Option<String>,
+    latest_deployment_status: Option<String>,
+    preview_url: Option<String>,
+    failure: Option<String>,
+    tests_passed: i32,
+    tests_failed: i32,
+    tests: sqlx::types::Json<Vec<TestResult>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    position: i64,
+}
+
+impl TryFrom<EnvironmentRow> for Environment {
+    type Error = async_graphql::Error;
+    fn try_from(r: EnvironmentRow) -> Result<Self> {
+        Ok(Self {
+            id: r.environment_id,
+            project_id: r.project_id,
+            target_kind: r.target_kind,
+            branch: r.branch,
+            pull_request: r.pull_request,
+            entrypoint: r.entrypoint,
+            status: EnvironmentStatus::parse(&r.status)?,
+            latest_deployment_id: r.latest_deployment_id,
+            latest_commit: r.latest_commit,
+            latest_deployment_status: r.latest_deployment_status,
+            preview_url: r.preview_url,
+            failure: r.failure,
+            tests_passed: r.tests_passed,
+            tests_failed: r.tests_failed,
+            tests: r.tests.0,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            position: r.position,
+        })
+    }
+}
+
+const ENVIRONMENT_COLUMNS: &str = "environment_id, project_id, target_kind, branch, pull_request, entrypoint, status, \
+     latest_deployment_id, latest_commit, latest_deployment_status, preview_url, failure, tests_passed, tests_failed, tests, \
+     created_at, updated_at, position";
+
+pub async fn environment_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Environment>> {
+    let row: Option<EnvironmentRow> = sqlx::query_as(&format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE environment_id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(Environment::try_from).transpose()
+}
+
+/// One event of an entity's history.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct HistoryEvent {
+    pub position: i64,
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: Uuid,
+    pub aggregate_version: i64,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: async_graphql::Json<serde_json::Value>,
+    pub recorded_at: DateTime<Utc>,
+    pub correlation_id: Uuid,
+    pub causation_id: Option<Uuid>,
+    pub actor: String,
+}
+
+pub struct Query;
+
+#[Object]
+impl Query {
+    /// Environments, most recently updated first, optionally of one project and in one status.
+    async fn environments(
+        &self,
+        ctx: &Context<'_>,
+        project_id: Option<Uuid>,
+        status: Option<EnvironmentStatus>,
+        #[graphql(default = 100, validator(minimum = 1, maximum = 500))] first: i64,
+    ) -> Result<Vec<Environment>> {
+        let pool = ctx.data::<PgPool>()?;
+        let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
+            "SELECT {ENVIRONMENT_COLUMNS} FROM environments
+             WHERE ($1::uuid IS NULL OR project_id = $1) AND ($2::text IS NULL OR status = $2)
+             ORDER BY updated_at DESC, environment_id LIMIT $3"
+        ))
+        .bind(project_id)
+        .bind(status.map(EnvironmentStatus::as_str))
+        .bind(first.min(MAX_PAGE))
+        .fetch_all(pool)
+        .await?;
+        rows.into_iter().map(Environment::try_from).collect()
+    }
+
+    async fn environment(&self, ctx: &Context<'_>, id: Uuid) -> Result<Option<Environment>> {
+        environment_by_id(ctx.data::<PgPool>()?, id).await
+    }
+
+    /// Every event of one entity (an account, project or environment), oldest first.
+    async fn history(&self, ctx: &Context<'_>, id: ID) -> Result<Vec<HistoryEvent>> {
+        let id = Uuid::parse_str(&id).map_err(|_| async_graphql::Error::new(format!("id {:?} is not a UUID", id.as_str())))?;
+        let events = understudy_projections::entity_history::of(ctx.data::<PgPool>()?, id).await?;
+        Ok(events
+            .into_iter()
+            .map(|e| HistoryEvent {
+                position: e.position,
+                event_id: e.event_id,
+                aggregate_type: e.aggregate_type,
+                aggregate_id: e.aggregate_id,
+                aggregate_version: e.aggregate_version,
+                event_type: e.event_type,
+                schema_version: e.schema_version,
+                payload: async_graphql::Json(e.payload),
+                recorded_at: e.recorded_at,
+                correlation_id: e.correlation_id,
+                causation_id: e.causation_id,
+                actor: e.actor,
+            })
+            .collect())
+    }
+}
+
+pub struct Subscription;
+
+#[Subscription]
+impl Subscription {
+    /// An environment's new state each time the `environments` read model commits a change to it
+    /// (of one project, or of every project). Carries `position`: drop updates at or below one you have.
+    async fn environment_updated(&self, ctx: &Context<'_>, project_id: Option<Uuid>) -> Result<impl Stream<Item = Environment>> {
+        let pool = ctx.data::<PgPool>()?.clone();
+        let nats = ctx.data::<async_nats::Client>()?;
+        let topology = ctx.data::<Topology>()?;
+        let key = project_id.map_or_else(|| "*".to_string(), |id| id.to_string());
+        let notices = nats.subscribe(topology.changes_subject(READ_MODEL, &key)).await?;
+        Ok(notices.filter_map(move |message| {
+            let pool = pool.clone();
+            async move {
+                let change: Change = serde_json::from_slice(&message.payload).ok()?;
+                match environment_by_id(&pool, change.id).await {
+                    Ok(environment) => environment,
+                    Err(error) => {
+                        tracing::warn!(error = ?error, "reading a changed environment failed");
+                        None
+                    }
+                }
+            }
+        }))
+    }
+}

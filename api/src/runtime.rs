@@ -1,0 +1,101 @@
+//! Wiring: connect to Postgres and NATS, and run the roles (api, relay, projectors) until told to stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use understudy_adapters::nats::Topology;
+use understudy_adapters::{db, nats, relay, EventStore};
+use understudy_projections::{Projection, Projector};
+
+/// Connections shared by every role of one process.
+#[derive(Clone)]
+pub struct Runtime {
+    pub pool: PgPool,
+    pub nats: async_nats::Client,
+    pub topology: Topology,
+    pub store: EventStore,
+}
+
+impl Runtime {
+    /// Connects, migrates and makes sure the event stream exists.
+    pub async fn connect(database_url: &str, nats_url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let topology = Topology::new(prefix)?;
+        let pool = db::connect(database_url, 32).await?;
+        db::migrate(&pool).await?;
+        let nats = nats::connect(nats_url).await?;
+        nats::ensure_stream(&async_nats::jetstream::new(nats.clone()), &topology).await?;
+        let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
+        Ok(Self { pool, nats, topology, store })
+    }
+
+    pub fn schema(&self) -> crate::graphql::AppSchema {
+        crate::graphql::schema(self.pool.clone(), self.nats.clone(), self.topology.clone())
+    }
+
+    /// Binds `listen` and serves the API until `cancel`; returns the bound address and the task.
+    pub async fn serve_api(
+        &self,
+        listen: SocketAddr,
+        cancel: CancellationToken,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+    ) -> anyhow::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}: is it in use?"))?;
+        let addr = listener.local_addr()?;
+        let app = crate::http::router(self.schema());
+        tasks.spawn(
+            async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving HTTP") },
+        );
+        Ok(addr)
+    }
+
+    pub fn spawn_relay(&self, cancel: CancellationToken, tasks: &mut JoinSet<anyhow::Result<()>>) {
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let (pool, topology) = (self.pool.clone(), self.topology.clone());
+        tasks.spawn(async move {
+            relay::run(pool, js, topology, cancel).await;
+            Ok(())
+        });
+    }
+
+    pub fn spawn_projectors(
+        &self,
+        projections: Vec<Arc<dyn Projection>>,
+        cancel: CancellationToken,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+    ) {
+        for projection in projections {
+            let projector = Projector::new(self.pool.clone(), self.nats.clone(), self.topology.clone(), projection);
+            let cancel = cancel.clone();
+            tasks.spawn(async move { projector.run(cancel).await });
+        }
+    }
+}
+
+/// Waits for every task; the first one to fail (or Ctrl-C) stops the others.
+pub async fn supervise(mut tasks: JoinSet<anyhow::Result<()>>, cancel: CancellationToken) -> anyhow::Result<()> {
+    let mut first_error = None;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c(), if !cancel.is_cancelled() => {
+                tracing::info!("stopping");
+                cancel.cancel();
+            }
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(result) => {
+                    let outcome = result.map_err(anyhow::Error::from).and_then(|r| r);
+                    if let Err(error) = outcome {
+                        first_error.get_or_insert(error);
+                    }
+                    // Any role ending, cleanly or not, ends the process: a half-running node is worse than none.
+                    cancel.cancel();
+                }
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}

@@ -1,0 +1,36 @@
+//! Any event of the log, decoded by its aggregate type. An event this build cannot decode is an
+//! error naming its position: projectors stop on it, they never skip it.
+
+use understudy_adapters::LoggedEvent;
+use understudy_domain::account::{AccountAggregate, AccountEvent};
+use understudy_domain::environment::{EnvironmentAggregate, EnvironmentEvent};
+use understudy_domain::project::{ProjectAggregate, ProjectEvent};
+use understudy_domain::Aggregate;
+
+use crate::ProjectionError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnyEvent {
+    Account(AccountEvent),
+    Project(ProjectEvent),
+    Environment(EnvironmentEvent),
+}
+
+impl AnyEvent {
+    pub fn decode(logged: &LoggedEvent) -> Result<Self, ProjectionError> {
+        let undecodable = |reason: String| ProjectionError::Undecodable {
+            position: logged.position,
+            aggregate_type: logged.aggregate_type.clone(),
+            event_type: logged.event_type.clone(),
+            schema_version: logged.schema_version,
+            reason,
+        };
+        match logged.aggregate_type.as_str() {
+            AccountAggregate::NAME => logged.decode().map(Self::Account),
+            ProjectAggregate::NAME => logged.decode().map(Self::Project),
+            EnvironmentAggregate::NAME => logged.decode().map(Self::Environment),
+            other => return Err(undecodable(format!("unknown aggregate type {other:?}"))),
+        }
+        .map_err(|e| undecodable(e.to_string()))
+    }
+}

@@ -1,0 +1,355 @@
+//! The projector framework.
+//!
+//! A [`Projector`] is a durable JetStream pull consumer over every event subject. For each batch
+//! it opens one Postgres transaction, locks its checkpoint row, applies the events above the
+//! checkpoint in position order (filling any hole from the Postgres log first: NATS is the fast
+//! path, Postgres the truth), writes the new checkpoint, commits, and only then acks. A crash at
+//! any point leaves either the old checkpoint and old rows, or both new: redelivered events are
+//! skipped by position, so each event is applied exactly once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use async_trait::async_trait;
+use futures::StreamExt;
+use sqlx::{PgConnection, PgPool};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use understudy_adapters::global_log;
+use understudy_adapters::nats::Topology;
+use understudy_adapters::relay::POSITION_HEADER;
+use understudy_adapters::LoggedEvent;
+
+use crate::AnyEvent;
+
+#[derive(Debug, Error)]
+pub enum ProjectionError {
+    #[error(
+        "cannot decode the event at position {position} ({aggregate_type} {event_type} v{schema_version}): {reason}. \
+         The projector stops here rather than skip it; upgrade Understudy or add an upcaster"
+    )]
+    Undecodable { position: i64, aggregate_type: String, event_type: String, schema_version: i32, reason: String },
+    #[error("the message at stream sequence {stream_sequence} is not an Understudy event: {reason}")]
+    BadMessage { stream_sequence: u64, reason: String },
+    #[error("the global log has no event at position {0}, which it must have: was the log edited?")]
+    MissingPosition(i64),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// The physical names of a projection's tables: the live ones, or the ones a replay builds beside them.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    suffix: &'static str,
+}
+
+impl Tables {
+    pub const LIVE: Tables = Tables { suffix: "" };
+    pub const REBUILD: Tables = Tables { suffix: "__rebuild" };
+
+    pub fn name(&self, base: &str) -> String {
+        format!("{base}{}", self.suffix)
+    }
+}
+
+/// A row of a read model changed: published on `{prefix}.changes.{read_model}.{key}` after commit.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Change {
+    pub read_model: String,
+    pub key: String,
+    pub id: uuid::Uuid,
+    pub position: i64,
+}
+
+/// A read model built from the global log.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// Its name: its checkpoint row, its consumer, `understudy replay --projection NAME`.
+    fn name(&self) -> &'static str;
+    /// The tables it owns, rebuilt and swapped together by a replay.
+    fn tables(&self) -> &'static [&'static str];
+    /// Applies one event inside the caller's transaction; returns the rows it changed.
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        event: &LoggedEvent,
+        decoded: &AnyEvent,
+    ) -> Result<Vec<Change>, ProjectionError>;
+}
+
+/// How far a batch got: the new checkpoint, and the event it stopped at, if any.
+pub(crate) struct Progress {
+    pub checkpoint: i64,
+    pub stopped: Option<ProjectionError>,
+}
+
+/// Applies `events` (in position order) above `checkpoint`. An event that cannot be decoded stops
+/// the batch there, with everything before it applied: the caller commits that, then stops.
+pub(crate) async fn apply_all(
+    projection: &dyn Projection,
+    conn: &mut PgConnection,
+    tables: &Tables,
+    mut checkpoint: i64,
+    events: &[LoggedEvent],
+    changes: &mut Vec<Change>,
+) -> Result<Progress, ProjectionError> {
+    for event in events {
+        if event.position <= checkpoint {
+            continue;
+        }
+        if event.position != checkpoint + 1 {
+            return Err(ProjectionError::MissingPosition(checkpoint + 1));
+        }
+        let applied = match AnyEvent::decode(event) {
+            Ok(decoded) => projection.apply(conn, tables, event, &decoded).await,
+            Err(error) => Err(error),
+        };
+        match applied {
+            Ok(changed) => changes.extend(changed),
+            Err(stop @ ProjectionError::Undecodable { .. }) => return Ok(Progress { checkpoint, stopped: Some(stop) }),
+            Err(error) => return Err(error),
+        }
+        checkpoint = event.position;
+    }
+    Ok(Progress { checkpoint, stopped: None })
+}
+
+pub async fn checkpoint(executor: impl sqlx::PgExecutor<'_>, projection: &str) -> sqlx::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE projection = $1")
+        .bind(projection)
+        .fetch_optional(executor)
+        .await?
+        .unwrap_or(0))
+}
+
+/// Locks the checkpoint row for this transaction (creating it at 0 the first time).
+pub(crate) async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> sqlx::Result<i64> {
+    sqlx::query("INSERT INTO projector_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(projection)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE projection = $1 FOR UPDATE")
+        .bind(projection)
+        .fetch_one(&mut *conn)
+        .await
+}
+
+pub(crate) async fn store_checkpoint(conn: &mut PgConnection, projection: &str, position: i64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE projector_checkpoints SET position = $2, updated_at = now() WHERE projection = $1")
+        .bind(projection)
+        .bind(position)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// How far behind the head of the log a projection is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Lag {
+    pub projection: String,
+    pub checkpoint: i64,
+    pub head: i64,
+    pub lag: i64,
+}
+
+pub async fn lag(pool: &PgPool) -> sqlx::Result<Vec<Lag>> {
+    let head = global_log::head(pool).await?;
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT projection, position FROM projector_checkpoints ORDER BY projection").fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|(projection, checkpoint)| Lag { projection, checkpoint, head, lag: (head - checkpoint).max(0) }).collect())
+}
+
+/// Runs one projection as a durable JetStream consumer.
+pub struct Projector {
+    pub pool: PgPool,
+    pub nats: async_nats::Client,
+    pub topology: Topology,
+    pub projection: Arc<dyn Projection>,
+    /// Events per transaction.
+    pub batch: usize,
+}
+
+impl Projector {
+    pub fn new(pool: PgPool, nats: async_nats::Client, topology: Topology, projection: Arc<dyn Projection>) -> Self {
+        Self { pool, nats, topology, projection, batch: 500 }
+    }
+
+    async fn consumer(&self) -> anyhow::Result<consumer::Consumer<consumer::pull::Config>> {
+        let js = jetstream::new(self.nats.clone());
+        let stream = understudy_adapters::nats::ensure_stream(&js, &self.topology).await?;
+        let name = self.topology.consumer_name(self.projection.name());
+        stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    filter_subject: self.topology.all_events(),
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 20_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("creating JetStream consumer {name}: {e}"))
+    }
+
+    /// Consumes until cancelled. Returns an error only for what must stop the projector (an
+    /// event it cannot decode); transport and database errors are retried with backoff.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let name = self.projection.name();
+        let mut failures = 0u32;
+        loop {
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                result = self.consume(&cancel) => result,
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(error) if is_fatal(&error) => {
+                    tracing::error!(projection = name, error = format!("{error:#}"), "projector stopped");
+                    return Err(error);
+                }
+                Err(error) => {
+                    failures += 1;
+                    let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
+                    tracing::warn!(projection = name, error = format!("{error:#}"), ?backoff, "projector failed; restarting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consume(&self, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let consumer = self.consumer().await?;
+        // Catch up from Postgres first: it is the truth, and the stream may be younger than the log.
+        self.catch_up_from_log().await?;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let mut messages = consumer
+                .fetch()
+                .max_messages(self.batch)
+                .expires(Duration::from_millis(250))
+                .messages()
+                .await
+                .map_err(|e| anyhow::anyhow!("fetching from JetStream: {e}"))?;
+            let mut batch = Vec::new();
+            while let Some(message) = messages.next().await {
+                batch.push(message.map_err(|e| anyhow::anyhow!("receiving from JetStream: {e}"))?);
+            }
+            if batch.is_empty() {
+                // Idle: whatever NATS lost, Postgres still has.
+                self.catch_up_from_log().await?;
+                continue;
+            }
+            let mut events = Vec::with_capacity(batch.len());
+            for message in &batch {
+                events.push(decode_message(message)?);
+            }
+            self.apply_batch(events).await?;
+            for message in &batch {
+                // A lost ack only means a redelivery, which the checkpoint skips.
+                if let Err(error) = message.ack().await {
+                    tracing::debug!(error = %error, "ack failed; the event will be redelivered and skipped");
+                }
+            }
+        }
+    }
+
+    /// Applies events that arrived over NATS, in one transaction, filling holes from the log.
+    pub async fn apply_batch(&self, mut events: Vec<LoggedEvent>) -> anyhow::Result<()> {
+        events.sort_by_key(|e| e.position);
+        let name = self.projection.name();
+        let mut tx = self.pool.begin().await?;
+        let start = lock_checkpoint(&mut tx, name).await?;
+        let mut at = start;
+        let mut changes = Vec::new();
+        let mut stopped = None;
+        for event in events {
+            if event.position <= at {
+                continue;
+            }
+            let mut run = Vec::new();
+            if event.position > at + 1 {
+                run = global_log::read_range(&mut *tx, at, event.position - 1, i64::MAX).await?;
+            }
+            run.push(event);
+            let progress = apply_all(self.projection.as_ref(), &mut tx, &Tables::LIVE, at, &run, &mut changes).await?;
+            at = progress.checkpoint;
+            if progress.stopped.is_some() {
+                stopped = progress.stopped;
+                break;
+            }
+        }
+        if at > start {
+            store_checkpoint(&mut tx, name, at).await?;
+        }
+        tx.commit().await?;
+        self.announce(changes).await;
+        stopped.map_or(Ok(()), |stop| Err(stop.into()))
+    }
+
+    /// Applies whatever the Postgres log has beyond the checkpoint.
+    pub async fn catch_up_from_log(&self) -> anyhow::Result<()> {
+        let name = self.projection.name();
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let start = lock_checkpoint(&mut tx, name).await?;
+            let events = global_log::read_range(&mut *tx, start, i64::MAX, self.batch as i64).await?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            let mut changes = Vec::new();
+            let progress = apply_all(self.projection.as_ref(), &mut tx, &Tables::LIVE, start, &events, &mut changes).await?;
+            store_checkpoint(&mut tx, name, progress.checkpoint).await?;
+            tx.commit().await?;
+            self.announce(changes).await;
+            if let Some(stop) = progress.stopped {
+                return Err(stop.into());
+            }
+        }
+    }
+
+    async fn announce(&self, changes: Vec<Change>) {
+        for change in changes {
+            let subject = self.topology.changes_subject(&change.read_model, &change.key);
+            match serde_json::to_vec(&change) {
+                Ok(payload) => {
+                    if let Err(error) = self.nats.publish(subject, payload.into()).await {
+                        tracing::debug!(error = %error, "change notice not sent; live subscribers catch up on their next query");
+                    }
+                }
+                Err(error) => tracing::warn!(error = %error, "change notice not encodable"),
+            }
+        }
+    }
+}
+
+fn is_fatal(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<ProjectionError>(),
+        Some(ProjectionError::Undecodable { .. } | ProjectionError::BadMessage { .. } | ProjectionError::MissingPosition(_))
+    )
+}
+
+fn decode_message(message: &jetstream::Message) -> Result<LoggedEvent, ProjectionError> {
+    let stream_sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let event: LoggedEvent =
+        serde_json::from_slice(&message.payload).map_err(|e| ProjectionError::BadMessage { stream_sequence, reason: e.to_string() })?;
+    let header = message.headers.as_ref().and_then(|h| h.get(POSITION_HEADER)).map(|v| v.as_str().to_string());
+    if header.as_deref() != Some(event.position.to_string().as_str()) {
+        return Err(ProjectionError::BadMessage {
+            stream_sequence,
+            reason: format!("position header {header:?} does not match the payload"),
+        });
+    }
+    Ok(event)
+}

@@ -1,0 +1,164 @@
+//! The GraphQL endpoint over HTTP and graphql-transport-ws, end to end.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use understudy_domain::ids::{DeploymentId, ProjectId};
+use understudy_tests::fixtures::{self, meta};
+use understudy_tests::{eventually, TestEnv};
+use uuid::Uuid;
+
+struct Running {
+    env: TestEnv,
+    addr: std::net::SocketAddr,
+    cancel: CancellationToken,
+    _tasks: JoinSet<anyhow::Result<()>>,
+}
+
+async fn start() -> Running {
+    let env = TestEnv::new().await;
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    env.runtime.spawn_relay(cancel.clone(), &mut tasks);
+    env.runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
+    let addr = env.runtime.serve_api("127.0.0.1:0".parse().expect("addr"), cancel.clone(), &mut tasks).await.expect("serve");
+    Running { env, addr, cancel, _tasks: tasks }
+}
+
+async fn post(addr: std::net::SocketAddr, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new().post(format!("http://{addr}/graphql")).json(&body).send().await.expect("post");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_serve_environments_and_history() {
+    let app = start().await;
+    let project = ProjectId(Uuid::new_v4());
+    let spec = fixtures::spec(project, 7, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
+    for command in fixtures::to_ready(deployment) {
+        store.execute(id, command, meta()).await.expect("to ready");
+    }
+    let query = json!({
+        "query": "query($p: UUID) { environments(projectId: $p) { id status pullRequest entrypoint latestCommit previewUrl position } }",
+        "variables": { "p": project.to_string() }
+    });
+    let environments = eventually(Duration::from_secs(20), "the environment to be Ready over GraphQL", || async {
+        let (_, body) = post(app.addr, query.clone()).await;
+        let list = body["data"]["environments"].as_array().cloned()?;
+        (list.len() == 1 && list[0]["status"] == "READY").then_some(list)
+    })
+    .await;
+    assert_eq!(environments[0]["id"], id.to_string());
+    assert_eq!(environments[0]["pullRequest"], 7);
+    assert_eq!(environments[0]["latestCommit"], fixtures::sha(1).to_string());
+
+    let history = json!({ "query": format!("{{ history(id: \"{id}\") {{ position eventType actor aggregateVersion }} }}") });
+    let events = eventually(Duration::from_secs(20), "the history", || async {
+        let (_, body) = post(app.addr, history.clone()).await;
+        let list = body["data"]["history"].as_array().cloned()?;
+        (list.len() == 5).then_some(list)
+    })
+    .await;
+    let types: Vec<_> = events.iter().map(|e| e["eventType"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(types, ["EnvironmentCreated", "DeploymentRequested", "BuildStarted", "BuildSucceeded", "DeploymentReady"]);
+    assert!(events.iter().all(|e| e["actor"] == "system:test"));
+
+    // Bad input gets a clear error, never a 5xx.
+    let (status, body) = post(app.addr, json!({ "query": "{ history(id: \"not-a-uuid\") { position } }" })).await;
+    assert_eq!(status, 200);
+    assert!(body["errors"][0]["message"].as_str().unwrap_or_default().contains("not a UUID"), "{body}");
+    let deep = format!("{{ __schema {{ types {{ {}name{} }} }} }}", "fields { type { ofType { ".repeat(5), " } } }".repeat(5));
+    let (_, body) = post(app.addr, json!({ "query": deep })).await;
+    assert!(body["errors"][0]["message"].as_str().unwrap_or_default().contains("nested too deep"), "{body}");
+    let (_, body) = post(app.addr, json!({ "query": "{ environments(first: 100000) { id } }" })).await;
+    assert!(body["errors"][0]["message"].as_str().unwrap_or_default().contains("less than or equal to 500"), "{body}");
+    let huge = "x".repeat(200 * 1024);
+    let (status, _) = post(app.addr, json!({ "query": huge })).await;
+    assert_eq!(status, 413, "an oversized query is refused");
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_over_graphql_transport_ws_see_each_committed_change() {
+    let app = start().await;
+    let project = ProjectId(Uuid::new_v4());
+    let mut request = format!("ws://{}/graphql", app.addr).into_client_request().expect("request");
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.expect("connect");
+    assert_eq!(response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()), Some("graphql-transport-ws"));
+    ws.send(Message::text(json!({ "type": "connection_init" }).to_string())).await.expect("init");
+    let ack = next_json(&mut ws).await;
+    assert_eq!(ack["type"], "connection_ack");
+    ws.send(Message::text(
+        json!({
+            "id": "1",
+            "type": "subscribe",
+            "payload": {
+                "query": "subscription($p: UUID) { environmentUpdated(projectId: $p) { id status position } }",
+                "variables": { "p": project.to_string() }
+            }
+        })
+        .to_string(),
+    ))
+    .await
+    .expect("subscribe");
+    let spec = fixtures::spec(project, 1, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    // Another project's change must never reach this subscriber.
+    let other = fixtures::spec(ProjectId(Uuid::new_v4()), 1, "main.w");
+    store.execute(fixtures::env_id(&other).0, fixtures::request(&other, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("other");
+    // The server subscribes when it first polls the stream, which the client cannot observe: keep
+    // changing the environment (deploy it, then record tests) until a Ready update arrives.
+    let mut commands = vec![fixtures::request(&spec, deployment, 1)];
+    commands.extend(fixtures::to_ready(deployment));
+    commands.extend((0..40).map(|i| understudy_domain::environment::EnvironmentCommand::RecordTestResult {
+        deployment_id: deployment,
+        test: format!("t{i}"),
+        outcome: understudy_domain::environment::TestOutcome::Passed,
+        at: chrono::Utc::now(),
+    }));
+    let mut last_position = 0;
+    let mut ready = false;
+    for command in commands {
+        store.execute(id, command, meta()).await.expect("command");
+        while let Ok(message) = tokio::time::timeout(Duration::from_millis(500), next_json(&mut ws)).await {
+            assert_eq!(message["type"], "next", "{message}");
+            let environment = &message["payload"]["data"]["environmentUpdated"];
+            assert_eq!(environment["id"], id.to_string(), "only this project's environments");
+            let position = environment["position"].as_i64().expect("position");
+            assert!(position >= last_position, "updates arrive in order");
+            last_position = position;
+            ready |= environment["status"] == "READY";
+        }
+        if ready {
+            break;
+        }
+    }
+    assert!(ready, "a subscriber saw the environment become Ready");
+    app.cancel.cancel();
+}
+
+async fn next_json<S>(ws: &mut S) -> Value
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match ws.next().await.expect("socket open").expect("frame") {
+            Message::Text(text) => return serde_json::from_str(text.as_str()).expect("json"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Projectors: exactly-once application through crashes, hole filling, and stopping on the unknown.
+
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use understudy_domain::ids::{DeploymentId, ProjectId};
+use understudy_projections::entity_history::EntityHistory;
+use understudy_projections::environments::Environments;
+use understudy_projections::{projector, Projector};
+use understudy_tests::fixtures::{self, meta};
+use understudy_tests::{eventually, TestEnv};
+use uuid::Uuid;
+
+async fn scalar(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
+}
+
+/// Appends a deployment that goes all the way to Ready for `n` pull requests.
+async fn deploy_prs(env: &TestEnv, project: ProjectId, prs: std::ops::Range<u64>) {
+    let store = env.runtime.store.environments.clone();
+    for pr in prs {
+        let spec = fixtures::spec(project, pr, "main.w");
+        let id = fixtures::env_id(&spec).0;
+        let deployment = DeploymentId(Uuid::new_v4());
+        store.execute(id, fixtures::request(&spec, deployment, pr + 1), meta()).await.expect("request");
+        for command in fixtures::to_ready(deployment) {
+            store.execute(id, command, meta()).await.expect("to ready");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_flow_from_the_log_through_nats_into_the_read_models() {
+    let env = TestEnv::new().await;
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    env.runtime.spawn_relay(cancel.clone(), &mut tasks);
+    env.runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
+    let project = ProjectId(Uuid::new_v4());
+    deploy_prs(&env, project, 0..5).await;
+    let ready = eventually(Duration::from_secs(20), "five Ready environments", || async {
+        let n = scalar(env.pool(), "SELECT count(*) FROM environments WHERE status = 'Ready'").await;
+        (n == 5).then_some(n)
+    })
+    .await;
+    assert_eq!(ready, 5);
+    eventually(Duration::from_secs(20), "the history to hold every event", || async {
+        (scalar(env.pool(), "SELECT count(*) FROM entity_history").await == 25).then_some(())
+    })
+    .await;
+    let lags = projector::lag(env.pool()).await.expect("lag");
+    assert!(lags.iter().all(|l| l.lag == 0 && l.head == 25), "{lags:?}");
+    cancel.cancel();
+    while let Some(result) = tasks.join_next().await {
+        result.expect("task").expect("role");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_killed_at_any_moment_applies_every_event_exactly_once() {
+    let env = TestEnv::new().await;
+    let cancel = CancellationToken::new();
+    let mut relay = JoinSet::new();
+    env.runtime.spawn_relay(cancel.clone(), &mut relay);
+    let project = ProjectId(Uuid::new_v4());
+    let writer = {
+        let env_store = env.runtime.store.environments.clone();
+        tokio::spawn(async move {
+            for pr in 0..60u64 {
+                let spec = fixtures::spec(project, pr, "main.w");
+                let deployment = DeploymentId(Uuid::new_v4());
+                let id = fixtures::env_id(&spec).0;
+                env_store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
+                for command in fixtures::to_ready(deployment) {
+                    env_store.execute(id, command, meta()).await.expect("to ready");
+                }
+            }
+        })
+    };
+    // Kill the projector (drop its task mid-batch) again and again while events flow.
+    for round in 0..12u64 {
+        let projector =
+            Projector::new(env.pool().clone(), env.runtime.nats.clone(), env.topology().clone(), std::sync::Arc::new(EntityHistory));
+        let task = tokio::spawn(projector.run(CancellationToken::new()));
+        tokio::time::sleep(Duration::from_millis(20 + (round * 37) % 90)).await;
+        task.abort();
+        let _ = task.await;
+    }
+    writer.await.expect("writer");
+    // A final projector that is allowed to finish.
+    let projector =
+        Projector::new(env.pool().clone(), env.runtime.nats.clone(), env.topology().clone(), std::sync::Arc::new(EntityHistory));
+    let stop = CancellationToken::new();
+    let last = tokio::spawn(projector.run(stop.clone()));
+    eventually(Duration::from_secs(30), "the history to catch up", || async {
+        (scalar(env.pool(), "SELECT count(*) FROM entity_history").await == 300).then_some(())
+    })
+    .await;
+    stop.cancel();
+    last.await.expect("join").expect("projector");
+    // The position is the primary key: a second application would have failed the insert.
+    assert_eq!(scalar(env.pool(), "SELECT count(DISTINCT event_id) FROM entity_history").await, 300);
+    assert_eq!(scalar(env.pool(), "SELECT position FROM projector_checkpoints WHERE projection = 'entity_history'").await, 300);
+    cancel.cancel();
+    while relay.join_next().await.is_some() {}
+}
+
+#[tokio::test]
+async fn holes_in_what_nats_delivers_are_filled_from_postgres() {
+    let env = TestEnv::new().await;
+    deploy_prs(&env, ProjectId(Uuid::new_v4()), 0..3).await;
+    understudy_tests::sequence_all(env.pool()).await;
+    let all = understudy_adapters::global_log::read_after(env.pool(), 0, 100).await.expect("read");
+    assert_eq!(all.len(), 15);
+    let projector = Projector::new(env.pool().clone(), env.runtime.nats.clone(), env.topology().clone(), std::sync::Arc::new(Environments));
+    // NATS "lost" everything but positions 3 and 15, and delivered 3 twice.
+    projector.apply_batch(vec![all[14].clone(), all[2].clone(), all[2].clone()]).await.expect("apply");
+    assert_eq!(scalar(env.pool(), "SELECT position FROM projector_checkpoints WHERE projection = 'environments'").await, 15);
+    assert_eq!(scalar(env.pool(), "SELECT count(*) FROM environments WHERE status = 'Ready'").await, 3);
+    // Redelivery of everything changes nothing.
+    projector.apply_batch(all).await.expect("redelivery");
+    assert_eq!(scalar(env.pool(), "SELECT max(position) FROM environments").await, 15);
+}
+
+#[tokio::test]
+async fn an_unknown_event_stops_the_projector_at_its_position() {
+    let env = TestEnv::new().await;
+    deploy_prs(&env, ProjectId(Uuid::new_v4()), 0..1).await;
+    sqlx::query(
+        "INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, payload,
+             recorded_at, correlation_id, actor) VALUES ($1, 'environment', $1, 1, 'EnvironmentTeleported', 1,
+             '{\"type\": \"EnvironmentTeleported\"}', now(), $1, 'system:test')",
+    )
+    .bind(Uuid::new_v4())
+    .execute(env.pool())
+    .await
+    .expect("insert");
+    deploy_prs(&env, ProjectId(Uuid::new_v4()), 1..2).await;
+    understudy_tests::sequence_all(env.pool()).await;
+    let projector = Projector::new(env.pool().clone(), env.runtime.nats.clone(), env.topology().clone(), std::sync::Arc::new(Environments));
+    let error = projector.run(CancellationToken::new()).await.expect_err("must stop");
+    let message = format!("{error:#}");
+    assert!(message.contains("position 6") && message.contains("EnvironmentTeleported"), "{message}");
+    assert_eq!(
+        scalar(env.pool(), "SELECT position FROM projector_checkpoints WHERE projection = 'environments'").await,
+        5,
+        "stopped before it"
+    );
+}

@@ -1,0 +1,164 @@
+//! The command path and the global log: optimistic concurrency and gap-free order.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use understudy_adapters::{global_log, relay, CommandError};
+use understudy_domain::environment::{EnvironmentCommand, EnvironmentStatus, TestOutcome};
+use understudy_domain::ids::{DeploymentId, ProjectId};
+use understudy_domain::DomainError;
+use understudy_tests::fixtures::{self, meta};
+use understudy_tests::TestEnv;
+use uuid::Uuid;
+
+async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_writers_on_distinct_and_shared_aggregates_give_a_gap_free_order() {
+    let env = TestEnv::new().await;
+    let store = env.runtime.store.environments.clone();
+    let project = ProjectId(Uuid::new_v4());
+    // Two shared environments that 8 writers fight over, and 8 writers with their own.
+    let shared: Vec<_> = (0..2).map(|i| fixtures::spec(project, 1000 + i, "main.w")).collect();
+    for spec in &shared {
+        let deployment = DeploymentId(Uuid::new_v4());
+        store.execute(fixtures::env_id(spec).0, fixtures::request(spec, deployment, 1), meta()).await.expect("request");
+        for command in fixtures::to_ready(deployment) {
+            store.execute(fixtures::env_id(spec).0, command, meta()).await.expect("to ready");
+        }
+    }
+    let setup_events = count(env.pool(), "SELECT count(*) FROM event_log").await;
+
+    // A reader that follows the log while it is written and checks it never finds a hole.
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (pool, done) = (env.pool().clone(), done.clone());
+        tokio::spawn(async move {
+            let mut seen = 0i64;
+            loop {
+                let finished = done.load(Ordering::SeqCst);
+                relay::sequence(&pool, 200).await.expect("sequence");
+                let batch = global_log::read_after(&pool, seen, 1000).await.expect("read");
+                for event in &batch {
+                    assert_eq!(event.position, seen + 1, "the reader found a hole after position {seen}");
+                    seen = event.position;
+                }
+                if finished && batch.is_empty() && global_log::read_after(&pool, seen, 1).await.expect("read").is_empty() {
+                    let unnumbered: i64 =
+                        sqlx::query_scalar("SELECT count(*) FROM event_log WHERE position IS NULL").fetch_one(&pool).await.expect("count");
+                    if unnumbered == 0 {
+                        return seen;
+                    }
+                }
+            }
+        })
+    };
+
+    const PER_WRITER: usize = 25;
+    let mut writers = Vec::new();
+    for w in 0..16u64 {
+        let store = store.clone();
+        let shared = shared.clone();
+        writers.push(tokio::spawn(async move {
+            let mut events = 0usize;
+            if w < 8 {
+                // Own aggregate: a new commit each time, each one a deployment.
+                let spec = fixtures::spec(project, w, "main.w");
+                for i in 0..PER_WRITER {
+                    let done = store
+                        .execute(fixtures::env_id(&spec).0, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), i as u64 + 1), meta())
+                        .await
+                        .expect("own aggregate");
+                    events += done.events.len();
+                }
+            } else {
+                // Shared aggregate: every writer records its own tests on the same deployment.
+                let spec = &shared[(w % 2) as usize];
+                let state = store.load(fixtures::env_id(spec).0).await.expect("load");
+                let deployment = state.inner().current().expect("deployed").id;
+                for i in 0..PER_WRITER {
+                    let command = EnvironmentCommand::RecordTestResult {
+                        deployment_id: deployment,
+                        test: format!("writer-{w}-test-{i}"),
+                        outcome: TestOutcome::Passed,
+                        at: chrono::Utc::now(),
+                    };
+                    events += store.execute(fixtures::env_id(spec).0, command, meta()).await.expect("shared aggregate").events.len();
+                }
+            }
+            events
+        }));
+    }
+    let mut written = 0usize;
+    for writer in writers {
+        written += writer.await.expect("writer");
+    }
+    done.store(true, Ordering::SeqCst);
+    let seen = reader.await.expect("reader");
+
+    let total = setup_events + written as i64;
+    assert_eq!(seen, total, "the reader saw every event once, in one gap-free order");
+    assert_eq!(count(env.pool(), "SELECT count(*) FROM event_log").await, total);
+    assert_eq!(count(env.pool(), "SELECT count(*) FROM environment_events").await, total, "aggregate table and log agree");
+    assert_eq!(count(env.pool(), "SELECT max(position) FROM event_log").await, total);
+    // No lost update on the shared aggregates: every writer's every test is there.
+    for spec in &shared {
+        let state = store.load(fixtures::env_id(spec).0).await.expect("load").into_inner();
+        assert_eq!(state.current().expect("deployed").tests.len(), 4 * PER_WRITER);
+        assert_eq!(state.status(), Some(EnvironmentStatus::Ready));
+    }
+}
+
+#[tokio::test]
+async fn a_slow_writer_holds_numbering_back_instead_of_being_skipped() {
+    let env = TestEnv::new().await;
+    let store = env.runtime.store.environments.clone();
+    let project = ProjectId(Uuid::new_v4());
+    // A writer whose transaction is open while others commit after it.
+    let mut slow = env.pool().begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, payload,
+             recorded_at, correlation_id, actor) VALUES ($1, 'probe', $1, 1, 'Probe', 1, '{}', now(), $1, 'system:test')",
+    )
+    .bind(Uuid::new_v4())
+    .execute(&mut *slow)
+    .await
+    .expect("slow insert");
+    let spec = fixtures::spec(project, 1, "main.w");
+    let fast =
+        store.execute(fixtures::env_id(&spec).0, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("fast");
+    assert_eq!(fast.events.len(), 2);
+
+    let (numbered, head) = relay::sequence(env.pool(), 100).await.expect("sequence");
+    assert_eq!((numbered, head), (0, 0), "nothing may be numbered past a transaction still running");
+    slow.commit().await.expect("commit slow");
+    assert_eq!(understudy_tests::sequence_all(env.pool()).await, 3);
+    let order: Vec<String> = global_log::read_after(env.pool(), 0, 10).await.expect("read").into_iter().map(|e| e.event_type).collect();
+    assert_eq!(order, ["Probe", "EnvironmentCreated", "DeploymentRequested"], "the earlier transaction comes first");
+}
+
+#[tokio::test]
+async fn refused_commands_append_nothing_and_say_why() {
+    let env = TestEnv::new().await;
+    let store = env.runtime.store.environments.clone();
+    let deployment = DeploymentId(Uuid::new_v4());
+    let spec = fixtures::spec(ProjectId(Uuid::new_v4()), 5, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
+    let error = store
+        .execute(id, EnvironmentCommand::MarkReady { deployment_id: deployment, url: "http://x".into(), at: chrono::Utc::now() }, meta())
+        .await
+        .expect_err("not started");
+    assert!(matches!(error, CommandError::Domain(DomainError::IllegalTransition { status: "Requested", .. })), "{error:?}");
+    assert!(error.to_string().contains("needs it to be Starting"), "{error}");
+    // A redelivered request is a no-op.
+    let again = store.execute(id, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("again");
+    assert!(again.events.is_empty());
+    assert_eq!(count(env.pool(), "SELECT count(*) FROM event_log").await, 2);
+    let ids: HashSet<Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM event_log").fetch_all(env.pool()).await.expect("ids").into_iter().collect();
+    assert_eq!(ids.len(), 2);
+}
