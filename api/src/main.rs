@@ -151,8 +151,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return understudy_api::cli::status(&pool, &mut std::io::stdout()).await;
         }
         Command::Bench { what } => {
-            let runtime = connect(&config).await?;
-            return understudy_api::bench::run(&runtime, what).await;
+            let (database_url, nats_url) = (require(&config.database_url, "DATABASE_URL")?, require(&config.nats_url, "NATS_URL")?);
+            return understudy_api::bench::run(&database_url, &nats_url, what).await;
         }
     }
     supervise(tasks, cancel).await

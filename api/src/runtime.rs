@@ -78,10 +78,15 @@ impl Runtime {
 /// Waits for every task; the first one to fail (or Ctrl-C) stops the others.
 pub async fn supervise(mut tasks: JoinSet<anyhow::Result<()>>, cancel: CancellationToken) -> anyhow::Result<()> {
     let mut first_error = None;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c(), if !cancel.is_cancelled() => {
-                tracing::info!("stopping");
+                tracing::info!("interrupted; stopping");
+                cancel.cancel();
+            }
+            _ = terminate.recv(), if !cancel.is_cancelled() => {
+                tracing::info!("terminated; stopping");
                 cancel.cancel();
             }
             joined = tasks.join_next() => match joined {

@@ -1,0 +1,133 @@
+//! The `understudy` binary as an operator uses it.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use understudy_domain::ids::{DeploymentId, ProjectId};
+use understudy_tests::fixtures::{self, meta};
+use understudy_tests::{eventually, understudy_bin, TestEnv};
+use uuid::Uuid;
+
+#[test]
+fn every_subcommand_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["up", "--help"],
+        vec!["api", "--help"],
+        vec!["relay", "--help"],
+        vec!["projector", "--help"],
+        vec!["migrate", "--help"],
+        vec!["replay", "--help"],
+        vec!["events", "--help"],
+        vec!["status", "--help"],
+        vec!["bench", "--help"],
+        vec!["bench", "append", "--help"],
+        vec!["bench", "latency", "--help"],
+    ] {
+        let output = Command::new(understudy_bin()).args(&args).output().expect("run");
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("Usage:"), "{args:?}");
+    }
+}
+
+#[test]
+fn unreachable_servers_get_one_clear_line_and_a_failure_code() {
+    let cases = [
+        (
+            "postgres://postgres@127.0.0.1:1/understudy".to_string(),
+            understudy_tests::nats_url(),
+            "cannot connect to Postgres at postgres://postgres@127.0.0.1:1/understudy",
+        ),
+        (understudy_tests::admin_database_url(), "nats://127.0.0.1:1".to_string(), "cannot connect to NATS at nats://127.0.0.1:1"),
+    ];
+    for (database, nats, expected) in cases {
+        let output = Command::new(understudy_bin())
+            .arg("relay")
+            .env("DATABASE_URL", database)
+            .env("NATS_URL", nats)
+            .env("UNDERSTUDY_NATS_PREFIX", format!("t{}", &Uuid::new_v4().simple().to_string()[..12]))
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn events_prints_an_entity_history_as_a_table_and_as_json() {
+    let env = TestEnv::new().await;
+    let spec = fixtures::spec(ProjectId(Uuid::new_v4()), 3, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(Uuid::new_v4());
+    env.runtime.store.environments.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
+    for command in fixtures::to_ready(deployment) {
+        env.runtime.store.environments.execute(id, command, meta()).await.expect("to ready");
+    }
+    understudy_tests::sequence_all(env.pool()).await;
+    let run = |json: bool| {
+        let mut command = Command::new(understudy_bin());
+        command.args(["events", &id.to_string()]).env("DATABASE_URL", &env.database_url);
+        if json {
+            command.arg("--json");
+        }
+        command.output().expect("run")
+    };
+    let table = run(false);
+    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert_eq!(table.lines().count(), 6, "{table}");
+    assert!(table.lines().nth(5).unwrap_or_default().contains("DeploymentReady"), "{table}");
+    let json = run(true);
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&json.stdout).lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["event_type"], "EnvironmentCreated");
+    assert_eq!(lines[4]["aggregate_version"], 5);
+    // An id with no history is a clear error.
+    let missing = Command::new(understudy_bin())
+        .args(["events", &Uuid::new_v4().to_string()])
+        .env("DATABASE_URL", &env.database_url)
+        .output()
+        .expect("run");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no events for"));
+}
+
+#[tokio::test]
+async fn up_starts_a_private_postgres_and_nats_and_stops_cleanly_on_ctrl_c() {
+    let dir = std::env::temp_dir().join(format!("understudy-up-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("data dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+    for round in 0..2 {
+        let child = Command::new(understudy_bin())
+            .arg("up")
+            .env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
+            .env("UNDERSTUDY_DATA_DIR", &dir)
+            .env("UNDERSTUDY_LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn up");
+        let body = eventually(Duration::from_secs(90), "understudy up to answer GraphQL", || async {
+            let response = reqwest::Client::new()
+                .post(format!("http://127.0.0.1:{port}/graphql"))
+                .json(&serde_json::json!({ "query": "{ environments { id } }" }))
+                .send()
+                .await
+                .ok()?;
+            response.json::<serde_json::Value>().await.ok()
+        })
+        .await;
+        assert!(body["data"]["environments"].is_array(), "round {round}: {body}");
+        // Ctrl-C: everything stops, the private servers included, and the process exits 0.
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args(["-INT", &pid]).status().expect("kill").success());
+        let status = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait");
+        assert!(status.status.success(), "round {round}: {}", String::from_utf8_lossy(&status.stderr));
+    }
+    assert!(dir.join("postgres").join("PG_VERSION").exists(), "the data dir was kept across restarts");
+    let _ = std::fs::remove_dir_all(&dir);
+}
