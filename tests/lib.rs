@@ -149,6 +149,23 @@ pub mod fixtures {
         }
     }
 
+    /// Deploys one commit all the way to Ready for each pull request in `prs` (5 events each).
+    pub async fn deploy_prs(
+        store: &understudy_adapters::AggregateStore<understudy_domain::environment::EnvironmentAggregate>,
+        project: ProjectId,
+        prs: std::ops::Range<u64>,
+    ) {
+        for pr in prs {
+            let spec = spec(project, pr, "main.w");
+            let id = env_id(&spec).0;
+            let deployment = DeploymentId(Uuid::new_v4());
+            store.execute(id, request(&spec, deployment, pr + 1), meta()).await.expect("request");
+            for command in to_ready(deployment) {
+                store.execute(id, command, meta()).await.expect("to ready");
+            }
+        }
+    }
+
     /// The commands that take a fresh deployment from Requested to Ready.
     pub fn to_ready(deployment: DeploymentId) -> Vec<EnvironmentCommand> {
         vec![

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use sqlx::PgPool;
 use understudy_adapters::nats::Topology;
+use understudy_domain::environment::EnvironmentStatus as DomainStatus;
 use understudy_projections::environments::READ_MODEL;
 use understudy_projections::Change;
 use uuid::Uuid;
@@ -25,7 +26,9 @@ pub fn schema(pool: PgPool, nats: async_nats::Client, topology: Topology) -> App
         .finish()
 }
 
+/// The domain's environment status, as GraphQL shows it.
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(remote = "understudy_domain::environment::EnvironmentStatus")]
 pub enum EnvironmentStatus {
     Requested,
     Building,
@@ -36,31 +39,10 @@ pub enum EnvironmentStatus {
     Terminated,
 }
 
-impl EnvironmentStatus {
-    fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "Requested" => Self::Requested,
-            "Building" => Self::Building,
-            "Starting" => Self::Starting,
-            "Ready" => Self::Ready,
-            "Failed" => Self::Failed,
-            "Stale" => Self::Stale,
-            "Terminated" => Self::Terminated,
-            other => return Err(format!("unknown environment status {other:?} in the read model").into()),
-        })
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Requested => "Requested",
-            Self::Building => "Building",
-            Self::Starting => "Starting",
-            Self::Ready => "Ready",
-            Self::Failed => "Failed",
-            Self::Stale => "Stale",
-            Self::Terminated => "Terminated",
-        }
-    }
+fn parse_status(name: &str) -> Result<EnvironmentStatus> {
+    DomainStatus::parse(name)
+        .map(EnvironmentStatus::from)
+        .ok_or_else(|| format!("unknown environment status {name:?} in the read model").into())
 }
 
 #[derive(SimpleObject, Clone, Debug, serde::Deserialize)]
@@ -128,7 +110,7 @@ impl TryFrom<EnvironmentRow> for Environment {
             branch: r.branch,
             pull_request: r.pull_request,
             entrypoint: r.entrypoint,
-            status: EnvironmentStatus::parse(&r.status)?,
+            status: parse_status(&r.status)?,
             latest_deployment_id: r.latest_deployment_id,
             latest_commit: r.latest_commit,
             latest_deployment_status: r.latest_deployment_status,
@@ -192,7 +174,7 @@ impl Query {
              ORDER BY updated_at DESC, environment_id LIMIT $3"
         ))
         .bind(project_id)
-        .bind(status.map(EnvironmentStatus::as_str))
+        .bind(status.map(|s| DomainStatus::from(s).as_str()))
         .bind(first.min(MAX_PAGE))
         .fetch_all(pool)
         .await?;

@@ -68,6 +68,9 @@ pub enum EnvironmentStatus {
 }
 
 impl EnvironmentStatus {
+    pub const ALL: [EnvironmentStatus; 7] =
+        [Self::Requested, Self::Building, Self::Starting, Self::Ready, Self::Failed, Self::Stale, Self::Terminated];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Requested => "Requested",
@@ -78,6 +81,11 @@ impl EnvironmentStatus {
             Self::Stale => "Stale",
             Self::Terminated => "Terminated",
         }
+    }
+
+    /// The inverse of [`Self::as_str`], for read models that store the name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == name)
     }
 }
 

@@ -230,25 +230,26 @@ impl Projector {
         let consumer = self.consumer().await?;
         // Catch up from Postgres first: it is the truth, and the stream may be younger than the log.
         self.catch_up_from_log().await?;
+        // A continuous pull: each chunk is whatever has arrived, up to `batch`, so one event
+        // alone is applied at once and a burst is applied in one transaction.
+        let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("pulling from JetStream: {e}"))?.ready_chunks(self.batch);
         loop {
-            if cancel.is_cancelled() {
-                return Ok(());
-            }
-            let mut messages = consumer
-                .fetch()
-                .max_messages(self.batch)
-                .expires(Duration::from_millis(250))
-                .messages()
-                .await
-                .map_err(|e| anyhow::anyhow!("fetching from JetStream: {e}"))?;
-            let mut batch = Vec::new();
-            while let Some(message) = messages.next().await {
-                batch.push(message.map_err(|e| anyhow::anyhow!("receiving from JetStream: {e}"))?);
-            }
-            if batch.is_empty() {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                next = tokio::time::timeout(Duration::from_secs(1), messages.next()) => next,
+            };
+            let chunk = match next {
                 // Idle: whatever NATS lost, Postgres still has.
-                self.catch_up_from_log().await?;
-                continue;
+                Err(_) => {
+                    self.catch_up_from_log().await?;
+                    continue;
+                }
+                Ok(None) => anyhow::bail!("the JetStream message stream ended"),
+                Ok(Some(chunk)) => chunk,
+            };
+            let mut batch = Vec::with_capacity(chunk.len());
+            for message in chunk {
+                batch.push(message.map_err(|e| anyhow::anyhow!("receiving from JetStream: {e}"))?);
             }
             let mut events = Vec::with_capacity(batch.len());
             for message in &batch {

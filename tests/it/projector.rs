@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use understudy_domain::ids::{DeploymentId, ProjectId};
+use understudy_domain::ids::ProjectId;
 use understudy_projections::entity_history::EntityHistory;
 use understudy_projections::environments::Environments;
 use understudy_projections::{projector, Projector};
-use understudy_tests::fixtures::{self, meta};
+use understudy_tests::fixtures;
 use understudy_tests::{eventually, TestEnv};
 use uuid::Uuid;
 
@@ -16,18 +16,8 @@ async fn scalar(pool: &sqlx::PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
 }
 
-/// Appends a deployment that goes all the way to Ready for `n` pull requests.
 async fn deploy_prs(env: &TestEnv, project: ProjectId, prs: std::ops::Range<u64>) {
-    let store = env.runtime.store.environments.clone();
-    for pr in prs {
-        let spec = fixtures::spec(project, pr, "main.w");
-        let id = fixtures::env_id(&spec).0;
-        let deployment = DeploymentId(Uuid::new_v4());
-        store.execute(id, fixtures::request(&spec, deployment, pr + 1), meta()).await.expect("request");
-        for command in fixtures::to_ready(deployment) {
-            store.execute(id, command, meta()).await.expect("to ready");
-        }
-    }
+    fixtures::deploy_prs(&env.runtime.store.environments, project, prs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,18 +55,8 @@ async fn a_projector_killed_at_any_moment_applies_every_event_exactly_once() {
     env.runtime.spawn_relay(cancel.clone(), &mut relay);
     let project = ProjectId(Uuid::new_v4());
     let writer = {
-        let env_store = env.runtime.store.environments.clone();
-        tokio::spawn(async move {
-            for pr in 0..60u64 {
-                let spec = fixtures::spec(project, pr, "main.w");
-                let deployment = DeploymentId(Uuid::new_v4());
-                let id = fixtures::env_id(&spec).0;
-                env_store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
-                for command in fixtures::to_ready(deployment) {
-                    env_store.execute(id, command, meta()).await.expect("to ready");
-                }
-            }
-        })
+        let store = env.runtime.store.environments.clone();
+        tokio::spawn(async move { fixtures::deploy_prs(&store, project, 0..60).await })
     };
     // Kill the projector (drop its task mid-batch) again and again while events flow.
     for round in 0..12u64 {

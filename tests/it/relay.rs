@@ -33,3 +33,38 @@ async fn relays_every_event_once_and_resumes_after_a_crash() {
     let first = stream.get_raw_message(1).await.expect("first message");
     assert!(first.subject.as_str().starts_with(&format!("{}.events.environment.", env.prefix)), "{}", first.subject);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_at_any_moment_loses_nothing_and_publishes_nothing_twice() {
+    let env = TestEnv::new().await;
+    let project = ProjectId(Uuid::new_v4());
+    let writer = {
+        let store = env.runtime.store.environments.clone();
+        tokio::spawn(async move { fixtures::deploy_prs(&store, project, 0..80).await })
+    };
+    // Drop the relay task mid-batch, again and again, while events are appended.
+    for round in 0..15u64 {
+        let task = tokio::spawn(relay::run(
+            env.pool().clone(),
+            env.jetstream(),
+            env.topology().clone(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(10 + (round * 29) % 70)).await;
+        task.abort();
+        let _ = task.await;
+    }
+    writer.await.expect("writer");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let last = tokio::spawn(relay::run(env.pool().clone(), env.jetstream(), env.topology().clone(), cancel.clone()));
+    let published = understudy_tests::eventually(std::time::Duration::from_secs(30), "the relay to publish all 400 events", || async {
+        let p: i64 = sqlx::query_scalar("SELECT position FROM log_cursors WHERE name = 'published'").fetch_one(env.pool()).await.ok()?;
+        (p == 400).then_some(p)
+    })
+    .await;
+    cancel.cancel();
+    last.await.expect("relay");
+    assert_eq!(published, 400);
+    let info = env.jetstream().get_stream(env.topology().stream_name()).await.expect("stream").info().await.expect("info").clone();
+    assert_eq!(info.state.messages, 400, "every event exactly once in the stream");
+}
