@@ -18,19 +18,12 @@ pub enum AnyEvent {
 
 impl AnyEvent {
     pub fn decode(logged: &LoggedEvent) -> Result<Self, ProjectionError> {
-        let undecodable = |reason: String| ProjectionError::Undecodable {
-            position: logged.position,
-            aggregate_type: logged.aggregate_type.clone(),
-            event_type: logged.event_type.clone(),
-            schema_version: logged.schema_version,
-            reason,
-        };
         match logged.aggregate_type.as_str() {
             AccountAggregate::NAME => logged.decode().map(Self::Account),
             ProjectAggregate::NAME => logged.decode().map(Self::Project),
             EnvironmentAggregate::NAME => logged.decode().map(Self::Environment),
-            other => return Err(undecodable(format!("unknown aggregate type {other:?}"))),
+            other => return Err(ProjectionError::undecodable(logged, format!("unknown aggregate type {other:?}"))),
         }
-        .map_err(|e| undecodable(e.to_string()))
+        .map_err(|e| ProjectionError::undecodable(logged, e.to_string()))
     }
 }

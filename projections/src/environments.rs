@@ -47,13 +47,7 @@ impl Projection for Environments {
         let (Some(spec), Some(status)) = (state.spec.clone(), state.status()) else {
             // Only creation brings an environment into existence; anything before it is a
             // history this build cannot read.
-            return Err(ProjectionError::Undecodable {
-                position: event.position,
-                aggregate_type: event.aggregate_type.clone(),
-                event_type: event.event_type.clone(),
-                schema_version: event.schema_version,
-                reason: "event for an environment that was never created".into(),
-            });
+            return Err(ProjectionError::undecodable(event, "event for an environment that was never created"));
         };
         let current = state.current();
         let tests = current.map(|d| d.tests.clone()).unwrap_or_default();

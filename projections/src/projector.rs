@@ -38,6 +38,19 @@ pub enum ProjectionError {
     Database(#[from] sqlx::Error),
 }
 
+impl ProjectionError {
+    /// The event at `event.position` cannot be understood by this build, for `reason`.
+    pub fn undecodable(event: &LoggedEvent, reason: impl Into<String>) -> Self {
+        Self::Undecodable {
+            position: event.position,
+            aggregate_type: event.aggregate_type.clone(),
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// The physical names of a projection's tables: the live ones, or the ones a replay builds beside them.
 #[derive(Debug, Clone)]
 pub struct Tables {
