@@ -110,6 +110,8 @@ pub fn understudy_bin() -> std::path::PathBuf {
     bin
 }
 
+pub mod fake_github;
+
 pub mod fixtures {
     //! Commands a test sends, with fixed shapes and fresh ids.
     use chrono::Utc;

@@ -12,6 +12,7 @@ use thiserror::Error;
 use understudy_domain::account::AccountAggregate;
 use understudy_domain::environment::EnvironmentAggregate;
 use understudy_domain::project::ProjectAggregate;
+use understudy_domain::pull_request::PullRequestAggregate;
 use understudy_domain::{Aggregate, DomainError, Metadata, Recorded};
 use uuid::Uuid;
 
@@ -146,6 +147,7 @@ pub struct EventStore {
     pub accounts: AggregateStore<AccountAggregate>,
     pub projects: AggregateStore<ProjectAggregate>,
     pub environments: AggregateStore<EnvironmentAggregate>,
+    pub pull_requests: AggregateStore<PullRequestAggregate>,
 }
 
 impl EventStore {
@@ -154,6 +156,7 @@ impl EventStore {
             accounts: AggregateStore::new(pool.clone()).await?,
             projects: AggregateStore::new(pool.clone()).await?,
             environments: AggregateStore::new(pool.clone()).await?,
+            pull_requests: AggregateStore::new(pool.clone()).await?,
             pool,
         })
     }

@@ -5,6 +5,7 @@
 pub mod db;
 pub mod embedded;
 pub mod event_store;
+pub mod github;
 pub mod global_log;
 pub mod nats;
 pub mod relay;

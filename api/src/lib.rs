@@ -5,3 +5,4 @@ pub mod cli;
 pub mod graphql;
 pub mod http;
 pub mod runtime;
+pub mod webhooks;

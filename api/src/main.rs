@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use understudy_api::runtime::{supervise, Runtime};
+use understudy_api::runtime::{supervise, GitHubSettings, Runtime};
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -109,7 +109,12 @@ fn require(value: &Option<String>, name: &str) -> anyhow::Result<String> {
 }
 
 async fn connect(config: &Config) -> anyhow::Result<Runtime> {
-    Runtime::connect(&require(&config.database_url, "DATABASE_URL")?, &require(&config.nats_url, "NATS_URL")?, &config.nats_prefix).await
+    let mut runtime =
+        Runtime::connect(&require(&config.database_url, "DATABASE_URL")?, &require(&config.nats_url, "NATS_URL")?, &config.nats_prefix)
+            .await?;
+    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+    runtime.github = GitHubSettings::from_env(public_url)?;
+    Ok(runtime)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -121,6 +126,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Api => {
             let runtime = connect(&config).await?;
             let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
+            runtime.spawn_github(cancel.clone(), &mut tasks);
             eprintln!("understudy api listening on http://{addr}/graphql");
         }
         Command::Relay => connect(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
@@ -175,6 +181,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         let mut tasks = JoinSet::new();
         runtime.spawn_relay(cancel.clone(), &mut tasks);
         runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
+        runtime.spawn_github(cancel.clone(), &mut tasks);
         let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
         eprintln!("understudy is up: http://{addr}/graphql (GraphiQL at http://{addr}/graphiql); Ctrl-C stops it");
         supervise(tasks, cancel).await

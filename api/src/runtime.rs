@@ -5,11 +5,17 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use understudy_adapters::github::client::{GitHub, GitHubConfig};
+use understudy_adapters::github::ingest::Ingest;
 use understudy_adapters::nats::Topology;
 use understudy_adapters::{db, nats, relay, EventStore};
+use understudy_projections::pr_comments::CommentWriter;
 use understudy_projections::{Projection, Projector};
+
+use crate::webhooks::WebhookState;
 
 /// Connections shared by every role of one process.
 #[derive(Clone)]
@@ -18,6 +24,29 @@ pub struct Runtime {
     pub nats: async_nats::Client,
     pub topology: Topology,
     pub store: EventStore,
+    pub github: GitHubSettings,
+    /// Wakes the webhook processor when a delivery is recorded.
+    pub deliveries: Arc<Notify>,
+}
+
+/// How this process talks to GitHub.
+#[derive(Clone, Default)]
+pub struct GitHubSettings {
+    /// `GITHUB_WEBHOOK_SECRET`: without it, webhooks are refused.
+    pub webhook_secret: Option<Arc<[u8]>>,
+    /// The App (`GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY`, `GITHUB_API_URL`): without it, no
+    /// comments are written and entrypoints default to `main.w`.
+    pub app: Option<GitHub>,
+    /// `UNDERSTUDY_PUBLIC_URL`, for links in comments.
+    pub public_url: String,
+}
+
+impl GitHubSettings {
+    pub fn from_env(public_url: String) -> anyhow::Result<Self> {
+        let webhook_secret = std::env::var("GITHUB_WEBHOOK_SECRET").ok().filter(|s| !s.is_empty()).map(|s| Arc::from(s.into_bytes()));
+        let app = GitHubConfig::from_env()?.map(|config| GitHub::new(&config)).transpose()?;
+        Ok(Self { webhook_secret, app, public_url })
+    }
 }
 
 impl Runtime {
@@ -29,7 +58,7 @@ impl Runtime {
         let nats = nats::connect(nats_url).await?;
         nats::ensure_stream(&async_nats::jetstream::new(nats.clone()), &topology).await?;
         let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
-        Ok(Self { pool, nats, topology, store })
+        Ok(Self { pool, nats, topology, store, github: GitHubSettings::default(), deliveries: Arc::default() })
     }
 
     pub fn schema(&self) -> crate::graphql::AppSchema {
@@ -45,7 +74,8 @@ impl Runtime {
     ) -> anyhow::Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}: is it in use?"))?;
         let addr = listener.local_addr()?;
-        let app = crate::http::router(self.schema());
+        let webhooks = WebhookState { pool: self.pool.clone(), secret: self.github.webhook_secret.clone(), wake: self.deliveries.clone() };
+        let app = crate::http::router(self.schema(), webhooks);
         tasks.spawn(
             async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving HTTP") },
         );
@@ -71,6 +101,30 @@ impl Runtime {
             let projector = Projector::new(self.pool.clone(), self.nats.clone(), self.topology.clone(), projection);
             let cancel = cancel.clone();
             tasks.spawn(async move { projector.run(cancel).await });
+        }
+    }
+}
+
+impl Runtime {
+    /// Processes webhook deliveries, and writes PR comments when a GitHub App is configured.
+    pub fn spawn_github(&self, cancel: CancellationToken, tasks: &mut JoinSet<anyhow::Result<()>>) {
+        let ingest = Ingest { store: self.store.clone(), github: self.github.app.clone() };
+        let (wake, stop) = (self.deliveries.clone(), cancel.clone());
+        tasks.spawn(async move {
+            ingest.run(wake, stop).await;
+            Ok(())
+        });
+        if let Some(github) = self.github.app.clone() {
+            let writer = CommentWriter {
+                store: self.store.clone(),
+                github,
+                public_url: self.github.public_url.clone(),
+                debounce: std::time::Duration::from_secs(1),
+            };
+            tasks.spawn(async move {
+                writer.run(Arc::new(Notify::new()), cancel).await;
+                Ok(())
+            });
         }
     }
 }

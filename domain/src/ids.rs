@@ -50,3 +50,7 @@ id_type!(
     /// One deployment: one commit of one environment.
     DeploymentId
 );
+id_type!(
+    /// One pull request of one project.
+    PullRequestId
+);

@@ -9,7 +9,9 @@ pub mod error;
 pub mod event;
 pub mod ids;
 pub mod permissions;
+pub mod pr_comment;
 pub mod project;
+pub mod pull_request;
 pub mod values;
 
 #[cfg(test)]

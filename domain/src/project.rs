@@ -17,6 +17,25 @@ pub enum EntrypointRule {
     Listed { entrypoints: Vec<crate::values::Entrypoint> },
 }
 
+impl EntrypointRule {
+    /// The entrypoints of a commit whose root holds `root_files`: every `main.w` and `*.main.w`
+    /// for detection, or the listed ones.
+    pub fn select(&self, root_files: &[String]) -> Vec<crate::values::Entrypoint> {
+        match self {
+            EntrypointRule::Listed { entrypoints } => entrypoints.clone(),
+            EntrypointRule::Detect => {
+                let mut found: Vec<_> = root_files
+                    .iter()
+                    .filter(|name| *name == "main.w" || (name.ends_with(".main.w") && name.len() > ".main.w".len()))
+                    .filter_map(|name| crate::values::Entrypoint::parse(name.as_str()).ok())
+                    .collect();
+                found.sort();
+                found
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Project {
     pub id: Option<ProjectId>,
@@ -200,6 +219,14 @@ mod tests {
             unreachable!("created() builds ProjectCreated")
         };
         C::Create { project_id, account_id, name, repository, production_branch, entrypoints, at }
+    }
+
+    #[test]
+    fn wing_entrypoints_are_detected_at_the_root() {
+        let files: Vec<String> =
+            ["README.md", "main.w", "api.main.w", ".main.w", "main.wx", "lib.w"].iter().map(|s| s.to_string()).collect();
+        let found: Vec<String> = EntrypointRule::Detect.select(&files).into_iter().map(String::from).collect();
+        assert_eq!(found, ["api.main.w", "main.w"]);
     }
 
     #[test]

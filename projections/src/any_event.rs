@@ -5,6 +5,7 @@ use understudy_adapters::LoggedEvent;
 use understudy_domain::account::{AccountAggregate, AccountEvent};
 use understudy_domain::environment::{EnvironmentAggregate, EnvironmentEvent};
 use understudy_domain::project::{ProjectAggregate, ProjectEvent};
+use understudy_domain::pull_request::{PullRequestAggregate, PullRequestEvent};
 use understudy_domain::Aggregate;
 
 use crate::ProjectionError;
@@ -14,6 +15,7 @@ pub enum AnyEvent {
     Account(AccountEvent),
     Project(ProjectEvent),
     Environment(EnvironmentEvent),
+    PullRequest(PullRequestEvent),
 }
 
 impl AnyEvent {
@@ -22,6 +24,7 @@ impl AnyEvent {
             AccountAggregate::NAME => logged.decode().map(Self::Account),
             ProjectAggregate::NAME => logged.decode().map(Self::Project),
             EnvironmentAggregate::NAME => logged.decode().map(Self::Environment),
+            PullRequestAggregate::NAME => logged.decode().map(Self::PullRequest),
             other => return Err(ProjectionError::undecodable(logged, format!("unknown aggregate type {other:?}"))),
         }
         .map_err(|e| ProjectionError::undecodable(logged, e.to_string()))

@@ -5,6 +5,7 @@
 pub mod any_event;
 pub mod entity_history;
 pub mod environments;
+pub mod pr_comments;
 pub mod projector;
 pub mod replay;
 
@@ -13,7 +14,11 @@ pub use projector::{Change, Projection, ProjectionError, Projector, Tables};
 
 /// Every projection this build has, by name.
 pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
-    vec![std::sync::Arc::new(environments::Environments), std::sync::Arc::new(entity_history::EntityHistory)]
+    vec![
+        std::sync::Arc::new(environments::Environments),
+        std::sync::Arc::new(entity_history::EntityHistory),
+        std::sync::Arc::new(pr_comments::PrComments),
+    ]
 }
 
 /// The projection called `name`, or an error listing the ones there are.

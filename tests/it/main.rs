@@ -1,6 +1,7 @@
 //! End-to-end tests of the spine against the machine's real Postgres and NATS JetStream.
 
 mod cli;
+mod github;
 mod graphql;
 mod projector;
 mod relay;

@@ -39,8 +39,13 @@ async fn events_flow_from_the_log_through_nats_into_the_read_models() {
         (scalar(env.pool(), "SELECT count(*) FROM entity_history").await == 25).then_some(())
     })
     .await;
-    let lags = projector::lag(env.pool()).await.expect("lag");
-    assert!(lags.iter().all(|l| l.lag == 0 && l.head == 25), "{lags:?}");
+    let lags = eventually(Duration::from_secs(20), "every projection to reach the head", || async {
+        let lags = projector::lag(env.pool()).await.expect("lag");
+        lags.iter().all(|l| l.lag == 0).then_some(lags)
+    })
+    .await;
+    assert_eq!(lags.len(), understudy_projections::all().len());
+    assert!(lags.iter().all(|l| l.head == 25), "{lags:?}");
     cancel.cancel();
     while let Some(result) = tasks.join_next().await {
         result.expect("task").expect("role");

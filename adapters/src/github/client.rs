@@ -1,0 +1,219 @@
+//! The GitHub REST API, as a GitHub App (octocrab with app auth and cached installation tokens).
+//!
+//! octocrab is built without its `retry` feature (see the workspace Cargo.toml): its retry would
+//! repeat a POST that GitHub may already have applied (a duplicate comment). Callers retry idempotently instead; this module reports what kind of
+//! failure happened and, for rate limits, how long GitHub asked us to wait.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use http::{HeaderMap, StatusCode};
+use octocrab::models::{AppId, InstallationId};
+use octocrab::Octocrab;
+use serde_json::Value;
+use thiserror::Error;
+
+/// How to reach GitHub as our App.
+#[derive(Clone)]
+pub struct GitHubConfig {
+    /// `GITHUB_API_URL`, GitHub's public API by default.
+    pub api_url: String,
+    pub app_id: u64,
+    /// PEM text of the App's private key.
+    pub private_key_pem: String,
+}
+
+impl std::fmt::Debug for GitHubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitHubConfig").field("api_url", &self.api_url).field("app_id", &self.app_id).finish_non_exhaustive()
+    }
+}
+
+pub const DEFAULT_API_URL: &str = "https://api.github.com";
+
+impl GitHubConfig {
+    /// From `GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY` (PEM text or a file path) and
+    /// `GITHUB_API_URL`; `None` when no App is configured.
+    pub fn from_env() -> anyhow::Result<Option<Self>> {
+        let Ok(app_id) = std::env::var("GITHUB_APP_ID") else { return Ok(None) };
+        let app_id = app_id.trim().parse().with_context(|| format!("GITHUB_APP_ID {app_id:?} is not a number"))?;
+        let key = std::env::var("GITHUB_APP_PRIVATE_KEY").context("GITHUB_APP_ID is set but GITHUB_APP_PRIVATE_KEY is not")?;
+        let private_key_pem = if key.contains("-----BEGIN") {
+            key
+        } else {
+            std::fs::read_to_string(&key).with_context(|| format!("reading GITHUB_APP_PRIVATE_KEY from the file {key:?}"))?
+        };
+        let api_url = std::env::var("GITHUB_API_URL").unwrap_or_else(|_| DEFAULT_API_URL.into());
+        Ok(Some(Self { api_url, app_id, private_key_pem }))
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum GitHubError {
+    #[error("GitHub answered 404 Not Found for {0}")]
+    NotFound(String),
+    /// 429, or 403 with the rate-limit headers: wait, then retry.
+    #[error("GitHub rate limit; retry after {retry_after:?}")]
+    RateLimited { retry_after: Duration },
+    /// 5xx or a transport failure: retry with backoff.
+    #[error("GitHub is failing ({0}); will retry")]
+    Unavailable(String),
+    /// Anything else (401, 403 without rate-limit headers, 422, …): retrying will not help.
+    #[error("GitHub refused the request: {0}")]
+    Refused(String),
+}
+
+impl GitHubError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::RateLimited { .. } | Self::Unavailable(_))
+    }
+}
+
+/// Our GitHub App.
+#[derive(Clone)]
+pub struct GitHub {
+    app: Octocrab,
+    app_id: u64,
+    installations: Arc<Mutex<HashMap<u64, Octocrab>>>,
+}
+
+impl GitHub {
+    pub fn new(config: &GitHubConfig) -> anyhow::Result<Self> {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(config.private_key_pem.as_bytes())
+            .context("GITHUB_APP_PRIVATE_KEY is not an RSA private key in PEM form")?;
+        let app = Octocrab::builder()
+            .base_uri(config.api_url.as_str())
+            .with_context(|| format!("GITHUB_API_URL {:?} is not a URL", config.api_url))?
+            .app(AppId(config.app_id), key)
+            .set_connect_timeout(Some(Duration::from_secs(5)))
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .build()
+            .context("building the GitHub client")?;
+        Ok(Self { app, app_id: config.app_id, installations: Arc::default() })
+    }
+
+    pub fn app_id(&self) -> u64 {
+        self.app_id
+    }
+
+    /// A client acting as one installation; its token is fetched and refreshed by octocrab.
+    fn installation(&self, id: u64) -> Result<Octocrab, GitHubError> {
+        let mut cache = self.installations.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(client) = cache.get(&id) {
+            return Ok(client.clone());
+        }
+        let client = self.app.installation(InstallationId(id)).map_err(|e| GitHubError::Refused(e.to_string()))?;
+        cache.insert(id, client.clone());
+        Ok(client)
+    }
+
+    async fn call(
+        &self,
+        installation: u64,
+        method: http::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(HeaderMap, Value), GitHubError> {
+        let client = self.installation(installation)?;
+        let transport = |e: octocrab::Error| classify_transport(&e);
+        let response = match (method.clone(), body) {
+            (http::Method::GET, _) => client._get(path).await,
+            (http::Method::POST, Some(body)) => client._post(path, Some(body)).await,
+            (http::Method::PATCH, Some(body)) => client._patch(path, Some(body)).await,
+            (other, _) => return Err(GitHubError::Refused(format!("unsupported call {other} {path}"))),
+        }
+        .map_err(transport)?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = client.body_to_string(response).await.map_err(transport)?;
+        if status.is_success() {
+            let value = if text.trim().is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).map_err(|e| GitHubError::Unavailable(format!("unreadable answer to {method} {path}: {e}")))?
+            };
+            return Ok((headers, value));
+        }
+        Err(classify(status, &headers, &format!("{method} {path}"), &text))
+    }
+
+    /// The repository's default branch.
+    pub async fn default_branch(&self, installation: u64, full_name: &str) -> Result<String, GitHubError> {
+        let (_, repo) = self.call(installation, http::Method::GET, &format!("/repos/{full_name}"), None).await?;
+        repo["default_branch"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| GitHubError::Refused(format!("{full_name} has no default_branch")))
+    }
+
+    /// The names of the files at the repository root at `sha`.
+    pub async fn root_files(&self, installation: u64, full_name: &str, sha: &str) -> Result<Vec<String>, GitHubError> {
+        let (_, listing) = self.call(installation, http::Method::GET, &format!("/repos/{full_name}/contents?ref={sha}"), None).await?;
+        Ok(listing
+            .as_array()
+            .map(|entries| entries.iter().filter(|e| e["type"] == "file").filter_map(|e| e["name"].as_str().map(str::to_string)).collect())
+            .unwrap_or_default())
+    }
+
+    /// Our App's comment on the issue whose body starts with `marker`, if there is one. A
+    /// comment by anyone else is never taken for ours, whatever it says.
+    pub async fn find_comment(&self, installation: u64, full_name: &str, issue: u64, marker: &str) -> Result<Option<u64>, GitHubError> {
+        for page in 1..=50u32 {
+            let path = format!("/repos/{full_name}/issues/{issue}/comments?per_page=100&page={page}");
+            let (headers, comments) = self.call(installation, http::Method::GET, &path, None).await?;
+            let comments = comments.as_array().cloned().unwrap_or_default();
+            let ours = comments.iter().find(|c| {
+                c["performed_via_github_app"]["id"].as_u64() == Some(self.app_id)
+                    && c["body"].as_str().is_some_and(|b| b.starts_with(marker))
+            });
+            if let Some(comment) = ours {
+                return Ok(comment["id"].as_u64());
+            }
+            let has_next = headers.get("link").and_then(|l| l.to_str().ok()).is_some_and(|l| l.contains("rel=\"next\""));
+            if comments.is_empty() || !has_next {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn create_comment(&self, installation: u64, full_name: &str, issue: u64, body: &str) -> Result<u64, GitHubError> {
+        let payload = serde_json::json!({ "body": body });
+        let (_, comment) =
+            self.call(installation, http::Method::POST, &format!("/repos/{full_name}/issues/{issue}/comments"), Some(&payload)).await?;
+        comment["id"].as_u64().ok_or_else(|| GitHubError::Unavailable("created comment has no id".into()))
+    }
+
+    pub async fn update_comment(&self, installation: u64, full_name: &str, comment_id: u64, body: &str) -> Result<(), GitHubError> {
+        let payload = serde_json::json!({ "body": body });
+        self.call(installation, http::Method::PATCH, &format!("/repos/{full_name}/issues/comments/{comment_id}"), Some(&payload)).await?;
+        Ok(())
+    }
+}
+
+fn classify_transport(error: &octocrab::Error) -> GitHubError {
+    GitHubError::Unavailable(error.to_string())
+}
+
+/// Maps a failed answer to what the caller should do, reading GitHub's rate-limit headers.
+pub fn classify(status: StatusCode, headers: &HeaderMap, what: &str, body: &str) -> GitHubError {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let retry_after = header("retry-after").and_then(|s| s.parse::<u64>().ok()).map(Duration::from_secs);
+    let reset = header("x-ratelimit-reset").and_then(|s| s.parse::<i64>().ok()).map(|reset| {
+        let wait = reset - chrono::Utc::now().timestamp();
+        Duration::from_secs(wait.clamp(1, 3600) as u64)
+    });
+    let exhausted = header("x-ratelimit-remaining").as_deref() == Some("0");
+    let message = format!("{status} for {what}: {}", body.chars().take(300).collect::<String>());
+    match status.as_u16() {
+        404 | 410 => GitHubError::NotFound(what.to_string()),
+        429 => GitHubError::RateLimited { retry_after: retry_after.or(reset).unwrap_or(Duration::from_secs(60)) },
+        403 if exhausted || retry_after.is_some() => {
+            GitHubError::RateLimited { retry_after: retry_after.or(reset).unwrap_or(Duration::from_secs(60)) }
+        }
+        500..=599 => GitHubError::Unavailable(message),
+        _ => GitHubError::Refused(message),
+    }
+}

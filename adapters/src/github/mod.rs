@@ -1,0 +1,24 @@
+//! Everything that talks to GitHub: webhooks in ([`webhook`]), the REST API out ([`client`]),
+//! and the translation of deliveries into domain commands ([`ingest`]).
+
+pub mod client;
+pub mod ingest;
+pub mod webhook;
+
+use understudy_domain::ids::{AccountId, ProjectId, UserId};
+use uuid::Uuid;
+
+const GITHUB_NAMESPACE: Uuid = Uuid::from_u128(0x8b0f_2d6e_3c1a_4f7e_9d25_67a1_c4e3_0b58);
+
+/// Our ids for GitHub's: stable, so the same repository is always the same project.
+pub fn project_id(repository_id: u64) -> ProjectId {
+    ProjectId(Uuid::new_v5(&GITHUB_NAMESPACE, format!("repository:{repository_id}").as_bytes()))
+}
+
+pub fn account_id(github_account_id: u64) -> AccountId {
+    AccountId(Uuid::new_v5(&GITHUB_NAMESPACE, format!("account:{github_account_id}").as_bytes()))
+}
+
+pub fn user_id(github_user_id: u64) -> UserId {
+    UserId(Uuid::new_v5(&GITHUB_NAMESPACE, format!("user:{github_user_id}").as_bytes()))
+}

@@ -1,0 +1,191 @@
+//! The sticky PR comment: one table row per entrypoint, rendered from the environments of one
+//! pull request. Pure: the reactor that writes it to GitHub lives in `projections`.
+
+use chrono::{DateTime, Utc};
+
+use crate::environment::{EnvironmentStatus, TestOutcome};
+use crate::ids::ProjectId;
+
+/// Where the comment's links point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommentContext {
+    /// Understudy's public URL, without a trailing slash.
+    pub public_url: String,
+    pub account: String,
+    pub project: String,
+    pub project_id: ProjectId,
+    pub number: u64,
+}
+
+/// One environment of the pull request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommentRow {
+    pub entrypoint: String,
+    pub branch: String,
+    pub status: EnvironmentStatus,
+    pub tests: Vec<(String, TestOutcome)>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The hidden first line that identifies our comment on a pull request. It is only trusted on a
+/// comment written by our own GitHub App, since anyone can paste it into a comment of theirs.
+pub fn marker(project_id: ProjectId, number: u64) -> String {
+    format!("<!-- understudy:pr-comment project={project_id} pr={number} -->")
+}
+
+/// `Jul 31, 2023 8:01am`, in UTC.
+pub fn format_updated(at: DateTime<Utc>) -> String {
+    at.format("%b %-d, %Y %-I:%M%P").to_string()
+}
+
+/// Percent-encodes one URL path segment (RFC 3986 unreserved characters pass through).
+fn segment(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+fn status_cell(status: EnvironmentStatus) -> &'static str {
+    match status {
+        EnvironmentStatus::Requested | EnvironmentStatus::Building | EnvironmentStatus::Starting => "🔄 Building",
+        EnvironmentStatus::Ready => "✅ Ready",
+        EnvironmentStatus::Failed => "❌ Failed",
+        EnvironmentStatus::Stale => "⏸️ Stale",
+        EnvironmentStatus::Terminated => "🛑 Terminated",
+    }
+}
+
+/// The whole comment body: the marker, a heading and the table (rows sorted by entrypoint).
+pub fn render(ctx: &CommentContext, rows: &[CommentRow]) -> String {
+    let mut rows = rows.to_vec();
+    rows.sort_by(|a, b| a.entrypoint.cmp(&b.entrypoint));
+    let mut out = format!("{}\n### Understudy preview environments\n\n", marker(ctx.project_id, ctx.number));
+    if rows.is_empty() {
+        out.push_str("No entrypoint found at the head commit: add a `main.w` or `*.main.w` at the repository root, or list entrypoints in `understudy.toml`.\n");
+        return out;
+    }
+    out.push_str("| Entry Point | Status | Preview | Tests | Updated (UTC) |\n");
+    out.push_str("| --- | --- | --- | --- | --- |\n");
+    for row in &rows {
+        let base = format!("{}/dashboard/{}/{}/{}", ctx.public_url, segment(&ctx.account), segment(&ctx.project), segment(&row.branch));
+        let query = if row.entrypoint == "main.w" { String::new() } else { format!("?entrypoint={}", segment(&row.entrypoint)) };
+        let preview = match row.status {
+            EnvironmentStatus::Ready => format!("[Visit Preview]({base}{query})"),
+            _ => "-".to_string(),
+        };
+        let tests = if row.tests.is_empty() {
+            "-".to_string()
+        } else {
+            row.tests
+                .iter()
+                .map(|(name, outcome)| {
+                    let icon = match outcome {
+                        TestOutcome::Passed => "✅",
+                        TestOutcome::Failed => "❌",
+                    };
+                    format!("{icon} [{}]({base}/logs/tests/{}{query})", escape_cell(name), segment(name))
+                })
+                .collect::<Vec<_>>()
+                .join(" <br /> ")
+        };
+        out.push_str(&format!(
+            "| {} | {} ([logs]({base}/logs/build/{query})) | {preview} | {tests} | {} |\n",
+            escape_cell(&row.entrypoint),
+            status_cell(row.status),
+            format_updated(row.updated_at)
+        ));
+    }
+    out
+}
+
+/// Keeps user-controlled text (test names, entrypoints) from breaking the table or injecting markup.
+fn escape_cell(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '|' => "\\|".to_string(),
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '[' => "\\[".to_string(),
+            ']' => "\\]".to_string(),
+            '\n' | '\r' => " ".to_string(),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use uuid::Uuid;
+
+    fn ctx() -> CommentContext {
+        CommentContext {
+            public_url: "https://understudy.example".into(),
+            account: "octo-team".into(),
+            project: "hello".into(),
+            project_id: ProjectId(Uuid::from_u128(1)),
+            number: 2,
+        }
+    }
+
+    fn at(hour: u32, minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2023, 7, 31, hour, minute, 0).single().expect("valid date")
+    }
+
+    #[test]
+    fn updated_is_formatted_like_github_users_expect() {
+        assert_eq!(format_updated(at(8, 1)), "Jul 31, 2023 8:01am");
+        assert_eq!(format_updated(at(20, 45)), "Jul 31, 2023 8:45pm");
+    }
+
+    #[test]
+    fn the_comment_has_a_row_per_entrypoint() {
+        let rows = vec![
+            CommentRow {
+                entrypoint: "main.w".into(),
+                branch: "feature/login".into(),
+                status: EnvironmentStatus::Ready,
+                tests: vec![("sanity".into(), TestOutcome::Passed), ("E2E".into(), TestOutcome::Failed)],
+                updated_at: at(8, 1),
+            },
+            CommentRow {
+                entrypoint: "failed.main.w".into(),
+                branch: "feature/login".into(),
+                status: EnvironmentStatus::Failed,
+                tests: vec![],
+                updated_at: at(8, 2),
+            },
+            CommentRow {
+                entrypoint: "api.main.w".into(),
+                branch: "feature/login".into(),
+                status: EnvironmentStatus::Building,
+                tests: vec![],
+                updated_at: at(8, 3),
+            },
+            CommentRow {
+                entrypoint: "old.main.w".into(),
+                branch: "feature/login".into(),
+                status: EnvironmentStatus::Terminated,
+                tests: vec![("a|b <script>".into(), TestOutcome::Passed)],
+                updated_at: at(9, 0),
+            },
+            CommentRow {
+                entrypoint: "zzz.main.w".into(),
+                branch: "feature/login".into(),
+                status: EnvironmentStatus::Stale,
+                tests: vec![],
+                updated_at: at(9, 5),
+            },
+        ];
+        insta::assert_snapshot!(render(&ctx(), &rows));
+    }
+
+    #[test]
+    fn a_pull_request_without_entrypoints_says_what_to_do() {
+        insta::assert_snapshot!(render(&ctx(), &[]));
+    }
+}

@@ -1,0 +1,245 @@
+//! GitHub end to end: real webhook payloads in (signed), the fake GitHub's REST API out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use understudy_adapters::github::client::{GitHub, GitHubConfig};
+use understudy_adapters::github::webhook::sign;
+use understudy_api::runtime::GitHubSettings;
+use understudy_domain::environment::{EnvironmentCommand, TestOutcome};
+use understudy_domain::ids::EnvironmentId;
+use understudy_domain::values::{BranchName, Entrypoint, Target};
+use understudy_tests::fake_github::{FakeGitHub, APP_ID};
+use understudy_tests::fixtures::meta;
+use understudy_tests::{eventually, TestEnv};
+use uuid::Uuid;
+
+const SECRET: &[u8] = b"it's a secret to everybody";
+
+fn fixture(name: &str) -> Value {
+    let path = format!("{}/fixtures/github/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect(&path)).expect("fixture JSON")
+}
+
+struct App {
+    env: TestEnv,
+    github: FakeGitHub,
+    addr: std::net::SocketAddr,
+    cancel: CancellationToken,
+    _tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl App {
+    async fn start() -> App {
+        let github = FakeGitHub::start().await;
+        let mut env = TestEnv::new().await;
+        let key = std::fs::read_to_string(format!("{}/fixtures/github-app-test-key.pem", env!("CARGO_MANIFEST_DIR"))).expect("test key");
+        let config = GitHubConfig { api_url: github.base_url(), app_id: APP_ID, private_key_pem: key };
+        env.runtime.github = GitHubSettings {
+            webhook_secret: Some(Arc::from(SECRET.to_vec())),
+            app: Some(GitHub::new(&config).expect("GitHub client")),
+            public_url: "https://understudy.test".into(),
+        };
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        env.runtime.spawn_relay(cancel.clone(), &mut tasks);
+        env.runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
+        env.runtime.spawn_github(cancel.clone(), &mut tasks);
+        let addr = env.runtime.serve_api("127.0.0.1:0".parse().expect("addr"), cancel.clone(), &mut tasks).await.expect("serve");
+        App { env, github, addr, cancel, _tasks: tasks }
+    }
+
+    /// Delivers `payload` as GitHub would: signed, with an event name and a delivery id.
+    async fn deliver(&self, event: &str, delivery: &str, payload: &Value) -> (u16, Value) {
+        let body = serde_json::to_vec(payload).expect("json");
+        self.deliver_raw(event, delivery, body.clone(), Some(sign(SECRET, &body))).await
+    }
+
+    async fn deliver_raw(&self, event: &str, delivery: &str, body: Vec<u8>, signature: Option<String>) -> (u16, Value) {
+        let mut request = reqwest::Client::new()
+            .post(format!("http://{}/webhooks/github", self.addr))
+            .header("X-GitHub-Event", event)
+            .header("X-GitHub-Delivery", delivery)
+            .header("Content-Type", "application/json")
+            .body(body);
+        if let Some(signature) = signature {
+            request = request.header("X-Hub-Signature-256", signature);
+        }
+        let response = request.send().await.expect("deliver");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn processed(&self, delivery: &str) -> String {
+        eventually(Duration::from_secs(20), "the delivery to be processed", || async {
+            let state: Option<String> =
+                sqlx::query_scalar("SELECT state FROM webhook_deliveries WHERE delivery_id = $1 AND state <> 'pending'")
+                    .bind(delivery)
+                    .fetch_optional(self.env.pool())
+                    .await
+                    .expect("query");
+            state
+        })
+        .await
+    }
+
+    async fn events(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM event_log").fetch_one(self.env.pool()).await.expect("count")
+    }
+}
+
+fn repo_of(payload: &Value) -> (String, u64) {
+    (payload["repository"]["full_name"].as_str().expect("full_name").to_string(), payload["repository"]["id"].as_u64().expect("id"))
+}
+
+/// Waits until the PR's only comment satisfies `check`; returns its body.
+async fn comment_where(app: &App, repo: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+    eventually(Duration::from_secs(30), what, || async {
+        let comments = app.github.comments(repo, 2);
+        let ours: Vec<_> = comments.iter().filter(|c| c.by_app).collect();
+        assert!(ours.len() <= 1, "more than one sticky comment: {ours:#?}");
+        ours.first().filter(|c| check(&c.body)).map(|c| c.body.clone())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_gets_one_sticky_comment_that_follows_its_environments() {
+    let app = App::start().await;
+    let opened = fixture("pull_request.opened");
+    let (repo, repo_id) = repo_of(&opened);
+    app.github.set_repo(&repo, repo_id, "main", &["README.md", "main.w", "api.main.w"]);
+
+    // Installing the App makes the repository a project at once.
+    let (status, _) = app.deliver("installation", "d-install", &fixture("installation.created")).await;
+    assert_eq!(status, 202);
+    assert_eq!(app.processed("d-install").await, "done");
+    let project_id = understudy_adapters::github::project_id(repo_id);
+    let project = app.env.runtime.store.projects.load(project_id.0).await.expect("load").into_inner();
+    assert_eq!(project.repository.map(String::from).as_deref(), Some(repo.as_str()));
+    assert_eq!(project.production_branch.map(String::from).as_deref(), Some("main"));
+
+    // Opened: one row per entrypoint, building.
+    let (status, body) = app.deliver("pull_request", "d-opened", &opened).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("accepted")));
+    assert_eq!(app.processed("d-opened").await, "done");
+    let body = comment_where(&app, &repo, "a comment with two building rows", |b| b.matches("🔄 Building").count() == 2).await;
+    assert!(body.contains("| api.main.w |") && body.contains("| main.w |"), "{body}");
+
+    // The worker (simulated) brings main.w to Ready with tests.
+    let head_branch = BranchName::parse(opened["pull_request"]["head"]["ref"].as_str().expect("head ref")).expect("branch");
+    let target = Target::PullRequest { number: 2, head_branch };
+    let main_w = EnvironmentId::derive(project_id, &target, &Entrypoint::parse("main.w").expect("valid"));
+    let store = &app.env.runtime.store.environments;
+    let deployment = store.load(main_w.0).await.expect("load").into_inner().current().expect("deployment").id;
+    for command in understudy_tests::fixtures::to_ready(deployment) {
+        store.execute(main_w.0, command, meta()).await.expect("to ready");
+    }
+    for (test, outcome) in [("sanity", TestOutcome::Passed), ("e2e", TestOutcome::Failed)] {
+        let command =
+            EnvironmentCommand::RecordTestResult { deployment_id: deployment, test: test.into(), outcome, at: chrono::Utc::now() };
+        store.execute(main_w.0, command, meta()).await.expect("test");
+    }
+    let body = comment_where(&app, &repo, "main.w Ready with its tests", |b| b.contains("✅ Ready") && b.contains("❌ [e2e]")).await;
+    assert!(body.contains("[Visit Preview](https://understudy.test/dashboard/"), "{body}");
+
+    // Synchronize: the same comment is edited, the new commit builds.
+    let synchronize = fixture("pull_request.synchronize");
+    assert_eq!(app.deliver("pull_request", "d-sync", &synchronize).await.0, 202);
+    assert_eq!(app.processed("d-sync").await, "done");
+    comment_where(&app, &repo, "both rows building the new commit", |b| b.matches("🔄 Building").count() == 2).await;
+
+    // Closed: every row says Terminated.
+    assert_eq!(app.deliver("pull_request", "d-closed", &fixture("pull_request.closed")).await.0, 202);
+    assert_eq!(app.processed("d-closed").await, "done");
+    comment_where(&app, &repo, "both rows terminated", |b| b.matches("🛑 Terminated").count() == 2).await;
+
+    assert_eq!(app.github.count("POST", &format!("/repos/{repo}/issues/2/comments")), 1, "the comment was created once");
+    assert!(app.github.count("PATCH", &format!("/repos/{repo}/issues/comments/")) >= 3, "and edited after");
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_deliveries_get_clear_errors_and_append_nothing() {
+    let app = App::start().await;
+    let opened = fixture("pull_request.opened");
+    let body = serde_json::to_vec(&opened).expect("json");
+    let before = app.events().await;
+
+    let (status, answer) = app.deliver_raw("pull_request", "d-1", body.clone(), None).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, _) = app.deliver_raw("pull_request", "d-2", body.clone(), Some(sign(b"wrong secret", &body))).await;
+    assert_eq!(status, 401);
+    let mut tampered = body.clone();
+    tampered[10] ^= 1;
+    let (status, _) = app.deliver_raw("pull_request", "d-3", tampered, Some(sign(SECRET, &body))).await;
+    assert_eq!(status, 401);
+
+    let garbage = b"{not json".to_vec();
+    let (status, answer) = app.deliver_raw("push", "d-4", garbage.clone(), Some(sign(SECRET, &garbage))).await;
+    assert_eq!(status, 400, "{answer}");
+    let mut missing = opened.clone();
+    missing["pull_request"].as_object_mut().expect("object").remove("head");
+    let (status, answer) = app.deliver("pull_request", "d-5", &missing).await;
+    assert_eq!(status, 400);
+    assert!(answer["error"].as_str().unwrap_or_default().contains("head"), "{answer}");
+
+    let huge = vec![b' '; 26 * 1024 * 1024];
+    let (status, _) = app.deliver_raw("push", "d-6", huge.clone(), Some(sign(SECRET, &huge))).await;
+    assert_eq!(status, 413);
+
+    // Unknown events are accepted and ignored.
+    let (status, answer) = app.deliver("ping", "d-7", &fixture("ping")).await;
+    assert_eq!((status, answer["status"].as_str()), (202, Some("ignored")));
+    assert_eq!(app.processed("d-7").await, "ignored");
+    // A repository that was never installed is ignored, with the reason recorded.
+    assert_eq!(app.deliver("pull_request", "d-8", &opened).await.0, 202);
+    assert_eq!(app.processed("d-8").await, "ignored");
+
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries").fetch_one(app.env.pool()).await.expect("count");
+    assert_eq!(recorded, 2, "only the two valid deliveries were recorded");
+    assert_eq!(app.events().await, before, "nothing was appended");
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliveries_and_late_deliveries_change_nothing() {
+    let app = App::start().await;
+    let opened = fixture("pull_request.opened");
+    let (repo, repo_id) = repo_of(&opened);
+    app.github.set_repo(&repo, repo_id, "main", &["main.w"]);
+    app.deliver("installation", "i-1", &fixture("installation.created")).await;
+    app.processed("i-1").await;
+
+    // The newer state arrives first, the older one after it.
+    assert_eq!(app.deliver("pull_request", "s-1", &fixture("pull_request.synchronize")).await.0, 202);
+    assert_eq!(app.processed("s-1").await, "done");
+    let after_sync = app.events().await;
+    assert_eq!(app.deliver("pull_request", "o-1", &opened).await.0, 202);
+    assert_eq!(app.processed("o-1").await, "done");
+    assert_eq!(app.events().await, after_sync, "a late delivery appends nothing");
+
+    // A redelivery of the same delivery id is answered, not recorded again.
+    let (status, answer) = app.deliver("pull_request", "s-1", &fixture("pull_request.synchronize")).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("duplicate")));
+    // The same content under a new delivery id (GitHub's "redeliver") appends nothing either.
+    assert_eq!(app.deliver("pull_request", "s-2", &fixture("pull_request.synchronize")).await.0, 202);
+    assert_eq!(app.processed("s-2").await, "done");
+    assert_eq!(app.events().await, after_sync);
+    let pr = app
+        .env
+        .runtime
+        .store
+        .pull_requests
+        .load(understudy_domain::ids::PullRequestId::derive(understudy_adapters::github::project_id(repo_id), 2).0);
+    let pr = pr.await.expect("load").into_inner();
+    assert_eq!(
+        pr.head_sha.map(String::from),
+        fixture("pull_request.synchronize")["pull_request"]["head"]["sha"].as_str().map(String::from)
+    );
+    let _ = Uuid::nil();
+    app.cancel.cancel();
+}
