@@ -18,6 +18,9 @@
 //! Every repository-scoped route answers 404 until the test declares the repository with
 //! [`FakeGitHub::set_repo`], as GitHub does for a repository the installation cannot see.
 
+// Handlers answer GitHub-style error responses through `Result<_, Response>`.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

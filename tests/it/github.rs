@@ -243,3 +243,84 @@ async fn redeliveries_and_late_deliveries_change_nothing() {
     let _ = Uuid::nil();
     app.cancel.cancel();
 }
+
+/// Opens PR #2 on an installed repository with one entrypoint; returns the repository's name.
+async fn open_pull_request(app: &App) -> String {
+    let opened = fixture("pull_request.opened");
+    let (repo, repo_id) = repo_of(&opened);
+    app.github.set_repo(&repo, repo_id, "main", &["main.w"]);
+    app.deliver("installation", "f-install", &fixture("installation.created")).await;
+    assert_eq!(app.processed("f-install").await, "done");
+    assert_eq!(app.deliver("pull_request", "f-opened", &opened).await.0, 202);
+    assert_eq!(app.processed("f-opened").await, "done");
+    repo
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_comment_converges_through_github_failures_and_is_never_duplicated() {
+    let app = App::start().await;
+    let opened = fixture("pull_request.opened");
+    let (repo, _) = repo_of(&opened);
+    // GitHub fails the first comment calls: 502 twice, then a rate limit with retry-after.
+    app.github.fail_next("GET", &format!("/repos/{repo}/issues/2/comments"), 502, None, 2);
+    app.github.fail_next("POST", &format!("/repos/{repo}/issues/2/comments"), 429, Some(1), 1);
+    // Someone pastes our marker into a comment of their own: it must not be taken for ours.
+    let project_id = understudy_adapters::github::project_id(repo_of(&opened).1);
+    let marker = understudy_domain::pr_comment::marker(project_id, 2);
+    app.github.add_user_comment(&repo, 2, "mallory", &format!("{marker}\nnot yours"));
+    let repo = open_pull_request(&app).await;
+    comment_where(&app, &repo, "the comment despite failures", |b| b.contains("| main.w |")).await;
+    assert_eq!(app.github.comments(&repo, 2).iter().find(|c| c.login == "mallory").map(|c| c.body.contains("not yours")), Some(true));
+    // The failures really happened: two failed lists, then one that found no comment of ours,
+    // and a rate-limited create that was tried again after the wait.
+    assert!(app.github.count("GET", &format!("/repos/{repo}/issues/2/comments")) >= 3);
+    assert_eq!(app.github.count("POST", &format!("/repos/{repo}/issues/2/comments")), 2);
+
+    // A user deletes our comment: the next change makes it again, still only one of ours.
+    let ours = app.github.comments(&repo, 2).into_iter().find(|c| c.by_app).expect("ours");
+    app.github.delete_comment(ours.id);
+    let head_branch = BranchName::parse(opened["pull_request"]["head"]["ref"].as_str().expect("head ref")).expect("branch");
+    let main_w =
+        EnvironmentId::derive(project_id, &Target::PullRequest { number: 2, head_branch }, &Entrypoint::parse("main.w").expect("valid"));
+    let store = &app.env.runtime.store.environments;
+    let deployment = store.load(main_w.0).await.expect("load").into_inner().current().expect("deployment").id;
+    for command in understudy_tests::fixtures::to_ready(deployment) {
+        store.execute(main_w.0, command, meta()).await.expect("to ready");
+    }
+    let again = comment_where(&app, &repo, "the comment made again", |b| b.contains("✅ Ready")).await;
+    assert!(again.contains("| main.w |"), "{again}");
+    let ours_now = app.github.comments(&repo, 2).into_iter().filter(|c| c.by_app).count();
+    assert_eq!(ours_now, 1);
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_to_the_production_branch_deploy_it_and_uninstalling_deactivates() {
+    let app = App::start().await;
+    let push = fixture("push");
+    let (repo, repo_id) = repo_of(&push);
+    let branch = push["ref"].as_str().expect("ref").trim_start_matches("refs/heads/").to_string();
+    app.github.set_repo(&repo, repo_id, &branch, &["main.w", "admin.main.w"]);
+    app.deliver("installation", "p-install", &fixture("installation.created")).await;
+    assert_eq!(app.processed("p-install").await, "done");
+    assert_eq!(app.deliver("push", "p-push", &push).await.0, 202);
+    assert_eq!(app.processed("p-push").await, "done");
+    let project_id = understudy_adapters::github::project_id(repo_id);
+    let target = Target::Branch { branch: BranchName::parse(branch.as_str()).expect("branch") };
+    for entrypoint in ["main.w", "admin.main.w"] {
+        let id = EnvironmentId::derive(project_id, &target, &Entrypoint::parse(entrypoint).expect("valid"));
+        let state = app.env.runtime.store.environments.load(id.0).await.expect("load").into_inner();
+        assert_eq!(state.current().map(|d| d.commit.to_string()), push["after"].as_str().map(String::from), "{entrypoint}");
+    }
+    // Uninstalling deactivates the project; its history stays.
+    assert_eq!(app.deliver("installation", "p-uninstall", &fixture("installation.deleted")).await.0, 202);
+    assert_eq!(app.processed("p-uninstall").await, "done");
+    let project = app.env.runtime.store.projects.load(project_id.0).await.expect("load").into_inner();
+    assert!(!project.active);
+    // Pushes to a deactivated project are ignored.
+    let mut later = push.clone();
+    later["after"] = "f".repeat(40).into();
+    assert_eq!(app.deliver("push", "p-push-2", &later).await.0, 202);
+    assert_eq!(app.processed("p-push-2").await, "ignored");
+    app.cancel.cancel();
+}
