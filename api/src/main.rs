@@ -75,10 +75,26 @@ enum Command {
     },
     /// Print each projection's checkpoint and lag behind the log.
     Status,
+    /// GitHub App setup helpers.
+    Github {
+        #[command(subcommand)]
+        what: GithubCommand,
+    },
     /// Measure throughput and latency; prints ratios against baselines measured in the same run.
     Bench {
         #[command(subcommand)]
         what: understudy_api::bench::Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum GithubCommand {
+    /// Print a GitHub App manifest with the permissions and events Understudy needs; create the
+    /// App from it in one step (see the README's GitHub section).
+    AppManifest {
+        /// The App's name on GitHub.
+        #[arg(long, default_value = "Understudy")]
+        name: String,
     },
 }
 
@@ -155,6 +171,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => {
             let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
             return understudy_api::cli::status(&pool, &mut std::io::stdout()).await;
+        }
+        Command::Github { what: GithubCommand::AppManifest { name } } => {
+            let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+            println!("{}", serde_json::to_string_pretty(&understudy_adapters::github::app_manifest(&name, &public_url))?);
+            return Ok(());
         }
         Command::Bench { what } => {
             let (database_url, nats_url) = (require(&config.database_url, "DATABASE_URL")?, require(&config.nats_url, "NATS_URL")?);

@@ -23,6 +23,8 @@ fn every_subcommand_has_help() {
         vec!["bench", "--help"],
         vec!["bench", "append", "--help"],
         vec!["bench", "latency", "--help"],
+        vec!["bench", "webhooks", "--help"],
+        vec!["github", "app-manifest", "--help"],
     ] {
         let output = Command::new(understudy_bin()).args(&args).output().expect("run");
         assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
@@ -130,4 +132,18 @@ async fn up_starts_a_private_postgres_and_nats_and_stops_cleanly_on_ctrl_c() {
     }
     assert!(dir.join("postgres").join("PG_VERSION").exists(), "the data dir was kept across restarts");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_app_manifest_names_our_webhook_and_permissions() {
+    let output = Command::new(understudy_bin())
+        .args(["github", "app-manifest"])
+        .env("UNDERSTUDY_PUBLIC_URL", "https://previews.example.com/")
+        .output()
+        .expect("run");
+    assert!(output.status.success());
+    let manifest: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(manifest["hook_attributes"]["url"], "https://previews.example.com/webhooks/github");
+    assert_eq!(manifest["default_permissions"]["pull_requests"], "write");
+    assert!(manifest["default_events"].as_array().expect("events").iter().any(|e| e == "pull_request"));
 }

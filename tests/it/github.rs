@@ -158,6 +158,7 @@ async fn a_pull_request_gets_one_sticky_comment_that_follows_its_environments() 
     comment_where(&app, &repo, "both rows terminated", |b| b.matches("🛑 Terminated").count() == 2).await;
 
     assert_eq!(app.github.count("POST", &format!("/repos/{repo}/issues/2/comments")), 1, "the comment was created once");
+    assert_eq!(app.github.count("POST", "/app/installations/2311213/access_tokens"), 1, "one installation token, cached");
     assert!(app.github.count("PATCH", &format!("/repos/{repo}/issues/comments/")) >= 3, "and edited after");
     app.cancel.cancel();
 }

@@ -76,7 +76,9 @@ impl GitHubError {
 pub struct GitHub {
     app: Octocrab,
     app_id: u64,
-    installations: Arc<Mutex<HashMap<u64, Octocrab>>>,
+    /// One client per installation, shared: cloning an `Octocrab` would copy its token cache
+    /// empty, and every call would mint a new installation token.
+    installations: Arc<Mutex<HashMap<u64, Arc<Octocrab>>>>,
 }
 
 impl GitHub {
@@ -99,13 +101,13 @@ impl GitHub {
     }
 
     /// A client acting as one installation; its token is fetched and refreshed by octocrab.
-    fn installation(&self, id: u64) -> Result<Octocrab, GitHubError> {
+    fn installation(&self, id: u64) -> Result<Arc<Octocrab>, GitHubError> {
         let mut cache = self.installations.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(client) = cache.get(&id) {
-            return Ok(client.clone());
+            return Ok(Arc::clone(client));
         }
-        let client = self.app.installation(InstallationId(id)).map_err(|e| GitHubError::Refused(e.to_string()))?;
-        cache.insert(id, client.clone());
+        let client = Arc::new(self.app.installation(InstallationId(id)).map_err(|e| GitHubError::Refused(e.to_string()))?);
+        cache.insert(id, Arc::clone(&client));
         Ok(client)
     }
 

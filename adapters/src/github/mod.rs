@@ -22,3 +22,27 @@ pub fn account_id(github_account_id: u64) -> AccountId {
 pub fn user_id(github_user_id: u64) -> UserId {
     UserId(Uuid::new_v5(&GITHUB_NAMESPACE, format!("user:{github_user_id}").as_bytes()))
 }
+
+/// The GitHub App manifest (GitHub's "create an App from a manifest" flow): the permissions and
+/// webhook events Understudy uses. GitHub sends `installation` events to every App unasked.
+pub fn app_manifest(name: &str, public_url: &str) -> serde_json::Value {
+    let public_url = public_url.trim_end_matches('/');
+    serde_json::json!({
+        "name": name,
+        "url": public_url,
+        "hook_attributes": { "url": format!("{public_url}/webhooks/github"), "active": true },
+        "redirect_url": format!("{public_url}/setup/github/done"),
+        "callback_urls": [format!("{public_url}/auth/github/callback")],
+        "setup_url": format!("{public_url}/dashboard"),
+        "public": false,
+        "default_permissions": {
+            "pull_requests": "write",
+            "issues": "write",
+            "deployments": "write",
+            "checks": "write",
+            "contents": "read",
+            "metadata": "read"
+        },
+        "default_events": ["pull_request", "push", "delete"]
+    })
+}
