@@ -11,7 +11,8 @@
 //! - `GET|PATCH|DELETE /repos/{owner}/{repo}/issues/comments/{comment_id}` (POST is accepted as
 //!   PATCH, as GitHub does: octocrab 0.54's `update_comment` sends POST)
 //! - `GET|POST /repos/{owner}/{repo}/deployments`, `GET|POST .../deployments/{id}/statuses`
-//! - `POST /repos/{owner}/{repo}/check-runs`, `GET|PATCH .../check-runs/{id}`
+//! - `POST /repos/{owner}/{repo}/check-runs`, `GET|PATCH .../check-runs/{id}`,
+//!   `GET /repos/{owner}/{repo}/commits/{sha}/check-runs` (`check_name`)
 //! - `/repositories/{repo_id}/...` is an alias of `/repos/{owner}/{repo}/...` (GitHub's `Link`
 //!   headers use that form).
 //!
@@ -416,6 +417,17 @@ fn repo_route(
             None => not_found(),
         },
         (&Method::POST, ["check-runs"]) => inner.create_check_run(&full_name, body),
+        (&Method::GET, ["commits", sha, "check-runs"]) => {
+            let prefix = format!("{}/repos/{full_name}/check-runs/", inner.base_url);
+            let runs: Vec<Value> = inner
+                .check_runs
+                .iter()
+                .filter(|c| c["url"].as_str().is_some_and(|u| u.starts_with(&prefix)) && c["head_sha"] == *sha)
+                .filter(|c| query.get("check_name").is_none_or(|name| c["name"] == name.as_str()))
+                .cloned()
+                .collect();
+            json_response(StatusCode::OK, json!({ "total_count": runs.len(), "check_runs": runs }))
+        }
         (m, ["check-runs", id]) if m == Method::GET || m == Method::PATCH => {
             let url = format!("{}/repos/{full_name}/check-runs/{id}", inner.base_url);
             let Some(index) = inner.check_runs.iter().position(|c| c["url"] == url.as_str()) else {

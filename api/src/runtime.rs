@@ -12,7 +12,7 @@ use understudy_adapters::github::client::{GitHub, GitHubConfig};
 use understudy_adapters::github::ingest::Ingest;
 use understudy_adapters::nats::Topology;
 use understudy_adapters::{db, nats, relay, EventStore};
-use understudy_projections::pr_comments::CommentWriter;
+use understudy_projections::github::OutboxWriter;
 use understudy_projections::{Projection, Projector};
 
 use crate::webhooks::WebhookState;
@@ -53,9 +53,10 @@ impl Runtime {
     /// Connects, migrates and makes sure the event stream exists.
     pub async fn connect(database_url: &str, nats_url: &str, prefix: &str) -> anyhow::Result<Self> {
         let topology = Topology::new(prefix)?;
+        // Both connections first, so an unreachable server is reported before anything changes.
         let pool = db::connect(database_url, 32).await?;
-        db::migrate(&pool).await?;
         let nats = nats::connect(nats_url).await?;
+        db::migrate(&pool).await?;
         nats::ensure_stream(&async_nats::jetstream::new(nats.clone()), &topology).await?;
         let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
         Ok(Self { pool, nats, topology, store, github: GitHubSettings::default(), deliveries: Arc::default() })
@@ -115,7 +116,7 @@ impl Runtime {
             Ok(())
         });
         if let Some(github) = self.github.app.clone() {
-            let writer = CommentWriter {
+            let writer = OutboxWriter {
                 store: self.store.clone(),
                 github,
                 public_url: self.github.public_url.clone(),

@@ -38,8 +38,36 @@ pub fn format_updated(at: DateTime<Utc>) -> String {
     at.format("%b %-d, %Y %-I:%M%P").to_string()
 }
 
+/// The dashboard links of one environment: its page (the preview) and its build log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvironmentLinks {
+    pub base: String,
+    /// `?entrypoint=…` for any entrypoint but `main.w`, so each entrypoint has its own page.
+    pub query: String,
+}
+
+impl EnvironmentLinks {
+    pub fn new(public_url: &str, account: &str, project: &str, branch: &str, entrypoint: &str) -> Self {
+        let base = format!("{}/dashboard/{}/{}/{}", public_url.trim_end_matches('/'), segment(account), segment(project), segment(branch));
+        let query = if entrypoint == "main.w" { String::new() } else { format!("?entrypoint={}", segment(entrypoint)) };
+        Self { base, query }
+    }
+
+    pub fn preview(&self) -> String {
+        format!("{}{}", self.base, self.query)
+    }
+
+    pub fn build_log(&self) -> String {
+        format!("{}/logs/build/{}", self.base, self.query)
+    }
+
+    pub fn test_log(&self, test: &str) -> String {
+        format!("{}/logs/tests/{}{}", self.base, segment(test), self.query)
+    }
+}
+
 /// Percent-encodes one URL path segment (RFC 3986 unreserved characters pass through).
-fn segment(raw: &str) -> String {
+pub fn segment(raw: &str) -> String {
     raw.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
@@ -70,10 +98,9 @@ pub fn render(ctx: &CommentContext, rows: &[CommentRow]) -> String {
     out.push_str("| Entry Point | Status | Preview | Tests | Updated (UTC) |\n");
     out.push_str("| --- | --- | --- | --- | --- |\n");
     for row in &rows {
-        let base = format!("{}/dashboard/{}/{}/{}", ctx.public_url, segment(&ctx.account), segment(&ctx.project), segment(&row.branch));
-        let query = if row.entrypoint == "main.w" { String::new() } else { format!("?entrypoint={}", segment(&row.entrypoint)) };
+        let links = EnvironmentLinks::new(&ctx.public_url, &ctx.account, &ctx.project, &row.branch, &row.entrypoint);
         let preview = match row.status {
-            EnvironmentStatus::Ready => format!("[Visit Preview]({base}{query})"),
+            EnvironmentStatus::Ready => format!("[Visit Preview]({})", links.preview()),
             _ => "-".to_string(),
         };
         let tests = if row.tests.is_empty() {
@@ -86,15 +113,16 @@ pub fn render(ctx: &CommentContext, rows: &[CommentRow]) -> String {
                         TestOutcome::Passed => "✅",
                         TestOutcome::Failed => "❌",
                     };
-                    format!("{icon} [{}]({base}/logs/tests/{}{query})", escape_cell(name), segment(name))
+                    format!("{icon} [{}]({})", escape_cell(name), links.test_log(name))
                 })
                 .collect::<Vec<_>>()
                 .join(" <br /> ")
         };
         out.push_str(&format!(
-            "| {} | {} ([logs]({base}/logs/build/{query})) | {preview} | {tests} | {} |\n",
+            "| {} | {} ([logs]({})) | {preview} | {tests} | {} |\n",
             escape_cell(&row.entrypoint),
             status_cell(row.status),
+            links.build_log(),
             format_updated(row.updated_at)
         ));
     }

@@ -5,7 +5,7 @@
 pub mod any_event;
 pub mod entity_history;
 pub mod environments;
-pub mod pr_comments;
+pub mod github;
 pub mod projector;
 pub mod replay;
 
@@ -17,7 +17,7 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
     vec![
         std::sync::Arc::new(environments::Environments),
         std::sync::Arc::new(entity_history::EntityHistory),
-        std::sync::Arc::new(pr_comments::PrComments),
+        std::sync::Arc::new(github::GitHubOutbox),
     ]
 }
 

@@ -157,6 +157,35 @@ async fn a_pull_request_gets_one_sticky_comment_that_follows_its_environments() 
     assert_eq!(app.processed("d-closed").await, "done");
     comment_where(&app, &repo, "both rows terminated", |b| b.matches("🛑 Terminated").count() == 2).await;
 
+    // GitHub deployments and check runs: exactly one per environment × commit, each final.
+    let first_sha = opened["pull_request"]["head"]["sha"].as_str().expect("sha").to_string();
+    let (runs, deployments) = eventually(Duration::from_secs(30), "deployments and check runs to settle", || async {
+        let runs = app.github.check_runs();
+        let statuses = app.github.deployment_statuses();
+        let settled = runs.len() == 4
+            && runs.iter().all(|r| r["status"] == "completed")
+            && statuses.iter().filter(|s| s["state"] == "inactive").count() >= 4;
+        settled.then(|| (runs, app.github.deployments()))
+    })
+    .await;
+    assert_eq!(deployments.len(), 4, "{deployments:#?}");
+    let mut environments: Vec<_> = deployments
+        .iter()
+        .map(|d| format!("{} {}", d["environment"].as_str().unwrap_or(""), &d["sha"].as_str().unwrap_or("")[..7]))
+        .collect();
+    environments.sort();
+    environments.dedup();
+    assert_eq!(environments.len(), 4, "one deployment per environment × commit: {environments:?}");
+    let main_first =
+        runs.iter().find(|r| r["name"] == "Understudy: main.w" && r["head_sha"] == first_sha.as_str()).expect("main.w check run");
+    assert_eq!(main_first["conclusion"], "failure", "{main_first:#}");
+    assert!(main_first["output"]["summary"].as_str().unwrap_or_default().contains("❌ e2e"), "{main_first:#}");
+    let statuses = app.github.deployment_statuses();
+    assert!(
+        statuses.iter().any(|s| s["state"] == "success" && s["environment_url"].as_str().unwrap_or_default().contains("/dashboard/")),
+        "{statuses:#?}"
+    );
+
     assert_eq!(app.github.count("POST", &format!("/repos/{repo}/issues/2/comments")), 1, "the comment was created once");
     assert_eq!(app.github.count("POST", "/app/installations/2311213/access_tokens"), 1, "one installation token, cached");
     assert!(app.github.count("PATCH", &format!("/repos/{repo}/issues/comments/")) >= 3, "and edited after");

@@ -195,6 +195,107 @@ impl GitHub {
     }
 }
 
+impl GitHub {
+    /// The GitHub deployment we made for our deployment `ours` (its id is in the payload), if any.
+    pub async fn find_deployment(
+        &self,
+        installation: u64,
+        full_name: &str,
+        sha: &str,
+        environment: &str,
+        ours: &str,
+    ) -> Result<Option<u64>, GitHubError> {
+        let path = format!("/repos/{full_name}/deployments?sha={sha}&environment={}&per_page=100", query_escape(environment));
+        let (_, list) = self.call(installation, http::Method::GET, &path, None).await?;
+        Ok(list.as_array().and_then(|list| {
+            list.iter().find(|d| d["payload"]["understudy_deployment"] == ours && d["sha"] == sha).and_then(|d| d["id"].as_u64())
+        }))
+    }
+
+    /// Creates a deployment of `sha` to `environment`, tagged with our deployment id.
+    pub async fn create_deployment(
+        &self,
+        installation: u64,
+        full_name: &str,
+        sha: &str,
+        environment: &str,
+        ours: &str,
+        production: bool,
+    ) -> Result<u64, GitHubError> {
+        let body = serde_json::json!({
+            "ref": sha,
+            "environment": environment,
+            "auto_merge": false,
+            "required_contexts": [],
+            "transient_environment": !production,
+            "production_environment": production,
+            "description": "Understudy preview",
+            "payload": { "understudy_deployment": ours },
+        });
+        let (_, deployment) = self.call(installation, http::Method::POST, &format!("/repos/{full_name}/deployments"), Some(&body)).await?;
+        deployment["id"].as_u64().ok_or_else(|| GitHubError::Unavailable("created deployment has no id".into()))
+    }
+
+    /// Adds a status to a deployment. `auto_inactive` is off: Understudy says itself when a
+    /// deployment stops, and previews of different pull requests share an environment name.
+    pub async fn create_deployment_status(
+        &self,
+        installation: u64,
+        full_name: &str,
+        deployment: u64,
+        state: &str,
+        environment_url: &str,
+        log_url: &str,
+    ) -> Result<(), GitHubError> {
+        let body = serde_json::json!({
+            "state": state,
+            "environment_url": environment_url,
+            "log_url": log_url,
+            "auto_inactive": false,
+        });
+        self.call(installation, http::Method::POST, &format!("/repos/{full_name}/deployments/{deployment}/statuses"), Some(&body)).await?;
+        Ok(())
+    }
+
+    /// Our check run named `name` on `sha` for our deployment `external_id`, if any.
+    pub async fn find_check_run(
+        &self,
+        installation: u64,
+        full_name: &str,
+        sha: &str,
+        name: &str,
+        external_id: &str,
+    ) -> Result<Option<u64>, GitHubError> {
+        let path = format!("/repos/{full_name}/commits/{sha}/check-runs?check_name={}&per_page=100", query_escape(name));
+        let (_, answer) = self.call(installation, http::Method::GET, &path, None).await?;
+        Ok(answer["check_runs"].as_array().and_then(|runs| {
+            runs.iter()
+                .find(|r| r["external_id"] == external_id && r["app"]["id"].as_u64() == Some(self.app_id))
+                .and_then(|r| r["id"].as_u64())
+        }))
+    }
+
+    pub async fn create_check_run(&self, installation: u64, full_name: &str, body: &Value) -> Result<u64, GitHubError> {
+        let (_, run) = self.call(installation, http::Method::POST, &format!("/repos/{full_name}/check-runs"), Some(body)).await?;
+        run["id"].as_u64().ok_or_else(|| GitHubError::Unavailable("created check run has no id".into()))
+    }
+
+    pub async fn update_check_run(&self, installation: u64, full_name: &str, id: u64, body: &Value) -> Result<(), GitHubError> {
+        self.call(installation, http::Method::PATCH, &format!("/repos/{full_name}/check-runs/{id}"), Some(body)).await?;
+        Ok(())
+    }
+}
+
+/// Percent-encodes a query value.
+fn query_escape(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
 fn classify_transport(error: &octocrab::Error) -> GitHubError {
     GitHubError::Unavailable(error.to_string())
 }

@@ -1,0 +1,465 @@
+//! What Understudy writes to GitHub: the sticky PR comment, and a deployment (with statuses)
+//! and a check run for each of our deployments.
+//!
+//! [`GitHubOutbox`] is a projection: each event that changes what GitHub should show marks an
+//! entry of `github_outbox` dirty, in the projector's transaction: kind `comment` for a pull
+//! request's comment, kind `status` for an environment's deployments and check runs.
+//! [`OutboxWriter`] is the reactor: it takes one due entry at a time (row-locked, so two writers
+//! never race on one), reads the state once the `environments` read model has caught up, and
+//! writes it. Everything it creates on GitHub is found again before it is created (the comment by
+//! its marker on a comment of our own App, a deployment by our id in its payload, a check run by
+//! its external id), so a crash after GitHub answered never makes a second one. After a write
+//! the entry rests (`debounce`): at most one write per entry per second, the last state wins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::PgConnection;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use understudy_adapters::github::client::{GitHub, GitHubError};
+use understudy_adapters::{EventStore, LoggedEvent};
+use understudy_domain::account::AccountKind;
+use understudy_domain::environment::{Deployment, DeploymentStatus, Environment, EnvironmentEvent, EnvironmentStatus, TestOutcome};
+use understudy_domain::ids::{EnvironmentId, ProjectId};
+use understudy_domain::pr_comment::{self, CommentContext, CommentRow, EnvironmentLinks};
+use understudy_domain::project::Project;
+use understudy_domain::pull_request::PullRequestEvent;
+use understudy_domain::values::Target;
+use uuid::Uuid;
+
+use crate::{AnyEvent, Change, Projection, ProjectionError, Tables};
+
+/// Hex SHA-256, to tell whether what we would write changed since the last write.
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+pub struct GitHubOutbox;
+
+async fn mark_dirty(conn: &mut PgConnection, tables: &Tables, kind: &str, key: &str, position: i64) -> sqlx::Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO {} (kind, key, dirty_position) VALUES ($1, $2, $3)
+         ON CONFLICT (kind, key) DO UPDATE SET dirty_position = EXCLUDED.dirty_position",
+        tables.name("github_outbox")
+    ))
+    .bind(kind)
+    .bind(key)
+    .bind(position)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn comment_key(project: Uuid, number: i64) -> String {
+    format!("{project}:{number}")
+}
+
+#[async_trait]
+impl Projection for GitHubOutbox {
+    fn name(&self) -> &'static str {
+        "github_outbox"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["github_outbox", "pr_environments"]
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        event: &LoggedEvent,
+        decoded: &AnyEvent,
+    ) -> Result<Vec<Change>, ProjectionError> {
+        match decoded {
+            AnyEvent::PullRequest(PullRequestEvent::PullRequestOpened { project_id, number, .. }) => {
+                mark_dirty(conn, tables, "comment", &comment_key(project_id.0, *number as i64), event.position).await?;
+            }
+            AnyEvent::PullRequest(_) => {
+                // The aggregate's first event named its project and number.
+                let opened: Option<(Uuid, i64)> = sqlx::query_as(
+                    "SELECT (payload->>'project_id')::uuid, (payload->>'number')::bigint FROM event_log
+                     WHERE aggregate_id = $1 AND aggregate_version = 1",
+                )
+                .bind(event.aggregate_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if let Some((project, number)) = opened {
+                    mark_dirty(conn, tables, "comment", &comment_key(project, number), event.position).await?;
+                }
+            }
+            AnyEvent::Environment(environment_event) => {
+                if let EnvironmentEvent::EnvironmentCreated { spec, .. } = environment_event {
+                    if let Target::PullRequest { number, .. } = spec.target {
+                        sqlx::query(&format!(
+                            "INSERT INTO {} (environment_id, project_id, pr_number) VALUES ($1, $2, $3)",
+                            tables.name("pr_environments")
+                        ))
+                        .bind(event.aggregate_id)
+                        .bind(spec.project_id.0)
+                        .bind(number as i64)
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                }
+                mark_dirty(conn, tables, "status", &event.aggregate_id.to_string(), event.position).await?;
+                let pr: Option<(Uuid, i64)> = sqlx::query_as(&format!(
+                    "SELECT project_id, pr_number FROM {} WHERE environment_id = $1",
+                    tables.name("pr_environments")
+                ))
+                .bind(event.aggregate_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if let Some((project, number)) = pr {
+                    mark_dirty(conn, tables, "comment", &comment_key(project, number), event.position).await?;
+                }
+            }
+            AnyEvent::Account(_) | AnyEvent::Project(_) => {}
+        }
+        Ok(vec![])
+    }
+}
+
+/// Writes due outbox entries to GitHub.
+pub struct OutboxWriter {
+    pub store: EventStore,
+    pub github: GitHub,
+    /// Understudy's public URL, for links.
+    pub public_url: String,
+    /// Rest between two writes of one entry.
+    pub debounce: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    GitHub(#[from] GitHubError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Unwritable(String),
+}
+
+/// A project as GitHub calls go: which installation, which repository, and the names for links.
+struct Repo {
+    installation: u64,
+    repository: String,
+    account: String,
+    project: String,
+    production_branch: Option<String>,
+}
+
+impl OutboxWriter {
+    pub async fn run(self, wake: Arc<Notify>, cancel: CancellationToken) {
+        loop {
+            let wrote = match self.write_next().await {
+                Ok(wrote) => wrote,
+                Err(error) => {
+                    tracing::warn!(error = %error, "GitHub writer failed; retrying");
+                    false
+                }
+            };
+            if !wrote {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            } else if cancel.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Writes the most overdue due entry; `false` when none is due.
+    pub async fn write_next(&self) -> sqlx::Result<bool> {
+        let mut tx = self.store.pool.begin().await?;
+        let due: Option<(String, String, i64, i32)> = sqlx::query_as(
+            "SELECT kind, key, dirty_position, attempts FROM github_outbox
+             WHERE dirty_position > written_position AND next_attempt_at <= now()
+               AND dirty_position <= (SELECT position FROM projector_checkpoints WHERE projection = 'environments')
+             ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((kind, key, dirty, attempts)) = due else {
+            return Ok(false);
+        };
+        let result = match kind.as_str() {
+            "comment" => self.write_comment(&mut tx, &key).await,
+            _ => self.write_statuses(&mut tx, &key).await,
+        };
+        match result {
+            Ok(()) => {
+                sqlx::query(
+                    "UPDATE github_outbox SET written_position = $3, attempts = 0, last_error = NULL,
+                         next_attempt_at = now() + make_interval(secs => $4)
+                     WHERE kind = $1 AND key = $2",
+                )
+                .bind(&kind)
+                .bind(&key)
+                .bind(dirty)
+                .bind(self.debounce.as_secs_f64())
+                .execute(&mut *tx)
+                .await?;
+            }
+            Err(error) => {
+                let wait = match &error {
+                    WriteError::GitHub(GitHubError::RateLimited { retry_after }) => *retry_after,
+                    _ => Duration::from_millis(500 * 2u64.pow((attempts as u32).min(7))),
+                };
+                tracing::warn!(kind, key, error = %error, ?wait, "GitHub write failed; will retry");
+                sqlx::query(
+                    "UPDATE github_outbox SET attempts = attempts + 1, last_error = $3, next_attempt_at = now() + make_interval(secs => $4)
+                     WHERE kind = $1 AND key = $2",
+                )
+                .bind(&kind)
+                .bind(&key)
+                .bind(error.to_string())
+                .bind(wait.as_secs_f64())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn repo(&self, project_id: ProjectId) -> Result<(Project, Repo), WriteError> {
+        let load_error = |e: esrs::store::postgres::PgStoreError| WriteError::Unwritable(format!("loading: {e}"));
+        let project = self.store.projects.load(project_id.0).await.map_err(load_error)?.into_inner();
+        let (Some(account_id), Some(name), Some(repository)) = (project.account_id, project.name.clone(), project.repository.clone())
+        else {
+            return Err(WriteError::Unwritable(format!("project {project_id} does not exist")));
+        };
+        let account = self.store.accounts.load(account_id.0).await.map_err(load_error)?.into_inner();
+        let Some(installation) = account.installation_id else {
+            return Err(WriteError::Unwritable(format!("account {account_id} has no GitHub App installation")));
+        };
+        let account_name = match account.kind {
+            Some(AccountKind::Personal { github_login, .. }) => github_login,
+            Some(AccountKind::Team { name }) => name,
+            None => return Err(WriteError::Unwritable(format!("account {account_id} does not exist"))),
+        };
+        let production_branch = project.production_branch.as_ref().map(|b| b.to_string());
+        Ok((
+            project,
+            Repo { installation, repository: repository.to_string(), account: account_name, project: name.to_string(), production_branch },
+        ))
+    }
+
+    async fn write_comment(&self, tx: &mut PgConnection, key: &str) -> Result<(), WriteError> {
+        let parsed = key.split_once(':').and_then(|(p, n)| Some((Uuid::parse_str(p).ok()?, n.parse::<i64>().ok()?)));
+        let Some((project, number)) = parsed else {
+            return Err(WriteError::Unwritable(format!("bad comment key {key:?}")));
+        };
+        let project_id = ProjectId(project);
+        let (_, repo) = self.repo(project_id).await?;
+        let rows: Vec<(String, String, String, sqlx::types::Json<Vec<TestRow>>, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+            "SELECT entrypoint, branch, status, tests, updated_at FROM environments WHERE project_id = $1 AND pull_request = $2",
+        )
+        .bind(project)
+        .bind(number)
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows: Vec<CommentRow> = rows
+            .into_iter()
+            .map(|(entrypoint, branch, status, tests, updated_at)| CommentRow {
+                entrypoint,
+                branch,
+                status: EnvironmentStatus::parse(&status).unwrap_or(EnvironmentStatus::Requested),
+                tests: tests.0.into_iter().map(|t| (t.name, t.outcome)).collect(),
+                updated_at,
+            })
+            .collect();
+        let context = CommentContext {
+            public_url: self.public_url.trim_end_matches('/').to_string(),
+            account: repo.account.clone(),
+            project: repo.project.clone(),
+            project_id,
+            number: number as u64,
+        };
+        let body = pr_comment::render(&context, &rows);
+        let hash = sha256_hex(&body);
+        let known: Option<(i64, Option<String>)> =
+            sqlx::query_as("SELECT comment_id, body_sha256 FROM github_comments WHERE project_id = $1 AND pr_number = $2")
+                .bind(project)
+                .bind(number)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (installation, repository, issue) = (repo.installation, repo.repository.as_str(), number as u64);
+        let comment_id = match known {
+            Some((_, Some(written))) if written == hash => return Ok(()),
+            Some((id, _)) => match self.github.update_comment(installation, repository, id as u64, &body).await {
+                Ok(()) => id as u64,
+                // Someone deleted it: make it again.
+                Err(GitHubError::NotFound(_)) => self.github.create_comment(installation, repository, issue, &body).await?,
+                Err(error) => return Err(error.into()),
+            },
+            None => match self.github.find_comment(installation, repository, issue, &pr_comment::marker(project_id, issue)).await? {
+                Some(id) => {
+                    self.github.update_comment(installation, repository, id, &body).await?;
+                    id
+                }
+                None => self.github.create_comment(installation, repository, issue, &body).await?,
+            },
+        };
+        sqlx::query(
+            "INSERT INTO github_comments (project_id, pr_number, comment_id, body_sha256) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (project_id, pr_number) DO UPDATE SET comment_id = EXCLUDED.comment_id, body_sha256 = EXCLUDED.body_sha256",
+        )
+        .bind(project)
+        .bind(number)
+        .bind(comment_id as i64)
+        .bind(hash)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Brings every deployment of one environment up to date on GitHub: its deployment, the
+    /// deployment's status, and its check run with the test results.
+    async fn write_statuses(&self, tx: &mut PgConnection, key: &str) -> Result<(), WriteError> {
+        let id = Uuid::parse_str(key).map(EnvironmentId).map_err(|_| WriteError::Unwritable(format!("bad environment key {key:?}")))?;
+        let environment =
+            self.store.environments.load(id.0).await.map_err(|e| WriteError::Unwritable(format!("loading: {e}")))?.into_inner();
+        let Some(spec) = environment.spec.clone() else {
+            return Err(WriteError::Unwritable(format!("environment {id} does not exist")));
+        };
+        let (_, repo) = self.repo(spec.project_id).await?;
+        let branch = spec.target.branch().to_string();
+        let production = spec.target.pull_request().is_none() && repo.production_branch.as_deref() == Some(branch.as_str());
+        let github_environment = match &spec.target {
+            Target::PullRequest { .. } => format!("preview/{}", spec.entrypoint),
+            Target::Branch { .. } if production => format!("production/{}", spec.entrypoint),
+            Target::Branch { branch } => format!("{branch}/{}", spec.entrypoint),
+        };
+        let links = EnvironmentLinks::new(&self.public_url, &repo.account, &repo.project, &branch, spec.entrypoint.as_str());
+        let check_name = format!("Understudy: {}", spec.entrypoint);
+        for deployment in &environment.deployments {
+            let known: Option<(i64, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+                "SELECT github_deployment_id, deployment_state, check_run_id, check_sha256 FROM github_deployments WHERE deployment_id = $1",
+            )
+            .bind(deployment.id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let is_current = environment.current().map(|d| d.id) == Some(deployment.id);
+            let state = deployment_state(&environment, deployment, is_current);
+            let check = check_run(&check_name, deployment, &environment, is_current, &links);
+            let check_hash = sha256_hex(&check.to_string());
+            if let Some((_, Some(written_state), _, Some(written_check))) = &known {
+                if *written_state == state && *written_check == check_hash {
+                    continue;
+                }
+            }
+            let (installation, repository, sha, ours) =
+                (repo.installation, repo.repository.as_str(), deployment.commit.as_str(), deployment.id.to_string());
+            let github_deployment = match &known {
+                Some((id, ..)) => *id as u64,
+                None => match self.github.find_deployment(installation, repository, sha, &github_environment, &ours).await? {
+                    Some(id) => id,
+                    None => self.github.create_deployment(installation, repository, sha, &github_environment, &ours, production).await?,
+                },
+            };
+            if known.as_ref().and_then(|k| k.1.as_deref()) != Some(state) {
+                let url = if state == "success" { links.preview() } else { String::new() };
+                self.github.create_deployment_status(installation, repository, github_deployment, state, &url, &links.build_log()).await?;
+            }
+            let check_run_id = match known.as_ref().and_then(|k| k.2) {
+                Some(id) => {
+                    if known.as_ref().and_then(|k| k.3.as_deref()) != Some(check_hash.as_str()) {
+                        self.github.update_check_run(installation, repository, id as u64, &check).await?;
+                    }
+                    id as u64
+                }
+                None => match self.github.find_check_run(installation, repository, sha, &check_name, &ours).await? {
+                    Some(id) => {
+                        self.github.update_check_run(installation, repository, id, &check).await?;
+                        id
+                    }
+                    None => self.github.create_check_run(installation, repository, &check).await?,
+                },
+            };
+            sqlx::query(
+                "INSERT INTO github_deployments (deployment_id, environment_id, github_deployment_id, deployment_state, check_run_id, check_sha256)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (deployment_id) DO UPDATE SET deployment_state = EXCLUDED.deployment_state,
+                     check_run_id = EXCLUDED.check_run_id, check_sha256 = EXCLUDED.check_sha256",
+            )
+            .bind(deployment.id.0)
+            .bind(id.0)
+            .bind(github_deployment as i64)
+            .bind(state)
+            .bind(check_run_id as i64)
+            .bind(&check_hash)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// GitHub's deployment state for one of our deployments.
+fn deployment_state(environment: &Environment, deployment: &Deployment, is_current: bool) -> &'static str {
+    if is_current && (environment.terminated || environment.deactivated) {
+        return "inactive";
+    }
+    match deployment.status {
+        DeploymentStatus::Requested => "queued",
+        DeploymentStatus::Building | DeploymentStatus::Starting => "in_progress",
+        DeploymentStatus::Ready if is_current => "success",
+        DeploymentStatus::Ready | DeploymentStatus::Superseded => "inactive",
+        DeploymentStatus::Failed => "failure",
+    }
+}
+
+/// The check run of one deployment: in progress while it builds, then its test results.
+fn check_run(
+    name: &str,
+    deployment: &Deployment,
+    environment: &Environment,
+    is_current: bool,
+    links: &EnvironmentLinks,
+) -> serde_json::Value {
+    let tests: Vec<String> =
+        deployment.tests.iter().map(|t| format!("- {} {}", if t.outcome == TestOutcome::Passed { "✅" } else { "❌" }, t.name)).collect();
+    let failed = deployment.tests.iter().filter(|t| t.outcome == TestOutcome::Failed).count();
+    let (status, conclusion, title) = match deployment.status {
+        DeploymentStatus::Requested => ("queued", None, "Queued".to_string()),
+        DeploymentStatus::Building | DeploymentStatus::Starting => ("in_progress", None, "Building".to_string()),
+        DeploymentStatus::Ready if failed > 0 => {
+            ("completed", Some("failure"), format!("{failed} of {} tests failed", deployment.tests.len()))
+        }
+        DeploymentStatus::Ready => ("completed", Some("success"), format!("Ready; {} tests passed", deployment.tests.len())),
+        DeploymentStatus::Failed => ("completed", Some("failure"), "The deployment failed".to_string()),
+        DeploymentStatus::Superseded => ("completed", Some("cancelled"), "Superseded by a newer commit".to_string()),
+    };
+    let (status, conclusion) =
+        if is_current && environment.terminated && status != "completed" { ("completed", Some("cancelled")) } else { (status, conclusion) };
+    let mut summary = match &deployment.failure {
+        Some(reason) => format!("{reason}\n\n"),
+        None => String::new(),
+    };
+    summary.push_str(&if tests.is_empty() { "No test results yet.".to_string() } else { tests.join("\n") });
+    let mut body = serde_json::json!({
+        "name": name,
+        "head_sha": deployment.commit.as_str(),
+        "external_id": deployment.id.to_string(),
+        "details_url": links.build_log(),
+        "status": status,
+        "output": { "title": title, "summary": summary },
+    });
+    if let Some(conclusion) = conclusion {
+        body["conclusion"] = conclusion.into();
+    }
+    body
+}
+
+#[derive(serde::Deserialize)]
+struct TestRow {
+    name: String,
+    outcome: TestOutcome,
+}
