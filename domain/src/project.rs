@@ -78,6 +78,14 @@ pub enum ProjectCommand {
     Reactivate {
         at: DateTime<Utc>,
     },
+    /// A write to GitHub keeps failing: record it where operators and users see it. The writer
+    /// keeps trying; this is a record, not a give-up.
+    RecordGitHubFailure {
+        what: String,
+        error: String,
+        attempts: u32,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +119,12 @@ pub enum ProjectEvent {
     ProjectReactivated {
         at: DateTime<Utc>,
     },
+    GitHubWriteFailing {
+        what: String,
+        error: String,
+        attempts: u32,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -124,6 +138,7 @@ impl DomainEvent for ProjectEvent {
             Self::ProjectRenamed { .. } => "ProjectRenamed",
             Self::ProjectDeactivated { .. } => "ProjectDeactivated",
             Self::ProjectReactivated { .. } => "ProjectReactivated",
+            Self::GitHubWriteFailing { .. } => "GitHubWriteFailing",
         }
     }
 }
@@ -166,6 +181,7 @@ impl Aggregate for ProjectAggregate {
             C::Rename { name, at } => unless_already(state.name.as_ref() == Some(&name), E::ProjectRenamed { name, at }),
             C::Deactivate { reason, at } => unless_already(!state.active, E::ProjectDeactivated { reason, at }),
             C::Reactivate { at } => unless_already(state.active, E::ProjectReactivated { at }),
+            C::RecordGitHubFailure { what, error, attempts, at } => Ok(vec![E::GitHubWriteFailing { what, error, attempts, at }]),
         }
     }
 
@@ -186,6 +202,7 @@ impl Aggregate for ProjectAggregate {
             E::ProjectRenamed { name, .. } => state.name = Some(name.clone()),
             E::ProjectDeactivated { .. } => state.active = false,
             E::ProjectReactivated { .. } => state.active = true,
+            E::GitHubWriteFailing { .. } => {}
         }
         state
     }
@@ -250,6 +267,12 @@ mod tests {
             (vec![created(), deactivated.clone()], C::Deactivate { reason: "again".into(), at: at() }, Some(vec![])),
             (vec![created(), deactivated], C::Reactivate { at: at() }, Some(vec![E::ProjectReactivated { at: at() }])),
             (vec![created()], C::Reactivate { at: at() }, Some(vec![])),
+            (
+                vec![created()],
+                C::RecordGitHubFailure { what: "comment".into(), error: "403".into(), attempts: 5, at: at() },
+                Some(vec![E::GitHubWriteFailing { what: "comment".into(), error: "403".into(), attempts: 5, at: at() }]),
+            ),
+            (vec![], C::RecordGitHubFailure { what: "comment".into(), error: "403".into(), attempts: 5, at: at() }, None),
         ];
         for (history, command, expected) in table {
             match expected {

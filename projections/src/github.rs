@@ -24,9 +24,10 @@ use understudy_domain::account::AccountKind;
 use understudy_domain::environment::{Deployment, DeploymentStatus, Environment, EnvironmentEvent, EnvironmentStatus, TestOutcome};
 use understudy_domain::ids::{EnvironmentId, ProjectId};
 use understudy_domain::pr_comment::{self, CommentContext, CommentRow, EnvironmentLinks};
-use understudy_domain::project::Project;
+use understudy_domain::project::{Project, ProjectCommand};
 use understudy_domain::pull_request::PullRequestEvent;
 use understudy_domain::values::Target;
+use understudy_domain::Metadata;
 use uuid::Uuid;
 
 use crate::{AnyEvent, Change, Projection, ProjectionError, Tables};
@@ -38,6 +39,9 @@ fn sha256_hex(text: &str) -> String {
 }
 
 pub struct GitHubOutbox;
+
+/// After this many failed attempts in a row, a failing write is recorded in the project's history.
+pub const FAILURES_BEFORE_RECORDING: i32 = 5;
 
 async fn mark_dirty(conn: &mut PgConnection, tables: &Tables, kind: &str, key: &str, position: i64) -> sqlx::Result<()> {
     sqlx::query(&format!(
@@ -212,6 +216,9 @@ impl OutboxWriter {
                     _ => Duration::from_millis(500 * 2u64.pow((attempts as u32).min(7))),
                 };
                 tracing::warn!(kind, key, error = %error, ?wait, "GitHub write failed; will retry");
+                if attempts + 1 == FAILURES_BEFORE_RECORDING {
+                    self.record_failure(&kind, &key, &error, attempts + 1).await;
+                }
                 sqlx::query(
                     "UPDATE github_outbox SET attempts = attempts + 1, last_error = $3, next_attempt_at = now() + make_interval(secs => $4)
                      WHERE kind = $1 AND key = $2",
@@ -226,6 +233,31 @@ impl OutboxWriter {
         }
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Appends `GitHubWriteFailing` to the project's history, so a write that keeps failing is
+    /// seen (audit, `understudy events`), never a silent loss. Best effort: the retry goes on.
+    async fn record_failure(&self, kind: &str, key: &str, error: &WriteError, attempts: i32) {
+        let project = match kind {
+            "comment" => key.split_once(':').and_then(|(p, _)| Uuid::parse_str(p).ok()),
+            _ => match Uuid::parse_str(key) {
+                Ok(environment) => {
+                    self.store.environments.load(environment).await.ok().and_then(|e| e.into_inner().spec.map(|s| s.project_id.0))
+                }
+                Err(_) => None,
+            },
+        };
+        let Some(project) = project else { return };
+        let command = ProjectCommand::RecordGitHubFailure {
+            what: format!("{kind} {key}"),
+            error: error.to_string(),
+            attempts: attempts as u32,
+            at: chrono::Utc::now(),
+        };
+        let meta = Metadata::new(Uuid::new_v4(), "system:github-writer");
+        if let Err(error) = self.store.projects.execute(project, command, meta).await {
+            tracing::error!(error = %error, "could not record a failing GitHub write");
+        }
     }
 
     async fn repo(&self, project_id: ProjectId) -> Result<(Project, Repo), WriteError> {

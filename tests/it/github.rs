@@ -354,3 +354,24 @@ async fn pushes_to_the_production_branch_deploy_it_and_uninstalling_deactivates(
     assert_eq!(app.processed("p-push-2").await, "ignored");
     app.cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_keeps_failing_is_recorded_in_the_project_history() {
+    let app = App::start().await;
+    let opened = fixture("pull_request.opened");
+    let (repo, repo_id) = repo_of(&opened);
+    // Every comment call is refused (a permission missing from the App): retrying will not help.
+    app.github.fail_next("GET", &format!("/repos/{repo}/issues/2/comments"), 403, None, 1000);
+    open_pull_request(&app).await;
+    let project = understudy_adapters::github::project_id(repo_id);
+    let events = eventually(Duration::from_secs(60), "the failure to be recorded", || async {
+        let history = understudy_adapters::global_log::history(app.env.pool(), project.0).await.expect("history");
+        history.iter().any(|e| e.event_type == "GitHubWriteFailing").then_some(history)
+    })
+    .await;
+    let failing = events.iter().find(|e| e.event_type == "GitHubWriteFailing").expect("recorded");
+    assert!(failing.payload["error"].as_str().unwrap_or_default().contains("403"), "{}", failing.payload);
+    assert_eq!(failing.actor, "system:github-writer");
+    assert!(app.github.comments(&repo, 2).is_empty());
+    app.cancel.cancel();
+}
