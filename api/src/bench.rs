@@ -412,13 +412,15 @@ async fn webhooks(mut runtime: Runtime, deliveries: usize, concurrency: usize) -
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let addr = runtime.serve_api("127.0.0.1:0".parse()?, cancel.clone(), &mut tasks).await?;
-    let client = reqwest_lite::Client::new(addr);
     let started = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut workers = JoinSet::new();
     for _ in 0..concurrency {
-        let (client, next, body, signature) = (client.clone(), next.clone(), body.clone(), signature.clone());
+        // One keep-alive connection per worker, like GitHub's own senders.
+        let client = reqwest_lite::Client::new(addr);
+        let (next, body, signature) = (next.clone(), body.clone(), signature.clone());
         workers.spawn(async move {
+            let mut client = client;
             let mut samples = Vec::new();
             loop {
                 let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -450,38 +452,40 @@ async fn webhooks(mut runtime: Runtime, deliveries: usize, concurrency: usize) -
 }
 
 mod reqwest_lite {
-    //! A minimal HTTP/1.1 client over one keep-alive connection per worker, so the bench measures
-    //! the server and not a client library.
+    //! A minimal HTTP/1.1 client over one keep-alive connection, so the bench measures the
+    //! server and not a client library.
     use std::net::SocketAddr;
 
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpStream;
 
-    #[derive(Clone)]
     pub struct Client {
         addr: SocketAddr,
-        connection: std::sync::Arc<tokio::sync::Mutex<Option<BufReader<TcpStream>>>>,
+        connection: Option<BufReader<TcpStream>>,
     }
 
     impl Client {
         pub fn new(addr: SocketAddr) -> Self {
-            Self { addr, connection: Default::default() }
+            Self { addr, connection: None }
         }
 
-        pub async fn deliver(&self, delivery: &str, body: &[u8], signature: &str) -> anyhow::Result<u16> {
-            let mut slot = self.connection.lock().await;
-            if slot.is_none() {
-                *slot = Some(BufReader::new(TcpStream::connect(self.addr).await?));
+        pub async fn deliver(&mut self, delivery: &str, body: &[u8], signature: &str) -> anyhow::Result<u16> {
+            if self.connection.is_none() {
+                let stream = TcpStream::connect(self.addr).await?;
+                stream.set_nodelay(true)?;
+                self.connection = Some(BufReader::new(stream));
             }
-            let stream = slot.as_mut().expect("connected just above");
+            let stream = self.connection.as_mut().expect("connected just above");
             let head = format!(
                 "POST /webhooks/github HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nX-GitHub-Event: ping\r\n\
                  X-GitHub-Delivery: {delivery}\r\nX-Hub-Signature-256: {signature}\r\nContent-Length: {}\r\n\r\n",
                 self.addr,
                 body.len()
             );
-            stream.get_mut().write_all(head.as_bytes()).await?;
-            stream.get_mut().write_all(body).await?;
+            // One write: a head and a body sent apart would wait on delayed ACKs.
+            let mut request = head.into_bytes();
+            request.extend_from_slice(body);
+            stream.get_mut().write_all(&request).await?;
             let mut status_line = String::new();
             stream.read_line(&mut status_line).await?;
             let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
