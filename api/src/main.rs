@@ -75,6 +75,11 @@ enum Command {
     },
     /// Print each projection's checkpoint and lag behind the log.
     Status,
+    /// Projects.
+    Project {
+        #[command(subcommand)]
+        what: ProjectCommand,
+    },
     /// GitHub App setup helpers.
     Github {
         #[command(subcommand)]
@@ -84,6 +89,22 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: understudy_api::bench::Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectCommand {
+    /// Make a GitHub repository a project (installing the App does this by itself).
+    Create {
+        /// `owner/name`.
+        #[arg(long)]
+        repo: String,
+        /// The GitHub App installation that can see the repository.
+        #[arg(long)]
+        installation: u64,
+        /// The production branch; the repository's default branch when omitted.
+        #[arg(long)]
+        branch: Option<String>,
     },
 }
 
@@ -171,6 +192,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => {
             let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
             return understudy_api::cli::status(&pool, &mut std::io::stdout()).await;
+        }
+        Command::Project { what: ProjectCommand::Create { repo, installation, branch } } => {
+            let runtime = connect(&config).await?;
+            let ingest = understudy_adapters::github::ingest::Ingest { store: runtime.store.clone(), github: runtime.github.app.clone() };
+            let project = ingest.create_project(installation, &repo, branch.as_deref()).await?;
+            let id = project.id.map(|id| id.to_string()).unwrap_or_default();
+            let branch = project.production_branch.map(String::from).unwrap_or_default();
+            println!("project {id}: {repo}, production branch {branch}");
+            return Ok(());
         }
         Command::Github { what: GithubCommand::AppManifest { name } } => {
             let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));

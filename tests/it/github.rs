@@ -109,6 +109,14 @@ async fn comment_where(app: &App, repo: &str, what: &str, check: impl Fn(&str) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_request_gets_one_sticky_comment_that_follows_its_environments() {
     let app = App::start().await;
+    // A second writer races the first for every entry (as a second node would).
+    let second = understudy_projections::github::OutboxWriter {
+        store: app.env.runtime.store.clone(),
+        github: app.env.runtime.github.app.clone().expect("configured"),
+        public_url: "https://understudy.test".into(),
+        debounce: Duration::from_secs(1),
+    };
+    tokio::spawn(second.run(Arc::new(tokio::sync::Notify::new()), app.cancel.clone()));
     let opened = fixture("pull_request.opened");
     let (repo, repo_id) = repo_of(&opened);
     app.github.set_repo(&repo, repo_id, "main", &["README.md", "main.w", "api.main.w"]);
@@ -373,5 +381,35 @@ async fn a_write_that_keeps_failing_is_recorded_in_the_project_history() {
     assert!(failing.payload["error"].as_str().unwrap_or_default().contains("403"), "{}", failing.payload);
     assert_eq!(failing.actor, "system:github-writer");
     assert!(app.github.comments(&repo, 2).is_empty());
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_can_create_a_project_explicitly() {
+    let app = App::start().await;
+    let (repo, repo_id) = repo_of(&fixture("pull_request.opened"));
+    app.github.set_repo(&repo, repo_id, "main", &["main.w"]);
+    let key = format!("{}/fixtures/github-app-test-key.pem", env!("CARGO_MANIFEST_DIR"));
+    let run = |args: &[&str]| {
+        std::process::Command::new(understudy_tests::understudy_bin())
+            .args(args)
+            .env("DATABASE_URL", &app.env.database_url)
+            .env("NATS_URL", understudy_tests::nats_url())
+            .env("UNDERSTUDY_NATS_PREFIX", &app.env.prefix)
+            .env("GITHUB_APP_ID", APP_ID.to_string())
+            .env("GITHUB_APP_PRIVATE_KEY", &key)
+            .env("GITHUB_API_URL", app.github.base_url())
+            .output()
+            .expect("run")
+    };
+    let created = run(&["project", "create", "--repo", &repo, "--installation", "2311213", "--branch", "develop"]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let project = app.env.runtime.store.projects.load(understudy_adapters::github::project_id(repo_id).0).await.expect("load").into_inner();
+    assert_eq!(project.production_branch.map(String::from).as_deref(), Some("develop"));
+    assert!(project.active);
+    // A repository the installation cannot see is a clear error, and nothing is created.
+    let missing = run(&["project", "create", "--repo", "octo/nowhere", "--installation", "2311213"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("octo/nowhere does not exist or installation 2311213 cannot see it"));
     app.cancel.cancel();
 }

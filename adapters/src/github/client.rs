@@ -141,6 +141,11 @@ impl GitHub {
         Err(classify(status, &headers, &format!("{method} {path}"), &text))
     }
 
+    /// The repository as GitHub describes it (id, name, full_name, owner, default_branch, …).
+    pub async fn repository(&self, installation: u64, full_name: &str) -> Result<Value, GitHubError> {
+        Ok(self.call(installation, http::Method::GET, &format!("/repos/{full_name}"), None).await?.1)
+    }
+
     /// The repository's default branch.
     pub async fn default_branch(&self, installation: u64, full_name: &str) -> Result<String, GitHubError> {
         let (_, repo) = self.call(installation, http::Method::GET, &format!("/repos/{full_name}"), None).await?;

@@ -269,6 +269,41 @@ impl Ingest {
         }
     }
 
+    /// Makes `full_name` a project explicitly (an operator's `understudy project create`): the
+    /// repository must be visible to `installation`; its owner becomes the project's account.
+    pub async fn create_project(&self, installation: u64, full_name: &str, branch: Option<&str>) -> Result<Project, IngestError> {
+        let Some(github) = &self.github else {
+            return Err(IngestError::Invalid {
+                field: "GITHUB_APP_ID",
+                reason: "creating a project needs the GitHub App configured".into(),
+            });
+        };
+        RepoFullName::parse(full_name)?;
+        let repository = match github.repository(installation, full_name).await {
+            Ok(repository) => repository,
+            Err(GitHubError::NotFound(_)) => {
+                return Err(IngestError::Invalid {
+                    field: "repository",
+                    reason: format!("{full_name} does not exist or installation {installation} cannot see it"),
+                })
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let parsed: Result<(webhook::Account, Repository), serde_json::Error> =
+            serde_json::from_value(repository["owner"].clone()).and_then(|owner| Ok((owner, serde_json::from_value(repository.clone())?)));
+        let (owner, repo) = parsed.map_err(|e| IngestError::Invalid { field: "repository", reason: format!("GitHub's answer: {e}") })?;
+        let meta = Metadata::new(Uuid::new_v4(), "operator:cli");
+        let account = self.ensure_account(&owner, owner.id, installation, &meta).await?;
+        let default_branch = branch.map(str::to_string).or(repo.default_branch.clone());
+        let mut project =
+            self.ensure_project(account, installation, repo.id, &repo.name, &repo.full_name, default_branch.as_deref(), &meta).await?;
+        if let Some(branch) = branch {
+            let command = ProjectCommand::ChangeProductionBranch { branch: BranchName::parse(branch)?, at: Utc::now() };
+            project = self.store.projects.execute(super::project_id(repo.id).0, command, meta).await?.state;
+        }
+        Ok(project)
+    }
+
     async fn ensure_account(
         &self,
         account: &webhook::Account,
