@@ -112,6 +112,16 @@ pub async fn history(pool: &PgPool, aggregate_id: Uuid) -> sqlx::Result<Vec<Logg
     .await
 }
 
+/// Every numbered event one request caused (same correlation id), in log order.
+pub async fn caused_by(pool: &PgPool, correlation_id: Uuid) -> sqlx::Result<Vec<LoggedEvent>> {
+    sqlx::query_as::<_, LoggedEvent>(&format!(
+        "SELECT {COLUMNS} FROM event_log WHERE correlation_id = $1 AND position IS NOT NULL ORDER BY position"
+    ))
+    .bind(correlation_id)
+    .fetch_all(pool)
+    .await
+}
+
 /// The highest position numbered so far (0 when the log is empty).
 pub async fn head(executor: impl sqlx::PgExecutor<'_>) -> sqlx::Result<i64> {
     sqlx::query_scalar("SELECT position FROM log_cursors WHERE name = 'sequenced'").fetch_one(executor).await

@@ -9,20 +9,38 @@ use uuid::Uuid;
 pub async fn events(pool: &PgPool, id: Uuid, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let events = understudy_adapters::global_log::history(pool, id).await?;
     if events.is_empty() {
-        anyhow::bail!("no events for {id}: check the id (an account, project or environment id)");
+        anyhow::bail!("no events for {id}: check the id (an account, project, pull request or environment id)");
     }
+    print_events(&events, json, out)
+}
+
+/// Prints everything one request caused (a webhook delivery, a command), in log order.
+pub async fn trace(pool: &PgPool, correlation: Uuid, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let events = understudy_adapters::global_log::caused_by(pool, correlation).await?;
+    if events.is_empty() {
+        anyhow::bail!("no events with correlation id {correlation}");
+    }
+    print_events(&events, json, out)
+}
+
+fn print_events(events: &[understudy_adapters::LoggedEvent], json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     if json {
-        for event in &events {
+        for event in events {
             writeln!(out, "{}", serde_json::to_string(event)?)?;
         }
         return Ok(());
     }
-    writeln!(out, "{:>8}  {:>3}  {:<24}  {:<25}  {:<28}  correlation", "position", "v", "recorded (UTC)", "event", "actor")?;
-    for e in &events {
+    writeln!(
+        out,
+        "{:>8}  {:<36}  {:>3}  {:<24}  {:<25}  {:<28}  correlation",
+        "position", "entity", "v", "recorded (UTC)", "event", "actor"
+    )?;
+    for e in events {
         writeln!(
             out,
-            "{:>8}  {:>3}  {:<24}  {:<25}  {:<28}  {}",
+            "{:>8}  {:<36}  {:>3}  {:<24}  {:<25}  {:<28}  {}",
             e.position,
+            e.aggregate_id,
             e.aggregate_version,
             e.recorded_at.format("%Y-%m-%d %H:%M:%S%.3f"),
             e.event_type,
@@ -57,6 +75,46 @@ pub async fn replay(pool: &PgPool, which: &str) -> anyhow::Result<()> {
             report.seconds,
             report.events as f64 / report.seconds.max(1e-9)
         );
+    }
+    Ok(())
+}
+
+/// Prints an entity's state at a moment (now when `at` is `None`) as JSON.
+pub async fn state(pool: &PgPool, id: Uuid, at: Option<chrono::DateTime<chrono::Utc>>, out: &mut impl Write) -> anyhow::Result<()> {
+    match understudy_projections::time_travel::state_at(pool, id, at).await? {
+        Some(state) => writeln!(out, "{}", serde_json::to_string_pretty(&state)?)?,
+        None => anyhow::bail!("{id} had no events by {}", at.map_or("now".to_string(), |at| at.to_rfc3339())),
+    }
+    Ok(())
+}
+
+/// Compares each live read model with a fresh replay; an error when any differs.
+pub async fn verify(pool: &PgPool, which: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let projections = if which == "all" { understudy_projections::all() } else { vec![understudy_projections::by_name(which)?] };
+    let mut differing = Vec::new();
+    for projection in projections {
+        let report = understudy_projections::replay::verify(pool, projection.as_ref()).await?;
+        if report.differences.is_empty() {
+            writeln!(out, "{}: live equals replay at position {}", report.projection, report.position)?;
+        } else {
+            for d in &report.differences {
+                writeln!(
+                    out,
+                    "{}: {} differs at position {}: {} rows only live, {} only in the replay",
+                    report.projection, d.table, report.position, d.only_live_count, d.only_replayed_count
+                )?;
+                for row in &d.only_live {
+                    writeln!(out, "  live:     {row}")?;
+                }
+                for row in &d.only_replayed {
+                    writeln!(out, "  replayed: {row}")?;
+                }
+            }
+            differing.push(report.projection);
+        }
+    }
+    if !differing.is_empty() {
+        anyhow::bail!("read models differ from a replay of the log: {}", differing.join(", "));
     }
     Ok(())
 }

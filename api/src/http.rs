@@ -15,7 +15,45 @@ use crate::webhooks::{self, WebhookState, MAX_WEBHOOK_BODY};
 /// Largest GraphQL request body accepted (a query and its variables): larger ones get 413.
 pub const MAX_GRAPHQL_BODY: usize = 64 * 1024;
 
-pub fn router(schema: AppSchema, webhooks: WebhookState) -> Router {
+/// What `/readyz` checks.
+#[derive(Clone)]
+pub struct Readiness {
+    pub pool: sqlx::PgPool,
+    pub nats: async_nats::Client,
+    /// A projection further behind the log than this is not ready.
+    pub max_lag: i64,
+}
+
+/// `/readyz`: 200 when Postgres answers, NATS is connected and every projection is within
+/// `max_lag` events of the log's head; 503 with the reasons otherwise.
+async fn readyz(State(readiness): State<Readiness>) -> Response {
+    let mut problems = Vec::new();
+    let lags = match tokio::time::timeout(std::time::Duration::from_secs(2), understudy_projections::projector::lag(&readiness.pool)).await
+    {
+        Ok(Ok(lags)) => lags,
+        Ok(Err(error)) => {
+            problems.push(format!("postgres: {error}"));
+            vec![]
+        }
+        Err(_) => {
+            problems.push("postgres: no answer within 2 s".to_string());
+            vec![]
+        }
+    };
+    if readiness.nats.connection_state() != async_nats::connection::State::Connected {
+        problems.push(format!("nats: {}", readiness.nats.connection_state()));
+    }
+    for lag in &lags {
+        if lag.lag > readiness.max_lag {
+            problems.push(format!("projection {} is {} events behind", lag.projection, lag.lag));
+        }
+    }
+    let body = serde_json::json!({ "ready": problems.is_empty(), "problems": problems, "projections": lags });
+    let status = if problems.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+pub fn router(schema: AppSchema, webhooks: WebhookState, readiness: Readiness) -> Router {
     let graphql = Router::new()
         .route(
             "/graphql",
@@ -25,7 +63,8 @@ pub fn router(schema: AppSchema, webhooks: WebhookState) -> Router {
     let github = Router::new()
         .route("/webhooks/github", post(webhooks::receive).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)))
         .with_state(webhooks);
-    Router::new().merge(graphql).merge(github).route("/graphiql", get(graphiql)).route("/healthz", get(|| async { "ok" }))
+    let ready = Router::new().route("/readyz", get(readyz)).with_state(readiness);
+    Router::new().merge(graphql).merge(github).merge(ready).route("/graphiql", get(graphiql)).route("/healthz", get(|| async { "ok" }))
 }
 
 /// GraphQL over HTTP. The body is read through axum's `Bytes` extractor so the size limit holds.

@@ -73,6 +73,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print everything one request caused (a webhook delivery's id, a command's correlation id).
+    Trace {
+        correlation_id: Uuid,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an entity's state, now or at a past moment, rebuilt from the log.
+    State {
+        id: Uuid,
+        /// An RFC 3339 moment, e.g. 2026-11-24T12:00:00Z.
+        #[arg(long)]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Compare every live read model with a fresh replay of the log; fails on any difference.
+    Verify {
+        /// One projection, or `all`.
+        #[arg(long, default_value = "all")]
+        projection: String,
+    },
     /// Print each projection's checkpoint and lag behind the log.
     Status,
     /// Projects.
@@ -188,6 +208,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events { id, json } => {
             let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
             return understudy_api::cli::events(&pool, id, json, &mut std::io::stdout()).await;
+        }
+        Command::Trace { correlation_id, json } => {
+            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            return understudy_api::cli::trace(&pool, correlation_id, json, &mut std::io::stdout()).await;
+        }
+        Command::State { id, at } => {
+            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            return understudy_api::cli::state(&pool, id, at, &mut std::io::stdout()).await;
+        }
+        Command::Verify { projection } => {
+            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 4).await?;
+            return understudy_api::cli::verify(&pool, &projection, &mut std::io::stdout()).await;
         }
         Command::Status => {
             let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;

@@ -76,7 +76,8 @@ impl Runtime {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}: is it in use?"))?;
         let addr = listener.local_addr()?;
         let webhooks = WebhookState { pool: self.pool.clone(), secret: self.github.webhook_secret.clone(), wake: self.deliveries.clone() };
-        let app = crate::http::router(self.schema(), webhooks);
+        let readiness = crate::http::Readiness { pool: self.pool.clone(), nats: self.nats.clone(), max_lag: 10_000 };
+        let app = crate::http::router(self.schema(), webhooks, readiness);
         tasks.spawn(
             async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving HTTP") },
         );

@@ -122,3 +122,60 @@ struct StoredFormRef<'a, T> {
     meta: &'a Metadata,
     event: &'a T,
 }
+
+#[cfg(test)]
+mod tests {
+    //! How a schema change is made: bump `SCHEMA_VERSION`, teach `upcast` the old shape, and keep
+    //! a stored event of the old version in a test like this one (docs/event-schema.md).
+    use super::*;
+
+    /// Version 2 of an event whose version 1 called `preview_url` `url` and had no `attempt`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type")]
+    enum Example {
+        Ready { preview_url: String, attempt: u32 },
+    }
+
+    impl DomainEvent for Example {
+        const SCHEMA_VERSION: u32 = 2;
+
+        fn event_type(&self) -> &'static str {
+            "Ready"
+        }
+
+        fn upcast(from_version: u32, mut event: serde_json::Value) -> Result<serde_json::Value, EventDecodeError> {
+            match from_version {
+                1 => {
+                    let object = event.as_object_mut().ok_or_else(|| EventDecodeError::Malformed("not an object".into()))?;
+                    let url = object.remove("url").ok_or_else(|| EventDecodeError::Malformed("v1 Ready without url".into()))?;
+                    object.insert("preview_url".into(), url);
+                    object.insert("attempt".into(), 1.into());
+                    Ok(event)
+                }
+                other => Err(EventDecodeError::UnknownVersion { version: other, current: Self::SCHEMA_VERSION }),
+            }
+        }
+    }
+
+    #[test]
+    fn old_stored_events_still_load_through_the_upcaster() {
+        let stored_v1 = serde_json::json!({
+            "schema_version": 1,
+            "meta": { "correlation_id": "00000000-0000-0000-0000-000000000001", "actor": "system:test" },
+            "event": { "type": "Ready", "url": "http://preview" }
+        });
+        let loaded = Recorded::<Example>::from_json(stored_v1).expect("v1 loads");
+        assert_eq!(loaded.event, Example::Ready { preview_url: "http://preview".into(), attempt: 1 });
+        // Written again, it is version 2; read back, it is the same event.
+        let written = loaded.to_json();
+        assert_eq!(written["schema_version"], 2);
+        assert_eq!(Recorded::<Example>::from_json(written).expect("v2 loads"), loaded);
+        // A version this build does not know is an error, never a guess.
+        let future = serde_json::json!({
+            "schema_version": 3,
+            "meta": { "correlation_id": "00000000-0000-0000-0000-000000000001", "actor": "system:test" },
+            "event": { "type": "Ready", "preview_url": "x", "attempt": 1, "region": "eu" }
+        });
+        assert_eq!(Recorded::<Example>::from_json(future), Err(EventDecodeError::UnknownVersion { version: 3, current: 2 }));
+    }
+}

@@ -71,6 +71,14 @@ impl Projection for GitHubOutbox {
         &["github_outbox", "pr_environments"]
     }
 
+    fn compared_columns(&self, table: &str) -> &'static str {
+        match table {
+            // The rest of the row is the writer's bookkeeping.
+            "github_outbox" => "kind, key, dirty_position",
+            _ => "*",
+        }
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,
@@ -190,6 +198,7 @@ impl OutboxWriter {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((kind, key, dirty, attempts)) = due else {
+            tx.rollback().await?;
             return Ok(false);
         };
         let result = match kind.as_str() {

@@ -8,6 +8,7 @@ pub mod environments;
 pub mod github;
 pub mod projector;
 pub mod replay;
+pub mod time_travel;
 
 pub use any_event::AnyEvent;
 pub use projector::{Change, Projection, ProjectionError, Projector, Tables};

@@ -60,6 +60,7 @@ pub struct Tables {
 impl Tables {
     pub const LIVE: Tables = Tables { suffix: "" };
     pub const REBUILD: Tables = Tables { suffix: "__rebuild" };
+    pub const VERIFY: Tables = Tables { suffix: "__verify" };
 
     pub fn name(&self, base: &str) -> String {
         format!("{base}{}", self.suffix)
@@ -82,6 +83,11 @@ pub trait Projection: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// The tables it owns, rebuilt and swapped together by a replay.
     fn tables(&self) -> &'static [&'static str];
+    /// The columns of `table` that this projection alone writes, compared by `understudy verify`
+    /// (a reactor may keep its own bookkeeping in other columns).
+    fn compared_columns(&self, _table: &str) -> &'static str {
+        "*"
+    }
     /// Applies one event inside the caller's transaction; returns the rows it changed.
     async fn apply(
         &self,
@@ -319,6 +325,9 @@ impl Projector {
             let start = lock_checkpoint(&mut tx, name).await?;
             let events = global_log::read_range(&mut *tx, start, i64::MAX, self.batch as i64).await?;
             if events.is_empty() {
+                // End the transaction now: a dropped one holds the checkpoint lock until its
+                // connection is next used.
+                tx.rollback().await?;
                 return Ok(());
             }
             let mut changes = Vec::new();

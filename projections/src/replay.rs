@@ -21,44 +21,67 @@ pub struct ReplayReport {
     pub seconds: f64,
 }
 
-/// Rebuilds `projection` and swaps it in. `progress(events_done, head)` is called per batch.
-pub async fn replay(pool: &PgPool, projection: &dyn Projection, mut progress: impl FnMut(u64, i64)) -> anyhow::Result<ReplayReport> {
-    const BATCH: i64 = 5000;
-    let started = Instant::now();
+const BATCH: i64 = 5000;
+
+/// Creates `tables`' copies of the projection's tables, empty, and fills them from the log up to
+/// position `up_to`, in batches that block nothing. Returns the position reached and the events read.
+async fn build_beside(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    tables: &Tables,
+    up_to: i64,
+    mut progress: impl FnMut(u64, i64),
+) -> anyhow::Result<(i64, u64)> {
     let mut conn = pool.acquire().await?;
     for table in projection.tables() {
-        let rebuild = Tables::REBUILD.name(table);
-        sqlx::query(&format!("DROP TABLE IF EXISTS {rebuild}")).execute(&mut *conn).await?;
-        sqlx::query(&format!("CREATE TABLE {rebuild} (LIKE {table} INCLUDING ALL)")).execute(&mut *conn).await?;
+        let copy = tables.name(table);
+        sqlx::query(&format!("DROP TABLE IF EXISTS {copy}")).execute(&mut *conn).await?;
+        sqlx::query(&format!("CREATE TABLE {copy} (LIKE {table} INCLUDING ALL)")).execute(&mut *conn).await?;
     }
     drop(conn);
-
-    let mut position = 0;
-    let mut events = 0u64;
+    let (mut position, mut events) = (0, 0u64);
     let mut ignored = Vec::new();
     loop {
-        let batch = global_log::read_after(pool, position, BATCH).await?;
+        let batch = global_log::read_range(pool, position, up_to, BATCH).await?;
         if batch.is_empty() {
-            break;
+            return Ok((position, events));
         }
         let mut tx = pool.begin().await?;
-        position = applied(apply_all(projection, &mut tx, &Tables::REBUILD, position, &batch, &mut ignored).await?)?;
+        position = applied(apply_all(projection, &mut tx, tables, position, &batch, &mut ignored).await?)?;
         tx.commit().await?;
         events += batch.len() as u64;
         ignored.clear();
         progress(events, global_log::head(pool).await?);
     }
+}
 
-    let mut tx = pool.begin().await?;
-    lock_checkpoint(&mut tx, projection.name()).await?;
+/// Applies the log's events in `(position, up_to]` to `tables` inside `tx`.
+async fn catch_up(
+    tx: &mut sqlx::PgConnection,
+    projection: &dyn Projection,
+    tables: &Tables,
+    mut position: i64,
+    up_to: i64,
+) -> anyhow::Result<(i64, u64)> {
+    let (mut events, mut ignored) = (0u64, Vec::new());
     loop {
-        let batch = global_log::read_range(&mut *tx, position, i64::MAX, BATCH).await?;
+        let batch = global_log::read_range(&mut *tx, position, up_to, BATCH).await?;
         if batch.is_empty() {
-            break;
+            return Ok((position, events));
         }
-        position = applied(apply_all(projection, &mut tx, &Tables::REBUILD, position, &batch, &mut ignored).await?)?;
+        position = applied(apply_all(projection, tx, tables, position, &batch, &mut ignored).await?)?;
         events += batch.len() as u64;
     }
+}
+
+/// Rebuilds `projection` and swaps it in. `progress(events_done, head)` is called per batch.
+pub async fn replay(pool: &PgPool, projection: &dyn Projection, progress: impl FnMut(u64, i64)) -> anyhow::Result<ReplayReport> {
+    let started = Instant::now();
+    let (position, mut events) = build_beside(pool, projection, &Tables::REBUILD, i64::MAX, progress).await?;
+    let mut tx = pool.begin().await?;
+    lock_checkpoint(&mut tx, projection.name()).await?;
+    let (position, more) = catch_up(&mut tx, projection, &Tables::REBUILD, position, i64::MAX).await?;
+    events += more;
     for table in projection.tables() {
         sqlx::query(&format!("DROP TABLE {table}")).execute(&mut *tx).await?;
         sqlx::query(&format!("ALTER TABLE {} RENAME TO {table}", Tables::REBUILD.name(table))).execute(&mut *tx).await?;
@@ -66,6 +89,54 @@ pub async fn replay(pool: &PgPool, projection: &dyn Projection, mut progress: im
     store_checkpoint(&mut tx, projection.name(), position).await?;
     tx.commit().await?;
     Ok(ReplayReport { projection: projection.name().into(), events, position, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// How one table of a live read model differs from a fresh replay of the log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TableDifference {
+    pub table: String,
+    /// Rows the live table has that the replay does not (as JSON), at most a few.
+    pub only_live: Vec<serde_json::Value>,
+    pub only_live_count: i64,
+    /// Rows the replay has that the live table does not.
+    pub only_replayed: Vec<serde_json::Value>,
+    pub only_replayed_count: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VerifyReport {
+    pub projection: String,
+    /// The checkpoint both sides were compared at.
+    pub position: i64,
+    pub differences: Vec<TableDifference>,
+}
+
+/// Replays `projection` beside the live tables up to the live checkpoint and compares them, row
+/// by row, over the columns the projection owns. Changes nothing live.
+pub async fn verify(pool: &PgPool, projection: &dyn Projection) -> anyhow::Result<VerifyReport> {
+    let live_now = crate::projector::checkpoint(pool, projection.name()).await?;
+    let (position, _) = build_beside(pool, projection, &Tables::VERIFY, live_now, |_, _| {}).await?;
+    let mut tx = pool.begin().await?;
+    // Holding the checkpoint row keeps the live side still while both are read.
+    let checkpoint = lock_checkpoint(&mut tx, projection.name()).await?;
+    catch_up(&mut tx, projection, &Tables::VERIFY, position, checkpoint).await?;
+    let mut differences = Vec::new();
+    for table in projection.tables() {
+        let columns = projection.compared_columns(table);
+        let copy = Tables::VERIFY.name(table);
+        let side = |a: &str, b: &str| format!("SELECT to_jsonb(d) FROM (SELECT {columns} FROM {a} EXCEPT ALL SELECT {columns} FROM {b}) d");
+        let count = |a: &str, b: &str| format!("SELECT count(*) FROM (SELECT {columns} FROM {a} EXCEPT ALL SELECT {columns} FROM {b}) d");
+        let only_live_count: i64 = sqlx::query_scalar(&count(table, &copy)).fetch_one(&mut *tx).await?;
+        let only_replayed_count: i64 = sqlx::query_scalar(&count(&copy, table)).fetch_one(&mut *tx).await?;
+        if only_live_count + only_replayed_count > 0 {
+            let only_live = sqlx::query_scalar(&format!("{} LIMIT 3", side(table, &copy))).fetch_all(&mut *tx).await?;
+            let only_replayed = sqlx::query_scalar(&format!("{} LIMIT 3", side(&copy, table))).fetch_all(&mut *tx).await?;
+            differences.push(TableDifference { table: table.to_string(), only_live, only_live_count, only_replayed, only_replayed_count });
+        }
+        sqlx::query(&format!("DROP TABLE {copy}")).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(VerifyReport { projection: projection.name().into(), position: checkpoint, differences })
 }
 
 /// A replay stops at an event it cannot decode, without swapping anything in.

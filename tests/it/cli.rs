@@ -20,6 +20,10 @@ fn every_subcommand_has_help() {
         vec!["replay", "--help"],
         vec!["events", "--help"],
         vec!["status", "--help"],
+        vec!["trace", "--help"],
+        vec!["state", "--help"],
+        vec!["verify", "--help"],
+        vec!["project", "create", "--help"],
         vec!["bench", "--help"],
         vec!["bench", "append", "--help"],
         vec!["bench", "latency", "--help"],
@@ -87,6 +91,41 @@ async fn events_prints_an_entity_history_as_a_table_and_as_json() {
     assert_eq!(lines.len(), 5);
     assert_eq!(lines[0]["event_type"], "EnvironmentCreated");
     assert_eq!(lines[4]["aggregate_version"], 5);
+    // State now and at a moment before the environment existed; trace by correlation id; verify.
+    let run_args = |args: &[&str]| Command::new(understudy_bin()).args(args).env("DATABASE_URL", &env.database_url).output().expect("run");
+    let state = run_args(&["state", &id.to_string()]);
+    let state: serde_json::Value = serde_json::from_slice(&state.stdout).expect("state JSON");
+    assert_eq!(state["aggregate_type"], "environment");
+    assert_eq!(state["events"], 5);
+    assert_eq!(state["state"]["deployments"][0]["status"], "Ready");
+    let early = run_args(&["state", &id.to_string(), "--at", "2000-01-01T00:00:00Z"]);
+    assert!(!early.status.success());
+    assert!(String::from_utf8_lossy(&early.stderr).contains("had no events by 2000-01-01"));
+    let correlation = lines[2]["correlation_id"].as_str().expect("correlation").to_string();
+    let trace = run_args(&["trace", &correlation, "--json"]);
+    assert_eq!(String::from_utf8_lossy(&trace.stdout).lines().count(), 1, "one command, one event");
+    understudy_projections::Projector::new(
+        env.pool().clone(),
+        env.runtime.nats.clone(),
+        env.topology().clone(),
+        std::sync::Arc::new(understudy_projections::environments::Environments),
+    )
+    .catch_up_from_log()
+    .await
+    .expect("project");
+    let verify = run_args(&["verify"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("environments: live equals replay at position 5"));
+    // A read model edited behind the log's back is caught.
+    sqlx::query("UPDATE environments SET status = 'Failed'").execute(env.pool()).await.expect("tamper");
+    let verify = run_args(&["verify", "--projection", "environments"]);
+    assert!(!verify.status.success());
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("1 rows only live, 1 only in the replay"),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+
     // An id with no history is a clear error.
     let missing = Command::new(understudy_bin())
         .args(["events", &Uuid::new_v4().to_string()])

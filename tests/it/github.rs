@@ -196,6 +196,34 @@ async fn a_pull_request_gets_one_sticky_comment_that_follows_its_environments() 
 
     assert_eq!(app.github.count("POST", &format!("/repos/{repo}/issues/2/comments")), 1, "the comment was created once");
     assert_eq!(app.github.count("POST", "/app/installations/2311213/access_tokens"), 1, "one installation token, cached");
+
+    // Every read model equals a fresh replay of the log.
+    for projection in understudy_projections::all() {
+        let report = understudy_projections::replay::verify(app.env.pool(), projection.as_ref()).await.expect("verify");
+        assert!(report.differences.is_empty(), "{report:#?}");
+    }
+    // Everything the opened webhook caused, by its delivery's correlation id, and the pull
+    // request's state before it was closed.
+    let caused =
+        understudy_adapters::global_log::caused_by(app.env.pool(), Uuid::new_v5(&Uuid::NAMESPACE_URL, b"d-opened")).await.expect("trace");
+    let types: Vec<_> = caused.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types.iter().filter(|t| **t == "EnvironmentCreated").count(), 2, "{types:?}");
+    assert!(types.contains(&"PullRequestOpened"), "{types:?}");
+    let pr = understudy_domain::ids::PullRequestId::derive(project_id, 2);
+    let closed_at = understudy_adapters::global_log::history(app.env.pool(), pr.0)
+        .await
+        .expect("history")
+        .into_iter()
+        .find(|e| e.event_type == "PullRequestClosed")
+        .expect("closed")
+        .recorded_at;
+    let before = understudy_projections::time_travel::state_at(app.env.pool(), pr.0, Some(closed_at - chrono::Duration::microseconds(1)))
+        .await
+        .expect("state")
+        .expect("existed");
+    assert_eq!(before.state["open"], true);
+    let now = understudy_projections::time_travel::state_at(app.env.pool(), pr.0, None).await.expect("state").expect("exists");
+    assert_eq!(now.state["open"], false);
     assert!(app.github.count("PATCH", &format!("/repos/{repo}/issues/comments/")) >= 3, "and edited after");
     app.cancel.cancel();
 }

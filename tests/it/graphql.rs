@@ -82,6 +82,27 @@ async fn queries_serve_environments_and_history() {
     assert!(body["errors"][0]["message"].as_str().unwrap_or_default().contains("nested too deep"), "{body}");
     let (_, body) = post(app.addr, json!({ "query": "{ environments(first: 100000) { id } }" })).await;
     assert!(body["errors"][0]["message"].as_str().unwrap_or_default().contains("less than or equal to 500"), "{body}");
+    // Health and readiness for load balancers.
+    let health = reqwest::get(format!("http://{}/healthz", app.addr)).await.expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+    let ready = eventually(Duration::from_secs(20), "readiness", || async {
+        let response = reqwest::get(format!("http://{}/readyz", app.addr)).await.ok()?;
+        (response.status().as_u16() == 200).then_some(())?;
+        response.json::<Value>().await.ok()
+    })
+    .await;
+    assert_eq!(ready["ready"], true);
+    assert_eq!(ready["projections"].as_array().map(Vec::len), Some(understudy_projections::all().len()));
+    // A projection far behind makes the node unready, and says which.
+    sqlx::query("INSERT INTO projector_checkpoints (projection, position) VALUES ('lagging_probe', -1000000)")
+        .execute(app.env.pool())
+        .await
+        .expect("a lagging projection");
+    let response = reqwest::get(format!("http://{}/readyz", app.addr)).await.expect("readyz");
+    assert_eq!(response.status().as_u16(), 503);
+    let body: Value = response.json().await.expect("json");
+    assert!(body["problems"][0].as_str().unwrap_or_default().contains("projection lagging_probe is"), "{body}");
+
     let huge = "x".repeat(200 * 1024);
     let (status, _) = post(app.addr, json!({ "query": huge })).await;
     assert_eq!(status, 413, "an oversized query is refused");

@@ -121,6 +121,7 @@ impl Ingest {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((delivery_id, event, payload, attempts)) = row else {
+            tx.rollback().await?;
             return Ok(false);
         };
         let result = match serde_json::to_vec(&payload).ok().and_then(|body| webhook::parse(&event, &body).ok()) {
