@@ -17,6 +17,8 @@ use understudy_domain::{Aggregate, DomainError, Metadata, Recorded};
 use uuid::Uuid;
 
 use crate::global_log::GlobalLog;
+use crate::metrics::METRICS;
+use understudy_domain::DomainEvent;
 
 /// A command with who sent it and why; its metadata goes onto every event it causes.
 #[derive(Debug, Clone)]
@@ -117,6 +119,18 @@ impl<A: Aggregate> AggregateStore<A> {
     /// Decides `command` against the current state of `id` and appends the events, retrying on
     /// fresh state when a concurrent append wins. A command that decides no events appends nothing.
     pub async fn execute(&self, id: Uuid, command: A::Command, meta: Metadata) -> Result<Executed<A>, CommandError> {
+        let started = std::time::Instant::now();
+        let result = self.execute_with_retries(id, command, meta).await;
+        if let Ok(executed) = &result {
+            METRICS.append_seconds.observe(started.elapsed());
+            for event in &executed.events {
+                METRICS.events_appended.inc(event.payload.event.event_type());
+            }
+        }
+        result
+    }
+
+    async fn execute_with_retries(&self, id: Uuid, command: A::Command, meta: Metadata) -> Result<Executed<A>, CommandError> {
         for attempt in 1..=MAX_ATTEMPTS {
             let mut state = self.load(id).await?;
             let events =
@@ -130,6 +144,7 @@ impl<A: Aggregate> AggregateStore<A> {
                     return Ok(Executed { state, events: stored });
                 }
                 Err(error) if is_conflict(&error) => {
+                    METRICS.append_conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(aggregate = A::NAME, %id, attempt, "append conflict; retrying on fresh state");
                     tokio::time::sleep(backoff(attempt)).await;
                 }

@@ -7,6 +7,7 @@ pub mod embedded;
 pub mod event_store;
 pub mod github;
 pub mod global_log;
+pub mod metrics;
 pub mod nats;
 pub mod relay;
 

@@ -62,8 +62,18 @@ pub async fn status(pool: &PgPool, out: &mut impl Write) -> anyhow::Result<()> {
 pub async fn replay(pool: &PgPool, which: &str) -> anyhow::Result<()> {
     let projections = if which == "all" { understudy_projections::all() } else { vec![understudy_projections::by_name(which)?] };
     for projection in projections {
+        let started = std::time::Instant::now();
         let report = understudy_projections::replay::replay(pool, projection.as_ref(), |done, head| {
-            eprint!("\r{}: {done} events replayed (log head {head})   ", projection.name());
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            let left = (head as f64 - done as f64).max(0.0) / rate.max(1.0);
+            let width = 30usize;
+            let filled = if head > 0 { (done as f64 / head as f64 * width as f64).min(width as f64) as usize } else { width };
+            eprint!(
+                "\r{}: [{}{}] {done}/{head} events, {rate:.0}/s, ETA {left:.0}s   ",
+                projection.name(),
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            );
         })
         .await?;
         eprintln!();

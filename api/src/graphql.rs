@@ -211,6 +211,22 @@ impl Query {
 
 pub struct Subscription;
 
+/// Counts an open subscription in `understudy_active_subscriptions` for as long as it lives.
+struct OpenSubscription;
+
+impl OpenSubscription {
+    fn new() -> Self {
+        understudy_adapters::metrics::METRICS.active_subscriptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for OpenSubscription {
+    fn drop(&mut self) {
+        understudy_adapters::metrics::METRICS.active_subscriptions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[Subscription]
 impl Subscription {
     /// An environment's new state each time the `environments` read model commits a change to it
@@ -221,7 +237,9 @@ impl Subscription {
         let topology = ctx.data::<Topology>()?;
         let key = project_id.map_or_else(|| "*".to_string(), |id| id.to_string());
         let notices = nats.subscribe(topology.changes_subject(READ_MODEL, &key)).await?;
+        let open = OpenSubscription::new();
         Ok(notices.filter_map(move |message| {
+            let _counted = &open;
             let pool = pool.clone();
             async move {
                 let change: Change = serde_json::from_slice(&message.payload).ok()?;

@@ -63,8 +63,15 @@ pub fn router(schema: AppSchema, webhooks: WebhookState, readiness: Readiness) -
     let github = Router::new()
         .route("/webhooks/github", post(webhooks::receive).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)))
         .with_state(webhooks);
+    let metrics = Router::new().route("/metrics", get(crate::metrics::metrics)).with_state(readiness.pool.clone());
     let ready = Router::new().route("/readyz", get(readyz)).with_state(readiness);
-    Router::new().merge(graphql).merge(github).merge(ready).route("/graphiql", get(graphiql)).route("/healthz", get(|| async { "ok" }))
+    Router::new()
+        .merge(graphql)
+        .merge(github)
+        .merge(ready)
+        .merge(metrics)
+        .route("/graphiql", get(graphiql))
+        .route("/healthz", get(|| async { "ok" }))
 }
 
 /// GraphQL over HTTP. The body is read through axum's `Bytes` extractor so the size limit holds.

@@ -4,5 +4,6 @@ pub mod bench;
 pub mod cli;
 pub mod graphql;
 pub mod http;
+pub mod metrics;
 pub mod runtime;
 pub mod webhooks;

@@ -13,6 +13,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use understudy_adapters::github::ingest;
 use understudy_adapters::github::webhook::{self, Webhook};
+use understudy_adapters::metrics::METRICS;
 
 /// GitHub's own cap on a webhook payload.
 pub const MAX_WEBHOOK_BODY: usize = 25 * 1024 * 1024;
@@ -27,6 +28,7 @@ pub struct WebhookState {
 }
 
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+    METRICS.webhook_deliveries.inc(status.as_str());
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
@@ -57,9 +59,13 @@ pub async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body
         Ok(true) => {
             state.wake.notify_one();
             let status = if matches!(parsed, Webhook::Ignored { .. }) { "ignored" } else { "accepted" };
+            METRICS.webhook_deliveries.inc(status);
             (StatusCode::ACCEPTED, Json(json!({ "status": status, "delivery": delivery }))).into_response()
         }
-        Ok(false) => (StatusCode::OK, Json(json!({ "status": "duplicate", "delivery": delivery }))).into_response(),
+        Ok(false) => {
+            METRICS.webhook_deliveries.inc("duplicate");
+            (StatusCode::OK, Json(json!({ "status": "duplicate", "delivery": delivery }))).into_response()
+        }
         Err(error) => {
             tracing::error!(error = %error, "recording a webhook delivery failed");
             refuse(StatusCode::SERVICE_UNAVAILABLE, "could not record the delivery; GitHub will redeliver")

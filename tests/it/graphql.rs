@@ -103,6 +103,20 @@ async fn queries_serve_environments_and_history() {
     let body: Value = response.json().await.expect("json");
     assert!(body["problems"][0].as_str().unwrap_or_default().contains("projection lagging_probe is"), "{body}");
 
+    // Prometheus metrics: this node's counters and what Postgres knows.
+    let metrics = reqwest::get(format!("http://{}/metrics", app.addr)).await.expect("metrics");
+    assert_eq!(metrics.status().as_u16(), 200);
+    let text = metrics.text().await.expect("text");
+    for line in [
+        "understudy_events_appended_total{type=\"DeploymentReady\"}",
+        "understudy_projector_lag_events{projection=\"environments\"} 0",
+        "understudy_environments{status=\"Ready\"} 1",
+        "understudy_log_head 5",
+        "understudy_append_seconds_count",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+
     let huge = "x".repeat(200 * 1024);
     let (status, _) = post(app.addr, json!({ "query": huge })).await;
     assert_eq!(status, 413, "an oversized query is refused");

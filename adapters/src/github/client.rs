@@ -126,9 +126,23 @@ impl GitHub {
             (http::Method::PATCH, Some(body)) => client._patch(path, Some(body)).await,
             (other, _) => return Err(GitHubError::Refused(format!("unsupported call {other} {path}"))),
         }
-        .map_err(transport)?;
+        .map_err(|e| {
+            crate::metrics::METRICS.github_calls.inc("transport");
+            transport(e)
+        })?;
         let status = response.status();
         let headers = response.headers().clone();
+        let metrics = &crate::metrics::METRICS;
+        metrics.github_calls.inc(if status.is_success() {
+            "ok"
+        } else if status.is_server_error() {
+            "5xx"
+        } else {
+            status.as_str()
+        });
+        if let Some(remaining) = headers.get("x-ratelimit-remaining").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+            metrics.github_rate_limit_remaining.store(remaining, std::sync::atomic::Ordering::Relaxed);
+        }
         let text = client.body_to_string(response).await.map_err(transport)?;
         if status.is_success() {
             let value = if text.trim().is_empty() {

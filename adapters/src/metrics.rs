@@ -1,0 +1,114 @@
+//! Process-wide counters for `/metrics`, kept in plain atomics and maps: the figures that only this
+//! process sees (appends, conflicts, webhook answers, GitHub calls). Figures that Postgres knows
+//! (lags, checkpoints, environments by status) are read at scrape time by the API.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+pub const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+pub struct Histogram {
+    counts: [AtomicU64; 12],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    const fn new() -> Self {
+        Self { counts: [const { AtomicU64::new(0) }; 12], count: AtomicU64::new(0), sum_micros: AtomicU64::new(0) }
+    }
+
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            out.push_str(&format!("{name}_bucket{{le=\"{bound}\"}} {}\n", count.load(Ordering::Relaxed)));
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {total}\n"));
+        out.push_str(&format!("{name}_sum {}\n", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6));
+        out.push_str(&format!("{name}_count {total}\n"));
+    }
+}
+
+/// A counter with one label.
+pub struct LabeledCounter {
+    values: Mutex<BTreeMap<String, u64>>,
+}
+
+impl LabeledCounter {
+    const fn new() -> Self {
+        Self { values: Mutex::new(BTreeMap::new()) }
+    }
+
+    pub fn inc(&self, label: &str) {
+        let mut values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *values.entry(label.to_string()).or_insert(0) += 1;
+    }
+
+    fn render(&self, name: &str, label: &str, help: &str, out: &mut String) {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        let values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (value, count) in values.iter() {
+            out.push_str(&format!("{name}{{{label}=\"{}\"}} {count}\n", escape(value)));
+        }
+    }
+}
+
+/// Escapes a label value for the Prometheus text format.
+pub fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub struct Metrics {
+    pub events_appended: LabeledCounter,
+    pub append_seconds: Histogram,
+    pub append_conflicts: AtomicU64,
+    pub webhook_deliveries: LabeledCounter,
+    pub github_calls: LabeledCounter,
+    /// `x-ratelimit-remaining` of GitHub's last answer; -1 before any.
+    pub github_rate_limit_remaining: AtomicI64,
+    pub active_subscriptions: AtomicI64,
+}
+
+pub static METRICS: Metrics = Metrics {
+    events_appended: LabeledCounter::new(),
+    append_seconds: Histogram::new(),
+    append_conflicts: AtomicU64::new(0),
+    webhook_deliveries: LabeledCounter::new(),
+    github_calls: LabeledCounter::new(),
+    github_rate_limit_remaining: AtomicI64::new(-1),
+    active_subscriptions: AtomicI64::new(0),
+};
+
+impl Metrics {
+    /// This process's figures in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        self.events_appended.render("understudy_events_appended_total", "type", "Events appended by this process, by event type.", out);
+        self.append_seconds.render("understudy_append_seconds", "Time to decide and append one command (load, decide, commit).", out);
+        out.push_str("# HELP understudy_append_conflicts_total Appends retried because another writer won the race.\n");
+        out.push_str("# TYPE understudy_append_conflicts_total counter\n");
+        out.push_str(&format!("understudy_append_conflicts_total {}\n", self.append_conflicts.load(Ordering::Relaxed)));
+        self.webhook_deliveries.render("understudy_webhook_deliveries_total", "result", "Webhook deliveries answered, by result.", out);
+        self.github_calls.render("understudy_github_api_calls_total", "outcome", "GitHub API calls, by outcome.", out);
+        out.push_str("# HELP understudy_github_rate_limit_remaining GitHub's x-ratelimit-remaining on its last answer (-1: none yet).\n");
+        out.push_str("# TYPE understudy_github_rate_limit_remaining gauge\n");
+        out.push_str(&format!("understudy_github_rate_limit_remaining {}\n", self.github_rate_limit_remaining.load(Ordering::Relaxed)));
+        out.push_str("# HELP understudy_active_subscriptions GraphQL subscriptions open on this node.\n");
+        out.push_str("# TYPE understudy_active_subscriptions gauge\n");
+        out.push_str(&format!("understudy_active_subscriptions {}\n", self.active_subscriptions.load(Ordering::Relaxed)));
+    }
+}
