@@ -292,7 +292,7 @@ fn not_found(id: impl std::fmt::Display) -> DomainError {
 }
 
 /// Looks up a deployment a worker reports on, refusing reports on superseded or gone ones.
-fn reported<'a>(state: &'a Environment, id: DeploymentId) -> Result<&'a Deployment, DomainError> {
+fn reported(state: &Environment, id: DeploymentId) -> Result<&Deployment, DomainError> {
     let deployment = state.deployment(id).ok_or_else(|| not_found(id))?;
     if deployment.status == DeploymentStatus::Superseded {
         return Err(DomainError::Superseded { deployment: id.to_string() });

@@ -66,7 +66,7 @@ impl EnvironmentLinks {
     }
 }
 
-/// Percent-encodes one URL path segment (RFC 3986 unreserved characters pass through).
+/// Percent-encodes a URL path segment or query value (RFC 3986 unreserved characters pass through).
 pub fn segment(raw: &str) -> String {
     raw.bytes()
         .map(|b| match b {

@@ -166,24 +166,7 @@ struct Repo {
 
 impl OutboxWriter {
     pub async fn run(self, wake: Arc<Notify>, cancel: CancellationToken) {
-        loop {
-            let wrote = match self.write_next().await {
-                Ok(wrote) => wrote,
-                Err(error) => {
-                    tracing::warn!(error = %error, "GitHub writer failed; retrying");
-                    false
-                }
-            };
-            if !wrote {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-            } else if cancel.is_cancelled() {
-                return;
-            }
-        }
+        understudy_adapters::worker::drain("GitHub writer", Duration::from_millis(200), wake, cancel, || self.write_next()).await
     }
 
     /// Writes the most overdue due entry; `false` when none is due.
@@ -299,7 +282,7 @@ impl OutboxWriter {
         };
         let project_id = ProjectId(project);
         let (_, repo) = self.repo(project_id).await?;
-        let rows: Vec<(String, String, String, sqlx::types::Json<Vec<TestRow>>, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        let rows: Vec<EnvironmentRow> = sqlx::query_as(
             "SELECT entrypoint, branch, status, tests, updated_at FROM environments WHERE project_id = $1 AND pull_request = $2",
         )
         .bind(project)
@@ -381,7 +364,7 @@ impl OutboxWriter {
         let links = EnvironmentLinks::new(&self.public_url, &repo.account, &repo.project, &branch, spec.entrypoint.as_str());
         let check_name = format!("Understudy: {}", spec.entrypoint);
         for deployment in &environment.deployments {
-            let known: Option<(i64, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+            let known: Option<WrittenDeployment> = sqlx::query_as(
                 "SELECT github_deployment_id, deployment_state, check_run_id, check_sha256 FROM github_deployments WHERE deployment_id = $1",
             )
             .bind(deployment.id.0)
@@ -498,6 +481,12 @@ fn check_run(
     }
     body
 }
+
+/// An environment row as the comment shows it: entrypoint, branch, status, tests, updated.
+type EnvironmentRow = (String, String, String, sqlx::types::Json<Vec<TestRow>>, chrono::DateTime<chrono::Utc>);
+
+/// What was last written to GitHub for a deployment: its GitHub id and state, its check run and body hash.
+type WrittenDeployment = (i64, Option<String>, Option<i64>, Option<String>);
 
 #[derive(serde::Deserialize)]
 struct TestRow {

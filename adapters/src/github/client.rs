@@ -224,7 +224,10 @@ impl GitHub {
         environment: &str,
         ours: &str,
     ) -> Result<Option<u64>, GitHubError> {
-        let path = format!("/repos/{full_name}/deployments?sha={sha}&environment={}&per_page=100", query_escape(environment));
+        let path = format!(
+            "/repos/{full_name}/deployments?sha={sha}&environment={}&per_page=100",
+            understudy_domain::pr_comment::segment(environment)
+        );
         let (_, list) = self.call(installation, http::Method::GET, &path, None).await?;
         Ok(list.as_array().and_then(|list| {
             list.iter().find(|d| d["payload"]["understudy_deployment"] == ours && d["sha"] == sha).and_then(|d| d["id"].as_u64())
@@ -285,7 +288,8 @@ impl GitHub {
         name: &str,
         external_id: &str,
     ) -> Result<Option<u64>, GitHubError> {
-        let path = format!("/repos/{full_name}/commits/{sha}/check-runs?check_name={}&per_page=100", query_escape(name));
+        let path =
+            format!("/repos/{full_name}/commits/{sha}/check-runs?check_name={}&per_page=100", understudy_domain::pr_comment::segment(name));
         let (_, answer) = self.call(installation, http::Method::GET, &path, None).await?;
         Ok(answer["check_runs"].as_array().and_then(|runs| {
             runs.iter()
@@ -303,16 +307,6 @@ impl GitHub {
         self.call(installation, http::Method::PATCH, &format!("/repos/{full_name}/check-runs/{id}"), Some(body)).await?;
         Ok(())
     }
-}
-
-/// Percent-encodes a query value.
-fn query_escape(raw: &str) -> String {
-    raw.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            other => format!("%{other:02X}"),
-        })
-        .collect()
 }
 
 fn classify_transport(error: &octocrab::Error) -> GitHubError {

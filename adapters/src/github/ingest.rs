@@ -90,24 +90,7 @@ impl Ingest {
     /// Processes pending deliveries in arrival order until cancelled; `wake` is poked by the
     /// webhook handler so a new delivery is processed at once rather than at the next poll.
     pub async fn run(self, wake: Arc<Notify>, cancel: CancellationToken) {
-        loop {
-            let processed = match self.process_next().await {
-                Ok(processed) => processed,
-                Err(error) => {
-                    tracing::warn!(error = %error, "webhook processing failed; retrying");
-                    false
-                }
-            };
-            if !processed {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            } else if cancel.is_cancelled() {
-                return;
-            }
-        }
+        crate::worker::drain("webhook processing", Duration::from_millis(500), wake, cancel, || self.process_next()).await
     }
 
     /// Processes the oldest due delivery; `false` when there was none.

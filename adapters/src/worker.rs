@@ -1,0 +1,37 @@
+//! The loop every queue-draining role runs: take one item, again and again while there is work;
+//! when there is none, wait for a wake-up or a poll interval; stop when cancelled.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Runs `step` until `cancel`. `step` returns whether it found work; an error is logged and
+/// treated as "no work" (the item stays queued and is retried after `idle`).
+pub async fn drain<F, Fut>(what: &'static str, idle: Duration, wake: Arc<Notify>, cancel: CancellationToken, mut step: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = sqlx::Result<bool>>,
+{
+    loop {
+        let worked = match step().await {
+            Ok(worked) => worked,
+            Err(error) => {
+                tracing::warn!(error = %error, "{what} failed; retrying");
+                false
+            }
+        };
+        if cancel.is_cancelled() {
+            return;
+        }
+        if !worked {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(idle) => {}
+            }
+        }
+    }
+}
