@@ -15,6 +15,11 @@ pub type AppSchema = Schema<Query, async_graphql::EmptyMutation, Subscription>;
 /// Largest page any list returns.
 pub const MAX_PAGE: i64 = 500;
 
+/// The schema in SDL, without any connection (for `schema.graphql`).
+pub fn sdl() -> String {
+    Schema::build(Query, async_graphql::EmptyMutation, Subscription).finish().sdl()
+}
+
 pub fn schema(pool: PgPool, nats: async_nats::Client, topology: Topology) -> AppSchema {
     Schema::build(Query, async_graphql::EmptyMutation, Subscription)
         .data(pool)
@@ -155,6 +160,18 @@ pub struct HistoryEvent {
     pub actor: String,
 }
 
+/// An entity's state at a moment.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct EntityState {
+    pub id: Uuid,
+    pub aggregate_type: String,
+    /// How many of its events were recorded by then.
+    pub events: i64,
+    /// The global position of the last of them.
+    pub position: Option<i64>,
+    pub state: async_graphql::Json<serde_json::Value>,
+}
+
 pub struct Query;
 
 #[Object]
@@ -183,6 +200,19 @@ impl Query {
 
     async fn environment(&self, ctx: &Context<'_>, id: Uuid) -> Result<Option<Environment>> {
         environment_by_id(ctx.data::<PgPool>()?, id).await
+    }
+
+    /// An entity's state (account, project, pull request or environment) as of a moment, rebuilt
+    /// from the log with the domain's rules; now when `asOf` is omitted. Null if it had no events by then.
+    async fn entity_state(&self, ctx: &Context<'_>, id: Uuid, as_of: Option<DateTime<Utc>>) -> Result<Option<EntityState>> {
+        let state = understudy_projections::time_travel::state_at(ctx.data::<PgPool>()?, id, as_of).await?;
+        Ok(state.map(|s| EntityState {
+            id: s.id,
+            aggregate_type: s.aggregate_type,
+            events: s.events as i64,
+            position: s.position,
+            state: async_graphql::Json(s.state),
+        }))
     }
 
     /// Every event of one entity (an account, project or environment), oldest first.

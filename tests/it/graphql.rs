@@ -62,7 +62,7 @@ async fn queries_serve_environments_and_history() {
     assert_eq!(environments[0]["pullRequest"], 7);
     assert_eq!(environments[0]["latestCommit"], fixtures::sha(1).to_string());
 
-    let history = json!({ "query": format!("{{ history(id: \"{id}\") {{ position eventType actor aggregateVersion }} }}") });
+    let history = json!({ "query": format!("{{ history(id: \"{id}\") {{ position eventType actor aggregateVersion recordedAt }} }}") });
     let events = eventually(Duration::from_secs(20), "the history", || async {
         let (_, body) = post(app.addr, history.clone()).await;
         let list = body["data"]["history"].as_array().cloned()?;
@@ -72,6 +72,24 @@ async fn queries_serve_environments_and_history() {
     let types: Vec<_> = events.iter().map(|e| e["eventType"].as_str().unwrap_or_default().to_string()).collect();
     assert_eq!(types, ["EnvironmentCreated", "DeploymentRequested", "BuildStarted", "BuildSucceeded", "DeploymentReady"]);
     assert!(events.iter().all(|e| e["actor"] == "system:test"));
+
+    // Time travel: the environment as it was when it was only requested, and as it is now.
+    let requested_at = events[1]["recordedAt"].as_str().expect("recordedAt").to_string();
+    let state_query = |as_of: Option<&str>| {
+        json!({
+            "query": "query($id: UUID!, $at: DateTime) { entityState(id: $id, asOf: $at) { aggregateType events state } }",
+            "variables": { "id": id.to_string(), "at": as_of }
+        })
+    };
+    let (_, then) = post(app.addr, state_query(Some(&requested_at))).await;
+    let then = &then["data"]["entityState"];
+    assert_eq!(then["aggregateType"], "environment");
+    assert_eq!(then["events"], 2, "{then}");
+    assert_eq!(then["state"]["deployments"][0]["status"], "Requested");
+    let (_, now) = post(app.addr, state_query(None)).await;
+    assert_eq!(now["data"]["entityState"]["state"]["deployments"][0]["status"], "Ready");
+    let (_, before) = post(app.addr, state_query(Some("2000-01-01T00:00:00Z"))).await;
+    assert!(before["data"]["entityState"].is_null(), "{before}");
 
     // Bad input gets a clear error, never a 5xx.
     let (status, body) = post(app.addr, json!({ "query": "{ history(id: \"not-a-uuid\") { position } }" })).await;
