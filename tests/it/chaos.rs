@@ -1,0 +1,177 @@
+//! Chaos, short form: real processes killed with SIGKILL while events flow. The relay and the
+//! projectors run as `understudy` child processes; NATS is a private nats-server that is killed
+//! and restarted too. Afterwards every event is projected exactly once and every read model
+//! equals a fresh replay.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use understudy_domain::ids::ProjectId;
+use understudy_tests::fixtures;
+use understudy_tests::{eventually, understudy_bin, TestEnv};
+use uuid::Uuid;
+
+fn nats_server() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/nats-server");
+    assert!(path.exists(), "{} is missing: run scripts/setup", path.display());
+    path
+}
+
+struct Nats {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Nats {
+    fn start(dir: PathBuf) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let mut nats = Self { port, dir, child: None };
+        nats.spawn();
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let config = self.dir.join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                self.port,
+                self.dir.join("js").display()
+            ),
+        )
+        .expect("config");
+        let log = std::fs::File::create(self.dir.join("nats.log")).expect("log");
+        self.child =
+            Some(Command::new(nats_server()).arg("-c").arg(&config).stdout(Stdio::null()).stderr(log).spawn().expect("nats-server"));
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One `understudy <role>` child, restarted by `ensure_running` whenever it is not running.
+struct Role {
+    args: Vec<&'static str>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Role {
+    fn ensure_running(&mut self) {
+        let exited = match self.child.as_mut() {
+            None => true,
+            Some(child) => child.try_wait().expect("try_wait").is_some(),
+        };
+        if exited {
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+            let mut command = Command::new(understudy_bin());
+            command.args(&self.args).stdout(Stdio::null()).stderr(log);
+            for (key, value) in &self.env {
+                command.env(key, value);
+            }
+            self.child = Some(command.spawn().expect("spawn role"));
+            self.starts += 1;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_relay_the_projector_and_nats_loses_and_doubles_nothing() {
+    let env = TestEnv::new().await;
+    let dir = std::env::temp_dir().join(format!("understudy-chaos-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut nats = Nats::start(dir.clone());
+    let vars = vec![
+        ("DATABASE_URL".to_string(), env.database_url.clone()),
+        ("NATS_URL".to_string(), nats.url()),
+        ("UNDERSTUDY_NATS_PREFIX".to_string(), env.prefix.clone()),
+        ("RUST_LOG".to_string(), "warn".to_string()),
+    ];
+    let mut relay = Role { args: vec!["relay"], env: vars.clone(), log: dir.join("relay.log"), child: None, starts: 0 };
+    let mut projector = Role { args: vec!["projector"], env: vars, log: dir.join("projector.log"), child: None, starts: 0 };
+
+    const PULL_REQUESTS: u64 = 1000;
+    let writer = {
+        let store = env.runtime.store.environments.clone();
+        tokio::spawn(async move { fixtures::deploy_prs(&store, ProjectId(Uuid::new_v4()), 0..PULL_REQUESTS).await })
+    };
+    // Kill something every 100–400 ms while the writer runs: the relay, the projector, or NATS.
+    let mut round = 0u64;
+    while !writer.is_finished() {
+        relay.ensure_running();
+        projector.ensure_running();
+        tokio::time::sleep(Duration::from_millis(100 + (round * 137) % 300)).await;
+        match round % 5 {
+            0 | 3 => relay.kill(),
+            1 | 4 => projector.kill(),
+            _ => {
+                nats.kill();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                nats.spawn();
+            }
+        }
+        round += 1;
+    }
+    writer.await.expect("writer");
+    let total = (PULL_REQUESTS * 5) as i64;
+
+    // Then let them run undisturbed and catch up.
+    let lags = eventually(Duration::from_secs(90), "every projection to catch up after the chaos", || {
+        relay.ensure_running();
+        projector.ensure_running();
+        let pool = env.pool().clone();
+        async move {
+            let lags = understudy_projections::projector::lag(&pool).await.ok()?;
+            lags.iter().all(|l| l.head == total && l.lag == 0).then_some(lags)
+        }
+    })
+    .await;
+    assert!(round >= 10, "the chaos loop ran only {round} rounds");
+    assert!(lags.iter().all(|l| l.checkpoint == total), "{lags:?}");
+    let history: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM entity_history").fetch_one(env.pool()).await.expect("count");
+    assert_eq!(history, total, "every event projected exactly once");
+    for projection in understudy_projections::all() {
+        let report = understudy_projections::replay::verify(env.pool(), projection.as_ref()).await.expect("verify");
+        assert!(report.differences.is_empty(), "{report:#?}");
+    }
+    eprintln!("chaos: {round} kills; relay started {} times, projector {} times", relay.starts, projector.starts);
+    // Kills are expected; a projector that stopped on its own (an event it could not place) is not.
+    let log = std::fs::read_to_string(dir.join("projector.log")).unwrap_or_default();
+    assert!(!log.contains("projector stopped"), "{log}");
+    relay.kill();
+    projector.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
