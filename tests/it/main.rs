@@ -2,6 +2,7 @@
 
 mod chaos;
 mod cli;
+mod docs;
 mod github;
 mod graphql;
 mod projector;
