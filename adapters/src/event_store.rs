@@ -16,6 +16,8 @@ use understudy_domain::pull_request::PullRequestAggregate;
 use understudy_domain::{Aggregate, DomainError, Metadata, Recorded};
 use uuid::Uuid;
 
+use tracing::Instrument;
+
 use crate::global_log::GlobalLog;
 use crate::metrics::METRICS;
 use understudy_domain::DomainEvent;
@@ -118,9 +120,17 @@ impl<A: Aggregate> AggregateStore<A> {
 
     /// Decides `command` against the current state of `id` and appends the events, retrying on
     /// fresh state when a concurrent append wins. A command that decides no events appends nothing.
-    pub async fn execute(&self, id: Uuid, command: A::Command, meta: Metadata) -> Result<Executed<A>, CommandError> {
+    pub async fn execute(&self, id: Uuid, command: A::Command, mut meta: Metadata) -> Result<Executed<A>, CommandError> {
+        let span = tracing::info_span!("command.append", aggregate = A::NAME, %id);
         let started = std::time::Instant::now();
-        let result = self.execute_with_retries(id, command, meta).await;
+        let result = async {
+            if meta.traceparent.is_none() {
+                meta.traceparent = crate::telemetry::current_traceparent();
+            }
+            self.execute_with_retries(id, command, meta).await
+        }
+        .instrument(span)
+        .await;
         if let Ok(executed) = &result {
             METRICS.append_seconds.observe(started.elapsed());
             for event in &executed.events {

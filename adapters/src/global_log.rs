@@ -33,6 +33,9 @@ pub struct LoggedEvent {
     pub correlation_id: Uuid,
     pub causation_id: Option<Uuid>,
     pub actor: String,
+    /// The W3C `traceparent` of the span that appended it.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 impl LoggedEvent {
@@ -45,7 +48,7 @@ impl LoggedEvent {
 }
 
 pub(crate) const COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, \
-     schema_version, payload, recorded_at, correlation_id, causation_id, actor";
+     schema_version, payload, recorded_at, correlation_id, causation_id, actor, traceparent";
 
 /// Writes each appended event into the global log, in the append's own transaction.
 pub struct GlobalLog<A>(PhantomData<A>);
@@ -62,7 +65,7 @@ impl<A: Aggregate> TransactionalEventHandler<Es<A>, PgStoreError, PgConnection> 
         let recorded = &event.payload;
         sqlx::query(
             "INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, \
-             payload, recorded_at, correlation_id, causation_id, actor) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             payload, recorded_at, correlation_id, causation_id, actor, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(event.id)
         .bind(A::NAME)
@@ -75,6 +78,7 @@ impl<A: Aggregate> TransactionalEventHandler<Es<A>, PgStoreError, PgConnection> 
         .bind(recorded.meta.correlation_id)
         .bind(recorded.meta.causation_id)
         .bind(&recorded.meta.actor)
+        .bind(&recorded.meta.traceparent)
         .execute(connection)
         .await?;
         Ok(())

@@ -10,6 +10,7 @@ pub mod global_log;
 pub mod metrics;
 pub mod nats;
 pub mod relay;
+pub mod telemetry;
 pub mod worker;
 
 pub use event_store::{AggregateStore, CommandError, EventStore};

@@ -19,6 +19,7 @@ use async_nats::jetstream;
 use async_nats::HeaderMap;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::global_log::{self, LoggedEvent};
 use crate::nats::Topology;
@@ -67,7 +68,8 @@ pub async fn publish_pending(pool: &PgPool, js: &jetstream::Context, topology: &
     // Pipeline the publishes, then wait for every acknowledgement before moving the cursor.
     let mut acks = Vec::with_capacity(events.len());
     for event in &events {
-        acks.push(publish_one(js, topology, event).await?);
+        let span = crate::telemetry::span_from("relay.publish", event.traceparent.as_deref());
+        acks.push(publish_one(js, topology, event).instrument(span).await?);
     }
     for ack in acks {
         ack.await.map_err(|e| anyhow::anyhow!("{e}")).context("JetStream did not acknowledge a published event")?;
@@ -84,6 +86,9 @@ async fn publish_one(
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
     headers.insert(POSITION_HEADER, event.position.to_string().as_str());
+    if let Some(traceparent) = crate::telemetry::current_traceparent() {
+        headers.insert("traceparent", traceparent.as_str());
+    }
     let payload = serde_json::to_vec(event)?;
     js.publish_with_headers(topology.event_subject(&event.aggregate_type, event.aggregate_id), headers, payload.into())
         .await

@@ -6,4 +6,5 @@ pub mod graphql;
 pub mod http;
 pub mod metrics;
 pub mod runtime;
+pub mod telemetry;
 pub mod webhooks;

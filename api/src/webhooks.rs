@@ -32,6 +32,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+#[tracing::instrument(name = "webhook.receive", skip_all, fields(delivery = headers.get("x-github-delivery").and_then(|v| v.to_str().ok()).unwrap_or("")))]
 pub async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body: Bytes) -> Response {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let Some(secret) = &state.secret else {

@@ -36,11 +36,14 @@ pub struct Metadata {
     pub causation_id: Option<Uuid>,
     /// `user:<id>`, `github:<delivery>`, `system:<role>`, …
     pub actor: String,
+    /// The W3C `traceparent` of the span that appended it, when traces are exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Metadata {
     pub fn new(correlation_id: Uuid, actor: impl Into<String>) -> Self {
-        Self { correlation_id, causation_id: None, actor: actor.into() }
+        Self { correlation_id, causation_id: None, actor: actor.into(), traceparent: None }
     }
 
     pub fn caused_by(mut self, causation_id: Uuid) -> Self {

@@ -55,7 +55,7 @@ impl Projection for EntityHistory {
 pub async fn of(pool: &sqlx::PgPool, aggregate_id: uuid::Uuid) -> sqlx::Result<Vec<LoggedEvent>> {
     sqlx::query_as::<_, LoggedEvent>(
         "SELECT position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, payload,
-                recorded_at, correlation_id, causation_id, actor
+                recorded_at, correlation_id, causation_id, actor, NULL::text AS traceparent
          FROM entity_history WHERE aggregate_id = $1 ORDER BY position",
     )
     .bind(aggregate_id)

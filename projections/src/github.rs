@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use understudy_adapters::github::client::{GitHub, GitHubError};
 use understudy_adapters::{EventStore, LoggedEvent};
 use understudy_domain::account::AccountKind;
@@ -43,15 +44,16 @@ pub struct GitHubOutbox;
 /// After this many failed attempts in a row, a failing write is recorded in the project's history.
 pub const FAILURES_BEFORE_RECORDING: i32 = 5;
 
-async fn mark_dirty(conn: &mut PgConnection, tables: &Tables, kind: &str, key: &str, position: i64) -> sqlx::Result<()> {
+async fn mark_dirty(conn: &mut PgConnection, tables: &Tables, kind: &str, key: &str, event: &LoggedEvent) -> sqlx::Result<()> {
     sqlx::query(&format!(
-        "INSERT INTO {} (kind, key, dirty_position) VALUES ($1, $2, $3)
-         ON CONFLICT (kind, key) DO UPDATE SET dirty_position = EXCLUDED.dirty_position",
+        "INSERT INTO {} (kind, key, dirty_position, traceparent) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (kind, key) DO UPDATE SET dirty_position = EXCLUDED.dirty_position, traceparent = EXCLUDED.traceparent",
         tables.name("github_outbox")
     ))
     .bind(kind)
     .bind(key)
-    .bind(position)
+    .bind(event.position)
+    .bind(&event.traceparent)
     .execute(conn)
     .await?;
     Ok(())
@@ -88,7 +90,7 @@ impl Projection for GitHubOutbox {
     ) -> Result<Vec<Change>, ProjectionError> {
         match decoded {
             AnyEvent::PullRequest(PullRequestEvent::PullRequestOpened { project_id, number, .. }) => {
-                mark_dirty(conn, tables, "comment", &comment_key(project_id.0, *number as i64), event.position).await?;
+                mark_dirty(conn, tables, "comment", &comment_key(project_id.0, *number as i64), event).await?;
             }
             AnyEvent::PullRequest(_) => {
                 // The aggregate's first event named its project and number.
@@ -100,7 +102,7 @@ impl Projection for GitHubOutbox {
                 .fetch_optional(&mut *conn)
                 .await?;
                 if let Some((project, number)) = opened {
-                    mark_dirty(conn, tables, "comment", &comment_key(project, number), event.position).await?;
+                    mark_dirty(conn, tables, "comment", &comment_key(project, number), event).await?;
                 }
             }
             AnyEvent::Environment(environment_event) => {
@@ -117,7 +119,7 @@ impl Projection for GitHubOutbox {
                         .await?;
                     }
                 }
-                mark_dirty(conn, tables, "status", &event.aggregate_id.to_string(), event.position).await?;
+                mark_dirty(conn, tables, "status", &event.aggregate_id.to_string(), event).await?;
                 let pr: Option<(Uuid, i64)> = sqlx::query_as(&format!(
                     "SELECT project_id, pr_number FROM {} WHERE environment_id = $1",
                     tables.name("pr_environments")
@@ -126,7 +128,7 @@ impl Projection for GitHubOutbox {
                 .fetch_optional(&mut *conn)
                 .await?;
                 if let Some((project, number)) = pr {
-                    mark_dirty(conn, tables, "comment", &comment_key(project, number), event.position).await?;
+                    mark_dirty(conn, tables, "comment", &comment_key(project, number), event).await?;
                 }
             }
             AnyEvent::Account(_) | AnyEvent::Project(_) => {}
@@ -172,22 +174,27 @@ impl OutboxWriter {
     /// Writes the most overdue due entry; `false` when none is due.
     pub async fn write_next(&self) -> sqlx::Result<bool> {
         let mut tx = self.store.pool.begin().await?;
-        let due: Option<(String, String, i64, i32)> = sqlx::query_as(
-            "SELECT kind, key, dirty_position, attempts FROM github_outbox
+        let due: Option<(String, String, i64, i32, Option<String>)> = sqlx::query_as(
+            "SELECT kind, key, dirty_position, attempts, traceparent FROM github_outbox
              WHERE dirty_position > written_position AND next_attempt_at <= now()
                AND dirty_position <= (SELECT position FROM projector_checkpoints WHERE projection = 'environments')
              ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((kind, key, dirty, attempts)) = due else {
+        let Some((kind, key, dirty, attempts, traceparent)) = due else {
             tx.rollback().await?;
             return Ok(false);
         };
-        let result = match kind.as_str() {
-            "comment" => self.write_comment(&mut tx, &key).await,
-            _ => self.write_statuses(&mut tx, &key).await,
-        };
+        let span = understudy_adapters::telemetry::span_from("github.write", traceparent.as_deref());
+        let result = async {
+            match kind.as_str() {
+                "comment" => self.write_comment(&mut tx, &key).await,
+                _ => self.write_statuses(&mut tx, &key).await,
+            }
+        }
+        .instrument(span)
+        .await;
         match result {
             Ok(()) => {
                 sqlx::query(

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use sqlx::{PgConnection, PgPool};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use understudy_adapters::global_log;
 use understudy_adapters::nats::Topology;
 use understudy_adapters::relay::POSITION_HEADER;
@@ -122,7 +123,10 @@ pub(crate) async fn apply_all(
             return Err(ProjectionError::MissingPosition(checkpoint + 1));
         }
         let applied = match AnyEvent::decode(event) {
-            Ok(decoded) => projection.apply(conn, tables, event, &decoded).await,
+            Ok(decoded) => {
+                let span = understudy_adapters::telemetry::span_from("projector.apply", event.traceparent.as_deref());
+                projection.apply(conn, tables, event, &decoded).instrument(span).await
+            }
             Err(error) => Err(error),
         };
         match applied {

@@ -441,3 +441,71 @@ async fn an_operator_can_create_a_project_explicitly() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("octo/nowhere does not exist or installation 2311213 cannot see it"));
     app.cancel.cancel();
 }
+
+/// Spans received by a minimal OTLP/HTTP JSON collector: (trace id, name).
+type Spans = Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+async fn otlp_collector() -> (std::net::SocketAddr, Spans) {
+    use axum::routing::post;
+    let spans: Spans = Arc::default();
+    let sink = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let mut sink = sink.lock().expect("spans");
+                for resource in request["resourceSpans"].as_array().into_iter().flatten() {
+                    for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                        for span in scope["spans"].as_array().into_iter().flatten() {
+                            sink.push((
+                                span["traceId"].as_str().unwrap_or("").to_string(),
+                                span["name"].as_str().unwrap_or("").to_string(),
+                            ));
+                        }
+                    }
+                }
+                axum::Json(serde_json::json!({}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, spans)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_follows_a_webhook_to_the_github_write() {
+    let (collector, spans) = otlp_collector().await;
+    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"));
+    std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
+    std::env::set_var("OTEL_SERVICE_NAME", "understudy-test");
+    let telemetry = tokio::task::spawn_blocking(|| understudy_api::telemetry::init("warn")).await.expect("join").expect("telemetry");
+    std::mem::forget(telemetry); // flushed by the schedule delay; shutting it down here would block the runtime
+    let app = App::start().await;
+    open_pull_request(&app).await;
+    let expected =
+        ["webhook.receive", "webhook.process", "command.append", "relay.publish", "projector.apply", "github.write", "github.call"];
+    let names = eventually(Duration::from_secs(30), "one trace from the opened webhook to the GitHub write", || async {
+        let spans = spans.lock().expect("spans").clone();
+        if std::env::var_os("DEBUG_SPANS").is_some() {
+            eprintln!(
+                "{} spans: {:?}",
+                spans.len(),
+                spans.iter().map(|(t, n)| format!("{}:{n}", &t[..t.len().min(6)])).collect::<Vec<_>>()
+            );
+        }
+        // The trace of the pull request's webhook is the one whose receive span led to a GitHub write.
+        let traces: std::collections::HashSet<&String> =
+            spans.iter().filter(|(_, name)| name == "github.write").map(|(trace, _)| trace).collect();
+        traces.into_iter().find_map(|trace| {
+            let names: std::collections::HashSet<String> = spans.iter().filter(|(t, _)| t == trace).map(|(_, n)| n.clone()).collect();
+            expected.iter().all(|e| names.contains(*e)).then_some(names)
+        })
+    })
+    .await;
+    assert!(names.len() >= expected.len(), "{names:?}");
+    app.cancel.cancel();
+}

@@ -111,6 +111,7 @@ impl GitHub {
         Ok(client)
     }
 
+    #[tracing::instrument(name = "github.call", skip(self, body), fields(%method, path))]
     async fn call(
         &self,
         installation: u64,

@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use thiserror::Error;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use understudy_domain::account::{AccountCommand, AccountKind};
 use understudy_domain::environment::{EnvironmentCommand, EnvironmentSpec};
 use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId, PullRequestId};
@@ -67,12 +68,14 @@ pub enum Outcome {
 /// Records a verified, parsed delivery. `false` when this delivery id was already recorded.
 pub async fn record(pool: &PgPool, delivery_id: &str, event: &str, action: Option<&str>, payload: &Value) -> sqlx::Result<bool> {
     let inserted = sqlx::query(
-        "INSERT INTO webhook_deliveries (delivery_id, event, action, payload) VALUES ($1, $2, $3, $4) ON CONFLICT (delivery_id) DO NOTHING",
+        "INSERT INTO webhook_deliveries (delivery_id, event, action, payload, traceparent) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (delivery_id) DO NOTHING",
     )
     .bind(delivery_id)
     .bind(event)
     .bind(action)
     .bind(payload)
+    .bind(crate::telemetry::current_traceparent())
     .execute(pool)
     .await?;
     Ok(inserted.rows_affected() == 1)
@@ -97,18 +100,19 @@ impl Ingest {
     pub async fn process_next(&self) -> sqlx::Result<bool> {
         let pool = &self.store.pool;
         let mut tx = pool.begin().await?;
-        let row: Option<(String, String, Value, i32)> = sqlx::query_as(
-            "SELECT delivery_id, event, payload, attempts FROM webhook_deliveries
+        let row: Option<(String, String, Value, i32, Option<String>)> = sqlx::query_as(
+            "SELECT delivery_id, event, payload, attempts, traceparent FROM webhook_deliveries
              WHERE state = 'pending' AND next_attempt_at <= now() ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((delivery_id, event, payload, attempts)) = row else {
+        let Some((delivery_id, event, payload, attempts, traceparent)) = row else {
             tx.rollback().await?;
             return Ok(false);
         };
+        let span = crate::telemetry::span_from("webhook.process", traceparent.as_deref());
         let result = match serde_json::to_vec(&payload).ok().and_then(|body| webhook::parse(&event, &body).ok()) {
-            Some(parsed) => self.handle(&delivery_id, parsed).await,
+            Some(parsed) => self.handle(&delivery_id, parsed).instrument(span).await,
             None => Err(IngestError::Invalid { field: "payload", reason: "no longer parses".into() }),
         };
         let (state, outcome, retry_in) = match result {
