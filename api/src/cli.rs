@@ -128,3 +128,46 @@ pub async fn verify(pool: &PgPool, which: &str, out: &mut impl Write) -> anyhow:
     }
     Ok(())
 }
+
+/// Exports usage rows as CSV (with a header) or JSON lines.
+pub async fn usage(
+    pool: &PgPool,
+    project: Option<Uuid>,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+    format: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let rows = understudy_projections::usage::usage(pool, project, from, to).await?;
+    match format {
+        "json" => {
+            for row in &rows {
+                writeln!(out, "{}", serde_json::to_string(row)?)?;
+            }
+        }
+        "csv" => {
+            writeln!(
+                out,
+                "project_id,day,environments_created,deployments_requested,deployments_ready,deployments_failed,mean_seconds_to_ready,tests_passed,tests_failed,environments_terminated"
+            )?;
+            for r in &rows {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{},{}",
+                    r.project_id,
+                    r.day,
+                    r.environments_created,
+                    r.deployments_requested,
+                    r.deployments_ready,
+                    r.deployments_failed,
+                    r.mean_seconds_to_ready.map(|s| format!("{s:.3}")).unwrap_or_default(),
+                    r.tests_passed,
+                    r.tests_failed,
+                    r.environments_terminated
+                )?;
+            }
+        }
+        other => anyhow::bail!("--format {other:?}: use csv or json"),
+    }
+    Ok(())
+}

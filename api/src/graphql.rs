@@ -160,6 +160,22 @@ pub struct HistoryEvent {
     pub actor: String,
 }
 
+/// One project's preview usage on one UTC day.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct UsageDay {
+    pub project_id: Uuid,
+    pub day: chrono::NaiveDate,
+    pub environments_created: i32,
+    pub deployments_requested: i32,
+    pub deployments_ready: i32,
+    pub deployments_failed: i32,
+    /// Mean seconds from a deployment's request to Ready, over the day's Ready deployments.
+    pub mean_seconds_to_ready: Option<f64>,
+    pub tests_passed: i32,
+    pub tests_failed: i32,
+    pub environments_terminated: i32,
+}
+
 /// An entity's state at a moment.
 #[derive(SimpleObject, Clone, Debug)]
 pub struct EntityState {
@@ -213,6 +229,32 @@ impl Query {
             position: s.position,
             state: async_graphql::Json(s.state),
         }))
+    }
+
+    /// Preview usage per project and UTC day (counts and durations only), oldest day first.
+    async fn usage(
+        &self,
+        ctx: &Context<'_>,
+        project_id: Option<Uuid>,
+        from: Option<chrono::NaiveDate>,
+        to: Option<chrono::NaiveDate>,
+    ) -> Result<Vec<UsageDay>> {
+        let rows = understudy_projections::usage::usage(ctx.data::<PgPool>()?, project_id, from, to).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UsageDay {
+                project_id: r.project_id,
+                day: r.day,
+                environments_created: r.environments_created,
+                deployments_requested: r.deployments_requested,
+                deployments_ready: r.deployments_ready,
+                deployments_failed: r.deployments_failed,
+                mean_seconds_to_ready: r.mean_seconds_to_ready,
+                tests_passed: r.tests_passed,
+                tests_failed: r.tests_failed,
+                environments_terminated: r.environments_terminated,
+            })
+            .collect())
     }
 
     /// Every event of one entity (an account, project or environment), oldest first.

@@ -93,6 +93,21 @@ enum Command {
         #[arg(long, default_value = "all")]
         projection: String,
     },
+    /// Export preview usage (counts and durations per project and day; never code, logs or secrets).
+    Usage {
+        /// One project, or all.
+        #[arg(long)]
+        project: Option<Uuid>,
+        /// First day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Last day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        /// `csv` or `json` (JSON lines).
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
     /// Print each projection's checkpoint and lag behind the log.
     Status,
     /// Projects.
@@ -225,6 +240,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify { projection } => {
             let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 4).await?;
             return understudy_api::cli::verify(&pool, &projection, &mut std::io::stdout()).await;
+        }
+        Command::Usage { project, from, to, format } => {
+            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            return understudy_api::cli::usage(&pool, project, from, to, &format, &mut std::io::stdout()).await;
         }
         Command::Status => {
             let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;

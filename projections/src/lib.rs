@@ -9,6 +9,7 @@ pub mod github;
 pub mod projector;
 pub mod replay;
 pub mod time_travel;
+pub mod usage;
 
 pub use any_event::AnyEvent;
 pub use projector::{Change, Projection, ProjectionError, Projector, Tables};
@@ -19,6 +20,7 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
         std::sync::Arc::new(environments::Environments),
         std::sync::Arc::new(entity_history::EntityHistory),
         std::sync::Arc::new(github::GitHubOutbox),
+        std::sync::Arc::new(usage::Usage),
     ]
 }
 

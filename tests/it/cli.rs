@@ -20,6 +20,7 @@ fn every_subcommand_has_help() {
         vec!["replay", "--help"],
         vec!["events", "--help"],
         vec!["status", "--help"],
+        vec!["usage", "--help"],
         vec!["trace", "--help"],
         vec!["state", "--help"],
         vec!["verify", "--help"],
@@ -113,6 +114,21 @@ async fn events_prints_an_entity_history_as_a_table_and_as_json() {
     .catch_up_from_log()
     .await
     .expect("project");
+    understudy_projections::Projector::new(
+        env.pool().clone(),
+        env.runtime.nats.clone(),
+        env.topology().clone(),
+        std::sync::Arc::new(understudy_projections::usage::Usage),
+    )
+    .catch_up_from_log()
+    .await
+    .expect("usage");
+    let usage = run_args(&["usage", "--format", "csv"]);
+    let usage = String::from_utf8_lossy(&usage.stdout).to_string();
+    let lines: Vec<&str> = usage.lines().collect();
+    assert_eq!(lines.len(), 2, "{usage}");
+    assert!(lines[0].starts_with("project_id,day,environments_created"), "{usage}");
+    assert!(lines[1].contains(",1,1,1,0,"), "one environment, one deployment requested and ready, none failed: {usage}");
     let verify = run_args(&["verify"]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
     assert!(String::from_utf8_lossy(&verify.stdout).contains("environments: live equals replay at position 5"));

@@ -91,6 +91,23 @@ async fn queries_serve_environments_and_history() {
     let (_, before) = post(app.addr, state_query(Some("2000-01-01T00:00:00Z"))).await;
     assert!(before["data"]["entityState"].is_null(), "{before}");
 
+    // Usage analytics: counts and durations per project and day.
+    let usage = eventually(Duration::from_secs(20), "usage", || async {
+        let query = json!({
+            "query": "query($p: UUID) { usage(projectId: $p) { day environmentsCreated deploymentsRequested deploymentsReady meanSecondsToReady } }",
+            "variables": { "p": project.to_string() }
+        });
+        let (_, body) = post(app.addr, query).await;
+        if std::env::var_os("DEBUG_USAGE").is_some() {
+            eprintln!("{body}");
+        }
+        let rows = body["data"]["usage"].as_array().cloned()?;
+        (rows.len() == 1 && rows[0]["deploymentsReady"] == 1).then(|| rows[0].clone())
+    })
+    .await;
+    assert_eq!((usage["environmentsCreated"].as_i64(), usage["deploymentsRequested"].as_i64()), (Some(1), Some(1)));
+    assert!(usage["meanSecondsToReady"].as_f64().is_some_and(|s| s >= 0.0), "{usage}");
+
     // Bad input gets a clear error, never a 5xx.
     let (status, body) = post(app.addr, json!({ "query": "{ history(id: \"not-a-uuid\") { position } }" })).await;
     assert_eq!(status, 200);
