@@ -55,3 +55,64 @@ fn every_documented_command_exists_with_its_flags() {
         }
     }
 }
+
+/// The documented commands that read or rebuild data run for real against a database with a
+/// pull request's environment in it; placeholders become that environment's ids. Commands that
+/// run servers (up, api, relay, projector), call GitHub (project create) or take minutes (bench)
+/// are checked above for their names and flags only.
+#[tokio::test]
+async fn documented_operator_commands_run_against_real_data() {
+    use understudy_domain::ids::{DeploymentId, ProjectId};
+    use understudy_tests::fixtures::{self, meta};
+
+    let env = understudy_tests::TestEnv::new().await;
+    let project = ProjectId(uuid::Uuid::new_v4());
+    let spec = fixtures::spec(project, 1, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(uuid::Uuid::new_v4());
+    let store = &env.runtime.store.environments;
+    let correlation =
+        store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request").events[0].payload.meta.correlation_id;
+    for command in fixtures::to_ready(deployment) {
+        store.execute(id, command, meta()).await.expect("to ready");
+    }
+    understudy_tests::sequence_all(env.pool()).await;
+    for projection in understudy_projections::all() {
+        understudy_projections::Projector::new(env.pool().clone(), env.runtime.nats.clone(), env.topology().clone(), projection)
+            .catch_up_from_log()
+            .await
+            .expect("project");
+    }
+    let runnable = ["events", "trace", "state", "verify", "usage", "status", "replay", "github"];
+    let now = chrono::Utc::now().to_rfc3339();
+    let mut ran = 0;
+    for (file, command) in documented_commands() {
+        let mut words: Vec<String> = command.split_whitespace().skip(1).map(str::to_string).collect();
+        if !words.first().is_some_and(|w| runnable.contains(&w.as_str())) {
+            continue;
+        }
+        if let Some(redirect) = words.iter().position(|w| w == ">") {
+            words.truncate(redirect);
+        }
+        for i in 0..words.len() {
+            let replacement = match words[i].as_str() {
+                "<id>" | "<environment-id>" => Some(id.to_string()),
+                "<correlation-id>" => Some(correlation.to_string()),
+                _ if i > 0 && words[i - 1] == "--at" => Some(now.clone()),
+                _ => None,
+            };
+            if let Some(replacement) = replacement {
+                words[i] = replacement;
+            }
+        }
+        let output = Command::new(understudy_bin()).args(&words).env("DATABASE_URL", &env.database_url).output().expect("run");
+        assert!(
+            output.status.success(),
+            "{file}: `{command}` failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        ran += 1;
+    }
+    assert!(ran >= 10, "ran only {ran} documented commands");
+}
