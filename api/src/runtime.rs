@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use understudy_adapters::github::client::{GitHub, GitHubConfig};
-use understudy_adapters::github::ingest::Ingest;
+use understudy_adapters::github::ingest::{Ingest, Recorder};
 use understudy_adapters::nats::Topology;
 use understudy_adapters::{db, nats, relay, EventStore};
 use understudy_projections::github::OutboxWriter;
@@ -75,7 +75,11 @@ impl Runtime {
     ) -> anyhow::Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}: is it in use?"))?;
         let addr = listener.local_addr()?;
-        let webhooks = WebhookState { pool: self.pool.clone(), secret: self.github.webhook_secret.clone(), wake: self.deliveries.clone() };
+        let webhooks = WebhookState {
+            recorder: Recorder::spawn(self.pool.clone()),
+            secret: self.github.webhook_secret.clone(),
+            wake: self.deliveries.clone(),
+        };
         let readiness = crate::http::Readiness { pool: self.pool.clone(), nats: self.nats.clone(), max_lag: 10_000 };
         let app = crate::http::router(self.schema(), webhooks, readiness);
         tasks.spawn(

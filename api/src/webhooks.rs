@@ -9,7 +9,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use sqlx::PgPool;
 use tokio::sync::Notify;
 use understudy_adapters::github::ingest;
 use understudy_adapters::github::webhook::{self, Webhook};
@@ -20,7 +19,7 @@ pub const MAX_WEBHOOK_BODY: usize = 25 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct WebhookState {
-    pub pool: PgPool,
+    pub recorder: ingest::Recorder,
     /// `GITHUB_WEBHOOK_SECRET`; without it every delivery is refused.
     pub secret: Option<Arc<[u8]>>,
     /// Wakes the delivery processor.
@@ -48,15 +47,18 @@ pub async fn receive(State(state): State<WebhookState>, headers: HeaderMap, body
     if delivery.is_empty() || delivery.len() > 100 {
         return refuse(StatusCode::BAD_REQUEST, "X-GitHub-Delivery must be 1 to 100 characters");
     }
-    let parsed = match webhook::parse(event, &body) {
+    let (parsed, action) = match webhook::parse(event, &body) {
         Ok(parsed) => parsed,
         Err(error) => return refuse(StatusCode::BAD_REQUEST, error.to_string()),
     };
-    let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "body is not JSON");
+    let delivery_row = ingest::Delivery {
+        delivery_id: delivery.to_string(),
+        event: event.to_string(),
+        action,
+        body: body.clone(),
+        traceparent: understudy_adapters::telemetry::current_traceparent(),
     };
-    let action = payload.get("action").and_then(|a| a.as_str());
-    match ingest::record(&state.pool, delivery, event, action, &payload).await {
+    match state.recorder.record(delivery_row).await {
         Ok(true) => {
             state.wake.notify_one();
             let status = if matches!(parsed, Webhook::Ignored { .. }) { "ignored" } else { "accepted" };

@@ -291,6 +291,12 @@ async fn redeliveries_and_late_deliveries_change_nothing() {
     // A redelivery of the same delivery id is answered, not recorded again.
     let (status, answer) = app.deliver("pull_request", "s-1", &fixture("pull_request.synchronize")).await;
     assert_eq!((status, answer["status"].as_str()), (200, Some("duplicate")));
+    // Ten concurrent deliveries of one new delivery id: recorded once, the rest are duplicates.
+    let synchronize = fixture("pull_request.synchronize");
+    let answers = futures::future::join_all((0..10).map(|_| app.deliver("pull_request", "s-burst", &synchronize))).await;
+    assert_eq!(answers.iter().filter(|(status, _)| *status == 202).count(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|(status, body)| *status == 200 && body["status"] == "duplicate").count(), 9, "{answers:?}");
+    assert_eq!(app.processed("s-burst").await, "done");
     // The same content under a new delivery id (GitHub's "redeliver") appends nothing either.
     assert_eq!(app.deliver("pull_request", "s-2", &fixture("pull_request.synchronize")).await.0, 202);
     assert_eq!(app.processed("s-2").await, "done");

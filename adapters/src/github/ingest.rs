@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::Value;
 use sqlx::PgPool;
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -65,20 +64,80 @@ pub enum Outcome {
     Ignored(String),
 }
 
-/// Records a verified, parsed delivery. `false` when this delivery id was already recorded.
-pub async fn record(pool: &PgPool, delivery_id: &str, event: &str, action: Option<&str>, payload: &Value) -> sqlx::Result<bool> {
-    let inserted = sqlx::query(
-        "INSERT INTO webhook_deliveries (delivery_id, event, action, payload, traceparent) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (delivery_id) DO NOTHING",
-    )
-    .bind(delivery_id)
-    .bind(event)
-    .bind(action)
-    .bind(payload)
-    .bind(crate::telemetry::current_traceparent())
-    .execute(pool)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
+/// A delivery to record.
+pub struct Delivery {
+    pub delivery_id: String,
+    pub event: String,
+    pub action: Option<String>,
+    /// The body exactly as received: the bytes its signature covers.
+    pub body: bytes::Bytes,
+    pub traceparent: Option<String>,
+}
+
+/// Records deliveries. Deliveries that arrive together are written in one INSERT and one commit
+/// (each caller still answers only after its delivery is committed), so a burst of webhooks costs
+/// a few commits rather than one each.
+#[derive(Clone)]
+pub struct Recorder {
+    queue: tokio::sync::mpsc::Sender<(Delivery, tokio::sync::oneshot::Sender<sqlx::Result<bool>>)>,
+}
+
+/// Most deliveries written by one INSERT.
+const RECORD_BATCH: usize = 256;
+
+impl Recorder {
+    /// Starts the writer task; it ends when the last `Recorder` clone is dropped.
+    pub fn spawn(pool: PgPool) -> Self {
+        let (queue, mut incoming) = tokio::sync::mpsc::channel::<(Delivery, tokio::sync::oneshot::Sender<sqlx::Result<bool>>)>(4096);
+        tokio::spawn(async move {
+            while let Some(first) = incoming.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < RECORD_BATCH {
+                    match incoming.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let deliveries: Vec<&Delivery> = batch.iter().map(|(d, _)| d).collect();
+                match insert(&pool, &deliveries).await {
+                    Ok(inserted) => {
+                        for ((_, reply), new) in batch.into_iter().zip(inserted) {
+                            let _ = reply.send(Ok(new));
+                        }
+                    }
+                    Err(error) => {
+                        let message = error.to_string();
+                        for (_, reply) in batch {
+                            let _ = reply.send(Err(sqlx::Error::Protocol(message.clone())));
+                        }
+                    }
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Records `delivery`; `false` when its delivery id was already recorded.
+    pub async fn record(&self, delivery: Delivery) -> sqlx::Result<bool> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue.send((delivery, reply)).await.map_err(|_| sqlx::Error::PoolClosed)?;
+        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+/// Inserts the batch in arrival order; for each delivery, whether it was new. A delivery id seen
+/// twice in one batch is new only the first time.
+async fn insert(pool: &PgPool, batch: &[&Delivery]) -> sqlx::Result<Vec<bool>> {
+    let mut first_seen = std::collections::HashSet::new();
+    let unique: Vec<&Delivery> = batch.iter().copied().filter(|d| first_seen.insert(d.delivery_id.as_str())).collect();
+    let mut query = sqlx::QueryBuilder::new("INSERT INTO webhook_deliveries (delivery_id, event, action, payload, traceparent) ");
+    query.push_values(&unique, |mut row, d| {
+        row.push_bind(&d.delivery_id).push_bind(&d.event).push_bind(&d.action).push_bind(d.body.as_ref()).push_bind(&d.traceparent);
+    });
+    query.push(" ON CONFLICT (delivery_id) DO NOTHING RETURNING delivery_id");
+    let inserted: std::collections::HashSet<String> = query.build_query_scalar::<String>().fetch_all(pool).await?.into_iter().collect();
+    let mut claimed = std::collections::HashSet::new();
+    Ok(batch.iter().map(|d| inserted.contains(&d.delivery_id) && claimed.insert(d.delivery_id.as_str())).collect())
 }
 
 #[derive(Clone)]
@@ -100,7 +159,7 @@ impl Ingest {
     pub async fn process_next(&self) -> sqlx::Result<bool> {
         let pool = &self.store.pool;
         let mut tx = pool.begin().await?;
-        let row: Option<(String, String, Value, i32, Option<String>)> = sqlx::query_as(
+        let row: Option<(String, String, Vec<u8>, i32, Option<String>)> = sqlx::query_as(
             "SELECT delivery_id, event, payload, attempts, traceparent FROM webhook_deliveries
              WHERE state = 'pending' AND next_attempt_at <= now() ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
@@ -111,9 +170,9 @@ impl Ingest {
             return Ok(false);
         };
         let span = crate::telemetry::span_from("webhook.process", traceparent.as_deref());
-        let result = match serde_json::to_vec(&payload).ok().and_then(|body| webhook::parse(&event, &body).ok()) {
-            Some(parsed) => self.handle(&delivery_id, parsed).instrument(span).await,
-            None => Err(IngestError::Invalid { field: "payload", reason: "no longer parses".into() }),
+        let result = match webhook::parse(&event, &payload) {
+            Ok((parsed, _)) => self.handle(&delivery_id, parsed).instrument(span).await,
+            Err(error) => Err(IngestError::Invalid { field: "payload", reason: error.to_string() }),
         };
         let (state, outcome, retry_in) = match result {
             Ok(Outcome::Applied(what)) => ("done", what, None),

@@ -174,13 +174,13 @@ pub struct PayloadError {
 
 const PULL_REQUEST_ACTIONS: [&str; 5] = ["opened", "reopened", "synchronize", "closed", "edited"];
 
-/// Parses a delivery of `event` (the `X-GitHub-Event` header).
-pub fn parse(event: &str, body: &[u8]) -> Result<Webhook, PayloadError> {
+/// Parses a delivery of `event` (the `X-GitHub-Event` header); also returns its `action`.
+pub fn parse(event: &str, body: &[u8]) -> Result<(Webhook, Option<String>), PayloadError> {
     let error = |e: serde_json::Error| PayloadError { event: event.to_string(), reason: e.to_string() };
     let value: serde_json::Value = serde_json::from_slice(body).map_err(error)?;
     let action = value.get("action").and_then(|a| a.as_str()).map(str::to_string);
     let ignored = || Ok(Webhook::Ignored { event: event.to_string(), action: action.clone() });
-    match event {
+    let webhook = match event {
         "pull_request" if action.as_deref().is_some_and(|a| PULL_REQUEST_ACTIONS.contains(&a)) => {
             Ok(Webhook::PullRequest(serde_json::from_value(value).map_err(error)?))
         }
@@ -191,7 +191,8 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Webhook, PayloadError> {
         "installation_repositories" => Ok(Webhook::InstallationRepositories(serde_json::from_value(value).map_err(error)?)),
         "delete" => Ok(Webhook::Delete(serde_json::from_value(value).map_err(error)?)),
         _ => ignored(),
-    }
+    }?;
+    Ok((webhook, action))
 }
 
 #[cfg(test)]
@@ -216,10 +217,10 @@ mod tests {
         let error = parse("pull_request", br#"{"action":"opened","pull_request":{"number":1}}"#).unwrap_err();
         assert!(error.reason.contains("missing field"), "{error}");
         assert!(parse("push", b"not json").is_err());
-        assert_eq!(parse("ping", b"{}"), Ok(Webhook::Ignored { event: "ping".into(), action: None }));
+        assert_eq!(parse("ping", b"{}"), Ok((Webhook::Ignored { event: "ping".into(), action: None }, None)));
         assert_eq!(
             parse("pull_request", br#"{"action":"labeled"}"#),
-            Ok(Webhook::Ignored { event: "pull_request".into(), action: Some("labeled".into()) })
+            Ok((Webhook::Ignored { event: "pull_request".into(), action: Some("labeled".into()) }, Some("labeled".into())))
         );
     }
 }
