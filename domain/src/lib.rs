@@ -15,6 +15,8 @@ pub mod pull_request;
 pub mod values;
 
 #[cfg(test)]
+mod invariants;
+#[cfg(test)]
 pub(crate) mod testing;
 
 pub use aggregate::Aggregate;

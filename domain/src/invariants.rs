@@ -1,0 +1,134 @@
+//! Property tests: any sequence of commands, legal or not, keeps each aggregate's invariants, and
+//! decide never panics. Refused commands change nothing.
+
+use chrono::{DateTime, TimeZone, Utc};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use crate::account::{AccountAggregate, AccountCommand, AccountKind};
+use crate::environment::{DeploymentStatus, EnvironmentAggregate, EnvironmentCommand, EnvironmentSpec, FailedStage, TestOutcome};
+use crate::ids::{AccountId, DeploymentId, EnvironmentId, ProjectId, UserId};
+use crate::permissions::Role;
+use crate::values::{BranchName, CommitSha, Entrypoint, Target};
+use crate::Aggregate;
+
+fn at(n: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("valid date") + chrono::Duration::seconds(i64::from(n))
+}
+
+fn spec() -> EnvironmentSpec {
+    EnvironmentSpec {
+        project_id: ProjectId(Uuid::from_u128(1)),
+        target: Target::PullRequest { number: 1, head_branch: BranchName::parse("f").expect("valid") },
+        entrypoint: Entrypoint::parse("main.w").expect("valid"),
+    }
+}
+
+/// A command over a small space of deployments and commits, so that sequences collide often.
+fn environment_command() -> impl Strategy<Value = (u8, u8, u8)> {
+    (0u8..10, 0u8..4, 0u8..3)
+}
+
+fn to_command(kind: u8, deployment: u8, commit: u8, n: u32) -> EnvironmentCommand {
+    let d = DeploymentId(Uuid::from_u128(u128::from(deployment) + 100));
+    let s = spec();
+    match kind {
+        0 | 1 => EnvironmentCommand::RequestDeployment {
+            environment_id: EnvironmentId::derive(s.project_id, &s.target, &s.entrypoint),
+            spec: s,
+            deployment_id: d,
+            commit: CommitSha::parse(format!("{commit:040x}")).expect("valid"),
+            at: at(n),
+        },
+        2 => EnvironmentCommand::StartBuild { deployment_id: d, at: at(n) },
+        3 => EnvironmentCommand::CompleteBuild { deployment_id: d, at: at(n) },
+        4 => EnvironmentCommand::MarkReady { deployment_id: d, url: "http://p".into(), at: at(n) },
+        5 => EnvironmentCommand::MarkFailed {
+            deployment_id: d,
+            stage: if commit == 0 { FailedStage::Build } else { FailedStage::Start },
+            reason: "x".into(),
+            at: at(n),
+        },
+        6 => EnvironmentCommand::RecordTestResult {
+            deployment_id: d,
+            test: format!("t{commit}"),
+            outcome: if commit == 1 { TestOutcome::Failed } else { TestOutcome::Passed },
+            at: at(n),
+        },
+        7 => EnvironmentCommand::Deactivate { at: at(n) },
+        8 => EnvironmentCommand::Wake { deployment_id: d, at: at(n) },
+        _ => EnvironmentCommand::Terminate { reason: "closed".into(), at: at(n) },
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn environments_keep_their_invariants(commands in proptest::collection::vec(environment_command(), 0..60)) {
+        let mut state = <EnvironmentAggregate as Aggregate>::State::default();
+        for (n, (kind, deployment, commit)) in commands.into_iter().enumerate() {
+            let before = state.clone();
+            match EnvironmentAggregate::decide(&state, to_command(kind, deployment, commit, n as u32)) {
+                Ok(events) => state = events.iter().fold(state, EnvironmentAggregate::apply),
+                Err(_) => prop_assert_eq!(&state, &before),
+            }
+            // At most one deployment in flight, and only the newest one.
+            let in_flight: Vec<_> = state.deployments.iter().filter(|d| d.status.in_flight()).collect();
+            prop_assert!(in_flight.len() <= 1, "{:?}", state.deployments);
+            if let Some(d) = in_flight.first() {
+                prop_assert_eq!(Some(d.id), state.current().map(|c| c.id));
+            }
+            // Deployment ids are unique, and a superseded deployment is never the current one.
+            let mut ids: Vec<_> = state.deployments.iter().map(|d| d.id).collect();
+            ids.sort();
+            ids.dedup();
+            prop_assert_eq!(ids.len(), state.deployments.len());
+            if let Some(current) = state.current() {
+                prop_assert_ne!(current.status, DeploymentStatus::Superseded);
+            }
+            // Tests are only ever recorded on deployments that became Ready, once per name.
+            for d in &state.deployments {
+                let mut names: Vec<_> = d.tests.iter().map(|t| &t.name).collect();
+                names.sort();
+                names.dedup();
+                prop_assert_eq!(names.len(), d.tests.len());
+                prop_assert!(d.tests.is_empty() || d.url.is_some(), "{:?}", d);
+            }
+            // Status is defined exactly when the environment exists.
+            prop_assert_eq!(state.status().is_some(), state.spec.is_some());
+        }
+    }
+
+    #[test]
+    fn a_team_never_loses_its_last_owner(commands in proptest::collection::vec((0u8..4, 0u8..4, 0u8..4), 0..60)) {
+        let user = |n: u8| UserId(Uuid::from_u128(u128::from(n) + 1));
+        let role = |n: u8| [Role::Owner, Role::Admin, Role::Member, Role::Billing][usize::from(n % 4)];
+        let mut state = AccountAggregate::replay(&[]);
+        let created = AccountAggregate::decide(&state, AccountCommand::Create {
+            account_id: AccountId(Uuid::from_u128(9)),
+            kind: AccountKind::Team { name: "team".into() },
+            creator: user(0),
+            at: at(0),
+        }).expect("create");
+        state = created.iter().fold(state, AccountAggregate::apply);
+        for (n, (kind, who, r)) in commands.into_iter().enumerate() {
+            let command = match kind {
+                0 => AccountCommand::AddMember { user_id: user(who), role: role(r), at: at(n as u32) },
+                1 => AccountCommand::ChangeRole { user_id: user(who), role: role(r), at: at(n as u32) },
+                2 => AccountCommand::RemoveMember { user_id: user(who), at: at(n as u32) },
+                _ => AccountCommand::LinkInstallation { installation_id: u64::from(r), at: at(n as u32) },
+            };
+            let before = state.clone();
+            match AccountAggregate::decide(&state, command) {
+                Ok(events) => state = events.iter().fold(state, AccountAggregate::apply),
+                Err(_) => prop_assert_eq!(&state, &before),
+            }
+            prop_assert!(state.members.iter().any(|m| m.role == Role::Owner), "{:?}", state.members);
+            let mut ids: Vec<_> = state.members.iter().map(|m| m.user_id).collect();
+            ids.sort();
+            ids.dedup();
+            prop_assert_eq!(ids.len(), state.members.len(), "one membership per user");
+        }
+    }
+}
