@@ -70,11 +70,17 @@ impl Embedded {
     /// Starts (or restarts, keeping data) Postgres and NATS under `data_dir`, each on a free
     /// 127.0.0.1 port, waits until both accept connections, and creates the database `understudy`.
     pub async fn start(data_dir: &Path) -> Result<Embedded> {
+        Self::start_on(data_dir, None).await
+    }
+
+    /// Like [`Embedded::start`], on the given Postgres and NATS ports when `ports` is set (to
+    /// restart on the ports a running client already uses).
+    pub async fn start_on(data_dir: &Path, ports: Option<(u16, u16)>) -> Result<Embedded> {
         let run_as = RunAs::detect().await?;
         let data_dir = prepare_data_dir(data_dir, &run_as)
             .with_context(|| format!("preparing the data directory {} for the embedded PostgreSQL and NATS", data_dir.display()))?;
         let mut this = Embedded { data_dir, database_url: String::new(), nats_url: String::new(), postgres: None, nats: None };
-        match this.boot(&run_as).await {
+        match this.boot(&run_as, ports).await {
             Ok(()) => Ok(this),
             Err(err) => {
                 if let Err(stop_err) = this.shutdown().await {
@@ -100,7 +106,7 @@ impl Embedded {
         self.shutdown().await
     }
 
-    async fn boot(&mut self, run_as: &RunAs) -> Result<()> {
+    async fn boot(&mut self, run_as: &RunAs, ports: Option<(u16, u16)>) -> Result<()> {
         let pg_dir = self.data_dir.join("postgres");
         let pg = PgBinaries::locate(&pg_dir)?;
         let nats_bin = locate_nats_server()?;
@@ -109,7 +115,10 @@ impl Embedded {
         prepare_postgres(&self.data_dir, &pg, run_as).await?;
         prepare_nats(&self.data_dir).await?;
 
-        let (pg_port, nats_port) = free_ports().context("finding free ports on 127.0.0.1")?;
+        let (pg_port, nats_port) = match ports {
+            Some(ports) => ports,
+            None => free_ports().context("finding free ports on 127.0.0.1")?,
+        };
         self.database_url = format!("postgres://{SUPERUSER}@127.0.0.1:{pg_port}/{DATABASE}");
         self.nats_url = format!("nats://127.0.0.1:{nats_port}");
 

@@ -175,3 +175,104 @@ async fn killing_the_relay_the_projector_and_nats_loses_and_doubles_nothing() {
     projector.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `command` until it is applied, through connection failures. After a failure the command
+/// may have committed before the answer was lost; a later refusal then means it already applied.
+async fn execute_through_outages(
+    store: &understudy_adapters::AggregateStore<understudy_domain::environment::EnvironmentAggregate>,
+    id: Uuid,
+    command: understudy_domain::environment::EnvironmentCommand,
+) {
+    let mut failed_before = false;
+    for _ in 0..600 {
+        match store.execute(id, command.clone(), fixtures::meta()).await {
+            Ok(_) => return,
+            Err(understudy_adapters::CommandError::Domain(error)) => {
+                assert!(failed_before, "refused without an outage: {error}");
+                return;
+            }
+            Err(_) => {
+                failed_before = true;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    panic!("the command never went through");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_postgres_and_nats_mid_load_loses_and_doubles_nothing() {
+    let dir = std::env::temp_dir().join(format!("understudy-restart-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let embedded = understudy_adapters::embedded::Embedded::start(&dir).await.expect("private Postgres and NATS");
+    let port = |url: &str| url.rsplit(':').next().and_then(|p| p.split('/').next()).and_then(|p| p.parse::<u16>().ok()).expect("port");
+    let (database_url, nats_url) = (embedded.database_url().to_string(), embedded.nats_url().to_string());
+    let ports = (port(&database_url), port(&nats_url));
+    let runtime = understudy_api::runtime::Runtime::connect(&database_url, &nats_url, "restart").await.expect("connect");
+    let vars = vec![
+        ("DATABASE_URL".to_string(), database_url.clone()),
+        ("NATS_URL".to_string(), nats_url.clone()),
+        ("UNDERSTUDY_NATS_PREFIX".to_string(), "restart".to_string()),
+        ("RUST_LOG".to_string(), "warn".to_string()),
+    ];
+    let mut relay = Role { args: vec!["relay"], env: vars.clone(), log: dir.join("relay.log"), child: None, starts: 0 };
+    let mut projector = Role { args: vec!["projector"], env: vars, log: dir.join("projector.log"), child: None, starts: 0 };
+    relay.ensure_running();
+    projector.ensure_running();
+
+    const PULL_REQUESTS: u64 = 400;
+    let writer = {
+        let store = runtime.store.environments.clone();
+        tokio::spawn(async move {
+            let project = ProjectId(Uuid::new_v4());
+            for pr in 0..PULL_REQUESTS {
+                let spec = fixtures::spec(project, pr, "main.w");
+                let id = fixtures::env_id(&spec).0;
+                let deployment = understudy_domain::ids::DeploymentId(Uuid::new_v4());
+                execute_through_outages(&store, id, fixtures::request(&spec, deployment, 1)).await;
+                for command in fixtures::to_ready(deployment) {
+                    execute_through_outages(&store, id, command).await;
+                }
+            }
+        })
+    };
+    // Mid-load, stop Postgres and NATS together for two seconds, then bring them back on the same
+    // ports with their data; twice.
+    let mut embedded = Some(embedded);
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!writer.is_finished(), "the outage must come while commands are being appended");
+        if let Some(running) = embedded.take() {
+            running.stop().await.expect("stop");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        embedded = Some(understudy_adapters::embedded::Embedded::start_on(&dir, Some(ports)).await.expect("restart"));
+    }
+    writer.await.expect("writer");
+    let total = (PULL_REQUESTS * 5) as i64;
+    let pool = runtime.pool.clone();
+    eventually(Duration::from_secs(90), "every projection to catch up after the restarts", || {
+        relay.ensure_running();
+        projector.ensure_running();
+        let pool = pool.clone();
+        async move {
+            let lags = understudy_projections::projector::lag(&pool).await.ok()?;
+            lags.iter().all(|l| l.head == total && l.lag == 0).then_some(())
+        }
+    })
+    .await;
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log").fetch_one(&pool).await.expect("count");
+    assert_eq!(events, total, "every command appended exactly once");
+    let history: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM entity_history").fetch_one(&pool).await.expect("count");
+    assert_eq!(history, total, "every event projected exactly once");
+    for projection in understudy_projections::all() {
+        let report = understudy_projections::replay::verify(&pool, projection.as_ref()).await.expect("verify");
+        assert!(report.differences.is_empty(), "{report:#?}");
+    }
+    relay.kill();
+    projector.kill();
+    if let Some(running) = embedded {
+        running.stop().await.expect("stop");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
