@@ -2,6 +2,9 @@
 //! projectors run as `understudy` child processes; NATS is a private nats-server that is killed
 //! and restarted too. Afterwards every event is projected exactly once and every read model
 //! equals a fresh replay.
+//!
+//! The sleeps here pace the faults (when to kill, how long an outage lasts) and a retry's backoff;
+//! every wait for a result polls a condition with a deadline.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
