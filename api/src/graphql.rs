@@ -303,26 +303,61 @@ impl Drop for OpenSubscription {
 impl Subscription {
     /// An environment's new state each time the `environments` read model commits a change to it
     /// (of one project, or of every project). Carries `position`: drop updates at or below one you have.
-    async fn environment_updated(&self, ctx: &Context<'_>, project_id: Option<Uuid>) -> Result<impl Stream<Item = Environment>> {
+    async fn environment_updated(
+        &self,
+        ctx: &Context<'_>,
+        project_id: Option<Uuid>,
+        #[graphql(desc = "Resume: first send every environment changed after this log position (the last `position` you saw).")]
+        after: Option<i64>,
+    ) -> Result<impl Stream<Item = Environment>> {
         let pool = ctx.data::<PgPool>()?.clone();
         let nats = ctx.data::<async_nats::Client>()?;
         let topology = ctx.data::<Topology>()?;
         let key = project_id.map_or_else(|| "*".to_string(), |id| id.to_string());
+        // Listen first, then read: a change committed in between is in one or the other.
         let notices = nats.subscribe(topology.changes_subject(READ_MODEL, &key)).await?;
+        let missed: Vec<Environment> = match after {
+            None => vec![],
+            Some(after) => {
+                let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
+                    "SELECT {ENVIRONMENT_COLUMNS} FROM environments
+                     WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 ORDER BY position LIMIT {MAX_PAGE}"
+                ))
+                .bind(project_id)
+                .bind(after)
+                .fetch_all(&pool)
+                .await?;
+                rows.into_iter().map(Environment::try_from).collect::<Result<_>>()?
+            }
+        };
+        // Each environment is sent only when it has moved past what this subscriber already got.
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<Uuid, i64>::new()));
+        let fresh = {
+            let sent = sent.clone();
+            move |environment: &Environment| {
+                let mut sent = sent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let last = sent.entry(environment.id).or_insert(i64::MIN);
+                let is_new = environment.position > *last;
+                *last = (*last).max(environment.position);
+                is_new
+            }
+        };
+        let replayed_fresh = fresh.clone();
         let open = OpenSubscription::new();
-        Ok(notices.filter_map(move |message| {
+        let live = notices.filter_map(move |message| {
             let _counted = &open;
-            let pool = pool.clone();
+            let (pool, fresh) = (pool.clone(), fresh.clone());
             async move {
                 let change: Change = serde_json::from_slice(&message.payload).ok()?;
                 match environment_by_id(&pool, change.id).await {
-                    Ok(environment) => environment,
+                    Ok(environment) => environment.filter(|e| fresh(e)),
                     Err(error) => {
                         tracing::warn!(error = ?error, "reading a changed environment failed");
                         None
                     }
                 }
             }
-        }))
+        });
+        Ok(futures::stream::iter(missed.into_iter().filter(move |e| replayed_fresh(e))).chain(live))
     }
 }

@@ -217,6 +217,33 @@ async fn subscribers_over_graphql_transport_ws_see_each_committed_change() {
         }
     }
     assert!(ready, "a subscriber saw the environment become Ready");
+
+    // A client that reconnects with the last position it saw first gets what changed since.
+    let (mut again, _) = {
+        let mut request = format!("ws://{}/graphql", app.addr).into_client_request().expect("request");
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
+        tokio_tungstenite::connect_async(request).await.expect("reconnect")
+    };
+    again.send(Message::text(json!({ "type": "connection_init" }).to_string())).await.expect("init");
+    assert_eq!(next_json(&mut again).await["type"], "connection_ack");
+    again
+        .send(Message::text(
+            json!({
+                "id": "2",
+                "type": "subscribe",
+                "payload": {
+                    "query": "subscription($p: UUID, $after: Int) { environmentUpdated(projectId: $p, after: $after) { id status position } }",
+                    "variables": { "p": project.to_string(), "after": 0 }
+                }
+            })
+            .to_string(),
+        ))
+        .await
+        .expect("subscribe");
+    let resumed = tokio::time::timeout(Duration::from_secs(10), next_json(&mut again)).await.expect("the missed change at once");
+    let environment = &resumed["payload"]["data"]["environmentUpdated"];
+    assert_eq!(environment["id"], id.to_string());
+    assert!(environment["position"].as_i64() >= Some(last_position), "{resumed}");
     app.cancel.cancel();
 }
 
