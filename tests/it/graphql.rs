@@ -259,3 +259,42 @@ where
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_graphql_ws_npm_client_subscribes_too() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let app = start().await;
+    let project = ProjectId(Uuid::new_v4());
+    let script = format!("{}/js/subscribe.mjs", env!("CARGO_MANIFEST_DIR"));
+    let mut node = tokio::process::Command::new("node")
+        .args([script.as_str(), &format!("ws://{}/graphql", app.addr), &project.to_string(), "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node (scripts/setup installs the graphql-ws client)");
+    let mut lines = BufReader::new(node.stdout.take().expect("stdout")).lines();
+    let connected = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.expect("connects").expect("read");
+    assert_eq!(connected.as_deref(), Some(r#"{"connected":true}"#));
+    // Keep changing the environment until the client has its update (it subscribes just after connecting).
+    let spec = fixtures::spec(project, 1, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
+    let mut commands = fixtures::to_ready(deployment).into_iter();
+    let update = loop {
+        match tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await {
+            Ok(line) => break line.expect("read").expect("an update line"),
+            Err(_) => {
+                let command = commands.next().expect("the client got nothing after every change");
+                store.execute(id, command, meta()).await.expect("command");
+            }
+        }
+    };
+    let update: Value = serde_json::from_str(&update).expect("JSON");
+    assert_eq!(update["data"]["environmentUpdated"]["id"], id.to_string(), "{update}");
+    let status = tokio::time::timeout(Duration::from_secs(20), node.wait()).await.expect("exits").expect("status");
+    assert!(status.success());
+    app.cancel.cancel();
+}
