@@ -135,6 +135,15 @@ const ENVIRONMENT_COLUMNS: &str = "environment_id, project_id, target_kind, bran
      latest_deployment_id, latest_commit, latest_deployment_status, preview_url, failure, tests_passed, tests_failed, tests, \
      created_at, updated_at, position";
 
+/// A cursor is `{updated_at in microseconds}_{environment id}`: the row's place in the order.
+fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid)> {
+    let bad = || async_graphql::Error::new(format!("cursor {cursor:?} is not one this API gave out; use a page's endCursor"));
+    let (micros, id) = cursor.split_once('_').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let time = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
+    Ok((time, Uuid::parse_str(id).map_err(|_| bad())?))
+}
+
 pub async fn environment_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Environment>> {
     let row: Option<EnvironmentRow> = sqlx::query_as(&format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE environment_id = $1"))
         .bind(id)
@@ -212,6 +221,42 @@ impl Query {
         .fetch_all(pool)
         .await?;
         rows.into_iter().map(Environment::try_from).collect()
+    }
+
+    /// Environments page by page (Relay cursor connection), most recently updated first. `after` is
+    /// the `endCursor` of the previous page; pages hold at most 500.
+    async fn environments_connection(
+        &self,
+        ctx: &Context<'_>,
+        project_id: Option<Uuid>,
+        status: Option<EnvironmentStatus>,
+        after: Option<String>,
+        #[graphql(default = 100, validator(minimum = 1, maximum = 500))] first: i64,
+    ) -> Result<async_graphql::connection::Connection<String, Environment>> {
+        let (before_time, before_id) = match after.as_deref().map(decode_cursor).transpose()? {
+            Some((time, id)) => (Some(time), Some(id)),
+            None => (None, None),
+        };
+        let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
+            "SELECT {ENVIRONMENT_COLUMNS} FROM environments
+             WHERE ($1::uuid IS NULL OR project_id = $1) AND ($2::text IS NULL OR status = $2)
+               AND ($3::timestamptz IS NULL OR (updated_at, environment_id) < ($3, $4))
+             ORDER BY updated_at DESC, environment_id DESC LIMIT $5"
+        ))
+        .bind(project_id)
+        .bind(status.map(|s| DomainStatus::from(s).as_str()))
+        .bind(before_time)
+        .bind(before_id)
+        .bind(first + 1)
+        .fetch_all(ctx.data::<PgPool>()?)
+        .await?;
+        let has_next = rows.len() as i64 > first;
+        let mut connection = async_graphql::connection::Connection::new(after.is_some(), has_next);
+        for row in rows.into_iter().take(first as usize) {
+            let cursor = format!("{}_{}", row.updated_at.timestamp_micros(), row.environment_id);
+            connection.edges.push(async_graphql::connection::Edge::new(cursor, Environment::try_from(row)?));
+        }
+        Ok(connection)
     }
 
     async fn environment(&self, ctx: &Context<'_>, id: Uuid) -> Result<Option<Environment>> {

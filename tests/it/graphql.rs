@@ -155,6 +155,46 @@ async fn queries_serve_environments_and_history() {
     let huge = "x".repeat(200 * 1024);
     let (status, _) = post(app.addr, json!({ "query": huge })).await;
     assert_eq!(status, 413, "an oversized query is refused");
+    // Relay-style pages: three more environments, read two at a time.
+    for pr in 8..11 {
+        let spec = fixtures::spec(project, pr, "main.w");
+        store.execute(fixtures::env_id(&spec).0, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request");
+    }
+    let page = |after: Option<String>| {
+        json!({
+            "query": "query($p: UUID, $after: String) { environmentsConnection(projectId: $p, first: 2, after: $after) { edges { cursor node { pullRequest } } pageInfo { hasNextPage endCursor } } }",
+            "variables": { "p": project.to_string(), "after": after }
+        })
+    };
+    let first_page = eventually(Duration::from_secs(20), "four environments", || async {
+        let (_, body) = post(
+            app.addr,
+            json!({ "query": "query($p: UUID) { environments(projectId: $p) { id } }", "variables": { "p": project.to_string() } }),
+        )
+        .await;
+        (body["data"]["environments"].as_array().map(Vec::len) == Some(4)).then_some(())?;
+        let (_, body) = post(app.addr, page(None)).await;
+        Some(body["data"]["environmentsConnection"].clone())
+    })
+    .await;
+    assert_eq!(first_page["edges"].as_array().map(Vec::len), Some(2));
+    assert_eq!(first_page["pageInfo"]["hasNextPage"], true);
+    let (_, second) = post(app.addr, page(first_page["pageInfo"]["endCursor"].as_str().map(String::from))).await;
+    let second = &second["data"]["environmentsConnection"];
+    assert_eq!(second["edges"].as_array().map(Vec::len), Some(2));
+    assert_eq!(second["pageInfo"]["hasNextPage"], false);
+    let mut seen: Vec<i64> = first_page["edges"]
+        .as_array()
+        .into_iter()
+        .chain(second["edges"].as_array())
+        .flatten()
+        .map(|e| e["node"]["pullRequest"].as_i64().unwrap_or(0))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, [7, 8, 9, 10], "every environment once across the pages");
+    let (_, bad) = post(app.addr, page(Some("nonsense".into()))).await;
+    assert!(bad["errors"][0]["message"].as_str().unwrap_or_default().contains("endCursor"), "{bad}");
+
     app.cancel.cancel();
 }
 
