@@ -46,6 +46,21 @@ impl TestEnv {
         &self.runtime.topology
     }
 
+    /// Applies everything the log has to `projections`, without NATS.
+    pub async fn project(&self, projections: Vec<std::sync::Arc<dyn understudy_projections::Projection>>) {
+        for projection in projections {
+            understudy_projections::Projector::new(
+                self.runtime.pool.clone(),
+                self.runtime.nats.clone(),
+                self.runtime.topology.clone(),
+                projection,
+            )
+            .catch_up_from_log()
+            .await
+            .expect("projecting from the log");
+        }
+    }
+
     pub fn jetstream(&self) -> async_nats::jetstream::Context {
         async_nats::jetstream::new(self.runtime.nats.clone())
     }

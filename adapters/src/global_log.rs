@@ -108,20 +108,20 @@ pub async fn read_range(executor: impl sqlx::PgExecutor<'_>, after: i64, up_to: 
 
 /// Every numbered event of one aggregate, oldest first.
 pub async fn history(pool: &PgPool, aggregate_id: Uuid) -> sqlx::Result<Vec<LoggedEvent>> {
-    sqlx::query_as::<_, LoggedEvent>(&format!(
-        "SELECT {COLUMNS} FROM event_log WHERE aggregate_id = $1 AND position IS NOT NULL ORDER BY position"
-    ))
-    .bind(aggregate_id)
-    .fetch_all(pool)
-    .await
+    numbered_where(pool, "aggregate_id", aggregate_id).await
 }
 
 /// Every numbered event one request caused (same correlation id), in log order.
 pub async fn caused_by(pool: &PgPool, correlation_id: Uuid) -> sqlx::Result<Vec<LoggedEvent>> {
+    numbered_where(pool, "correlation_id", correlation_id).await
+}
+
+/// Numbered events whose indexed uuid `column` (one of this module's literals) equals `id`.
+async fn numbered_where(pool: &PgPool, column: &str, id: Uuid) -> sqlx::Result<Vec<LoggedEvent>> {
     sqlx::query_as::<_, LoggedEvent>(&format!(
-        "SELECT {COLUMNS} FROM event_log WHERE correlation_id = $1 AND position IS NOT NULL ORDER BY position"
+        "SELECT {COLUMNS} FROM event_log WHERE {column} = $1 AND position IS NOT NULL ORDER BY position"
     ))
-    .bind(correlation_id)
+    .bind(id)
     .fetch_all(pool)
     .await
 }

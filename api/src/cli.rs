@@ -60,7 +60,7 @@ pub async fn status(pool: &PgPool, out: &mut impl Write) -> anyhow::Result<()> {
 }
 
 pub async fn replay(pool: &PgPool, which: &str) -> anyhow::Result<()> {
-    let projections = if which == "all" { understudy_projections::all() } else { vec![understudy_projections::by_name(which)?] };
+    let projections = understudy_projections::selected(which)?;
     for projection in projections {
         let started = std::time::Instant::now();
         let report = understudy_projections::replay::replay(pool, projection.as_ref(), |done, head| {
@@ -100,7 +100,7 @@ pub async fn state(pool: &PgPool, id: Uuid, at: Option<chrono::DateTime<chrono::
 
 /// Compares each live read model with a fresh replay; an error when any differs.
 pub async fn verify(pool: &PgPool, which: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    let projections = if which == "all" { understudy_projections::all() } else { vec![understudy_projections::by_name(which)?] };
+    let projections = understudy_projections::selected(which)?;
     let mut differing = Vec::new();
     for projection in projections {
         let report = understudy_projections::replay::verify(pool, projection.as_ref()).await?;

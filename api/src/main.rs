@@ -185,6 +185,11 @@ fn require(value: &Option<String>, name: &str) -> anyhow::Result<String> {
     value.clone().with_context(|| format!("{name} is not set: set it, or use `understudy up` to start a private one"))
 }
 
+/// Postgres alone, for the commands that only read or rebuild data.
+async fn connect_db(config: &Config, max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
+    understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, max_connections).await
+}
+
 async fn connect(config: &Config) -> anyhow::Result<Runtime> {
     let mut runtime =
         Runtime::connect(&require(&config.database_url, "DATABASE_URL")?, &require(&config.nats_url, "NATS_URL")?, &config.nats_prefix)
@@ -208,45 +213,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Relay => connect(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
         Command::Projector { projection } => {
-            let projections = match projection {
-                Some(name) => vec![understudy_projections::by_name(&name)?],
-                None => understudy_projections::all(),
-            };
+            let projections = understudy_projections::selected(projection.as_deref().unwrap_or("all"))?;
             connect(&config).await?.spawn_projectors(projections, cancel.clone(), &mut tasks);
         }
         Command::Migrate => {
-            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            let pool = connect_db(&config, 2).await?;
             understudy_adapters::db::migrate(&pool).await?;
             eprintln!("migrations applied");
             return Ok(());
         }
         Command::Replay { projection } => {
-            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 4).await?;
+            let pool = connect_db(&config, 4).await?;
             understudy_adapters::db::migrate(&pool).await?;
             return understudy_api::cli::replay(&pool, &projection).await;
         }
         Command::Events { id, json } => {
-            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            let pool = connect_db(&config, 2).await?;
             return understudy_api::cli::events(&pool, id, json, &mut std::io::stdout()).await;
         }
         Command::Trace { correlation_id, json } => {
-            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            let pool = connect_db(&config, 2).await?;
             return understudy_api::cli::trace(&pool, correlation_id, json, &mut std::io::stdout()).await;
         }
         Command::State { id, at } => {
-            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            let pool = connect_db(&config, 2).await?;
             return understudy_api::cli::state(&pool, id, at, &mut std::io::stdout()).await;
         }
         Command::Verify { projection } => {
-            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 4).await?;
+            let pool = connect_db(&config, 4).await?;
             return understudy_api::cli::verify(&pool, &projection, &mut std::io::stdout()).await;
         }
         Command::Usage { project, from, to, format } => {
-            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            let pool = connect_db(&config, 2).await?;
             return understudy_api::cli::usage(&pool, project, from, to, &format, &mut std::io::stdout()).await;
         }
         Command::Status => {
-            let pool = understudy_adapters::db::connect(&require(&config.database_url, "DATABASE_URL")?, 2).await?;
+            let pool = connect_db(&config, 2).await?;
             return understudy_api::cli::status(&pool, &mut std::io::stdout()).await;
         }
         Command::Project { what: ProjectCommand::Create { repo, installation, branch } } => {

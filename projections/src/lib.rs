@@ -24,6 +24,15 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
     ]
 }
 
+/// Every projection for `all`, otherwise the one called `name`.
+pub fn selected(name: &str) -> anyhow::Result<Vec<std::sync::Arc<dyn Projection>>> {
+    if name == "all" {
+        Ok(all())
+    } else {
+        Ok(vec![by_name(name)?])
+    }
+}
+
 /// The projection called `name`, or an error listing the ones there are.
 pub fn by_name(name: &str) -> anyhow::Result<std::sync::Arc<dyn Projection>> {
     all().into_iter().find(|p| p.name() == name).ok_or_else(|| {

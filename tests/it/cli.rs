@@ -105,24 +105,11 @@ async fn events_prints_an_entity_history_as_a_table_and_as_json() {
     let correlation = lines[2]["correlation_id"].as_str().expect("correlation").to_string();
     let trace = run_args(&["trace", &correlation, "--json"]);
     assert_eq!(String::from_utf8_lossy(&trace.stdout).lines().count(), 1, "one command, one event");
-    understudy_projections::Projector::new(
-        env.pool().clone(),
-        env.runtime.nats.clone(),
-        env.topology().clone(),
+    env.project(vec![
         std::sync::Arc::new(understudy_projections::environments::Environments),
-    )
-    .catch_up_from_log()
-    .await
-    .expect("project");
-    understudy_projections::Projector::new(
-        env.pool().clone(),
-        env.runtime.nats.clone(),
-        env.topology().clone(),
         std::sync::Arc::new(understudy_projections::usage::Usage),
-    )
-    .catch_up_from_log()
-    .await
-    .expect("usage");
+    ])
+    .await;
     let usage = run_args(&["usage", "--format", "csv"]);
     let usage = String::from_utf8_lossy(&usage.stdout).to_string();
     let lines: Vec<&str> = usage.lines().collect();

@@ -77,12 +77,7 @@ async fn documented_operator_commands_run_against_real_data() {
         store.execute(id, command, meta()).await.expect("to ready");
     }
     understudy_tests::sequence_all(env.pool()).await;
-    for projection in understudy_projections::all() {
-        understudy_projections::Projector::new(env.pool().clone(), env.runtime.nats.clone(), env.topology().clone(), projection)
-            .catch_up_from_log()
-            .await
-            .expect("project");
-    }
+    env.project(understudy_projections::all()).await;
     let runnable = ["events", "trace", "state", "verify", "usage", "status", "replay", "github"];
     let now = chrono::Utc::now().to_rfc3339();
     let mut ran = 0;

@@ -496,13 +496,6 @@ async fn one_trace_follows_a_webhook_to_the_github_write() {
         ["webhook.receive", "webhook.process", "command.append", "relay.publish", "projector.apply", "github.write", "github.call"];
     let names = eventually(Duration::from_secs(30), "one trace from the opened webhook to the GitHub write", || async {
         let spans = spans.lock().expect("spans").clone();
-        if std::env::var_os("DEBUG_SPANS").is_some() {
-            eprintln!(
-                "{} spans: {:?}",
-                spans.len(),
-                spans.iter().map(|(t, n)| format!("{}:{n}", &t[..t.len().min(6)])).collect::<Vec<_>>()
-            );
-        }
         // The trace of the pull request's webhook is the one whose receive span led to a GitHub write.
         let traces: std::collections::HashSet<&String> =
             spans.iter().filter(|(_, name)| name == "github.write").map(|(trace, _)| trace).collect();

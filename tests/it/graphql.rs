@@ -98,9 +98,6 @@ async fn queries_serve_environments_and_history() {
             "variables": { "p": project.to_string() }
         });
         let (_, body) = post(app.addr, query).await;
-        if std::env::var_os("DEBUG_USAGE").is_some() {
-            eprintln!("{body}");
-        }
         let rows = body["data"]["usage"].as_array().cloned()?;
         (rows.len() == 1 && rows[0]["deploymentsReady"] == 1).then(|| rows[0].clone())
     })

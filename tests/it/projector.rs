@@ -63,7 +63,8 @@ async fn a_projector_killed_at_any_moment_applies_every_event_exactly_once() {
         let store = env.runtime.store.environments.clone();
         tokio::spawn(async move { fixtures::deploy_prs(&store, project, 0..60).await })
     };
-    // Kill the projector (drop its task mid-batch) again and again while events flow.
+    // Kill the projector (drop its task mid-batch) again and again while events flow; the sleep
+    // picks the moment of the kill, the result is awaited with a deadline below.
     for round in 0..12u64 {
         let projector =
             Projector::new(env.pool().clone(), env.runtime.nats.clone(), env.topology().clone(), std::sync::Arc::new(EntityHistory));

@@ -42,7 +42,8 @@ async fn a_relay_killed_at_any_moment_loses_nothing_and_publishes_nothing_twice(
         let store = env.runtime.store.environments.clone();
         tokio::spawn(async move { fixtures::deploy_prs(&store, project, 0..80).await })
     };
-    // Drop the relay task mid-batch, again and again, while events are appended.
+    // Drop the relay task mid-batch, again and again, while events are appended; the sleep picks
+    // the moment of the kill, the result is awaited with a deadline below.
     for round in 0..15u64 {
         let task = tokio::spawn(relay::run(
             env.pool().clone(),

@@ -3,7 +3,6 @@
 use proptest::prelude::*;
 use understudy_domain::environment::{EnvironmentCommand, FailedStage, TestOutcome};
 use understudy_domain::ids::{DeploymentId, ProjectId};
-use understudy_projections::Projector;
 use understudy_tests::fixtures::{self, meta};
 use understudy_tests::TestEnv;
 use uuid::Uuid;
@@ -76,12 +75,7 @@ async fn run_history(steps: Vec<(usize, Step)>) {
         let _ = store.execute(id, command, meta()).await;
     }
     understudy_tests::sequence_all(env.pool()).await;
-    for projection in understudy_projections::all() {
-        Projector::new(env.pool().clone(), env.runtime.nats.clone(), env.topology().clone(), projection)
-            .catch_up_from_log()
-            .await
-            .expect("live");
-    }
+    env.project(understudy_projections::all()).await;
     let environments = "SELECT to_jsonb(e) FROM environments e ORDER BY environment_id";
     let history = "SELECT to_jsonb(h) FROM entity_history h ORDER BY position";
     let (live_env, live_history) = (table(env.pool(), environments).await, table(env.pool(), history).await);

@@ -79,8 +79,11 @@ pub struct Delivery {
 /// a few commits rather than one each.
 #[derive(Clone)]
 pub struct Recorder {
-    queue: tokio::sync::mpsc::Sender<(Delivery, tokio::sync::oneshot::Sender<sqlx::Result<bool>>)>,
+    queue: tokio::sync::mpsc::Sender<Queued>,
 }
+
+/// A delivery waiting for the writer, with where to send whether it was new.
+type Queued = (Delivery, tokio::sync::oneshot::Sender<sqlx::Result<bool>>);
 
 /// Most deliveries written by one INSERT.
 const RECORD_BATCH: usize = 256;
@@ -88,7 +91,7 @@ const RECORD_BATCH: usize = 256;
 impl Recorder {
     /// Starts the writer task; it ends when the last `Recorder` clone is dropped.
     pub fn spawn(pool: PgPool) -> Self {
-        let (queue, mut incoming) = tokio::sync::mpsc::channel::<(Delivery, tokio::sync::oneshot::Sender<sqlx::Result<bool>>)>(4096);
+        let (queue, mut incoming) = tokio::sync::mpsc::channel::<Queued>(4096);
         tokio::spawn(async move {
             while let Some(first) = incoming.recv().await {
                 let mut batch = vec![first];
@@ -148,6 +151,9 @@ pub struct Ingest {
 
 const MAX_ATTEMPTS: i32 = 20;
 
+/// A due delivery as stored: id, event, body, attempts so far, trace context.
+type PendingDelivery = (String, String, Vec<u8>, i32, Option<String>);
+
 impl Ingest {
     /// Processes pending deliveries in arrival order until cancelled; `wake` is poked by the
     /// webhook handler so a new delivery is processed at once rather than at the next poll.
@@ -159,7 +165,7 @@ impl Ingest {
     pub async fn process_next(&self) -> sqlx::Result<bool> {
         let pool = &self.store.pool;
         let mut tx = pool.begin().await?;
-        let row: Option<(String, String, Vec<u8>, i32, Option<String>)> = sqlx::query_as(
+        let row: Option<PendingDelivery> = sqlx::query_as(
             "SELECT delivery_id, event, payload, attempts, traceparent FROM webhook_deliveries
              WHERE state = 'pending' AND next_attempt_at <= now() ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
