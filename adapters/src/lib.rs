@@ -9,6 +9,7 @@ pub mod github;
 pub mod global_log;
 pub mod metrics;
 pub mod nats;
+pub mod preview;
 pub mod relay;
 pub mod telemetry;
 pub mod worker;

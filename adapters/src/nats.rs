@@ -41,6 +41,11 @@ impl Topology {
         format!("{}.changes.{read_model}.{key}", self.prefix)
     }
 
+    /// Core NATS wake-up for readers of a deployment's logs (never the lines themselves).
+    pub fn log_subject(&self, deployment: uuid::Uuid) -> String {
+        format!("{}.logs.{deployment}", self.prefix)
+    }
+
     pub fn consumer_name(&self, projection: &str) -> String {
         format!("{}_projector_{projection}", self.prefix.replace('-', "_"))
     }

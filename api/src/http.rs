@@ -1,4 +1,5 @@
-//! The HTTP router: GitHub webhooks, GraphQL over HTTP and graphql-transport-ws, health.
+//! The HTTP router: GitHub webhooks, GraphQL over HTTP and graphql-transport-ws, deployment logs,
+//! health, and the preview proxy in front of it all.
 
 use async_graphql::http::{GraphiQLSource, MultipartOptions};
 use async_graphql_axum::{GraphQLResponse, GraphQLSubscription};
@@ -53,7 +54,7 @@ async fn readyz(State(readiness): State<Readiness>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-pub fn router(schema: AppSchema, webhooks: WebhookState, readiness: Readiness) -> Router {
+pub fn router(schema: AppSchema, webhooks: WebhookState, readiness: Readiness, proxy: crate::proxy::PreviewProxy) -> Router {
     let graphql = Router::new()
         .route(
             "/graphql",
@@ -64,14 +65,18 @@ pub fn router(schema: AppSchema, webhooks: WebhookState, readiness: Readiness) -
         .route("/webhooks/github", post(webhooks::receive).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)))
         .with_state(webhooks);
     let metrics = Router::new().route("/metrics", get(crate::metrics::metrics)).with_state(readiness.pool.clone());
+    let logs = crate::logs::router(readiness.pool.clone());
     let ready = Router::new().route("/readyz", get(readyz)).with_state(readiness);
     Router::new()
+        .merge(logs)
         .merge(graphql)
         .merge(github)
         .merge(ready)
         .merge(metrics)
         .route("/graphiql", get(graphiql))
         .route("/healthz", get(|| async { "ok" }))
+        // Preview hosts are proxied before any route of ours is matched.
+        .layer(axum::middleware::from_fn_with_state(proxy, crate::proxy::route))
 }
 
 /// GraphQL over HTTP. The body is read through axum's `Bytes` extractor so the size limit holds.

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use understudy_adapters::preview::PreviewConfig;
 use understudy_api::runtime::{supervise, GitHubSettings, Runtime};
 use uuid::Uuid;
 
@@ -41,14 +42,43 @@ struct Config {
     /// Prefix of every NATS subject, stream and consumer (isolates installations sharing a NATS).
     #[arg(long, env = "UNDERSTUDY_NATS_PREFIX", default_value = "understudy", global = true)]
     nats_prefix: String,
+    /// Previews are served at `{environment}.{domain}`; defaults to preview.localhost:PORT
+    /// (`*.localhost` resolves to this machine in browsers and curl).
+    #[arg(long, env = "UNDERSTUDY_PREVIEW_DOMAIN", global = true)]
+    preview_domain: Option<String>,
+    /// Where repositories are fetched from: `{base}/{owner}/{name}.git`.
+    #[arg(long, env = "GITHUB_GIT_URL", default_value = "https://github.com", global = true)]
+    git_url: String,
+    /// The Wing toolchain's directory (holding node_modules/.bin/wing); scripts/setup installs
+    /// it at toolchain/wing.
+    #[arg(long, env = "UNDERSTUDY_WING_TOOLCHAIN", default_value = "toolchain/wing", global = true)]
+    wing_toolchain: PathBuf,
+    /// Deployments one worker builds or serves at once.
+    #[arg(long, env = "UNDERSTUDY_WORKER_PARALLEL", default_value_t = 4, global = true)]
+    worker_parallel: usize,
+    /// Memory limit of each sandbox, in MiB.
+    #[arg(long, env = "UNDERSTUDY_SANDBOX_MEMORY_MB", default_value_t = 1024, global = true)]
+    sandbox_memory_mb: u64,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run every role in one process; starts a private Postgres and NATS when no URLs are given.
     Up,
-    /// Serve the HTTP and GraphQL API.
+    /// Serve the HTTP and GraphQL API (and the preview proxy).
     Api,
+    /// Build, run and test previews in sandboxes.
+    Worker,
+    /// Inside a preview's sandbox: run the app and bridge a unix socket to its port.
+    #[command(hide = true)]
+    SandboxBridge {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        port: u16,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Number the global log and relay it to NATS JetStream.
     Relay,
     /// Run projectors (all of them, or one).
@@ -196,7 +226,26 @@ async fn connect(config: &Config) -> anyhow::Result<Runtime> {
             .await?;
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
     runtime.github = GitHubSettings::from_env(public_url)?;
+    runtime.preview = std::sync::Arc::new(preview_config(config)?);
     Ok(runtime)
+}
+
+fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
+    let cwd = std::env::current_dir()?;
+    let domain = config.preview_domain.clone().unwrap_or_else(|| format!("preview.localhost:{}", config.listen.port()));
+    let mut preview = PreviewConfig::new(cwd.join(&config.data_dir).join("previews"), domain);
+    preview.git_base = config.git_url.clone();
+    let wing = cwd.join(&config.wing_toolchain);
+    preview.wing_toolchain = wing.join("node_modules/.bin/wing").exists().then_some(wing);
+    preview.max_parallel = config.worker_parallel.max(1);
+    preview.limits.memory_bytes = config.sandbox_memory_mb.max(64) << 20;
+    Ok(preview)
+}
+
+/// A worker's name: host and process, unique while it runs.
+fn worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    format!("{host}-{}", std::process::id())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -212,6 +261,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("understudy api listening on http://{addr}/graphql");
         }
         Command::Relay => connect(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
+        Command::Worker => connect(&config).await?.spawn_worker(worker_id(), cancel.clone(), &mut tasks),
+        Command::SandboxBridge { socket, port, command } => {
+            let code = understudy_adapters::preview::bridge::run(&socket, port, &command).await?;
+            std::process::exit(code);
+        }
         Command::Projector { projection } => {
             let projections = understudy_projections::selected(projection.as_deref().unwrap_or("all"))?;
             connect(&config).await?.spawn_projectors(projections, cancel.clone(), &mut tasks);
@@ -291,6 +345,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         runtime.spawn_relay(cancel.clone(), &mut tasks);
         runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
         runtime.spawn_github(cancel.clone(), &mut tasks);
+        runtime.spawn_worker(worker_id(), cancel.clone(), &mut tasks);
         let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
         eprintln!("understudy is up: http://{addr}/graphql (GraphiQL at http://{addr}/graphiql); Ctrl-C stops it");
         supervise(tasks, cancel).await

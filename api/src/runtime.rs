@@ -11,6 +11,9 @@ use tokio_util::sync::CancellationToken;
 use understudy_adapters::github::client::{GitHub, GitHubConfig};
 use understudy_adapters::github::ingest::{Ingest, Recorder};
 use understudy_adapters::nats::Topology;
+use understudy_adapters::preview::logs::LogSink;
+use understudy_adapters::preview::worker::Worker;
+use understudy_adapters::preview::PreviewConfig;
 use understudy_adapters::{db, nats, relay, EventStore};
 use understudy_projections::github::OutboxWriter;
 use understudy_projections::{Projection, Projector};
@@ -27,6 +30,8 @@ pub struct Runtime {
     pub github: GitHubSettings,
     /// Wakes the webhook processor when a delivery is recorded.
     pub deliveries: Arc<Notify>,
+    /// How previews are built, run and served (worker and proxy).
+    pub preview: Arc<PreviewConfig>,
 }
 
 /// How this process talks to GitHub.
@@ -59,7 +64,8 @@ impl Runtime {
         db::migrate(&pool).await?;
         nats::ensure_stream(&async_nats::jetstream::new(nats.clone()), &topology).await?;
         let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
-        Ok(Self { pool, nats, topology, store, github: GitHubSettings::default(), deliveries: Arc::default() })
+        let preview = PreviewConfig::new(std::env::current_dir()?.join(".understudy/previews"), "preview.localhost:8080".into());
+        Ok(Self { pool, nats, topology, store, github: GitHubSettings::default(), deliveries: Arc::default(), preview: Arc::new(preview) })
     }
 
     pub fn schema(&self) -> crate::graphql::AppSchema {
@@ -81,7 +87,8 @@ impl Runtime {
             wake: self.deliveries.clone(),
         };
         let readiness = crate::http::Readiness { pool: self.pool.clone(), nats: self.nats.clone(), max_lag: 10_000 };
-        let app = crate::http::router(self.schema(), webhooks, readiness);
+        let proxy = crate::proxy::PreviewProxy { store: self.store.clone(), domain: Arc::from(self.preview.preview_domain.as_str()) };
+        let app = crate::http::router(self.schema(), webhooks, readiness, proxy);
         tasks.spawn(
             async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving HTTP") },
         );
@@ -112,6 +119,20 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// Builds, runs and tests previews. `id` names this worker in leases and logs.
+    pub fn spawn_worker(&self, id: String, cancel: CancellationToken, tasks: &mut JoinSet<anyhow::Result<()>>) {
+        let worker = Arc::new(Worker {
+            id,
+            store: self.store.clone(),
+            config: self.preview.clone(),
+            logs: LogSink::spawn(self.pool.clone(), self.nats.clone(), self.topology.clone()),
+        });
+        tasks.spawn(async move {
+            worker.run(cancel).await;
+            Ok(())
+        });
+    }
+
     /// Processes webhook deliveries, and writes PR comments when a GitHub App is configured.
     pub fn spawn_github(&self, cancel: CancellationToken, tasks: &mut JoinSet<anyhow::Result<()>>) {
         let ingest = Ingest { store: self.store.clone(), github: self.github.app.clone() };

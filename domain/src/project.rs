@@ -17,6 +17,9 @@ pub enum EntrypointRule {
     Listed { entrypoints: Vec<crate::values::Entrypoint> },
 }
 
+/// Root files that make a repository without `main.w` one app of a detected stack (entrypoint `.`).
+pub const APP_MARKERS: &[&str] = &["understudy.toml", "package.json", "Procfile", "Cargo.toml", "pyproject.toml", "requirements.txt"];
+
 impl EntrypointRule {
     /// The entrypoints of a commit whose root holds `root_files`: every `main.w` and `*.main.w`
     /// for detection, or the listed ones.
@@ -30,6 +33,10 @@ impl EntrypointRule {
                     .filter_map(|name| crate::values::Entrypoint::parse(name.as_str()).ok())
                     .collect();
                 found.sort();
+                if found.is_empty() && root_files.iter().any(|name| APP_MARKERS.contains(&name.as_str())) {
+                    // No Wing entrypoint: the repository root is one app, found by stack detection.
+                    found.extend(crate::values::Entrypoint::parse(".").ok());
+                }
                 found
             }
         }
@@ -244,6 +251,18 @@ mod tests {
             ["README.md", "main.w", "api.main.w", ".main.w", "main.wx", "lib.w"].iter().map(|s| s.to_string()).collect();
         let found: Vec<String> = EntrypointRule::Detect.select(&files).into_iter().map(String::from).collect();
         assert_eq!(found, ["api.main.w", "main.w"]);
+    }
+
+    #[test]
+    fn a_repository_without_wing_entrypoints_is_one_app_when_its_stack_is_known() {
+        let select = |files: &[&str]| -> Vec<String> {
+            let files: Vec<String> = files.iter().map(|s| s.to_string()).collect();
+            EntrypointRule::Detect.select(&files).into_iter().map(String::from).collect()
+        };
+        assert_eq!(select(&["package.json", "index.js"]), ["."]);
+        assert_eq!(select(&["Procfile"]), ["."]);
+        assert_eq!(select(&["main.w", "package.json"]), ["main.w"], "Wing entrypoints win");
+        assert!(select(&["README.md"]).is_empty(), "nothing to run");
     }
 
     #[test]

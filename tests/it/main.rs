@@ -5,6 +5,7 @@ mod cli;
 mod docs;
 mod github;
 mod graphql;
+mod preview;
 mod projector;
 mod relay;
 mod replay;

@@ -1,0 +1,96 @@
+//! Fetching one commit of a repository into a work dir: shallow, by commit id, with a timeout.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use super::logs::LogStream;
+
+/// Where a project's repository is fetched from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    pub url: String,
+    /// An installation token for GitHub over HTTPS; never logged, passed in an HTTP header.
+    pub token: Option<String>,
+}
+
+/// `{base}/{owner}/{name}.git`, where `base` is `GITHUB_GIT_URL` (`https://github.com` unless set;
+/// a `file://` base serves repositories from disk).
+pub fn github_remote(base: &str, full_name: &str, token: Option<String>) -> Remote {
+    Remote { url: format!("{}/{full_name}.git", base.trim_end_matches('/')), token }
+}
+
+/// Fetches `commit` alone (depth 1) into `dir`, which must not exist yet, and checks it out.
+/// Every git line goes to `log`. An error is an infrastructure fault unless the commit is missing.
+pub async fn fetch(remote: &Remote, commit: &str, dir: &Path, log: &LogStream, timeout: Duration) -> Result<(), FetchError> {
+    std::fs::create_dir_all(dir).map_err(|e| FetchError::Infra(format!("creating {}: {e}", dir.display())))?;
+    log.line(format!("$ git fetch --depth 1 {} {commit}", remote.url));
+    let steps: [Vec<String>; 3] = [
+        vec!["init".into(), "--quiet".into()],
+        {
+            let mut args = Vec::new();
+            if let Some(token) = &remote.token {
+                use base64::Engine;
+                let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+                args.push("-c".into());
+                args.push(format!("http.extraHeader=Authorization: Basic {basic}"));
+            }
+            args.extend(["fetch", "--quiet", "--no-tags", "--depth", "1", &remote.url, commit].map(String::from));
+            args
+        },
+        vec!["checkout".into(), "--quiet".into(), "--detach".into(), "FETCH_HEAD".into()],
+    ];
+    for args in steps {
+        let mut command = Command::new("git");
+        command
+            .args(&args)
+            .current_dir(dir)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            // Fetching by commit id from a repository on disk needs the server side to allow it.
+            .env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "uploadpack.allowAnySHA1InWant")
+            .env("GIT_CONFIG_VALUE_0", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|e| FetchError::Infra(format!("cannot run git: {e}")))?;
+        let (out, err) = (child.stdout.take(), child.stderr.take());
+        let pipes = async {
+            if let Some(out) = out {
+                log.pipe(out).await;
+            }
+        };
+        let pipes_err = async {
+            if let Some(err) = err {
+                log.pipe(err).await;
+            }
+        };
+        let run = async {
+            let (_, _, status) = tokio::join!(pipes, pipes_err, child.wait());
+            status
+        };
+        let status = match tokio::time::timeout(timeout, run).await {
+            Err(_) => return Err(FetchError::Infra(format!("git {} timed out after {}s", args[0], timeout.as_secs()))),
+            Ok(Err(e)) => return Err(FetchError::Infra(format!("git {}: {e}", args[0]))),
+            Ok(Ok(status)) => status,
+        };
+        if !status.success() {
+            let what = if args.iter().any(|a| a == "fetch") { "fetch" } else { args[0].as_str() };
+            return Err(FetchError::Failed(format!("git {what} of {commit} failed ({status}); see the build log")));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The machine's fault (git missing, disk, timeout): worth retrying.
+    #[error("{0}")]
+    Infra(String),
+    /// git ran and refused (no such repository or commit, no access): retrying will not help soon.
+    #[error("{0}")]
+    Failed(String),
+}

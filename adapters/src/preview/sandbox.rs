@@ -1,0 +1,290 @@
+//! The bubblewrap sandbox every build, app and test runs in.
+//!
+//! Each sandbox sees the system's programs read-only, its own checkout (`/app`) and cache
+//! (`/cache`) writable, a private `/tmp`, and nothing else of the host: no other environment's
+//! files, no control-plane data, no host processes (own PID namespace), and no network (own
+//! network namespace, so no route to Postgres or NATS) unless the step is the dependency fetch.
+//! The proxy reaches a running app through a unix socket in `/run/understudy`, which a bridge
+//! inside the sandbox connects to the app's `$PORT` (see `bridge.rs`).
+//!
+//! Limits: a cgroup per sandbox (memory, pids, CPU) when the host lets us create one (root with
+//! cgroup v1 or v2 mounted writable), and a wall-clock timeout per step by the caller.
+//! bwrap runs with an empty environment (its own environ is readable as PID 1 inside).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+/// Per-sandbox resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub pids: u64,
+    /// CPU time per wall second, in thousandths of a core (1000 = one core).
+    pub cpu_millicores: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { memory_bytes: 1 << 30, pids: 512, cpu_millicores: 1000 }
+    }
+}
+
+/// What one sandbox sees and may use.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Unique per sandbox (used for its cgroup).
+    pub name: String,
+    /// The checkout, at `/app`, writable.
+    pub app_dir: PathBuf,
+    /// Kept between deployments of one environment (package caches), at `/cache`, writable.
+    pub cache_dir: PathBuf,
+    /// Holds the bridge's socket, at `/run/understudy`, writable.
+    pub run_dir: PathBuf,
+    /// Host paths shown read-only at the given sandbox paths (toolchains, the bridge binary).
+    pub read_only: Vec<(PathBuf, String)>,
+    pub env: Vec<(String, String)>,
+    /// Share the host's network (dependency fetch only).
+    pub network: bool,
+    pub limits: Limits,
+}
+
+/// Host directories every sandbox sees read-only, when they exist. `/etc` is not shown whole: it
+/// holds the host's own configuration and credentials.
+const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+const SYSTEM_FILES: &[&str] = &[
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/resolv.conf",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/alternatives",
+    "/etc/localtime",
+    "/etc/ld.so.cache",
+];
+
+/// The user id the sandboxed processes run as (mapped to the worker's own user outside).
+pub const SANDBOX_UID: u32 = 1000;
+
+impl SandboxSpec {
+    /// bwrap's arguments up to and including `--`.
+    fn bwrap_args(&self) -> Vec<String> {
+        let mut args: Vec<String> =
+            ["--unshare-all", "--die-with-parent", "--new-session", "--hostname", "preview"].map(String::from).to_vec();
+        if self.network {
+            args.push("--share-net".into());
+        }
+        args.extend(["--uid".into(), SANDBOX_UID.to_string(), "--gid".into(), SANDBOX_UID.to_string()]);
+        for dir in SYSTEM_DIRS {
+            let path = Path::new(dir);
+            match std::fs::read_link(path) {
+                Ok(target) => args.extend(["--symlink".into(), target.display().to_string(), dir.to_string()]),
+                Err(_) if path.is_dir() => args.extend(["--ro-bind".into(), dir.to_string(), dir.to_string()]),
+                Err(_) => {}
+            }
+        }
+        for file in SYSTEM_FILES {
+            args.extend(["--ro-bind-try".into(), file.to_string(), file.to_string()]);
+        }
+        args.extend(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"].map(String::from));
+        for (host, inside) in &self.read_only {
+            args.extend(["--ro-bind".into(), host.display().to_string(), inside.clone()]);
+        }
+        for (host, inside) in [(&self.app_dir, "/app"), (&self.cache_dir, "/cache"), (&self.run_dir, "/run/understudy")] {
+            args.extend(["--bind".into(), host.display().to_string(), inside.to_string()]);
+        }
+        args.extend(["--chdir".into(), "/app".into(), "--clearenv".into()]);
+        for (key, value) in &self.env {
+            args.extend(["--setenv".into(), key.clone(), value.clone()]);
+        }
+        args.push("--".into());
+        args
+    }
+
+    /// Starts `argv` in the sandbox with stdout and stderr piped. The process is placed in its
+    /// cgroup before bwrap starts, so nothing it forks escapes the limits.
+    pub fn spawn(&self, argv: &[String]) -> std::io::Result<Sandboxed> {
+        for dir in [&self.app_dir, &self.cache_dir, &self.run_dir] {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A group per process tree: a name reused right away (a retried start) must not meet
+        // the previous tree's group while that is still being removed.
+        let cgroup = Cgroup::create(&format!("{}-{}", self.name, uuid::Uuid::new_v4().simple()), self.limits);
+        // `sh` writes its own pid into each cgroup, then becomes bwrap. The paths go in as
+        // arguments, not environment: nothing of ours must be readable inside.
+        let script = r#"n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1/cgroup.procs" || exit 125; shift; n=$((n-1)); done; exec "$@""#;
+        let mut command = Command::new("/bin/sh");
+        // From `/`: the shell exports its working directory as PWD, which bwrap (PID 1 inside)
+        // would carry.
+        command.env_clear().current_dir("/").arg("-c").arg(script).arg("sandbox");
+        let dirs = cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default();
+        command.arg(dirs.len().to_string()).args(&dirs);
+        command.arg(bwrap_path()).args(self.bwrap_args()).args(argv);
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        let child = command.spawn()?;
+        Ok(Sandboxed { child, cgroup })
+    }
+}
+
+fn bwrap_path() -> String {
+    std::env::var("UNDERSTUDY_BWRAP").unwrap_or_else(|_| "bwrap".into())
+}
+
+/// Whether bubblewrap can run here at all (installed, and user namespaces allowed).
+pub fn available() -> Result<(), String> {
+    let output = std::process::Command::new(bwrap_path())
+        .args(["--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"])
+        .env_clear()
+        .output()
+        .map_err(|e| format!("bubblewrap ({}) cannot be run: {e}; scripts/setup installs it", bwrap_path()))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("bubblewrap cannot create a sandbox here: {}", String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
+
+/// A process tree in a sandbox. Dropping it kills the tree.
+pub struct Sandboxed {
+    pub child: Child,
+    cgroup: Option<Cgroup>,
+}
+
+impl Sandboxed {
+    /// Whether its limits are enforced by a cgroup (else only by the caller's timeouts).
+    pub fn limited(&self) -> bool {
+        self.cgroup.is_some()
+    }
+
+    /// Whether the memory limit killed something in it.
+    pub fn out_of_memory(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(Cgroup::oom_killed)
+    }
+
+    /// Kills every process of the sandbox and waits for bwrap to go.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_all();
+        }
+    }
+}
+
+impl Drop for Sandboxed {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.kill_all();
+            // Removing the group needs it empty; the killed processes may still be exiting.
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    if cgroup.remove() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            });
+        }
+    }
+}
+
+/// One sandbox's control groups: one directory per controller on cgroup v1, one on v2.
+#[derive(Debug)]
+struct Cgroup {
+    dirs: Vec<String>,
+    memory_dir: String,
+    v2: bool,
+}
+
+impl Cgroup {
+    fn create(name: &str, limits: Limits) -> Option<Cgroup> {
+        let root = Path::new("/sys/fs/cgroup");
+        let write = |dir: &Path, file: &str, value: String| std::fs::write(dir.join(file), value).is_ok();
+        if root.join("cgroup.controllers").exists() {
+            // cgroup v2: one tree; the parent must delegate the controllers to its children.
+            let parent = root.join("understudy");
+            std::fs::create_dir_all(&parent).ok()?;
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids +cpu");
+            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +pids +cpu");
+            let dir = parent.join(name);
+            std::fs::create_dir_all(&dir).ok()?;
+            let ok = write(&dir, "memory.max", limits.memory_bytes.to_string())
+                && write(&dir, "memory.swap.max", "0".into())
+                && write(&dir, "pids.max", limits.pids.to_string())
+                && write(&dir, "cpu.max", format!("{} 100000", limits.cpu_millicores * 100));
+            let dir = dir.display().to_string();
+            let cgroup = Cgroup { dirs: vec![dir.clone()], memory_dir: dir, v2: true };
+            if !ok {
+                cgroup.remove();
+                return None;
+            }
+            return Some(cgroup);
+        }
+        // cgroup v1: a directory under each controller's hierarchy.
+        let mut dirs = Vec::new();
+        for (controller, settings) in [
+            ("memory", vec![("memory.limit_in_bytes", limits.memory_bytes.to_string())]),
+            ("pids", vec![("pids.max", limits.pids.to_string())]),
+            ("cpu", vec![("cpu.cfs_period_us", "100000".into()), ("cpu.cfs_quota_us", (limits.cpu_millicores * 100).to_string())]),
+        ] {
+            let dir = root.join(controller).join("understudy").join(name);
+            let ok = std::fs::create_dir_all(&dir).is_ok() && settings.into_iter().all(|(file, value)| write(&dir, file, value));
+            dirs.push(dir.display().to_string());
+            if !ok {
+                let cgroup = Cgroup { memory_dir: dirs[0].clone(), dirs, v2: false };
+                cgroup.remove();
+                return None;
+            }
+        }
+        // Swap would let a process outgrow its memory limit; forbid it where the knob exists.
+        let _ = std::fs::write(Path::new(&dirs[0]).join("memory.memsw.limit_in_bytes"), limits.memory_bytes.to_string());
+        let _ = std::fs::write(Path::new(&dirs[0]).join("memory.swappiness"), "0");
+        Some(Cgroup { memory_dir: dirs[0].clone(), dirs, v2: false })
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        self.dirs
+            .iter()
+            .filter_map(|dir| std::fs::read_to_string(Path::new(dir).join("cgroup.procs")).ok())
+            .flat_map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<i32>>())
+            .collect()
+    }
+
+    fn kill_all(&self) {
+        if self.v2 && std::fs::write(Path::new(&self.dirs[0]).join("cgroup.kill"), "1").is_ok() {
+            return;
+        }
+        // Repeat: a fork bomb adds processes while we kill.
+        for _ in 0..20 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                // SAFETY: kill(2) with a pid from our own cgroup and SIGKILL; no memory involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+
+    fn oom_killed(&self) -> bool {
+        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        std::fs::read_to_string(Path::new(&self.memory_dir).join(file))
+            .map(|text| {
+                text.lines().any(|line| {
+                    let mut parts = line.split_whitespace();
+                    matches!((parts.next(), parts.next()), (Some("oom_kill"), Some(n)) if n != "0")
+                })
+            })
+            .unwrap_or(false)
+    }
+
+    /// Removes the group's directories; false while processes remain.
+    fn remove(&self) -> bool {
+        self.dirs.iter().all(|dir| !Path::new(dir).exists() || std::fs::remove_dir(dir).is_ok())
+    }
+}

@@ -1,0 +1,304 @@
+//! What to run for an entrypoint: detected from the checkout (Wing, Node, Procfile), or set by an
+//! optional `understudy.toml` at the repository root.
+//!
+//! ```toml
+//! # understudy.toml: every key is optional; what is missing comes from detection.
+//! install = "npm ci"          # runs with network access, package scripts off (see below)
+//! build = "npm run build"     # no network
+//! start = "node server.js"    # gets $PORT; must answer HTTP there
+//! test = "npm test"           # one test named after the command
+//! health = "/healthz"         # Ready once this answers 2xx/3xx (default "/")
+//! [env]
+//! NODE_ENV = "production"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The name of the optional repository file.
+pub const CONFIG_FILE: &str = "understudy.toml";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    Wing,
+    Node,
+    Procfile,
+    Custom,
+}
+
+impl Stack {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stack::Wing => "wing",
+            Stack::Node => "node",
+            Stack::Procfile => "procfile",
+            Stack::Custom => "understudy.toml",
+        }
+    }
+}
+
+/// How an entrypoint's tests run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tests {
+    /// `wing test <entrypoint>`: each test in a fresh simulator, results per test.
+    Wing {
+        entrypoint: String,
+    },
+    /// One shell command; its exit code is one test result, named after the command.
+    Command(String),
+    None,
+}
+
+/// Everything the worker runs for one entrypoint. Commands are shell lines run inside the
+/// sandbox with the checkout as working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub stack: Stack,
+    /// Fetches dependencies. The only step with network access, so it runs the package manager
+    /// with package scripts turned off; `build` runs them afterwards without network.
+    pub install: Option<String>,
+    pub build: Option<String>,
+    pub start: String,
+    pub tests: Tests,
+    pub health_path: String,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Why no plan could be made: a user fault, shown in the build log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{CONFIG_FILE}, line {line}: {reason}")]
+    Config { line: usize, reason: String },
+    #[error("{0}")]
+    Nothing(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    install: Option<String>,
+    build: Option<String>,
+    start: Option<String>,
+    test: Option<String>,
+    health: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+fn parse_config(text: &str) -> Result<Config, PlanError> {
+    toml::from_str::<Config>(text).map_err(|error| {
+        let line = error.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1).unwrap_or(1);
+        PlanError::Config { line, reason: error.message().to_string() }
+    })
+}
+
+#[derive(Deserialize, Default)]
+struct PackageJson {
+    #[serde(default)]
+    scripts: BTreeMap<String, String>,
+    #[serde(default)]
+    dependencies: BTreeMap<String, serde_json::Value>,
+    #[serde(default, rename = "devDependencies")]
+    dev_dependencies: BTreeMap<String, serde_json::Value>,
+}
+
+/// The plan for `entrypoint` (`main.w`, `api.main.w`, or `.` for the repository's one app) in
+/// the checkout at `root`.
+pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
+    let read = |name: &str| std::fs::read_to_string(root.join(name)).ok();
+    let config = match read(CONFIG_FILE) {
+        Some(text) => Some(parse_config(&text)?),
+        None => None,
+    };
+    let package = match read("package.json") {
+        Some(text) => Some(
+            serde_json::from_str::<PackageJson>(&text)
+                .map_err(|e| PlanError::Nothing(format!("package.json does not parse: {e} (line {})", e.line())))?,
+        ),
+        None => None,
+    };
+    let has_lock = root.join("package-lock.json").exists();
+    let npm_install = package.as_ref().filter(|p| !p.dependencies.is_empty() || !p.dev_dependencies.is_empty()).map(|_| {
+        if has_lock { "npm ci --ignore-scripts --no-audit --no-fund" } else { "npm install --ignore-scripts --no-audit --no-fund" }
+            .to_string()
+    });
+    // Package scripts were skipped while fetching; run them now, offline.
+    let npm_rebuild = npm_install.as_ref().map(|_| "npm rebuild --no-audit --no-fund".to_string());
+
+    let mut plan = if entrypoint.ends_with(".w") {
+        if !root.join(entrypoint).is_file() {
+            return Err(PlanError::Nothing(format!("entrypoint {entrypoint} is not in this commit")));
+        }
+        let quoted = shell_quote(entrypoint);
+        Plan {
+            stack: Stack::Wing,
+            install: npm_install,
+            build: Some(join([npm_rebuild, Some(format!("wing compile {quoted}"))])),
+            start: format!("wing it {quoted} --no-open -p \"$PORT\""),
+            tests: Tests::Wing { entrypoint: entrypoint.to_string() },
+            health_path: "/".into(),
+            env: BTreeMap::new(),
+        }
+    } else if let Some(package) = package.as_ref().filter(|p| p.scripts.contains_key("start")) {
+        let build = package.scripts.contains_key("build").then(|| "npm run build".to_string());
+        Plan {
+            stack: Stack::Node,
+            install: npm_install,
+            build: Some(join([npm_rebuild, build])).filter(|b| !b.is_empty()),
+            start: "npm start".into(),
+            tests: if package.scripts.contains_key("test") { Tests::Command("npm test".into()) } else { Tests::None },
+            health_path: "/".into(),
+            env: BTreeMap::new(),
+        }
+    } else if let Some(web) = read("Procfile").as_deref().and_then(procfile_web) {
+        Plan {
+            stack: Stack::Procfile,
+            install: npm_install,
+            build: npm_rebuild,
+            start: web,
+            tests: Tests::None,
+            health_path: "/".into(),
+            env: BTreeMap::new(),
+        }
+    } else if config.as_ref().is_some_and(|c| c.start.is_some()) {
+        Plan {
+            stack: Stack::Custom,
+            install: None,
+            build: None,
+            start: String::new(),
+            tests: Tests::None,
+            health_path: "/".into(),
+            env: BTreeMap::new(),
+        }
+    } else {
+        return Err(PlanError::Nothing(format!(
+            "nothing to run for entrypoint {entrypoint}: no main.w, no package.json with a start script, no Procfile web \
+             process and no start command in {CONFIG_FILE}"
+        )));
+    };
+    if let Some(config) = config {
+        if config.install.is_some() {
+            plan.install = config.install;
+        }
+        if config.build.is_some() {
+            plan.build = config.build;
+        }
+        if let Some(start) = config.start {
+            plan.start = start;
+        }
+        if let Some(test) = config.test {
+            plan.tests = Tests::Command(test);
+        }
+        if let Some(health) = config.health {
+            if !health.starts_with('/') {
+                return Err(PlanError::Config { line: 1, reason: format!("health must be a path starting with '/', not {health:?}") });
+            }
+            plan.health_path = health;
+        }
+        plan.env = config.env;
+    }
+    Ok(plan)
+}
+
+fn join(parts: impl IntoIterator<Item = Option<String>>) -> String {
+    parts.into_iter().flatten().collect::<Vec<_>>().join(" && ")
+}
+
+/// The `web:` process of a Procfile.
+fn procfile_web(text: &str) -> Option<String> {
+    text.lines().find_map(|line| line.trim().strip_prefix("web:").map(|cmd| cmd.trim().to_string())).filter(|c| !c.is_empty())
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        }
+        dir
+    }
+
+    #[test]
+    fn wing_entrypoints_compile_serve_the_console_and_test_with_wing() {
+        let dir = repo(&[("main.w", "bring cloud;"), ("api.main.w", "bring cloud;")]);
+        let plan = plan(dir.path(), "api.main.w").expect("plan");
+        assert_eq!(plan.stack, Stack::Wing);
+        assert_eq!(plan.build.as_deref(), Some("wing compile api.main.w"));
+        assert_eq!(plan.start, "wing it api.main.w --no-open -p \"$PORT\"");
+        assert_eq!(plan.tests, Tests::Wing { entrypoint: "api.main.w".into() });
+        assert!(plan.install.is_none(), "no package.json, nothing to fetch");
+        assert!(matches!(super::plan(dir.path(), "gone.main.w"), Err(PlanError::Nothing(_))));
+    }
+
+    #[test]
+    fn node_apps_install_without_scripts_then_rebuild_offline() {
+        let dir = repo(&[
+            ("package.json", r#"{"scripts":{"start":"node index.js","test":"node test.js"},"dependencies":{"left-pad":"1"}}"#),
+            ("package-lock.json", "{}"),
+        ]);
+        let plan = plan(dir.path(), ".").expect("plan");
+        assert_eq!(plan.stack, Stack::Node);
+        assert_eq!(plan.install.as_deref(), Some("npm ci --ignore-scripts --no-audit --no-fund"));
+        assert_eq!(plan.build.as_deref(), Some("npm rebuild --no-audit --no-fund"));
+        assert_eq!(plan.start, "npm start");
+        assert_eq!(plan.tests, Tests::Command("npm test".into()));
+    }
+
+    #[test]
+    fn procfile_web_and_the_repository_file_override_detection() {
+        let dir = repo(&[
+            ("Procfile", "worker: ./work\nweb: python3 -m http.server $PORT\n"),
+            (CONFIG_FILE, "test = \"./check\"\nhealth = \"/up\"\n[env]\nMODE = \"preview\"\n"),
+        ]);
+        let plan = plan(dir.path(), ".").expect("plan");
+        assert_eq!(plan.stack, Stack::Procfile);
+        assert_eq!(plan.start, "python3 -m http.server $PORT");
+        assert_eq!(plan.tests, Tests::Command("./check".into()));
+        assert_eq!(plan.health_path, "/up");
+        assert_eq!(plan.env.get("MODE").map(String::as_str), Some("preview"));
+    }
+
+    #[test]
+    fn a_bad_repository_file_names_its_line_and_reason() {
+        let dir = repo(&[(CONFIG_FILE, "start = \"node a.js\"\n\nbuild = [1, 2]\n")]);
+        match plan(dir.path(), ".") {
+            Err(PlanError::Config { line, reason }) => {
+                assert_eq!(line, 3);
+                assert!(reason.contains("string"), "{reason}");
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        let dir = repo(&[(CONFIG_FILE, "strat = \"typo\"\n")]);
+        assert!(matches!(plan(dir.path(), "."), Err(PlanError::Config { line: 1, .. })));
+        let dir = repo(&[(CONFIG_FILE, "start = \"x\"\nhealth = \"up\"\n")]);
+        assert!(matches!(plan(dir.path(), "."), Err(PlanError::Config { .. })));
+    }
+
+    #[test]
+    fn a_repository_with_nothing_to_run_says_so() {
+        let dir = repo(&[("README.md", "hi")]);
+        let error = plan(dir.path(), ".").expect_err("nothing to run");
+        assert!(error.to_string().contains("nothing to run"), "{error}");
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("main.w"), "main.w");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("a b"), "'a b'");
+    }
+}

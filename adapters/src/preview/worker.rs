@@ -1,0 +1,867 @@
+//! The worker: claims deployments, builds and runs them, reports every step as a command.
+//!
+//! Claiming is a lease in `deployment_leases`, kept alive by a heartbeat. A worker that dies
+//! stops heartbeating; when its lease expires another worker (or this one, restarted) claims the
+//! deployment again and carries on from the state the events say it reached, so no deployment
+//! stays Building forever. Each claim counts as an attempt: infrastructure faults (git timeout,
+//! sandbox set-up) are retried with backoff up to `max_attempts`; user faults (build error,
+//! crash, failed health check) fail the deployment at once, with the reason.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use understudy_domain::environment::{DeploymentStatus, EnvironmentCommand, FailedStage, TestOutcome};
+use understudy_domain::ids::{DeploymentId, EnvironmentId};
+use understudy_domain::{DomainError, Metadata};
+use uuid::Uuid;
+
+use super::git::{self, FetchError};
+use super::logs::{LogSink, LogStream, Redactor};
+use super::sandbox::{SandboxSpec, Sandboxed};
+use super::stack::{self, Plan, Tests};
+use super::{unix_http, PreviewConfig};
+use crate::{CommandError, EventStore};
+
+/// The port every app listens on inside its sandbox (each sandbox has its own loopback).
+const APP_PORT: u16 = 8080;
+const SOCKET: &str = "http.sock";
+
+pub struct Worker {
+    /// Unique per process: leases and routes name it.
+    pub id: String,
+    pub store: EventStore,
+    pub config: Arc<PreviewConfig>,
+    pub logs: LogSink,
+}
+
+/// One claimed deployment.
+#[derive(Debug, Clone)]
+struct Job {
+    environment: EnvironmentId,
+    deployment: DeploymentId,
+    project: Uuid,
+    commit: String,
+    entrypoint: String,
+    attempts: i32,
+}
+
+/// Why a pipeline step stopped.
+#[derive(Debug)]
+enum Stop {
+    /// The user's code failed: the deployment fails with this reason.
+    User(FailedStage, String),
+    /// The machine failed: try again later (another claim).
+    Infra(String),
+    /// Superseded, terminated, lease lost or shutting down: stop quietly.
+    Quiet(&'static str),
+}
+
+impl From<CommandError> for Stop {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Domain(DomainError::Superseded { .. }) => Stop::Quiet("superseded"),
+            CommandError::Domain(DomainError::IllegalEnvironmentTransition { .. } | DomainError::IllegalTransition { .. }) => {
+                Stop::Quiet("the deployment moved on")
+            }
+            other => Stop::Infra(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Stop {
+    fn from(error: sqlx::Error) -> Self {
+        Stop::Infra(format!("database: {error}"))
+    }
+}
+
+impl Worker {
+    fn pool(&self) -> &PgPool {
+        &self.store.pool
+    }
+
+    /// Claims and runs deployments until `cancel`; then stops its sandboxes and hands its
+    /// deployments back (their leases expire at once, so another worker takes over).
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        if let Err(reason) = super::sandbox::available() {
+            tracing::error!(%reason, "the worker cannot sandbox anything; deployments stay queued");
+            cancel.cancelled().await;
+            return;
+        }
+        let mut running: JoinSet<()> = JoinSet::new();
+        loop {
+            while running.try_join_next().is_some() {}
+            if running.len() < self.config.max_parallel {
+                match self.claim(self.config.max_parallel - running.len()).await {
+                    Ok(jobs) => {
+                        for job in jobs {
+                            let worker = self.clone();
+                            let stop = cancel.child_token();
+                            running.spawn(async move { worker.deploy(job, stop).await });
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "claiming deployments failed; retrying"),
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Claims up to `limit` deployments that need a worker: the latest deployment of every live
+    /// environment that is not Failed and whose lease is free or expired.
+    async fn claim(&self, limit: usize) -> sqlx::Result<Vec<Job>> {
+        type Row = (Uuid, Uuid, Uuid, String, String);
+        let candidates: Vec<Row> = sqlx::query_as(
+            "SELECT e.environment_id, e.latest_deployment_id, e.project_id, e.latest_commit, e.entrypoint
+             FROM environments e
+             WHERE e.latest_deployment_status IN ('Requested', 'Building', 'Starting', 'Ready')
+               AND e.status NOT IN ('Stale', 'Terminated')
+               AND NOT EXISTS (SELECT 1 FROM deployment_leases l
+                               WHERE l.deployment_id = e.latest_deployment_id AND (l.released OR l.expires_at > now()))
+             ORDER BY e.updated_at LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?;
+        let mut jobs = Vec::new();
+        for (environment, deployment, project, commit, entrypoint) in candidates {
+            let attempts: Option<i32> = sqlx::query_scalar(
+                "INSERT INTO deployment_leases (deployment_id, environment_id, worker, expires_at)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+                 ON CONFLICT (deployment_id) DO UPDATE
+                   SET worker = EXCLUDED.worker, expires_at = EXCLUDED.expires_at, attempts = deployment_leases.attempts + 1
+                   WHERE NOT deployment_leases.released AND deployment_leases.expires_at <= now()
+                 RETURNING attempts",
+            )
+            .bind(deployment)
+            .bind(environment)
+            .bind(&self.id)
+            .bind(self.config.lease_ttl.as_secs_f64())
+            .fetch_optional(self.pool())
+            .await?;
+            if let Some(attempts) = attempts {
+                jobs.push(Job {
+                    environment: EnvironmentId(environment),
+                    deployment: DeploymentId(deployment),
+                    project,
+                    commit,
+                    entrypoint,
+                    attempts,
+                });
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Runs one claimed deployment to its end: failed, superseded, stopped, or (when Ready)
+    /// serving until a newer deployment of its environment is Ready or the environment goes.
+    async fn deploy(self: Arc<Self>, job: Job, stop: CancellationToken) {
+        let span = tracing::info_span!("deployment", deployment = %job.deployment, environment = %job.environment);
+        let _entered = span.enter();
+        let heartbeat = tokio::spawn(self.clone().heartbeat(job.deployment, stop.clone()));
+        let meta = self.metadata(&job).await;
+        let outcome = self.pipeline(&job, &meta, &stop).await;
+        heartbeat.abort();
+        let build = self.logs.stream(job.deployment.0, "build", Redactor::default());
+        let ending = match outcome {
+            Ok(()) => Lease::Release,
+            Err(Stop::Quiet(why)) => {
+                tracing::info!(why, "deployment stopped");
+                // Shutting down or lease lost: somebody else carries on.
+                if stop.is_cancelled() {
+                    Lease::HandBack
+                } else {
+                    Lease::Release
+                }
+            }
+            Err(Stop::User(stage, reason)) => {
+                build.line(format!("understudy: deployment failed: {reason}"));
+                let command = EnvironmentCommand::MarkFailed { deployment_id: job.deployment, stage, reason, at: Utc::now() };
+                if let Err(error) = self.store.environments.execute(job.environment.0, command, meta.clone()).await {
+                    tracing::info!(%error, "could not mark the deployment failed");
+                }
+                Lease::Release
+            }
+            Err(Stop::Infra(reason)) => {
+                build
+                    .line(format!("understudy: infrastructure fault (attempt {} of {}): {reason}", job.attempts, self.config.max_attempts));
+                if job.attempts >= self.config.max_attempts {
+                    let reason = format!("gave up after {} attempts: {reason}", job.attempts);
+                    let (stage, status) = self.stage_of(&job).await;
+                    if status.is_some() {
+                        let command = EnvironmentCommand::MarkFailed { deployment_id: job.deployment, stage, reason, at: Utc::now() };
+                        let _ = self.store.environments.execute(job.environment.0, command, meta.clone()).await;
+                    }
+                    Lease::Release
+                } else {
+                    let backoff = Duration::from_secs(2u64.pow(job.attempts.clamp(0, 6) as u32));
+                    let _ = sqlx::query(
+                        "UPDATE deployment_leases SET expires_at = now() + make_interval(secs => $2), last_error = $3
+                         WHERE deployment_id = $1 AND worker = $4",
+                    )
+                    .bind(job.deployment.0)
+                    .bind(backoff.as_secs_f64())
+                    .bind(&reason)
+                    .bind(&self.id)
+                    .execute(self.pool())
+                    .await;
+                    Lease::Keep
+                }
+            }
+        };
+        self.clean_up(&job, ending).await;
+    }
+
+    /// Which stage a failure now belongs to, from the deployment's recorded status.
+    async fn stage_of(&self, job: &Job) -> (FailedStage, Option<DeploymentStatus>) {
+        let status =
+            self.store.environments.load(job.environment.0).await.ok().and_then(|s| s.inner().deployment(job.deployment).map(|d| d.status));
+        match status {
+            Some(DeploymentStatus::Requested | DeploymentStatus::Building) => (FailedStage::Build, status),
+            Some(DeploymentStatus::Starting | DeploymentStatus::Ready) => (FailedStage::Start, status),
+            _ => (FailedStage::Build, None),
+        }
+    }
+
+    /// The correlation of the request that asked for this deployment, so `understudy trace`
+    /// shows the worker's events beside the webhook that caused them.
+    async fn metadata(&self, job: &Job) -> Metadata {
+        let origin: Option<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT correlation_id, event_id FROM event_log
+             WHERE aggregate_id = $1 AND event_type = 'DeploymentRequested' AND payload->'event'->>'deployment_id' = $2
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(job.environment.0)
+        .bind(job.deployment.0.to_string())
+        .fetch_optional(self.pool())
+        .await
+        .ok()
+        .flatten();
+        let actor = format!("system:worker:{}", self.id);
+        match origin {
+            Some((correlation, cause)) => Metadata::new(correlation, actor).caused_by(cause),
+            None => Metadata::new(Uuid::new_v4(), actor),
+        }
+    }
+
+    /// Keeps the lease alive; cancels the deployment if another worker took it over.
+    async fn heartbeat(self: Arc<Self>, deployment: DeploymentId, stop: CancellationToken) {
+        let every = self.config.lease_ttl / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let kept = sqlx::query(
+                "UPDATE deployment_leases SET expires_at = now() + make_interval(secs => $2)
+                 WHERE deployment_id = $1 AND worker = $3 AND NOT released",
+            )
+            .bind(deployment.0)
+            .bind(self.config.lease_ttl.as_secs_f64())
+            .bind(&self.id)
+            .execute(self.pool())
+            .await;
+            match kept {
+                Ok(done) if done.rows_affected() == 0 => {
+                    tracing::warn!(%deployment, "lease lost; stopping");
+                    stop.cancel();
+                    return;
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "heartbeat failed; retrying"),
+            }
+        }
+    }
+
+    fn dirs(&self, job: &Job) -> (PathBuf, PathBuf) {
+        let environment = self.config.data_dir.join(job.environment.0.simple().to_string());
+        (environment.join(job.deployment.0.simple().to_string()), environment.join("cache"))
+    }
+
+    fn sandbox(&self, job: &Job, name: &str, network: bool, plan_env: &[(String, String)]) -> SandboxSpec {
+        let (deployment_dir, cache_dir) = self.dirs(job);
+        let mut read_only = vec![(self.config.bridge_bin.clone(), "/opt/understudy/understudy".to_string())];
+        let mut path = "/usr/local/bin:/usr/bin:/bin".to_string();
+        if let Some(wing) = &self.config.wing_toolchain {
+            read_only.push((wing.clone(), "/opt/wing".into()));
+            path = format!("/opt/wing/node_modules/.bin:{path}");
+        }
+        let mut env = vec![
+            ("PATH".to_string(), path),
+            ("HOME".into(), "/tmp".into()),
+            ("PORT".into(), APP_PORT.to_string()),
+            ("npm_config_cache".into(), "/cache/npm".into()),
+            ("npm_config_update_notifier".into(), "false".into()),
+            ("WING_DISABLE_ANALYTICS".into(), "1".into()),
+            ("UNDERSTUDY".into(), "1".into()),
+            ("UNDERSTUDY_DEPLOYMENT_ID".into(), job.deployment.to_string()),
+            ("UNDERSTUDY_ENVIRONMENT_ID".into(), job.environment.to_string()),
+            ("UNDERSTUDY_COMMIT".into(), job.commit.clone()),
+        ];
+        env.extend(plan_env.iter().cloned());
+        SandboxSpec {
+            name: format!("{}-{name}", job.deployment.0.simple()),
+            app_dir: deployment_dir.join("src"),
+            cache_dir,
+            run_dir: deployment_dir.join(format!("run-{name}")),
+            read_only,
+            env,
+            network,
+            limits: self.config.limits,
+        }
+    }
+
+    async fn pipeline(&self, job: &Job, meta: &Metadata, stop: &CancellationToken) -> Result<(), Stop> {
+        let state = self.store.environments.load(job.environment.0).await.map_err(|e| Stop::Infra(e.to_string()))?.into_inner();
+        let Some(deployment) = state.deployment(job.deployment).cloned() else {
+            return Err(Stop::Quiet("the deployment is not in the log yet"));
+        };
+        if state.terminated || state.deactivated || !deployment.status.in_flight() && deployment.status != DeploymentStatus::Ready {
+            return Err(Stop::Quiet("the deployment is over"));
+        }
+        let project = self.store.projects.load(job.project).await.map_err(|e| Stop::Infra(e.to_string()))?.into_inner();
+        let Some(repository) = project.repository.clone() else {
+            return Err(Stop::User(FailedStage::Build, "the project has no repository".into()));
+        };
+        let restart = deployment.status == DeploymentStatus::Ready;
+        let build_log = self.logs.stream(job.deployment.0, "build", Redactor::default());
+        if deployment.status == DeploymentStatus::Requested {
+            self.command(job, meta, EnvironmentCommand::StartBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
+        }
+        build_log.line(format!(
+            "understudy: {} {} of {repository} at {} (attempt {}) on worker {}",
+            if restart { "restarting" } else { "building" },
+            job.entrypoint,
+            &job.commit[..12.min(job.commit.len())],
+            job.attempts,
+            self.id
+        ));
+
+        // Fetch.
+        let (deployment_dir, _) = self.dirs(job);
+        let checkout = deployment_dir.join("src");
+        if deployment_dir.exists() {
+            // A previous attempt's leftovers: start clean.
+            std::fs::remove_dir_all(&deployment_dir).map_err(|e| Stop::Infra(format!("removing an old work dir: {e}")))?;
+        }
+        let remote = git::github_remote(&self.config.git_base, repository.as_str(), None);
+        let fetched = tokio::select! {
+            _ = stop.cancelled() => return Err(self.why_stopped(stop)),
+            fetched = git::fetch(&remote, &job.commit, &checkout, &build_log, self.config.fetch_timeout) => fetched,
+        };
+        match fetched {
+            Ok(()) => {}
+            Err(FetchError::Infra(reason)) => return Err(Stop::Infra(reason)),
+            Err(FetchError::Failed(reason)) => return Err(Stop::User(FailedStage::Build, reason)),
+        }
+
+        // Detect.
+        let plan = match stack::plan(&checkout, &job.entrypoint) {
+            Ok(plan) => plan,
+            Err(error) => return Err(Stop::User(FailedStage::Build, error.to_string())),
+        };
+        build_log.line(format!("understudy: stack {}", plan.stack.as_str()));
+        let plan_env: Vec<(String, String)> = plan.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+
+        // Build.
+        if !restart || !checkout.join("target").exists() {
+            if let Some(install) = &plan.install {
+                let spec = self.sandbox(job, "install", true, &plan_env);
+                self.step(&spec, install, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("install"))?;
+            }
+            if let Some(build) = &plan.build {
+                let spec = self.sandbox(job, "build", false, &plan_env);
+                self.step(&spec, build, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("build"))?;
+            }
+        }
+        if self.status(job).await? == Some(DeploymentStatus::Building) {
+            self.command(job, meta, EnvironmentCommand::CompleteBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
+        }
+
+        // Start, up to three times.
+        let run_log = self.logs.stream(job.deployment.0, "run", Redactor::default());
+        let spec = self.sandbox(job, "app", false, &plan_env);
+        let mut app = None;
+        let mut last = String::new();
+        for attempt in 1..=3 {
+            match self.start(&spec, &plan, &run_log, stop).await {
+                Ok(started) => {
+                    app = Some(started);
+                    break;
+                }
+                Err(Stop::User(_, reason)) => {
+                    build_log.line(format!("understudy: start attempt {attempt} of 3 failed: {reason}"));
+                    last = reason;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let Some(mut app) = app else {
+            return Err(Stop::User(FailedStage::Start, last));
+        };
+        let socket = spec.run_dir.join(SOCKET);
+
+        // Ready: route to it, then say so.
+        if !self.still_latest(job).await? {
+            app.kill().await;
+            return Err(Stop::Quiet("superseded"));
+        }
+        sqlx::query(
+            "INSERT INTO preview_routes (environment_id, deployment_id, socket, worker) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (environment_id) DO UPDATE SET deployment_id = EXCLUDED.deployment_id, socket = EXCLUDED.socket,
+                 worker = EXCLUDED.worker, updated_at = now()",
+        )
+        .bind(job.environment.0)
+        .bind(job.deployment.0)
+        .bind(socket.display().to_string())
+        .bind(&self.id)
+        .execute(self.pool())
+        .await?;
+        sqlx::query("UPDATE deployment_leases SET attempts = 0, last_error = NULL WHERE deployment_id = $1")
+            .bind(job.deployment.0)
+            .execute(self.pool())
+            .await?;
+        if !restart {
+            let url = self.config.preview_url(job.environment);
+            self.command(job, meta, EnvironmentCommand::MarkReady { deployment_id: job.deployment, url, at: Utc::now() }).await?;
+            build_log.line("understudy: ready");
+            self.run_tests(job, meta, &plan, &plan_env, stop).await?;
+        }
+
+        // Serve until something says stop.
+        self.serve(job, &mut app, stop).await
+    }
+
+    async fn command(&self, job: &Job, meta: &Metadata, command: EnvironmentCommand) -> Result<(), Stop> {
+        self.store.environments.execute(job.environment.0, command, meta.clone()).await?;
+        Ok(())
+    }
+
+    async fn status(&self, job: &Job) -> Result<Option<DeploymentStatus>, Stop> {
+        let state = self.store.environments.load(job.environment.0).await.map_err(|e| Stop::Infra(e.to_string()))?;
+        Ok(state.inner().deployment(job.deployment).map(|d| d.status))
+    }
+
+    /// Whether this is still the environment's latest deployment and the environment is live.
+    async fn still_latest(&self, job: &Job) -> Result<bool, Stop> {
+        let state = self.store.environments.load(job.environment.0).await.map_err(|e| Stop::Infra(e.to_string()))?;
+        let state = state.inner();
+        Ok(!state.terminated && !state.deactivated && state.current().map(|d| d.id) == Some(job.deployment))
+    }
+
+    fn why_stopped(&self, stop: &CancellationToken) -> Stop {
+        debug_assert!(stop.is_cancelled());
+        Stop::Quiet("shutting down")
+    }
+
+    /// Runs one shell line to completion in a fresh sandbox, its output into `log`.
+    async fn step(
+        &self,
+        spec: &SandboxSpec,
+        line: &str,
+        log: &LogStream,
+        timeout: Duration,
+        stop: &CancellationToken,
+    ) -> Result<(), StepError> {
+        log.line(format!("$ {line}"));
+        let started = Instant::now();
+        let mut sandboxed = spec.spawn(&["/bin/sh".into(), "-c".into(), line.into()]).map_err(|e| StepError::Infra(e.to_string()))?;
+        let status = run_to_end(&mut sandboxed, log, timeout, stop).await?;
+        log.line(format!("understudy: exited with {} after {:.1}s", describe(status), started.elapsed().as_secs_f64()));
+        if status.success() {
+            Ok(())
+        } else if sandboxed.out_of_memory() {
+            Err(StepError::Failed(format!("`{line}` ran out of memory ({} MiB limit)", spec.limits.memory_bytes >> 20)))
+        } else if status.code() == Some(125) {
+            Err(StepError::Infra("the sandbox could not be set up".into()))
+        } else {
+            Err(StepError::Failed(format!("`{line}` exited with {}", describe(status))))
+        }
+    }
+
+    /// Starts the app behind the bridge and waits for its health check to pass.
+    async fn start(&self, spec: &SandboxSpec, plan: &Plan, log: &LogStream, stop: &CancellationToken) -> Result<Sandboxed, Stop> {
+        log.line(format!("$ {}", plan.start));
+        let argv: Vec<String> = [
+            "/opt/understudy/understudy",
+            "sandbox-bridge",
+            "--socket",
+            &format!("/run/understudy/{SOCKET}"),
+            "--port",
+            &APP_PORT.to_string(),
+            "--",
+            "/bin/sh",
+            "-c",
+            &plan.start,
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut app = spec.spawn(&argv).map_err(|e| Stop::Infra(format!("starting the sandbox: {e}")))?;
+        pipe_output(&mut app, log);
+        let socket = spec.run_dir.join(SOCKET);
+        let deadline = Instant::now() + self.config.start_timeout;
+        let mut last = "no answer yet".to_string();
+        let mut reported = String::new();
+        loop {
+            if let Ok(Some(status)) = app.child.try_wait() {
+                let reason = if app.out_of_memory() {
+                    format!("the app ran out of memory ({} MiB limit)", spec.limits.memory_bytes >> 20)
+                } else if status.code() == Some(125) {
+                    return Err(Stop::Infra("the sandbox could not be set up".into()));
+                } else {
+                    format!("the app exited with {} before it answered on $PORT", describe(status))
+                };
+                return Err(Stop::User(FailedStage::Start, reason));
+            }
+            if Instant::now() >= deadline {
+                app.kill().await;
+                return Err(Stop::User(
+                    FailedStage::Start,
+                    format!("health check GET {} did not pass within {}s: {last}", plan.health_path, self.config.start_timeout.as_secs()),
+                ));
+            }
+            if socket.exists() {
+                match unix_http::probe(&socket, &plan.health_path, Duration::from_secs(5)).await {
+                    Ok(code) if (200..400).contains(&code) => {
+                        log.line(format!("understudy: health check GET {} answered {code}", plan.health_path));
+                        return Ok(app);
+                    }
+                    Ok(code) => last = format!("answered {code}"),
+                    Err(error) => last = error,
+                }
+                if last != reported {
+                    log.line(format!("understudy: health check GET {}: {last}", plan.health_path));
+                    reported = last.clone();
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    app.kill().await;
+                    return Err(self.why_stopped(stop));
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Runs the entrypoint's tests, each in a fresh sandbox of its own, and records the results.
+    async fn run_tests(
+        &self,
+        job: &Job,
+        meta: &Metadata,
+        plan: &Plan,
+        plan_env: &[(String, String)],
+        stop: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let results = match &plan.tests {
+            Tests::None => return Ok(()),
+            Tests::Command(line) => {
+                let log = self.logs.stream(job.deployment.0, format!("test:{line}"), Redactor::default());
+                let spec = self.sandbox(job, "test", false, plan_env);
+                let started = Instant::now();
+                let outcome = match self.step(&spec, line, &log, self.config.test_timeout, stop).await {
+                    Ok(()) => TestOutcome::Passed,
+                    Err(StepError::Stopped) => return Err(self.why_stopped(stop)),
+                    Err(StepError::Infra(reason)) => return Err(Stop::Infra(reason)),
+                    Err(StepError::Failed(_)) => TestOutcome::Failed,
+                };
+                vec![(line.clone(), outcome, started.elapsed())]
+            }
+            Tests::Wing { entrypoint } => self.wing_tests(job, entrypoint, plan_env, stop).await?,
+        };
+        for (test, outcome, _duration) in results {
+            let command = EnvironmentCommand::RecordTestResult { deployment_id: job.deployment, test, outcome, at: Utc::now() };
+            self.command(job, meta, command).await?;
+        }
+        Ok(())
+    }
+
+    /// `wing test`: every test in a fresh simulator; results and per-test traces from its JSON.
+    async fn wing_tests(
+        &self,
+        job: &Job,
+        entrypoint: &str,
+        plan_env: &[(String, String)],
+        stop: &CancellationToken,
+    ) -> Result<Vec<(String, TestOutcome, Duration)>, Stop> {
+        let log = self.logs.stream(job.deployment.0, "test", Redactor::default());
+        let spec = self.sandbox(job, "test", false, plan_env);
+        let results_file = "/run/understudy/test-results.json";
+        let line = format!("wing test {} -o {results_file}", stack::shell_quote(entrypoint));
+        let started = Instant::now();
+        let ran = self.step(&spec, &line, &log, self.config.test_timeout, stop).await;
+        let elapsed = started.elapsed();
+        match ran {
+            Err(StepError::Stopped) => return Err(self.why_stopped(stop)),
+            Err(StepError::Infra(reason)) => return Err(Stop::Infra(reason)),
+            Ok(()) | Err(StepError::Failed(_)) => {}
+        }
+        let text = std::fs::read_to_string(spec.run_dir.join("test-results.json")).unwrap_or_default();
+        let parsed = parse_wing_results(&text, entrypoint);
+        if parsed.is_empty() {
+            // No results at all (the tests did not compile, the runner crashed): one failure that
+            // points at the log, never a silent pass.
+            let outcome = if matches!(ran, Ok(())) { return Ok(vec![]) } else { TestOutcome::Failed };
+            return Ok(vec![("wing test".into(), outcome, elapsed)]);
+        }
+        let mut results = Vec::new();
+        for test in parsed {
+            let test_log = self.logs.stream(job.deployment.0, format!("test:{}", test.name), Redactor::default());
+            for trace in &test.traces {
+                test_log.line(trace);
+            }
+            if let Some(error) = &test.error {
+                test_log.line(format!("error: {error}"));
+            }
+            test_log.line(if test.pass { "understudy: passed" } else { "understudy: failed" });
+            results.push((test.name, if test.pass { TestOutcome::Passed } else { TestOutcome::Failed }, elapsed));
+        }
+        Ok(results)
+    }
+
+    /// Keeps the app running until a newer deployment of the environment serves, the
+    /// environment is deactivated or terminated, the app dies, or the worker stops.
+    async fn serve(&self, job: &Job, app: &mut Sandboxed, stop: &CancellationToken) -> Result<(), Stop> {
+        loop {
+            tokio::select! {
+                status = app.child.wait() => {
+                    let status = status.map_err(|e| Stop::Infra(e.to_string()))?;
+                    if !self.still_latest(job).await? {
+                        return Ok(());
+                    }
+                    let reason = if app.out_of_memory() { "the app ran out of memory".to_string() } else { format!("the app exited with {}", describe(status)) };
+                    return Err(Stop::User(FailedStage::Start, reason));
+                }
+                _ = stop.cancelled() => {
+                    app.kill().await;
+                    return Err(self.why_stopped(stop));
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if !self.should_serve(job).await? {
+                        app.kill().await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// False once another deployment holds the environment's route, or the environment is no
+    /// longer live.
+    async fn should_serve(&self, job: &Job) -> Result<bool, Stop> {
+        let row: Option<(String, Option<Uuid>)> = sqlx::query_as(
+            "SELECT e.status, r.deployment_id FROM environments e LEFT JOIN preview_routes r USING (environment_id)
+             WHERE e.environment_id = $1",
+        )
+        .bind(job.environment.0)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(match row {
+            Some((status, route)) => status != "Stale" && status != "Terminated" && route == Some(job.deployment.0),
+            None => true,
+        })
+    }
+
+    /// Removes the deployment's route (if it still has it) and work dir, and ends the lease as
+    /// `lease` says.
+    async fn clean_up(&self, job: &Job, lease: Lease) {
+        let _ = sqlx::query("DELETE FROM preview_routes WHERE environment_id = $1 AND deployment_id = $2")
+            .bind(job.environment.0)
+            .bind(job.deployment.0)
+            .execute(self.pool())
+            .await;
+        let (deployment_dir, cache_dir) = self.dirs(job);
+        if deployment_dir.exists() {
+            if let Err(error) = remove_dir(&deployment_dir).await {
+                tracing::warn!(%error, dir = %deployment_dir.display(), "could not remove a work dir");
+            }
+        }
+        if lease == Lease::Release {
+            let _ = sqlx::query("UPDATE deployment_leases SET released = true WHERE deployment_id = $1 AND worker = $2")
+                .bind(job.deployment.0)
+                .bind(&self.id)
+                .execute(self.pool())
+                .await;
+            // A terminated environment's cache goes too.
+            let terminated: Option<String> = sqlx::query_scalar("SELECT status FROM environments WHERE environment_id = $1")
+                .bind(job.environment.0)
+                .fetch_optional(self.pool())
+                .await
+                .ok()
+                .flatten();
+            if terminated.as_deref() == Some("Terminated") {
+                let _ = remove_dir(&cache_dir).await;
+                if let Some(environment_dir) = cache_dir.parent() {
+                    let _ = std::fs::remove_dir(environment_dir);
+                }
+            }
+        } else if lease == Lease::HandBack {
+            let _ = sqlx::query("UPDATE deployment_leases SET expires_at = now() WHERE deployment_id = $1 AND worker = $2")
+                .bind(job.deployment.0)
+                .bind(&self.id)
+                .execute(self.pool())
+                .await;
+        }
+    }
+}
+
+/// How a deployment's lease ends when its task does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// The work is over (ready and replaced, failed, superseded): nobody claims it again.
+    Release,
+    /// This worker is stopping: the lease expires now, so the next worker need not wait.
+    HandBack,
+    /// An infrastructure fault: the lease stays until its backoff ends, then anyone retries.
+    Keep,
+}
+
+async fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await.map_err(std::io::Error::other)?
+}
+
+#[derive(Debug)]
+enum StepError {
+    Failed(String),
+    Infra(String),
+    Stopped,
+}
+
+impl StepError {
+    fn during(self, step: &str) -> Stop {
+        match self {
+            StepError::Failed(reason) => Stop::User(FailedStage::Build, format!("{step} failed: {reason}")),
+            StepError::Infra(reason) => Stop::Infra(format!("{step}: {reason}")),
+            StepError::Stopped => Stop::Quiet("shutting down"),
+        }
+    }
+}
+
+fn pipe_output(sandboxed: &mut Sandboxed, log: &LogStream) {
+    if let Some(out) = sandboxed.child.stdout.take() {
+        let log = log.clone();
+        tokio::spawn(async move { log.pipe(out).await });
+    }
+    if let Some(err) = sandboxed.child.stderr.take() {
+        let log = log.clone();
+        tokio::spawn(async move { log.pipe(err).await });
+    }
+}
+
+async fn run_to_end(
+    sandboxed: &mut Sandboxed,
+    log: &LogStream,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> Result<ExitStatus, StepError> {
+    let (out, err) = (sandboxed.child.stdout.take(), sandboxed.child.stderr.take());
+    let pipes = async {
+        let out = async {
+            if let Some(out) = out {
+                log.pipe(out).await
+            }
+        };
+        let err = async {
+            if let Some(err) = err {
+                log.pipe(err).await
+            }
+        };
+        tokio::join!(out, err);
+    };
+    let finished = async {
+        let (_, status) = tokio::join!(pipes, sandboxed.child.wait());
+        status
+    };
+    let result = tokio::select! {
+        _ = stop.cancelled() => Err(StepError::Stopped),
+        outcome = tokio::time::timeout(timeout, finished) => match outcome {
+            Err(_) => Err(StepError::Failed(format!("timed out after {}s", timeout.as_secs()))),
+            Ok(Err(error)) => Err(StepError::Infra(error.to_string())),
+            Ok(Ok(status)) => Ok(status),
+        },
+    };
+    if result.is_err() {
+        sandboxed.kill().await;
+    }
+    result
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("code {code}"),
+        (None, Some(9)) => "SIGKILL".into(),
+        (None, Some(signal)) => format!("signal {signal}"),
+        _ => "an unknown status".into(),
+    }
+}
+
+/// One test of `wing test -o results.json`.
+#[derive(Debug, Clone, PartialEq)]
+struct WingTest {
+    name: String,
+    pass: bool,
+    error: Option<String>,
+    traces: Vec<String>,
+}
+
+/// Reads `wing test`'s JSON: `{"results": {"<entrypoint>": {"<test>": {"pass", "error", "traces"}}}}`.
+fn parse_wing_results(text: &str, entrypoint: &str) -> Vec<WingTest> {
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return vec![] };
+    let Some(results) = json.get("results").and_then(|r| r.as_object()) else { return vec![] };
+    let tests = results.get(entrypoint).or_else(|| results.values().next()).and_then(|t| t.as_object());
+    let Some(tests) = tests else { return vec![] };
+    tests
+        .iter()
+        .map(|(name, result)| WingTest {
+            name: name.clone(),
+            pass: result.get("pass").and_then(|p| p.as_bool()).unwrap_or(false),
+            error: result.get("error").and_then(|e| e.as_str()).map(str::to_string),
+            traces: result
+                .get("traces")
+                .and_then(|t| t.as_array())
+                .map(|traces| {
+                    traces
+                        .iter()
+                        .map(|trace| {
+                            let at = trace.get("timestamp").and_then(|t| t.as_str()).unwrap_or("");
+                            let message = trace.pointer("/data/message").and_then(|m| m.as_str()).unwrap_or("");
+                            let source = trace.get("sourcePath").and_then(|s| s.as_str()).unwrap_or("");
+                            format!("{at} {source} {message}").trim().to_string()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wing_results_give_one_result_per_test_with_its_traces() {
+        let text = r#"{"duration":1308,"results":{"main.w":{
+            "hello answers":{"path":"root/Default/test:hello answers","pass":true,
+               "traces":[{"data":{"message":"GET /hello - 200."},"sourcePath":"root/Default/Api","timestamp":"2026-11-24T21:37:14.021Z"}]},
+            "broken":{"pass":false,"error":"expected 5 to equal 4","traces":[]}}}}"#;
+        let tests = parse_wing_results(text, "main.w");
+        assert_eq!(tests.len(), 2);
+        let hello = tests.iter().find(|t| t.name == "hello answers").expect("hello");
+        assert!(hello.pass);
+        assert_eq!(hello.traces, ["2026-11-24T21:37:14.021Z root/Default/Api GET /hello - 200."]);
+        let broken = tests.iter().find(|t| t.name == "broken").expect("broken");
+        assert!(!broken.pass);
+        assert_eq!(broken.error.as_deref(), Some("expected 5 to equal 4"));
+        assert!(parse_wing_results("not json", "main.w").is_empty());
+        assert!(parse_wing_results("{}", "main.w").is_empty());
+    }
+}

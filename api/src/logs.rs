@@ -1,0 +1,139 @@
+//! Deployment logs over HTTP, page by page:
+//!
+//! - `GET /deployments/{id}/logs/{build|run|tests}` and `/deployments/{id}/logs/tests/{test}`
+//! - `GET /environments/{id}/logs/…`: the same for the environment's latest deployment
+//!
+//! `?from=<unix nanos>` returns the lines after `from` (at most `limit`, default 1000) and the
+//! header `X-Last-Log-Nano`, the `from` of the next page: a poller never sees a line twice.
+//! `?download=1` returns the whole log as a file.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use sqlx::PgPool;
+use understudy_adapters::preview::logs::{read_after, LogLine};
+use uuid::Uuid;
+
+const PAGE: i64 = 1000;
+const MAX_PAGE: i64 = 10_000;
+
+#[derive(Deserialize, Default)]
+pub struct LogQuery {
+    #[serde(default)]
+    from: i64,
+    limit: Option<i64>,
+    #[serde(default)]
+    download: Option<String>,
+    /// `json` for JSON lines of `{stream, nano, line}`; plain text otherwise.
+    format: Option<String>,
+}
+
+pub fn router(pool: PgPool) -> Router {
+    Router::new()
+        .route("/deployments/{id}/logs/{kind}", get(deployment_log))
+        .route("/deployments/{id}/logs/tests/{test}", get(deployment_test_log))
+        .route("/environments/{id}/logs/{kind}", get(environment_log))
+        .route("/environments/{id}/logs/tests/{test}", get(environment_test_log))
+        .with_state(pool)
+}
+
+/// The stored stream name of a log kind in a URL.
+fn stream_of(kind: &str) -> Option<String> {
+    match kind {
+        "build" | "run" => Some(kind.to_string()),
+        "tests" => Some("test*".to_string()),
+        _ => None,
+    }
+}
+
+async fn deployment_log(State(pool): State<PgPool>, Path((id, kind)): Path<(Uuid, String)>, Query(q): Query<LogQuery>) -> Response {
+    match stream_of(&kind) {
+        Some(stream) => serve(&pool, id, &stream, q).await,
+        None => not_found(&kind),
+    }
+}
+
+async fn deployment_test_log(State(pool): State<PgPool>, Path((id, test)): Path<(Uuid, String)>, Query(q): Query<LogQuery>) -> Response {
+    serve(&pool, id, &format!("test:{test}"), q).await
+}
+
+async fn environment_log(State(pool): State<PgPool>, Path((id, kind)): Path<(Uuid, String)>, Query(q): Query<LogQuery>) -> Response {
+    let Some(stream) = stream_of(&kind) else { return not_found(&kind) };
+    match latest_deployment(&pool, id).await {
+        Ok(Some(deployment)) => serve(&pool, deployment, &stream, q).await,
+        Ok(None) => (StatusCode::NOT_FOUND, "no such environment, or it has no deployment yet\n").into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn environment_test_log(State(pool): State<PgPool>, Path((id, test)): Path<(Uuid, String)>, Query(q): Query<LogQuery>) -> Response {
+    match latest_deployment(&pool, id).await {
+        Ok(Some(deployment)) => serve(&pool, deployment, &format!("test:{test}"), q).await,
+        Ok(None) => (StatusCode::NOT_FOUND, "no such environment, or it has no deployment yet\n").into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn latest_deployment(pool: &PgPool, environment: Uuid) -> Result<Option<Uuid>, Response> {
+    sqlx::query_scalar::<_, Option<Uuid>>("SELECT latest_deployment_id FROM environments WHERE environment_id = $1")
+        .bind(environment)
+        .fetch_optional(pool)
+        .await
+        .map(Option::flatten)
+        .map_err(unavailable)
+}
+
+fn not_found(kind: &str) -> Response {
+    (StatusCode::NOT_FOUND, format!("no log kind {kind:?}: use build, run or tests\n")).into_response()
+}
+
+fn unavailable(error: sqlx::Error) -> Response {
+    tracing::warn!(%error, "reading logs failed");
+    (StatusCode::SERVICE_UNAVAILABLE, "logs are unavailable just now; try again\n").into_response()
+}
+
+async fn serve(pool: &PgPool, deployment: Uuid, stream: &str, q: LogQuery) -> Response {
+    if q.from < 0 {
+        return (StatusCode::BAD_REQUEST, "from must be unix nanoseconds (>= 0)\n").into_response();
+    }
+    let download = q.download.is_some();
+    let limit = if download { i64::MAX } else { q.limit.unwrap_or(PAGE).clamp(1, MAX_PAGE) };
+    let lines = match read_after(pool, deployment, stream, q.from, limit).await {
+        Ok(lines) => lines,
+        Err(error) => return unavailable(error),
+    };
+    let last = lines.last().map_or(q.from, |l| l.nano);
+    let json = q.format.as_deref() == Some("json");
+    let body = render(&lines, json, stream.ends_with('*'));
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-last-log-nano", HeaderValue::from(last));
+    let content_type = if json { "application/x-ndjson" } else { "text/plain; charset=utf-8" };
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if download {
+        let name = format!("attachment; filename=\"{deployment}-{}.log\"", stream.trim_end_matches('*').replace([':', '/', '"'], "_"));
+        if let Ok(value) = HeaderValue::from_str(&name) {
+            headers.insert(header::CONTENT_DISPOSITION, value);
+        }
+    }
+    response
+}
+
+fn render(lines: &[LogLine], json: bool, several_streams: bool) -> String {
+    let mut out = String::new();
+    for line in lines {
+        if json {
+            out.push_str(&serde_json::to_string(line).unwrap_or_default());
+        } else if several_streams {
+            out.push_str(&format!("[{}] {}", line.stream, line.line));
+        } else {
+            out.push_str(&line.line);
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,168 @@
+//! The preview proxy: requests for `{environment}.{preview domain}` go to that environment's
+//! running app, through the unix socket its sandbox bridges to the app's port. HTTP and
+//! WebSocket (the Wing Console needs both).
+//!
+//! A preview that is not running gets a page that says why: building (refreshes itself),
+//! stale (the visit wakes it: the next commit or visit brings it back), gone (410).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use chrono::Utc;
+use hyper_util::rt::TokioIo;
+use understudy_adapters::preview::{environment_of_host, unix_http};
+use understudy_adapters::EventStore;
+use understudy_domain::environment::EnvironmentCommand;
+use understudy_domain::ids::{DeploymentId, EnvironmentId};
+use understudy_domain::Metadata;
+use uuid::Uuid;
+
+#[derive(Clone)]
+pub struct PreviewProxy {
+    pub store: EventStore,
+    /// `UNDERSTUDY_PREVIEW_DOMAIN`: previews are `{environment}.{domain}`.
+    pub domain: Arc<str>,
+}
+
+/// Middleware in front of the whole router: preview hosts are proxied, anything else goes on.
+pub async fn route(State(proxy): State<PreviewProxy>, request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+        .to_string();
+    match environment_of_host(&host, &proxy.domain) {
+        Some(environment) => proxy.serve(environment, request).await,
+        None => next.run(request).await,
+    }
+}
+
+impl PreviewProxy {
+    async fn serve(&self, environment: EnvironmentId, request: Request) -> Response {
+        let row: Result<Option<(String, Option<String>)>, sqlx::Error> = sqlx::query_as(
+            "SELECT e.status, r.socket FROM environments e LEFT JOIN preview_routes r USING (environment_id)
+             WHERE e.environment_id = $1",
+        )
+        .bind(environment.0)
+        .fetch_optional(&self.store.pool)
+        .await;
+        let (status, socket) = match row {
+            Ok(Some(row)) => row,
+            Ok(None) => return page(StatusCode::NOT_FOUND, "No such preview", "There is no preview environment at this address."),
+            Err(error) => {
+                tracing::warn!(%error, "preview lookup failed");
+                return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The preview could not be looked up just now.");
+            }
+        };
+        match (status.as_str(), socket) {
+            ("Terminated", _) => page(
+                StatusCode::GONE,
+                "This preview is gone",
+                "Its pull request was closed or its branch deleted, and the environment was torn down.",
+            ),
+            ("Stale", _) => self.wake(environment).await,
+            (_, Some(socket)) => {
+                self.visited(environment).await;
+                forward(std::path::Path::new(&socket), request).await
+            }
+            ("Failed", None) => page(StatusCode::BAD_GATEWAY, "This preview failed", "Its build or start failed; see the build log."),
+            (status, None) => {
+                let mut response = page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "This preview is on its way",
+                    &format!("Status: {status}. This page reloads by itself."),
+                );
+                response.headers_mut().insert(header::REFRESH, HeaderValue::from_static("3"));
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
+                response
+            }
+        }
+    }
+
+    /// A visit to a stale preview: redeploy its latest commit.
+    async fn wake(&self, environment: EnvironmentId) -> Response {
+        let meta = Metadata::new(Uuid::new_v4(), "system:proxy");
+        let command = EnvironmentCommand::Wake { deployment_id: DeploymentId(Uuid::new_v4()), at: Utc::now() };
+        if let Err(error) = self.store.environments.execute(environment.0, command, meta).await {
+            // Another visit woke it first: fine.
+            tracing::debug!(%error, "wake refused");
+        }
+        let mut response = page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Waking this preview up",
+            "Nobody had visited or pushed for a while, so it was put to sleep. It is being rebuilt; this page reloads by itself.",
+        );
+        response.headers_mut().insert(header::REFRESH, HeaderValue::from_static("5"));
+        response
+    }
+
+    /// Remembers the visit for the stale sweep, at most once a minute per environment.
+    async fn visited(&self, environment: EnvironmentId) {
+        let _ = sqlx::query(
+            "INSERT INTO preview_visits (environment_id, visited_at) VALUES ($1, now())
+             ON CONFLICT (environment_id) DO UPDATE SET visited_at = now()
+             WHERE preview_visits.visited_at < now() - interval '1 minute'",
+        )
+        .bind(environment.0)
+        .execute(&self.store.pool)
+        .await;
+    }
+}
+
+/// Sends `request` to the app behind `socket`, and its answer back; upgrades (WebSocket) are
+/// spliced through once both sides agree.
+async fn forward(socket: &std::path::Path, mut request: Request) -> Response {
+    let mut sender = match unix_http::connect::<Body>(socket).await {
+        Ok(sender) => sender,
+        Err(error) => {
+            tracing::debug!(%error, socket = %socket.display(), "preview not reachable");
+            let mut response =
+                page(StatusCode::BAD_GATEWAY, "This preview is not answering", "Its app may be restarting; this page reloads by itself.");
+            response.headers_mut().insert(header::REFRESH, HeaderValue::from_static("3"));
+            return response;
+        }
+    };
+    let wants_upgrade = request.headers().contains_key(header::UPGRADE);
+    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
+    let host = request.headers().get(header::HOST).cloned();
+    if let Some(host) = host {
+        request.headers_mut().insert("x-forwarded-host", host);
+    }
+    // The path and query alone: the app sees an origin-form request as from any client.
+    let path = request.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    *request.uri_mut() = path.parse().unwrap_or_default();
+    let mut response = match sender.send_request(request).await {
+        Ok(response) => response,
+        Err(error) => return page(StatusCode::BAD_GATEWAY, "This preview did not answer", &error.to_string()),
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
+                }
+            });
+        }
+    }
+    response.map(Body::new)
+}
+
+/// A small HTML page for a preview that cannot be shown.
+fn page(status: StatusCode, title: &str, text: &str) -> Response {
+    let escape = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title>\
+         <style>body{{font:16px system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#222}}</style></head>\
+         <body><h1>{title}</h1><p>{text}</p><p><small>Understudy preview</small></p></body></html>",
+        title = escape(title),
+        text = escape(text)
+    );
+    (status, Html(html)).into_response()
+}

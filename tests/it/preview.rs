@@ -1,0 +1,430 @@
+//! The preview runtime end to end: example repositories fetched over git, built and served in
+//! real bubblewrap sandboxes with the real Wing toolchain, reached through the proxy, tested,
+//! logged; and the sandbox's isolation claims, tested by trying to break them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use understudy_adapters::preview::sandbox::{Limits, SandboxSpec};
+use understudy_adapters::preview::PreviewConfig;
+use understudy_domain::environment::EnvironmentCommand;
+use understudy_domain::ids::{AccountId, DeploymentId, EnvironmentId, ProjectId};
+use understudy_domain::project::{EntrypointRule, ProjectCommand};
+use understudy_domain::values::{BranchName, CommitSha, ProjectName, RepoFullName};
+use understudy_tests::fixtures::{env_id, meta, spec};
+use understudy_tests::{eventually, understudy_bin, TestEnv};
+use uuid::Uuid;
+
+const DOMAIN: &str = "preview.localhost";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Understudy Test")
+        .env("GIT_AUTHOR_EMAIL", "test@understudy.invalid")
+        .env("GIT_COMMITTER_NAME", "Understudy Test")
+        .env("GIT_COMMITTER_EMAIL", "test@understudy.invalid")
+        .output()
+        .expect("git runs");
+    assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read example") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+/// One test's preview world: the spine, a worker, the API with its proxy, and git repositories
+/// on disk standing in for GitHub's.
+struct Previews {
+    env: TestEnv,
+    tmp: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+    cancel: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+    http: reqwest::Client,
+}
+
+impl Previews {
+    async fn start() -> Previews {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(worker: bool) -> Previews {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut env = TestEnv::new().await;
+        let mut config = PreviewConfig::new(tmp.path().join("previews"), DOMAIN.into());
+        config.git_base = format!("file://{}", tmp.path().join("git").display());
+        config.wing_toolchain = Some(root().join("toolchain/wing"));
+        config.bridge_bin = understudy_bin();
+        config.lease_ttl = Duration::from_secs(3);
+        config.start_timeout = Duration::from_secs(60);
+        config.limits = Limits { memory_bytes: 1 << 30, pids: 512, cpu_millicores: 2000 };
+        env.runtime.preview = Arc::new(config);
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        env.runtime.spawn_relay(cancel.clone(), &mut tasks);
+        env.runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
+        let addr = env.runtime.serve_api("127.0.0.1:0".parse().expect("addr"), cancel.clone(), &mut tasks).await.expect("serve");
+        let mut previews = Previews { env, tmp, addr, cancel, tasks, http: reqwest::Client::new() };
+        if worker {
+            previews.spawn_worker("worker-a");
+        }
+        previews
+    }
+
+    fn spawn_worker(&mut self, id: &str) {
+        self.env.runtime.spawn_worker(id.into(), self.cancel.clone(), &mut self.tasks);
+    }
+
+    /// Pushes `example` as the only commit of repository `full_name`; returns the commit.
+    fn push(&self, example: &str, full_name: &str) -> CommitSha {
+        let bare = self.tmp.path().join("git").join(format!("{full_name}.git"));
+        std::fs::create_dir_all(&bare).expect("mkdir");
+        git(&bare, &["init", "--quiet", "--bare"]);
+        let work = self.tmp.path().join("work").join(full_name);
+        copy_dir(&root().join("examples").join(example), &work);
+        git(&work, &["init", "--quiet"]);
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "--quiet", "-m", example]);
+        git(&work, &["push", "--quiet", bare.to_str().expect("utf-8 path"), "HEAD:refs/heads/main"]);
+        CommitSha::parse(git(&work, &["rev-parse", "HEAD"])).expect("sha")
+    }
+
+    async fn project(&self, full_name: &str) -> ProjectId {
+        let project = ProjectId(Uuid::new_v4());
+        let command = ProjectCommand::Create {
+            project_id: project,
+            account_id: AccountId(Uuid::new_v4()),
+            name: ProjectName::parse(full_name.split('/').nth(1).expect("owner/name")).expect("name"),
+            repository: RepoFullName::parse(full_name).expect("repo"),
+            production_branch: BranchName::parse("main").expect("branch"),
+            entrypoints: EntrypointRule::Detect,
+            at: Utc::now(),
+        };
+        self.env.runtime.store.projects.execute(project.0, command, meta()).await.expect("project");
+        project
+    }
+
+    /// Pushes `example` and asks for a deployment of `entrypoint` of pull request 1.
+    async fn deploy(&self, example: &str, entrypoint: &str) -> (EnvironmentId, DeploymentId) {
+        let full_name = format!("octo/{example}");
+        let commit = self.push(example, &full_name);
+        let project = self.project(&full_name).await;
+        let spec = spec(project, 1, entrypoint);
+        let environment = env_id(&spec);
+        let deployment = DeploymentId(Uuid::new_v4());
+        let command =
+            EnvironmentCommand::RequestDeployment { environment_id: environment, spec, deployment_id: deployment, commit, at: Utc::now() };
+        self.env.runtime.store.environments.execute(environment.0, command, meta()).await.expect("request");
+        (environment, deployment)
+    }
+
+    /// Waits until the environment's status is one of `statuses`; returns its read-model row.
+    /// On timeout, prints every log line the deployment wrote, to show where it stuck.
+    async fn settled(&self, environment: EnvironmentId, statuses: &[&str]) -> Row {
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            let row: Option<Row> = sqlx::query_as(
+                "SELECT status, preview_url, failure, tests_passed, tests_failed FROM environments WHERE environment_id = $1",
+            )
+            .bind(environment.0)
+            .fetch_optional(self.env.pool())
+            .await
+            .expect("read");
+            if let Some(row) = row.clone().filter(|r| statuses.contains(&r.0.as_str())) {
+                return row;
+            }
+            if std::time::Instant::now() > deadline {
+                let lines: Vec<(String, String)> = sqlx::query_as("SELECT stream, line FROM deployment_logs ORDER BY nano")
+                    .fetch_all(self.env.pool())
+                    .await
+                    .expect("logs");
+                for (stream, line) in lines {
+                    eprintln!("[{stream}] {line}");
+                }
+                panic!("the environment did not reach {statuses:?}: {row:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits for `count` test results.
+    async fn tested(&self, environment: EnvironmentId, count: i32) -> Row {
+        eventually(Duration::from_secs(180), "the test results", || async {
+            let row: Row = sqlx::query_as(
+                "SELECT status, preview_url, failure, tests_passed, tests_failed FROM environments WHERE environment_id = $1",
+            )
+            .bind(environment.0)
+            .fetch_one(self.env.pool())
+            .await
+            .expect("read");
+            (row.3 + row.4 >= count).then_some(row)
+        })
+        .await
+    }
+
+    fn preview(&self, environment: EnvironmentId, path: &str) -> reqwest::RequestBuilder {
+        let host = format!("{}.{DOMAIN}", environment.0.simple());
+        self.http.get(format!("http://{}{path}", self.addr)).header("host", host)
+    }
+
+    async fn log(&self, environment: EnvironmentId, kind: &str, from: i64) -> (String, i64) {
+        let response = self
+            .http
+            .get(format!("http://{}/environments/{}/logs/{kind}?from={from}", self.addr, environment.0))
+            .send()
+            .await
+            .expect("logs");
+        assert_eq!(response.status(), 200, "logs of {kind}");
+        let last = response.headers()["x-last-log-nano"].to_str().expect("header").parse().expect("nanos");
+        (response.text().await.expect("body"), last)
+    }
+}
+
+impl Drop for Previews {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+type Row = (String, Option<String>, Option<String>, i32, i32);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wing_app_goes_live_behind_the_proxy_with_its_tests_and_logs() {
+    let previews = Previews::start().await;
+    let (environment, deployment) = previews.deploy("wing-hello", "main.w").await;
+    let row = previews.settled(environment, &["Ready", "Failed"]).await;
+    assert_eq!(row.0, "Ready", "failure: {:?}", row.2);
+    assert_eq!(row.1.as_deref(), Some(format!("http://{}.{DOMAIN}/", environment.0.simple()).as_str()));
+
+    // The Wing Console, through the proxy.
+    let response = previews.preview(environment, "/").send().await.expect("preview");
+    assert_eq!(response.status(), 200);
+    let page = response.text().await.expect("page");
+    assert!(page.contains("<html") || page.contains("<!DOCTYPE"), "the Wing Console's page: {}", &page[..page.len().min(300)]);
+
+    // Both tests ran, each with its own log.
+    let row = previews.tested(environment, 2).await;
+    assert_eq!((row.3, row.4), (2, 0), "two passed, none failed");
+    let (test_log, _) = previews.log(environment, "tests/hello%20answers", 0).await;
+    assert!(test_log.contains("GET /hello - 200"), "the test's own trace: {test_log}");
+
+    // The build log pages without repeats: from the last nano there is nothing new.
+    let (build, last) = previews.log(environment, "build", 0).await;
+    assert!(build.contains("wing compile main.w"), "{build}");
+    let (run_log, _) = previews.log(environment, "run", 0).await;
+    assert!(run_log.contains("wing it main.w") && run_log.contains("health check GET / answered 200"), "{run_log}");
+    let (again, same) = previews.log(environment, "build", last).await;
+    assert!(again.is_empty(), "a poller sees nothing twice: {again}");
+    assert_eq!(same, last);
+    let deployment_log = previews
+        .http
+        .get(format!("http://{}/deployments/{}/logs/build?download=1", previews.addr, deployment.0))
+        .send()
+        .await
+        .expect("download");
+    assert!(deployment_log.headers()["content-disposition"].to_str().expect("header").contains("attachment"));
+    assert_eq!(deployment_log.text().await.expect("body"), build);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_tests_and_broken_builds_are_reported_with_their_reasons() {
+    let previews = Previews::start().await;
+    let (red, _) = previews.deploy("wing-failing-test", "main.w").await;
+    let (broken, _) = previews.deploy("wing-broken", "main.w").await;
+
+    let row = previews.settled(broken, &["Ready", "Failed"]).await;
+    assert_eq!(row.0, "Failed");
+    let failure = row.2.expect("a reason");
+    assert!(failure.contains("build failed") && failure.contains("wing compile"), "{failure}");
+    let (build, _) = previews.log(broken, "build", 0).await;
+    assert!(build.contains("Unknown symbol \"nothing\""), "the compiler's own error in the log: {build}");
+    let response = previews.preview(broken, "/").send().await.expect("preview");
+    assert_eq!(response.status(), 502, "a failed preview says so");
+
+    let row = previews.settled(red, &["Ready", "Failed"]).await;
+    assert_eq!(row.0, "Ready", "a failing test does not stop the preview: {:?}", row.2);
+    let row = previews.tested(red, 2).await;
+    assert_eq!((row.3, row.4), (1, 1), "one passed, one failed");
+    let (log, _) = previews.log(red, "tests/arithmetic%20is%20broken", 0).await;
+    assert!(log.contains("4 !== 5"), "the assertion in the failing test's log: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_app_serves_http_and_upgrades_until_its_environment_is_terminated() {
+    let previews = Previews::start().await;
+    let (environment, deployment) = previews.deploy("node-hello", ".").await;
+    let row = previews.settled(environment, &["Ready", "Failed"]).await;
+    assert_eq!(row.0, "Ready", "failure: {:?}", row.2);
+    let body = previews.preview(environment, "/some/path?q=1").send().await.expect("preview").text().await.expect("body");
+    assert_eq!(body, "hello from node at /some/path?q=1\n");
+    let row = previews.tested(environment, 1).await;
+    assert_eq!((row.3, row.4), (1, 0), "npm test passed");
+
+    // An upgraded connection is spliced through both ways.
+    let mut stream = tokio::net::TcpStream::connect(previews.addr).await.expect("connect");
+    let host = format!("{}.{DOMAIN}", environment.0.simple());
+    let request = format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut head = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut head)).await.expect("an answer").expect("read");
+    let head = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream.write_all(b"ping through the proxy").await.expect("write");
+    let mut echoed = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut echoed)).await.expect("echo").expect("read");
+    assert_eq!(&echoed[..n], b"ping through the proxy");
+
+    // Terminated: processes gone, work dir gone, the URL answers 410.
+    let work_dir = previews.tmp.path().join("previews").join(environment.0.simple().to_string()).join(deployment.0.simple().to_string());
+    assert!(work_dir.exists(), "the checkout is there while it runs");
+    let command = EnvironmentCommand::Terminate { reason: "pull request closed".into(), at: Utc::now() };
+    previews.env.runtime.store.environments.execute(environment.0, command, meta()).await.expect("terminate");
+    eventually(Duration::from_secs(30), "the preview to be torn down", || async {
+        let gone = previews.preview(environment, "/").send().await.expect("preview").status() == 410;
+        (gone && !work_dir.exists()).then_some(())
+    })
+    .await;
+    let routes: i64 = sqlx::query_scalar("SELECT count(*) FROM preview_routes").fetch_one(previews.env.pool()).await.expect("count");
+    assert_eq!(routes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deployment_whose_worker_died_is_taken_over_when_its_lease_expires() {
+    let mut previews = Previews::start_with(false).await;
+    let (environment, deployment) = previews.deploy("node-hello", ".").await;
+    // A worker claimed it, started the build, and died.
+    let command = EnvironmentCommand::StartBuild { deployment_id: deployment, at: Utc::now() };
+    previews.env.runtime.store.environments.execute(environment.0, command, meta()).await.expect("start build");
+    sqlx::query(
+        "INSERT INTO deployment_leases (deployment_id, environment_id, worker, expires_at) VALUES ($1, $2, 'dead-worker', now() + interval '2 seconds')",
+    )
+    .bind(deployment.0)
+    .bind(environment.0)
+    .execute(previews.env.pool())
+    .await
+    .expect("lease");
+    previews.spawn_worker("worker-b");
+    let row = previews.settled(environment, &["Ready", "Failed"]).await;
+    assert_eq!(row.0, "Ready", "failure: {:?}", row.2);
+    let (worker, attempts): (String, i32) = sqlx::query_as("SELECT worker, attempts FROM deployment_leases WHERE deployment_id = $1")
+        .bind(deployment.0)
+        .fetch_one(previews.env.pool())
+        .await
+        .expect("lease");
+    assert_eq!(worker, "worker-b");
+    assert_eq!(attempts, 0, "reset once Ready");
+    let builds: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE aggregate_id = $1 AND event_type = 'BuildStarted'")
+        .bind(environment.0)
+        .fetch_one(previews.env.pool())
+        .await
+        .expect("count");
+    assert_eq!(builds, 1, "the takeover carries on from Building; it does not start the build twice");
+}
+
+// --- the sandbox, attacked directly ------------------------------------------------------------
+
+fn sandbox(tmp: &Path, name: &str, limits: Limits) -> SandboxSpec {
+    SandboxSpec {
+        name: format!("test-{}-{name}", Uuid::new_v4().simple()),
+        app_dir: tmp.join(name).join("app"),
+        cache_dir: tmp.join(name).join("cache"),
+        run_dir: tmp.join(name).join("run"),
+        read_only: vec![],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into()), ("HOME".into(), "/tmp".into())],
+        network: false,
+        limits,
+    }
+}
+
+async fn run(spec: &SandboxSpec, script: &str) -> (Option<i32>, String, bool) {
+    let mut sandboxed = spec.spawn(&["/bin/sh".into(), "-c".into(), script.into()]).expect("spawn");
+    assert!(sandboxed.limited(), "this machine lets root create cgroups; without them the limits are not enforced");
+    let mut out = String::new();
+    let mut stdout = sandboxed.child.stdout.take().expect("stdout");
+    let mut stderr = sandboxed.child.stderr.take().expect("stderr");
+    let (mut a, mut b) = (String::new(), String::new());
+    let status = tokio::time::timeout(Duration::from_secs(60), async {
+        let (_, _, status) = tokio::join!(stdout.read_to_string(&mut a), stderr.read_to_string(&mut b), sandboxed.child.wait());
+        status
+    })
+    .await
+    .expect("the sandbox ends within a minute")
+    .expect("wait");
+    out.push_str(&a);
+    out.push_str(&b);
+    let oom = sandboxed.out_of_memory();
+    sandboxed.kill().await;
+    (status.code(), out, oom)
+}
+
+#[tokio::test]
+async fn a_sandbox_sees_no_other_environment_no_control_plane_and_no_host_network() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let other = sandbox(tmp.path(), "other", Limits::default());
+    std::fs::create_dir_all(&other.app_dir).expect("mkdir");
+    std::fs::write(other.app_dir.join("secret.txt"), "the other environment's secret").expect("write");
+    let mine = sandbox(tmp.path(), "mine", Limits::default());
+
+    let probe = format!(
+        "cat {} 2>&1; ls {} 2>&1; ls /app /cache; ls /work 2>&1; ls /var/lib/postgresql 2>&1; cat /proc/1/environ | tr '\\0' '\\n'; \
+         echo processes: $(ls /proc | grep -c '^[0-9]')",
+        other.app_dir.join("secret.txt").display(),
+        tmp.path().display()
+    );
+    let (code, out, _) = run(&mine, &probe).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("the other environment's secret"), "{out}");
+    assert!(out.contains("No such file or directory"), "other paths do not exist inside: {out}");
+    assert!(!out.contains("DATABASE_URL") && !out.contains("CARGO") && !out.contains("PWD=/work"), "no host environment inside: {out}");
+    let processes: usize = out.rsplit("processes: ").next().and_then(|n| n.trim().parse().ok()).expect("a count");
+    assert!(processes < 10, "only the sandbox's own processes are visible, saw {processes}: {out}");
+
+    // The machine's Postgres and NATS listen on the host's loopback; the sandbox has its own.
+    for port in [5432, 4222] {
+        let script = format!(
+            "node -e \"require('net').connect({port}, '127.0.0.1').on('connect', () => {{ console.log('CONNECTED'); process.exit(0) }}).on('error', e => {{ console.log(e.code); process.exit(3) }})\""
+        );
+        let (code, out, _) = run(&mine, &script).await;
+        assert_eq!(code, Some(3), "port {port}: {out}");
+        assert!(out.contains("ECONNREFUSED") || out.contains("ENETUNREACH"), "port {port}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn a_sandbox_cannot_outgrow_its_memory_or_process_limits() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let limits = Limits { memory_bytes: 128 << 20, pids: 64, cpu_millicores: 1000 };
+    let spec = sandbox(tmp.path(), "greedy", limits);
+    let (code, out, oom) = run(&spec, "node -e \"const a = []; for (;;) a.push(Buffer.alloc(16 << 20, 1))\"").await;
+    assert_ne!(code, Some(0), "{out}");
+    assert!(oom, "the memory limit killed it: code {code:?}, {out}");
+    eprintln!("memory hog: code {code:?}, output {out}");
+
+    // A fork bomb, bounded so that it is harmless even if the limit were missing.
+    let spec = sandbox(tmp.path(), "forky", limits);
+    let (_, out, _) =
+        run(&spec, "i=0; while [ $i -lt 300 ]; do sleep 20 & i=$((i+1)); done 2>&1; echo spawned; kill $(jobs -p) 2>/dev/null; true").await;
+    assert!(out.contains("fork") || out.contains("Resource temporarily unavailable"), "forks were refused: {out}");
+}
