@@ -56,6 +56,10 @@ struct Config {
     /// Deployments one worker builds or serves at once.
     #[arg(long, env = "UNDERSTUDY_WORKER_PARALLEL", default_value_t = 4, global = true)]
     worker_parallel: usize,
+    /// Pull request environments with no commit and no visit for this many hours are
+    /// deactivated (the next commit or visit wakes them).
+    #[arg(long, env = "UNDERSTUDY_STALE_AFTER_HOURS", default_value_t = 240, global = true)]
+    stale_after_hours: u64,
     /// Memory limit of each sandbox, in MiB.
     #[arg(long, env = "UNDERSTUDY_SANDBOX_MEMORY_MB", default_value_t = 1024, global = true)]
     sandbox_memory_mb: u64,
@@ -69,6 +73,8 @@ enum Command {
     Api,
     /// Build, run and test previews in sandboxes.
     Worker,
+    /// Run the schedules (the stale sweep).
+    Scheduler,
     /// Inside a preview's sandbox: run the app and bridge a unix socket to its port.
     #[command(hide = true)]
     SandboxBridge {
@@ -242,6 +248,10 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
     Ok(preview)
 }
 
+fn stale_after(config: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(config.stale_after_hours.max(1) * 3600)
+}
+
 /// A worker's name: host and process, unique while it runs.
 fn worker_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
@@ -262,6 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Relay => connect(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
         Command::Worker => connect(&config).await?.spawn_worker(worker_id(), cancel.clone(), &mut tasks),
+        Command::Scheduler => connect(&config).await?.spawn_scheduler(stale_after(&config), cancel.clone(), &mut tasks),
         Command::SandboxBridge { socket, port, command } => {
             let code = understudy_adapters::preview::bridge::run(&socket, port, &command).await?;
             std::process::exit(code);
@@ -346,6 +357,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
         runtime.spawn_github(cancel.clone(), &mut tasks);
         runtime.spawn_worker(worker_id(), cancel.clone(), &mut tasks);
+        runtime.spawn_scheduler(stale_after(&config), cancel.clone(), &mut tasks);
         let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
         eprintln!("understudy is up: http://{addr}/graphql (GraphiQL at http://{addr}/graphiql); Ctrl-C stops it");
         supervise(tasks, cancel).await

@@ -12,6 +12,7 @@ use understudy_adapters::github::client::{GitHub, GitHubConfig};
 use understudy_adapters::github::ingest::{Ingest, Recorder};
 use understudy_adapters::nats::Topology;
 use understudy_adapters::preview::logs::LogSink;
+use understudy_adapters::preview::sweep::Sweeper;
 use understudy_adapters::preview::worker::Worker;
 use understudy_adapters::preview::PreviewConfig;
 use understudy_adapters::{db, nats, relay, EventStore};
@@ -129,6 +130,15 @@ impl Runtime {
         });
         tasks.spawn(async move {
             worker.run(cancel).await;
+            Ok(())
+        });
+    }
+
+    /// The scheduler: the stale sweep, every minute.
+    pub fn spawn_scheduler(&self, idle: std::time::Duration, cancel: CancellationToken, tasks: &mut JoinSet<anyhow::Result<()>>) {
+        let sweeper = Sweeper { store: self.store.clone(), idle, every: std::time::Duration::from_secs(60) };
+        tasks.spawn(async move {
+            sweeper.run(cancel).await;
             Ok(())
         });
     }

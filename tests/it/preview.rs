@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use understudy_adapters::preview::sandbox::{Limits, SandboxSpec};
+use understudy_adapters::preview::sweep::Sweeper;
 use understudy_adapters::preview::PreviewConfig;
 use understudy_domain::environment::EnvironmentCommand;
 use understudy_domain::ids::{AccountId, DeploymentId, EnvironmentId, ProjectId};
@@ -109,6 +110,38 @@ impl Previews {
         git(&work, &["commit", "--quiet", "-m", example]);
         git(&work, &["push", "--quiet", bare.to_str().expect("utf-8 path"), "HEAD:refs/heads/main"]);
         CommitSha::parse(git(&work, &["rev-parse", "HEAD"])).expect("sha")
+    }
+
+    /// Commits `files` on top of `full_name`'s main branch; returns the new commit.
+    fn push_change(&self, full_name: &str, files: &[(&str, &str)]) -> CommitSha {
+        let bare = self.tmp.path().join("git").join(format!("{full_name}.git"));
+        let work = self.tmp.path().join("work").join(full_name);
+        for (name, text) in files {
+            std::fs::write(work.join(name), text).expect("write");
+        }
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "--quiet", "-m", "change"]);
+        git(&work, &["push", "--quiet", bare.to_str().expect("utf-8 path"), "HEAD:refs/heads/main"]);
+        CommitSha::parse(git(&work, &["rev-parse", "HEAD"])).expect("sha")
+    }
+
+    /// A new deployment of `commit` for an existing environment.
+    async fn redeploy(&self, environment: EnvironmentId, commit: CommitSha) -> DeploymentId {
+        let state = self.env.runtime.store.environments.load(environment.0).await.expect("load").into_inner();
+        let deployment = DeploymentId(Uuid::new_v4());
+        let command = EnvironmentCommand::RequestDeployment {
+            environment_id: environment,
+            spec: state.spec.expect("created"),
+            deployment_id: deployment,
+            commit,
+            at: Utc::now(),
+        };
+        self.env.runtime.store.environments.execute(environment.0, command, meta()).await.expect("request");
+        deployment
+    }
+
+    fn work_dir(&self, environment: EnvironmentId, deployment: DeploymentId) -> PathBuf {
+        self.tmp.path().join("previews").join(environment.0.simple().to_string()).join(deployment.0.simple().to_string())
     }
 
     async fn project(&self, full_name: &str) -> ProjectId {
@@ -308,6 +341,84 @@ async fn a_node_app_serves_http_and_upgrades_until_its_environment_is_terminated
     .await;
     let routes: i64 = sqlx::query_scalar("SELECT count(*) FROM preview_routes").fetch_one(previews.env.pool()).await.expect("count");
     assert_eq!(routes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_commit_cancels_the_build_in_flight_and_the_old_preview_serves_until_the_new_one_is_ready() {
+    let previews = Previews::start().await;
+    let (environment, first) = previews.deploy("node-hello", ".").await;
+    assert_eq!(previews.settled(environment, &["Ready", "Failed"]).await.0, "Ready");
+
+    // A commit whose build hangs: the first preview keeps serving meanwhile.
+    let slow = previews.push_change("octo/node-hello", &[("understudy.toml", "build = \"sleep 600\"\n")]);
+    let second = previews.redeploy(environment, slow).await;
+    eventually(Duration::from_secs(30), "the slow build to start", || async {
+        let (log, _) = previews.log(environment, "build", 0).await;
+        log.contains("$ sleep 600").then_some(())
+    })
+    .await;
+    let body = previews.preview(environment, "/").send().await.expect("preview").text().await.expect("body");
+    assert_eq!(body, "hello from node at /\n", "the old preview serves while the new one builds");
+
+    // A third commit supersedes the hanging build, which is stopped (not waited for).
+    let fixed = previews.push_change(
+        "octo/node-hello",
+        &[
+            ("understudy.toml", "build = \"true\"\n"),
+            (
+                "server.js",
+                &std::fs::read_to_string(root().join("examples/node-hello/server.js"))
+                    .expect("read")
+                    .replace("hello from node", "hello from v3"),
+            ),
+        ],
+    );
+    let third = previews.redeploy(environment, fixed).await;
+    eventually(Duration::from_secs(60), "the third commit to serve", || async {
+        let body = previews.preview(environment, "/").send().await.ok()?.text().await.ok()?;
+        (body == "hello from v3 at /\n").then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the old deployments to be cleaned up", || async {
+        (!previews.work_dir(environment, first).exists() && !previews.work_dir(environment, second).exists()).then_some(())
+    })
+    .await;
+    assert!(previews.work_dir(environment, third).exists());
+    let released: Vec<(Uuid, bool)> = sqlx::query_as("SELECT deployment_id, released FROM deployment_leases ORDER BY deployment_id")
+        .fetch_all(previews.env.pool())
+        .await
+        .expect("leases");
+    for (deployment, released) in released {
+        assert_eq!(released, deployment != third.0, "only the serving deployment holds its lease");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_preview_goes_stale_and_a_visit_wakes_it() {
+    let previews = Previews::start().await;
+    let (environment, first) = previews.deploy("node-hello", ".").await;
+    assert_eq!(previews.settled(environment, &["Ready", "Failed"]).await.0, "Ready");
+    assert_eq!(previews.preview(environment, "/").send().await.expect("visit").status(), 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let sweeper = Sweeper { store: previews.env.runtime.store.clone(), idle: Duration::ZERO, every: Duration::from_secs(60) };
+    assert_eq!(sweeper.sweep_once().await.expect("sweep"), 1);
+    assert_eq!(previews.settled(environment, &["Stale"]).await.0, "Stale");
+    eventually(Duration::from_secs(30), "the stale preview to stop", || async {
+        (!previews.work_dir(environment, first).exists()).then_some(())
+    })
+    .await;
+    assert_eq!(sweeper.sweep_once().await.expect("sweep"), 0, "a stale environment is not swept again");
+
+    // The visit wakes it: a page that says so, then the preview again.
+    let response = previews.preview(environment, "/").send().await.expect("visit");
+    assert_eq!(response.status(), 503);
+    assert!(response.text().await.expect("page").contains("Waking"));
+    eventually(Duration::from_secs(60), "the woken preview to serve", || async {
+        let body = previews.preview(environment, "/").send().await.ok()?.text().await.ok()?;
+        (body == "hello from node at /\n").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,6 +7,7 @@ pub mod git;
 pub mod logs;
 pub mod sandbox;
 pub mod stack;
+pub mod sweep;
 pub mod unix_http;
 pub mod worker;
 

@@ -330,11 +330,10 @@ impl Worker {
             return Err(Stop::User(FailedStage::Build, "the project has no repository".into()));
         };
         let restart = deployment.status == DeploymentStatus::Ready;
-        let build_log = self.logs.stream(job.deployment.0, "build", Redactor::default());
         if deployment.status == DeploymentStatus::Requested {
             self.command(job, meta, EnvironmentCommand::StartBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
         }
-        build_log.line(format!(
+        self.logs.stream(job.deployment.0, "build", Redactor::default()).line(format!(
             "understudy: {} {} of {repository} at {} (attempt {}) on worker {}",
             if restart { "restarting" } else { "building" },
             job.entrypoint,
@@ -342,8 +341,31 @@ impl Worker {
             job.attempts,
             self.id
         ));
+        // Until it is Ready, a deployment stops as soon as a newer commit supersedes it or its
+        // environment goes: `work` is cancelled then, and every step below watches it.
+        let work = stop.child_token();
+        let watcher = tokio::spawn(watch_for_newer(self.pool().clone(), job.environment, job.deployment, work.clone()));
+        let result = self.build_and_start(job, meta, &repository, restart, &work).await;
+        watcher.abort();
+        let (mut app, plan, plan_env) = result?;
+        if !restart {
+            self.run_tests(job, meta, &plan, &plan_env, stop).await?;
+        }
+        // Serve until something says stop.
+        self.serve(job, &mut app, stop).await
+    }
 
+    /// Fetch, detect, build, start, health check, route and report Ready.
+    async fn build_and_start(
+        &self,
+        job: &Job,
+        meta: &Metadata,
+        repository: &understudy_domain::values::RepoFullName,
+        restart: bool,
+        stop: &CancellationToken,
+    ) -> Result<(Sandboxed, Plan, Vec<(String, String)>), Stop> {
         // Fetch.
+        let build_log = self.logs.stream(job.deployment.0, "build", Redactor::default());
         let (deployment_dir, _) = self.dirs(job);
         let checkout = deployment_dir.join("src");
         if deployment_dir.exists() {
@@ -431,11 +453,8 @@ impl Worker {
             let url = self.config.preview_url(job.environment);
             self.command(job, meta, EnvironmentCommand::MarkReady { deployment_id: job.deployment, url, at: Utc::now() }).await?;
             build_log.line("understudy: ready");
-            self.run_tests(job, meta, &plan, &plan_env, stop).await?;
         }
-
-        // Serve until something says stop.
-        self.serve(job, &mut app, stop).await
+        Ok((app, plan, plan_env))
     }
 
     async fn command(&self, job: &Job, meta: &Metadata, command: EnvironmentCommand) -> Result<(), Stop> {
@@ -455,9 +474,11 @@ impl Worker {
         Ok(!state.terminated && !state.deactivated && state.current().map(|d| d.id) == Some(job.deployment))
     }
 
+    /// A step saw its token cancelled: the worker is stopping, the lease was lost, or a newer
+    /// commit superseded the deployment (`deploy` tells these apart by its own token).
     fn why_stopped(&self, stop: &CancellationToken) -> Stop {
         debug_assert!(stop.is_cancelled());
-        Stop::Quiet("shutting down")
+        Stop::Quiet("stopped")
     }
 
     /// Runs one shell line to completion in a fresh sandbox, its output into `log`.
@@ -722,6 +743,26 @@ enum Lease {
     Keep,
 }
 
+/// Cancels `work` once `deployment` is no longer its environment's latest, or the environment
+/// is stale or terminated (read from the `environments` read model once a second).
+async fn watch_for_newer(pool: PgPool, environment: EnvironmentId, deployment: DeploymentId, work: CancellationToken) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let row: Result<Option<(Option<Uuid>, String)>, _> =
+            sqlx::query_as("SELECT latest_deployment_id, status FROM environments WHERE environment_id = $1")
+                .bind(environment.0)
+                .fetch_optional(&pool)
+                .await;
+        if let Ok(Some((latest, status))) = row {
+            if latest != Some(deployment.0) || status == "Stale" || status == "Terminated" {
+                tracing::info!(%deployment, "superseded or gone; stopping its build");
+                work.cancel();
+                return;
+            }
+        }
+    }
+}
+
 async fn remove_dir(dir: &Path) -> std::io::Result<()> {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await.map_err(std::io::Error::other)?
@@ -739,7 +780,7 @@ impl StepError {
         match self {
             StepError::Failed(reason) => Stop::User(FailedStage::Build, format!("{step} failed: {reason}")),
             StepError::Infra(reason) => Stop::Infra(format!("{step}: {reason}")),
-            StepError::Stopped => Stop::Quiet("shutting down"),
+            StepError::Stopped => Stop::Quiet("stopped"),
         }
     }
 }
