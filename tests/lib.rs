@@ -127,6 +127,82 @@ pub fn understudy_bin() -> std::path::PathBuf {
 
 pub mod fake_github;
 
+pub mod repos {
+    //! Git repositories on disk standing in for GitHub's: `{base}/git/{owner}/{name}.git`, served
+    //! to workers through `GITHUB_GIT_URL=file://{base}/git`, with a work tree at
+    //! `{base}/work/{owner}/{name}` to commit from.
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use understudy_domain::values::CommitSha;
+
+    /// The workspace root (examples/, toolchain/).
+    pub fn root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    }
+
+    /// The `GITHUB_GIT_URL` that serves the repositories under `base`.
+    pub fn git_url(base: &Path) -> String {
+        format!("file://{}", base.join("git").display())
+    }
+
+    pub fn git(dir: &Path, args: &[&str]) -> String {
+        let output = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "Understudy Test")
+            .env("GIT_AUTHOR_EMAIL", "test@understudy.invalid")
+            .env("GIT_COMMITTER_NAME", "Understudy Test")
+            .env("GIT_COMMITTER_EMAIL", "test@understudy.invalid")
+            .output()
+            .expect("git runs");
+        assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for entry in std::fs::read_dir(from).expect("read example") {
+            let entry = entry.expect("entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("type").is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).expect("copy");
+            }
+        }
+    }
+
+    /// Makes `examples/{example}` the first commit of `full_name`'s main branch.
+    pub fn push_example(base: &Path, example: &str, full_name: &str) -> CommitSha {
+        let bare = base.join("git").join(format!("{full_name}.git"));
+        std::fs::create_dir_all(&bare).expect("mkdir");
+        git(&bare, &["init", "--quiet", "--bare"]);
+        let work = base.join("work").join(full_name);
+        copy_dir(&root().join("examples").join(example), &work);
+        git(&work, &["init", "--quiet"]);
+        push(base, full_name, example)
+    }
+
+    /// Commits `files` on top of `full_name`'s main branch.
+    pub fn push_change(base: &Path, full_name: &str, files: &[(&str, &str)]) -> CommitSha {
+        let work = base.join("work").join(full_name);
+        for (name, text) in files {
+            std::fs::write(work.join(name), text).expect("write");
+        }
+        push(base, full_name, "change")
+    }
+
+    fn push(base: &Path, full_name: &str, message: &str) -> CommitSha {
+        let bare = base.join("git").join(format!("{full_name}.git"));
+        let work = base.join("work").join(full_name);
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "--quiet", "-m", message]);
+        git(&work, &["push", "--quiet", bare.to_str().expect("utf-8 path"), "HEAD:refs/heads/main"]);
+        CommitSha::parse(git(&work, &["rev-parse", "HEAD"])).expect("sha")
+    }
+}
+
 pub mod fixtures {
     //! Commands a test sends, with fixed shapes and fresh ids.
     use chrono::Utc;

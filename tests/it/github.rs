@@ -14,6 +14,7 @@ use understudy_domain::ids::EnvironmentId;
 use understudy_domain::values::{BranchName, Entrypoint, Target};
 use understudy_tests::fake_github::{FakeGitHub, APP_ID};
 use understudy_tests::fixtures::meta;
+use understudy_tests::repos;
 use understudy_tests::{eventually, TestEnv};
 use uuid::Uuid;
 
@@ -34,6 +35,11 @@ struct App {
 
 impl App {
     async fn start() -> App {
+        Self::start_with(None).await
+    }
+
+    /// With `preview`, a worker builds and runs the previews for real.
+    async fn start_with(preview: Option<understudy_adapters::preview::PreviewConfig>) -> App {
         let github = FakeGitHub::start().await;
         let mut env = TestEnv::new().await;
         let key = std::fs::read_to_string(format!("{}/fixtures/github-app-test-key.pem", env!("CARGO_MANIFEST_DIR"))).expect("test key");
@@ -48,6 +54,10 @@ impl App {
         env.runtime.spawn_relay(cancel.clone(), &mut tasks);
         env.runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
         env.runtime.spawn_github(cancel.clone(), &mut tasks);
+        if let Some(preview) = preview {
+            env.runtime.preview = Arc::new(preview);
+            env.runtime.spawn_worker("worker-gh".into(), cancel.clone(), &mut tasks);
+        }
         let addr = env.runtime.serve_api("127.0.0.1:0".parse().expect("addr"), cancel.clone(), &mut tasks).await.expect("serve");
         App { env, github, addr, cancel, _tasks: tasks }
     }
@@ -225,6 +235,59 @@ async fn a_pull_request_gets_one_sticky_comment_that_follows_its_environments() 
     let now = understudy_projections::time_travel::state_at(app.env.pool(), pr.0, None).await.expect("state").expect("exists");
     assert_eq!(now.state["open"], false);
     assert!(app.github.count("PATCH", &format!("/repos/{repo}/issues/comments/")) >= 3, "and edited after");
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_of_a_wing_app_is_built_tested_and_reported_for_real() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut preview = understudy_adapters::preview::PreviewConfig::new(tmp.path().join("previews"), "preview.localhost".into());
+    preview.git_base = repos::git_url(tmp.path());
+    preview.wing_toolchain = Some(repos::root().join("toolchain/wing"));
+    preview.bridge_bin = understudy_tests::understudy_bin();
+    let app = App::start_with(Some(preview)).await;
+
+    // The pull request's head is a real commit of a real (on-disk) repository.
+    let mut opened = fixture("pull_request.opened");
+    let (repo, repo_id) = repo_of(&opened);
+    let sha = repos::push_example(tmp.path(), "wing-failing-test", &repo);
+    opened["pull_request"]["head"]["sha"] = Value::String(sha.to_string());
+    app.github.set_repo(&repo, repo_id, "main", &["main.w"]);
+    app.github.set_root_files_at(&repo, sha.as_str(), &["main.w"]);
+    assert_eq!(app.deliver("installation", "d-install", &fixture("installation.created")).await.0, 202);
+    assert_eq!(app.processed("d-install").await, "done");
+    assert_eq!(app.deliver("pull_request", "d-opened", &opened).await.0, 202);
+    assert_eq!(app.processed("d-opened").await, "done");
+
+    // Built, served, tested: the comment shows it all, the check run fails on the red test.
+    let body = comment_where(&app, &repo, "main.w Ready with both test results", |b| {
+        b.contains("✅ Ready") && b.contains("counter starts at one") && b.contains("arithmetic is broken")
+    })
+    .await;
+    assert!(body.contains("❌ [arithmetic is broken]"), "{body}");
+    let run = eventually(Duration::from_secs(30), "the check run to complete", || async {
+        app.github.check_runs().into_iter().find(|r| r["head_sha"] == sha.as_str() && r["status"] == "completed")
+    })
+    .await;
+    assert_eq!(run["conclusion"], "failure", "{run:#}");
+
+    // The preview answers through the proxy; closing the pull request tears it down.
+    let project = understudy_adapters::github::project_id(repo_id);
+    let head_branch = BranchName::parse(opened["pull_request"]["head"]["ref"].as_str().expect("head ref")).expect("branch");
+    let environment =
+        EnvironmentId::derive(project, &Target::PullRequest { number: 2, head_branch }, &Entrypoint::parse("main.w").expect("valid"));
+    let preview = || {
+        reqwest::Client::new()
+            .get(format!("http://{}/", app.addr))
+            .header("host", format!("{}.preview.localhost", environment.0.simple()))
+            .send()
+    };
+    assert_eq!(preview().await.expect("preview").status(), 200);
+    let mut closed = fixture("pull_request.closed");
+    closed["pull_request"]["head"]["sha"] = Value::String(sha.to_string());
+    assert_eq!(app.deliver("pull_request", "d-closed", &closed).await.0, 202);
+    comment_where(&app, &repo, "the row terminated", |b| b.contains("🛑 Terminated")).await;
+    eventually(Duration::from_secs(30), "the preview to be gone", || async { (preview().await.ok()?.status() == 410).then_some(()) }).await;
     app.cancel.cancel();
 }
 

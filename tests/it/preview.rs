@@ -3,7 +3,6 @@
 //! logged; and the sandbox's isolation claims, tested by trying to break them.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,41 +18,11 @@ use understudy_domain::ids::{AccountId, DeploymentId, EnvironmentId, ProjectId};
 use understudy_domain::project::{EntrypointRule, ProjectCommand};
 use understudy_domain::values::{BranchName, CommitSha, ProjectName, RepoFullName};
 use understudy_tests::fixtures::{env_id, meta, spec};
+use understudy_tests::repos::{self, root};
 use understudy_tests::{eventually, understudy_bin, TestEnv};
 use uuid::Uuid;
 
 const DOMAIN: &str = "preview.localhost";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Understudy Test")
-        .env("GIT_AUTHOR_EMAIL", "test@understudy.invalid")
-        .env("GIT_COMMITTER_NAME", "Understudy Test")
-        .env("GIT_COMMITTER_EMAIL", "test@understudy.invalid")
-        .output()
-        .expect("git runs");
-    assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read example") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).expect("copy");
-        }
-    }
-}
 
 /// One test's preview world: the spine, a worker, the API with its proxy, and git repositories
 /// on disk standing in for GitHub's.
@@ -75,7 +44,7 @@ impl Previews {
         let tmp = tempfile::tempdir().expect("temp dir");
         let mut env = TestEnv::new().await;
         let mut config = PreviewConfig::new(tmp.path().join("previews"), DOMAIN.into());
-        config.git_base = format!("file://{}", tmp.path().join("git").display());
+        config.git_base = repos::git_url(tmp.path());
         config.wing_toolchain = Some(root().join("toolchain/wing"));
         config.bridge_bin = understudy_bin();
         config.lease_ttl = Duration::from_secs(3);
@@ -100,29 +69,12 @@ impl Previews {
 
     /// Pushes `example` as the only commit of repository `full_name`; returns the commit.
     fn push(&self, example: &str, full_name: &str) -> CommitSha {
-        let bare = self.tmp.path().join("git").join(format!("{full_name}.git"));
-        std::fs::create_dir_all(&bare).expect("mkdir");
-        git(&bare, &["init", "--quiet", "--bare"]);
-        let work = self.tmp.path().join("work").join(full_name);
-        copy_dir(&root().join("examples").join(example), &work);
-        git(&work, &["init", "--quiet"]);
-        git(&work, &["add", "-A"]);
-        git(&work, &["commit", "--quiet", "-m", example]);
-        git(&work, &["push", "--quiet", bare.to_str().expect("utf-8 path"), "HEAD:refs/heads/main"]);
-        CommitSha::parse(git(&work, &["rev-parse", "HEAD"])).expect("sha")
+        repos::push_example(self.tmp.path(), example, full_name)
     }
 
     /// Commits `files` on top of `full_name`'s main branch; returns the new commit.
     fn push_change(&self, full_name: &str, files: &[(&str, &str)]) -> CommitSha {
-        let bare = self.tmp.path().join("git").join(format!("{full_name}.git"));
-        let work = self.tmp.path().join("work").join(full_name);
-        for (name, text) in files {
-            std::fs::write(work.join(name), text).expect("write");
-        }
-        git(&work, &["add", "-A"]);
-        git(&work, &["commit", "--quiet", "-m", "change"]);
-        git(&work, &["push", "--quiet", bare.to_str().expect("utf-8 path"), "HEAD:refs/heads/main"]);
-        CommitSha::parse(git(&work, &["rev-parse", "HEAD"])).expect("sha")
+        repos::push_change(self.tmp.path(), full_name, files)
     }
 
     /// A new deployment of `commit` for an existing environment.
