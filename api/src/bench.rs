@@ -42,6 +42,21 @@ pub enum Bench {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
     },
+    /// Deployment requested → preview Ready (fetch, build, sandbox, health check) for an example
+    /// app, cold and warm, vs the raw toolchain compiling and serving the same app unsandboxed.
+    Preview {
+        /// A directory holding the app (it becomes a git repository's only commit).
+        #[arg(long, default_value = "examples/wing-hello")]
+        app: std::path::PathBuf,
+        /// Entrypoint to deploy (`main.w`, or `.` for a Node/Procfile app).
+        #[arg(long, default_value = "main.w")]
+        entrypoint: String,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// The Wing toolchain's directory.
+        #[arg(long, default_value = "toolchain/wing")]
+        wing_toolchain: std::path::PathBuf,
+    },
     /// Event appended → GraphQL subscriber received, at a fixed rate, vs core NATS pub→sub.
     Latency {
         #[arg(long, default_value_t = 500)]
@@ -114,6 +129,9 @@ pub async fn run(database_url: &str, nats_url: &str, what: Bench) -> anyhow::Res
         Bench::Append { writers, cycles } => append(&scratch.runtime, writers, cycles).await,
         Bench::Latency { rate, seconds } => latency(&scratch.runtime, rate, seconds).await,
         Bench::Webhooks { deliveries, concurrency } => webhooks(scratch.runtime.clone(), deliveries, concurrency).await,
+        Bench::Preview { app, entrypoint, runs, wing_toolchain } => {
+            preview(scratch.runtime.clone(), &app, &entrypoint, runs, &wing_toolchain).await
+        }
     };
     scratch.drop_all().await?;
     result
@@ -504,5 +522,224 @@ mod reqwest_lite {
             stream.read_exact(&mut discard).await?;
             Ok(status)
         }
+    }
+}
+
+/// Runs `script` with `sh -c` in `dir`; fails with its stderr.
+fn sh(dir: &std::path::Path, script: &str) -> anyhow::Result<String> {
+    let output = std::process::Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "bench")
+        .env("GIT_AUTHOR_EMAIL", "bench@understudy.invalid")
+        .env("GIT_COMMITTER_NAME", "bench")
+        .env("GIT_COMMITTER_EMAIL", "bench@understudy.invalid")
+        .output()?;
+    anyhow::ensure!(output.status.success(), "`{script}` failed: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+async fn preview(
+    mut runtime: Runtime,
+    app: &std::path::Path,
+    entrypoint: &str,
+    runs: usize,
+    wing_toolchain: &std::path::Path,
+) -> anyhow::Result<()> {
+    use understudy_adapters::preview::PreviewConfig;
+    use understudy_domain::project::{EntrypointRule, ProjectCommand};
+    use understudy_domain::values::{ProjectName, RepoFullName};
+
+    let cwd = std::env::current_dir()?;
+    let (app, wing_toolchain) = (cwd.join(app), cwd.join(wing_toolchain));
+    let tmp = std::env::temp_dir().join(format!("understudy-bench-{}", Uuid::new_v4().simple()));
+    let (bare, work) = (tmp.join("git/bench/app.git"), tmp.join("work"));
+    std::fs::create_dir_all(&bare)?;
+    sh(&bare, "git init --quiet --bare")?;
+    sh(&tmp, &format!("cp -r '{}' '{}'", app.display(), work.display()))?;
+    let commit = |n: usize| -> anyhow::Result<CommitSha> {
+        std::fs::write(work.join(".bench-run"), n.to_string())?;
+        let sha = sh(
+            &work,
+            &format!(
+                "git add -A && git commit --quiet -m 'run {n}' && git push --quiet '{}' HEAD:refs/heads/main && git rev-parse HEAD",
+                bare.display()
+            ),
+        )?;
+        Ok(CommitSha::parse(sha.lines().last().unwrap_or_default())?)
+    };
+    sh(&work, "rm -rf .git target node_modules && git init --quiet")?;
+
+    let mut config = PreviewConfig::new(tmp.join("previews"), "preview.localhost".into());
+    config.git_base = format!("file://{}", tmp.join("git").display());
+    config.wing_toolchain = wing_toolchain.join("node_modules/.bin/wing").exists().then(|| wing_toolchain.clone());
+    runtime.preview = Arc::new(config);
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    runtime.spawn_relay(cancel.clone(), &mut tasks);
+    runtime.spawn_projectors(understudy_projections::selected("environments")?, cancel.clone(), &mut tasks);
+    runtime.spawn_worker("bench".into(), cancel.clone(), &mut tasks);
+
+    let project = ProjectId(Uuid::new_v4());
+    let create = ProjectCommand::Create {
+        project_id: project,
+        account_id: understudy_domain::ids::AccountId(Uuid::new_v4()),
+        name: ProjectName::parse("bench")?,
+        repository: RepoFullName::parse("bench/app")?,
+        production_branch: BranchName::parse("main")?,
+        entrypoints: EntrypointRule::Detect,
+        at: Utc::now(),
+    };
+    runtime.store.projects.execute(project.0, create, meta()).await?;
+
+    // Understudy: each run a new environment (cold: empty cache), then a second commit to the
+    // same environment (warm: its cache kept).
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    let mut commits = 0;
+    for run in 0..runs {
+        let spec = EnvironmentSpec {
+            project_id: project,
+            target: Target::PullRequest { number: run as u64 + 1, head_branch: BranchName::parse(format!("bench-{run}"))? },
+            entrypoint: Entrypoint::parse(entrypoint)?,
+        };
+        let environment = EnvironmentId::derive(project, &spec.target, &spec.entrypoint);
+        for samples in [&mut cold, &mut warm] {
+            commits += 1;
+            let sha = commit(commits)?;
+            let deployment = DeploymentId(Uuid::new_v4());
+            let started = Instant::now();
+            let request = EnvironmentCommand::RequestDeployment {
+                environment_id: environment,
+                spec: spec.clone(),
+                deployment_id: deployment,
+                commit: sha,
+                at: Utc::now(),
+            };
+            runtime.store.environments.execute(environment.0, request, meta()).await?;
+            loop {
+                let row: Option<(String, Option<Uuid>, Option<String>)> =
+                    sqlx::query_as("SELECT status, latest_deployment_id, failure FROM environments WHERE environment_id = $1")
+                        .bind(environment.0)
+                        .fetch_optional(&runtime.pool)
+                        .await?;
+                match row {
+                    Some((status, Some(latest), _)) if status == "Ready" && latest == deployment.0 => break,
+                    Some((status, _, failure)) if status == "Failed" => anyhow::bail!("the bench app failed: {failure:?}"),
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+                anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "no Ready within 5 minutes");
+            }
+            samples.push(started.elapsed());
+            // The tests run right after Ready: let them finish, so the next sample is not
+            // measured against them on the same cores.
+            let tests_done = Instant::now();
+            while tests_done.elapsed() < Duration::from_secs(60) {
+                let done: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM deployment_logs WHERE deployment_id = $1 AND stream LIKE 'test%'
+                                     AND line LIKE 'understudy: exited with%')",
+                )
+                .bind(deployment.0)
+                .fetch_one(&runtime.pool)
+                .await?;
+                if done {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if run == 0 {
+                // Where the time of one deployment went, from its own log lines.
+                let lines: Vec<(String, i64, String)> = sqlx::query_as(
+                    "SELECT stream, nano, line FROM deployment_logs WHERE deployment_id = $1 AND stream <> 'test' ORDER BY nano",
+                )
+                .bind(deployment.0)
+                .fetch_all(&runtime.pool)
+                .await?;
+                let requested_at: chrono::DateTime<Utc> = sqlx::query_scalar(
+                    "SELECT recorded_at FROM event_log WHERE aggregate_id = $1 AND event_type = 'DeploymentRequested' ORDER BY id DESC LIMIT 1",
+                )
+                .bind(environment.0)
+                .fetch_one(&runtime.pool)
+                .await?;
+                let zero = requested_at.timestamp_nanos_opt().unwrap_or_default();
+                for (stream, nano, line) in lines.iter().filter(|(_, _, l)| l.starts_with('$') || l.starts_with("understudy:")) {
+                    eprintln!("  {:>6.0} ms [{stream}] {}", (nano - zero) as f64 / 1e6, line.chars().take(100).collect::<String>());
+                }
+            }
+        }
+        eprintln!("run {}: cold {:?}, warm {:?}", run + 1, cold[run], warm[run]);
+        let terminate = EnvironmentCommand::Terminate { reason: "bench".into(), at: Utc::now() };
+        runtime.store.environments.execute(environment.0, terminate, meta()).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+
+    // Baseline: the toolchain alone, unsandboxed, in a plain checkout: compile, start, first 2xx.
+    let mut raw = Vec::new();
+    let wing = wing_toolchain.join("node_modules/.bin/wing");
+    for run in 0..runs {
+        let dir = tmp.join(format!("raw-{run}"));
+        sh(&tmp, &format!("cp -r '{}' '{}'", work.display(), dir.display()))?;
+        let port = 20_000 + (std::process::id() % 20_000) as u16 + run as u16;
+        let started = Instant::now();
+        let (build, start) = if entrypoint.ends_with(".w") {
+            (
+                format!("'{}' compile '{entrypoint}'", wing.display()),
+                format!("exec '{}' it '{entrypoint}' --no-open -p {port}", wing.display()),
+            )
+        } else {
+            ("true".to_string(), format!("PORT={port} exec npm start"))
+        };
+        sh(&dir, &build)?;
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", &start])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let client = reqwest_lite_get(port);
+        loop {
+            if client().await {
+                break;
+            }
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "the raw app never answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        raw.push(started.elapsed());
+        let _ = child.kill().await;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let ms = |samples: Vec<Duration>| Duration::from_secs_f64(median(&mut samples.iter().map(Duration::as_secs_f64).collect::<Vec<_>>()));
+    let (cold, warm, raw) = (ms(cold), ms(warm), ms(raw));
+    println!("preview: {} ({entrypoint}), {runs} runs, medians", app.display());
+    println!("  raw toolchain, compile + start + first 2xx: {:>8.0} ms", raw.as_secs_f64() * 1000.0);
+    println!(
+        "  requested → Ready, cold (new environment):  {:>8.0} ms  ({:.2}× raw)",
+        cold.as_secs_f64() * 1000.0,
+        cold.as_secs_f64() / raw.as_secs_f64()
+    );
+    println!(
+        "  requested → Ready, warm (next commit):      {:>8.0} ms  ({:.2}× raw, {:.2}× cold)",
+        warm.as_secs_f64() * 1000.0,
+        warm.as_secs_f64() / raw.as_secs_f64(),
+        warm.as_secs_f64() / cold.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A GET of `/` on a local port that reports whether it answered 2xx or 3xx.
+fn reqwest_lite_get(port: u16) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
+    move || {
+        Box::pin(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
+            let request = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+            if stream.write_all(request.as_bytes()).await.is_err() {
+                return false;
+            }
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.is_ok() && (head.starts_with(b"HTTP/1.1 2") || head.starts_with(b"HTTP/1.1 3"))
+        })
     }
 }

@@ -127,6 +127,8 @@ impl Runtime {
             store: self.store.clone(),
             config: self.preview.clone(),
             logs: LogSink::spawn(self.pool.clone(), self.nats.clone(), self.topology.clone()),
+            nats: self.nats.clone(),
+            topology: self.topology.clone(),
         });
         tasks.spawn(async move {
             worker.run(cancel).await;

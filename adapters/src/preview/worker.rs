@@ -38,6 +38,9 @@ pub struct Worker {
     pub store: EventStore,
     pub config: Arc<PreviewConfig>,
     pub logs: LogSink,
+    /// For change notices (wake-ups to claim).
+    pub nats: async_nats::Client,
+    pub topology: crate::nats::Topology,
 }
 
 /// One claimed deployment.
@@ -94,6 +97,15 @@ impl Worker {
             return;
         }
         let mut running: JoinSet<()> = JoinSet::new();
+        // Projectors announce every environment change on core NATS: a wake-up to claim at once
+        // instead of at the next poll (the poll stays, for a missed notice).
+        let mut changes = match self.nats.subscribe(self.topology.changes_subject("environment", ">")).await {
+            Ok(subscriber) => Some(subscriber),
+            Err(error) => {
+                tracing::warn!(%error, "cannot subscribe to environment changes; polling only");
+                None
+            }
+        };
         loop {
             while running.try_join_next().is_some() {}
             if running.len() < self.config.max_parallel {
@@ -108,9 +120,19 @@ impl Worker {
                     Err(error) => tracing::warn!(%error, "claiming deployments failed; retrying"),
                 }
             }
+            let woken = async {
+                match changes.as_mut() {
+                    Some(changes) => {
+                        futures::StreamExt::next(changes).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = woken => {}
+                _ = running.join_next(), if !running.is_empty() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
         while running.join_next().await.is_some() {}
@@ -566,7 +588,7 @@ impl Worker {
                     app.kill().await;
                     return Err(self.why_stopped(stop));
                 }
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
     }
