@@ -158,6 +158,7 @@ fn cycle(spec: &EnvironmentSpec) -> Vec<EnvironmentCommand> {
         deployment_id: deployment,
         test: name.into(),
         outcome: TestOutcome::Passed,
+        duration_ms: None,
         at,
     };
     vec![
@@ -383,6 +384,7 @@ async fn latency(runtime: &Runtime, rate: u64, seconds: u64) -> anyhow::Result<(
                 deployment_id: deployment,
                 test: name.clone(),
                 outcome: TestOutcome::Passed,
+                duration_ms: None,
                 at: Utc::now(),
             };
             store.execute(id, command, meta()).await?;

@@ -55,6 +55,10 @@ pub struct TestResult {
     pub name: String,
     /// `Passed` or `Failed`.
     pub outcome: String,
+    /// How long it ran, when its runner reports it (`npm test` and other commands do; `wing test`
+    /// reports no time per test).
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
     pub at: DateTime<Utc>,
 }
 

@@ -105,6 +105,8 @@ pub enum TestOutcome {
 pub struct TestResult {
     pub name: String,
     pub outcome: TestOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
     pub at: DateTime<Utc>,
 }
 
@@ -211,6 +213,8 @@ pub enum EnvironmentCommand {
         deployment_id: DeploymentId,
         test: String,
         outcome: TestOutcome,
+        /// How long the test ran, when the runner says.
+        duration_ms: Option<u64>,
         at: DateTime<Utc>,
     },
     /// Idle too long: stop it; the next commit or visit brings it back.
@@ -231,18 +235,65 @@ pub enum EnvironmentCommand {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum EnvironmentEvent {
-    EnvironmentCreated { environment_id: EnvironmentId, spec: EnvironmentSpec, at: DateTime<Utc> },
-    DeploymentRequested { deployment_id: DeploymentId, commit: CommitSha, at: DateTime<Utc> },
-    DeploymentSuperseded { deployment_id: DeploymentId, by: DeploymentId, at: DateTime<Utc> },
-    BuildStarted { deployment_id: DeploymentId, at: DateTime<Utc> },
-    BuildSucceeded { deployment_id: DeploymentId, at: DateTime<Utc> },
-    DeploymentReady { deployment_id: DeploymentId, url: String, at: DateTime<Utc> },
-    DeploymentFailed { deployment_id: DeploymentId, stage: FailedStage, reason: String, at: DateTime<Utc> },
-    TestPassed { deployment_id: DeploymentId, test: String, at: DateTime<Utc> },
-    TestFailed { deployment_id: DeploymentId, test: String, at: DateTime<Utc> },
-    EnvironmentDeactivated { at: DateTime<Utc> },
-    EnvironmentReactivated { at: DateTime<Utc> },
-    EnvironmentTerminated { reason: String, at: DateTime<Utc> },
+    EnvironmentCreated {
+        environment_id: EnvironmentId,
+        spec: EnvironmentSpec,
+        at: DateTime<Utc>,
+    },
+    DeploymentRequested {
+        deployment_id: DeploymentId,
+        commit: CommitSha,
+        at: DateTime<Utc>,
+    },
+    DeploymentSuperseded {
+        deployment_id: DeploymentId,
+        by: DeploymentId,
+        at: DateTime<Utc>,
+    },
+    BuildStarted {
+        deployment_id: DeploymentId,
+        at: DateTime<Utc>,
+    },
+    BuildSucceeded {
+        deployment_id: DeploymentId,
+        at: DateTime<Utc>,
+    },
+    DeploymentReady {
+        deployment_id: DeploymentId,
+        url: String,
+        at: DateTime<Utc>,
+    },
+    DeploymentFailed {
+        deployment_id: DeploymentId,
+        stage: FailedStage,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    TestPassed {
+        deployment_id: DeploymentId,
+        test: String,
+        /// Added after the first release: events recorded before it have none (no upcast needed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+        at: DateTime<Utc>,
+    },
+    TestFailed {
+        deployment_id: DeploymentId,
+        test: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+        at: DateTime<Utc>,
+    },
+    EnvironmentDeactivated {
+        at: DateTime<Utc>,
+    },
+    EnvironmentReactivated {
+        at: DateTime<Utc>,
+    },
+    EnvironmentTerminated {
+        reason: String,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for EnvironmentEvent {
@@ -395,14 +446,14 @@ impl Aggregate for EnvironmentAggregate {
                 }
                 Ok(vec![E::DeploymentFailed { deployment_id, stage, reason, at }])
             }
-            C::RecordTestResult { deployment_id, test, outcome, at } => {
+            C::RecordTestResult { deployment_id, test, outcome, duration_ms, at } => {
                 expect_status(reported(state, deployment_id)?, DeploymentStatus::Ready, "recording a test result")?;
                 if test.trim().is_empty() {
                     return Err(DomainError::invalid("test", "a test result needs the test's name"));
                 }
                 Ok(vec![match outcome {
-                    TestOutcome::Passed => E::TestPassed { deployment_id, test, at },
-                    TestOutcome::Failed => E::TestFailed { deployment_id, test, at },
+                    TestOutcome::Passed => E::TestPassed { deployment_id, test, duration_ms, at },
+                    TestOutcome::Failed => E::TestFailed { deployment_id, test, duration_ms, at },
                 }])
             }
             C::Deactivate { at } => {
@@ -490,16 +541,17 @@ impl Aggregate for EnvironmentAggregate {
                     d.failure = Some(reason.clone());
                 }
             }
-            E::TestPassed { deployment_id, test, at } | E::TestFailed { deployment_id, test, at } => {
+            E::TestPassed { deployment_id, test, duration_ms, at } | E::TestFailed { deployment_id, test, duration_ms, at } => {
                 let outcome = if matches!(event, E::TestPassed { .. }) { TestOutcome::Passed } else { TestOutcome::Failed };
                 if let Some(d) = state.deployment_mut(*deployment_id) {
                     d.updated_at = *at;
                     match d.tests.iter_mut().find(|t| t.name == *test) {
                         Some(existing) => {
                             existing.outcome = outcome;
+                            existing.duration_ms = *duration_ms;
                             existing.at = *at;
                         }
-                        None => d.tests.push(TestResult { name: test.clone(), outcome, at: *at }),
+                        None => d.tests.push(TestResult { name: test.clone(), outcome, duration_ms: *duration_ms, at: *at }),
                     }
                 }
             }
@@ -611,13 +663,25 @@ mod tests {
                 EnvironmentStatus::Ready,
             ),
             (
-                C::RecordTestResult { deployment_id: dep(1), test: "sanity".into(), outcome: TestOutcome::Passed, at: at(4) },
-                E::TestPassed { deployment_id: dep(1), test: "sanity".into(), at: at(4) },
+                C::RecordTestResult {
+                    deployment_id: dep(1),
+                    test: "sanity".into(),
+                    outcome: TestOutcome::Passed,
+                    duration_ms: None,
+                    at: at(4),
+                },
+                E::TestPassed { deployment_id: dep(1), test: "sanity".into(), duration_ms: None, at: at(4) },
                 EnvironmentStatus::Ready,
             ),
             (
-                C::RecordTestResult { deployment_id: dep(1), test: "e2e".into(), outcome: TestOutcome::Failed, at: at(5) },
-                E::TestFailed { deployment_id: dep(1), test: "e2e".into(), at: at(5) },
+                C::RecordTestResult {
+                    deployment_id: dep(1),
+                    test: "e2e".into(),
+                    outcome: TestOutcome::Failed,
+                    duration_ms: None,
+                    at: at(5),
+                },
+                E::TestFailed { deployment_id: dep(1), test: "e2e".into(), duration_ms: None, at: at(5) },
                 EnvironmentStatus::Ready,
             ),
         ];
@@ -640,7 +704,13 @@ mod tests {
         let ready = |_: ()| C::MarkReady { deployment_id: dep(1), url: "http://p".into(), at: at(9) };
         let fail_build = |_: ()| C::MarkFailed { deployment_id: dep(1), stage: FailedStage::Build, reason: "x".into(), at: at(9) };
         let fail_start = |_: ()| C::MarkFailed { deployment_id: dep(1), stage: FailedStage::Start, reason: "x".into(), at: at(9) };
-        let test = |_: ()| C::RecordTestResult { deployment_id: dep(1), test: "t".into(), outcome: TestOutcome::Passed, at: at(9) };
+        let test = |_: ()| C::RecordTestResult {
+            deployment_id: dep(1),
+            test: "t".into(),
+            outcome: TestOutcome::Passed,
+            duration_ms: None,
+            at: at(9),
+        };
         type Make = fn(()) -> C;
         let commands: [(&str, Make); 6] = [
             ("start", start),

@@ -53,6 +53,7 @@ fn to_command(kind: u8, deployment: u8, commit: u8, n: u32) -> EnvironmentComman
             deployment_id: d,
             test: format!("t{commit}"),
             outcome: if commit == 1 { TestOutcome::Failed } else { TestOutcome::Passed },
+            duration_ms: None,
             at: at(n),
         },
         7 => EnvironmentCommand::Deactivate { at: at(n) },

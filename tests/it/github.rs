@@ -157,8 +157,13 @@ async fn a_pull_request_gets_one_sticky_comment_that_follows_its_environments() 
         store.execute(main_w.0, command, meta()).await.expect("to ready");
     }
     for (test, outcome) in [("sanity", TestOutcome::Passed), ("e2e", TestOutcome::Failed)] {
-        let command =
-            EnvironmentCommand::RecordTestResult { deployment_id: deployment, test: test.into(), outcome, at: chrono::Utc::now() };
+        let command = EnvironmentCommand::RecordTestResult {
+            deployment_id: deployment,
+            test: test.into(),
+            outcome,
+            duration_ms: None,
+            at: chrono::Utc::now(),
+        };
         store.execute(main_w.0, command, meta()).await.expect("test");
     }
     let body = comment_where(&app, &repo, "main.w Ready with its tests", |b| b.contains("✅ Ready") && b.contains("❌ [e2e]")).await;

@@ -234,6 +234,7 @@ async fn subscribers_over_graphql_transport_ws_see_each_committed_change() {
         deployment_id: deployment,
         test: format!("t{i}"),
         outcome: understudy_domain::environment::TestOutcome::Passed,
+        duration_ms: None,
         at: chrono::Utc::now(),
     }));
     let mut last_position = 0;

@@ -266,6 +266,13 @@ async fn a_node_app_serves_http_and_upgrades_until_its_environment_is_terminated
     assert_eq!(body, "hello from node at /some/path?q=1\n");
     let row = previews.tested(environment, 1).await;
     assert_eq!((row.3, row.4), (1, 0), "npm test passed");
+    let tests: serde_json::Value = sqlx::query_scalar("SELECT tests FROM environments WHERE environment_id = $1")
+        .bind(environment.0)
+        .fetch_one(previews.env.pool())
+        .await
+        .expect("tests");
+    assert_eq!(tests[0]["name"], "npm test");
+    assert!(tests[0]["duration_ms"].as_u64().is_some_and(|ms| ms > 0), "a command's test has its duration: {tests}");
 
     // An upgraded connection is spliced through both ways.
     let mut stream = tokio::net::TcpStream::connect(previews.addr).await.expect("connect");

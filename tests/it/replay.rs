@@ -65,6 +65,7 @@ async fn run_history(steps: Vec<(usize, Step)>) {
                 deployment_id: d,
                 test: format!("t{}", commit % 3),
                 outcome: if passed { TestOutcome::Passed } else { TestOutcome::Failed },
+                duration_ms: None,
                 at: now,
             },
             (Step::Deactivate, _) => EnvironmentCommand::Deactivate { at: now },

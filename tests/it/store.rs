@@ -84,6 +84,7 @@ async fn sixteen_writers_on_distinct_and_shared_aggregates_give_a_gap_free_order
                         deployment_id: deployment,
                         test: format!("writer-{w}-test-{i}"),
                         outcome: TestOutcome::Passed,
+                        duration_ms: None,
                         at: chrono::Utc::now(),
                     };
                     events += store.execute(fixtures::env_id(spec).0, command, meta()).await.expect("shared aggregate").events.len();

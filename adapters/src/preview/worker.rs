@@ -614,12 +614,14 @@ impl Worker {
                     Err(StepError::Infra(reason)) => return Err(Stop::Infra(reason)),
                     Err(StepError::Failed(_)) => TestOutcome::Failed,
                 };
-                vec![(line.clone(), outcome, started.elapsed())]
+                vec![(line.clone(), outcome, Some(started.elapsed()))]
             }
             Tests::Wing { entrypoint } => self.wing_tests(job, entrypoint, plan_env, stop).await?,
         };
-        for (test, outcome, _duration) in results {
-            let command = EnvironmentCommand::RecordTestResult { deployment_id: job.deployment, test, outcome, at: Utc::now() };
+        for (test, outcome, duration) in results {
+            let duration_ms = duration.map(|d| d.as_millis() as u64);
+            let command =
+                EnvironmentCommand::RecordTestResult { deployment_id: job.deployment, test, outcome, duration_ms, at: Utc::now() };
             self.command(job, meta, command).await?;
         }
         Ok(())
@@ -632,7 +634,7 @@ impl Worker {
         entrypoint: &str,
         plan_env: &[(String, String)],
         stop: &CancellationToken,
-    ) -> Result<Vec<(String, TestOutcome, Duration)>, Stop> {
+    ) -> Result<Vec<(String, TestOutcome, Option<Duration>)>, Stop> {
         let log = self.logs.stream(job.deployment.0, "test", Redactor::default());
         let spec = self.sandbox(job, "test", false, plan_env);
         let results_file = "/run/understudy/test-results.json";
@@ -651,7 +653,7 @@ impl Worker {
             // No results at all (the tests did not compile, the runner crashed): one failure that
             // points at the log, never a silent pass.
             let outcome = if matches!(ran, Ok(())) { return Ok(vec![]) } else { TestOutcome::Failed };
-            return Ok(vec![("wing test".into(), outcome, elapsed)]);
+            return Ok(vec![("wing test".into(), outcome, Some(elapsed))]);
         }
         let mut results = Vec::new();
         for test in parsed {
@@ -663,7 +665,8 @@ impl Worker {
                 test_log.line(format!("error: {error}"));
             }
             test_log.line(if test.pass { "understudy: passed" } else { "understudy: failed" });
-            results.push((test.name, if test.pass { TestOutcome::Passed } else { TestOutcome::Failed }, elapsed));
+            // `wing test` reports no time per test (each runs in its own simulator, in one run).
+            results.push((test.name, if test.pass { TestOutcome::Passed } else { TestOutcome::Failed }, None));
         }
         Ok(results)
     }
