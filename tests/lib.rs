@@ -127,6 +127,47 @@ pub fn understudy_bin() -> std::path::PathBuf {
 
 pub mod fake_github;
 
+pub mod graphql_ws {
+    //! A `graphql-transport-ws` client, as thin as the protocol.
+    use futures::{SinkExt, StreamExt};
+    use serde_json::{json, Value};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+    /// Connects to `/graphql` and completes `connection_init`.
+    pub async fn connect(addr: std::net::SocketAddr) -> Socket {
+        let mut request = format!("ws://{addr}/graphql").into_client_request().expect("request");
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
+        let (mut ws, response) = tokio_tungstenite::connect_async(request).await.expect("connect");
+        assert_eq!(response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()), Some("graphql-transport-ws"));
+        ws.send(Message::text(json!({ "type": "connection_init" }).to_string())).await.expect("init");
+        assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+        ws
+    }
+
+    /// Starts subscription `id`.
+    pub async fn subscribe(ws: &mut Socket, id: &str, query: &str, variables: Value) {
+        let message = json!({ "id": id, "type": "subscribe", "payload": { "query": query, "variables": variables } });
+        ws.send(Message::text(message.to_string())).await.expect("subscribe");
+    }
+
+    /// The next JSON message (pings skipped).
+    pub async fn next_json<S>(ws: &mut S) -> Value
+    where
+        S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    {
+        loop {
+            match ws.next().await.expect("socket open").expect("frame") {
+                Message::Text(text) => return serde_json::from_str(text.as_str()).expect("json"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+}
+
 pub mod repos {
     //! Git repositories on disk standing in for GitHub's: `{base}/git/{owner}/{name}.git`, served
     //! to workers through `GITHUB_GIT_URL=file://{base}/git`, with a work tree at

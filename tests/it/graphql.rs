@@ -2,14 +2,12 @@
 
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use understudy_domain::ids::{DeploymentId, ProjectId};
 use understudy_tests::fixtures::{self, meta};
+use understudy_tests::graphql_ws::{self, next_json};
 use understudy_tests::{eventually, TestEnv};
 use uuid::Uuid;
 
@@ -199,26 +197,9 @@ async fn queries_serve_environments_and_history() {
 async fn subscribers_over_graphql_transport_ws_see_each_committed_change() {
     let app = start().await;
     let project = ProjectId(Uuid::new_v4());
-    let mut request = format!("ws://{}/graphql", app.addr).into_client_request().expect("request");
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
-    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.expect("connect");
-    assert_eq!(response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()), Some("graphql-transport-ws"));
-    ws.send(Message::text(json!({ "type": "connection_init" }).to_string())).await.expect("init");
-    let ack = next_json(&mut ws).await;
-    assert_eq!(ack["type"], "connection_ack");
-    ws.send(Message::text(
-        json!({
-            "id": "1",
-            "type": "subscribe",
-            "payload": {
-                "query": "subscription($p: UUID) { environmentUpdated(projectId: $p) { id status position } }",
-                "variables": { "p": project.to_string() }
-            }
-        })
-        .to_string(),
-    ))
-    .await
-    .expect("subscribe");
+    let mut ws = graphql_ws::connect(app.addr).await;
+    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p) { id status position } }";
+    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
     let spec = fixtures::spec(project, 1, "main.w");
     let id = fixtures::env_id(&spec).0;
     let deployment = DeploymentId(Uuid::new_v4());
@@ -257,45 +238,14 @@ async fn subscribers_over_graphql_transport_ws_see_each_committed_change() {
     assert!(ready, "a subscriber saw the environment become Ready");
 
     // A client that reconnects with the last position it saw first gets what changed since.
-    let (mut again, _) = {
-        let mut request = format!("ws://{}/graphql", app.addr).into_client_request().expect("request");
-        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
-        tokio_tungstenite::connect_async(request).await.expect("reconnect")
-    };
-    again.send(Message::text(json!({ "type": "connection_init" }).to_string())).await.expect("init");
-    assert_eq!(next_json(&mut again).await["type"], "connection_ack");
-    again
-        .send(Message::text(
-            json!({
-                "id": "2",
-                "type": "subscribe",
-                "payload": {
-                    "query": "subscription($p: UUID, $after: Int) { environmentUpdated(projectId: $p, after: $after) { id status position } }",
-                    "variables": { "p": project.to_string(), "after": 0 }
-                }
-            })
-            .to_string(),
-        ))
-        .await
-        .expect("subscribe");
+    let mut again = graphql_ws::connect(app.addr).await;
+    let query = "subscription($p: UUID, $after: Int) { environmentUpdated(projectId: $p, after: $after) { id status position } }";
+    graphql_ws::subscribe(&mut again, "2", query, json!({ "p": project.to_string(), "after": 0 })).await;
     let resumed = tokio::time::timeout(Duration::from_secs(10), next_json(&mut again)).await.expect("the missed change at once");
     let environment = &resumed["payload"]["data"]["environmentUpdated"];
     assert_eq!(environment["id"], id.to_string());
     assert!(environment["position"].as_i64() >= Some(last_position), "{resumed}");
     app.cancel.cancel();
-}
-
-async fn next_json<S>(ws: &mut S) -> Value
-where
-    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    loop {
-        match ws.next().await.expect("socket open").expect("frame") {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).expect("json"),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,7 @@ use understudy_domain::ids::{AccountId, DeploymentId, EnvironmentId, ProjectId};
 use understudy_domain::project::{EntrypointRule, ProjectCommand};
 use understudy_domain::values::{BranchName, CommitSha, ProjectName, RepoFullName};
 use understudy_tests::fixtures::{env_id, meta, spec};
+use understudy_tests::graphql_ws;
 use understudy_tests::repos::{self, root};
 use understudy_tests::{eventually, understudy_bin, TestEnv};
 use uuid::Uuid;
@@ -395,7 +396,21 @@ async fn a_deployment_whose_worker_died_is_taken_over_when_its_lease_expires() {
     .execute(previews.env.pool())
     .await
     .expect("lease");
+    // Its build log, live over GraphQL, from before the new worker starts writing it.
+    let mut ws = graphql_ws::connect(previews.addr).await;
+    let query = "subscription($d: UUID!) { deploymentLogs(deploymentId: $d, stream: \"build\") { stream nano line } }";
+    graphql_ws::subscribe(&mut ws, "logs", query, serde_json::json!({ "d": deployment.0 })).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     previews.spawn_worker("worker-b");
+    let mut lines = Vec::new();
+    while !lines.iter().any(|(_, line): &(u128, String)| line == "understudy: ready") {
+        let message = tokio::time::timeout(Duration::from_secs(60), graphql_ws::next_json(&mut ws)).await.expect("a log line");
+        assert_eq!(message["type"], "next", "{message}");
+        let line = &message["payload"]["data"]["deploymentLogs"];
+        lines.push((line["nano"].as_str().expect("nano").parse().expect("nanos"), line["line"].as_str().expect("line").to_string()));
+    }
+    assert!(lines.windows(2).all(|w| w[0].0 < w[1].0), "in order, none twice: {lines:?}");
+    assert!(lines.iter().any(|(_, l)| l.starts_with("$ git fetch")), "{lines:?}");
     let row = previews.settled(environment, &["Ready", "Failed"]).await;
     assert_eq!(row.0, "Ready", "failure: {:?}", row.2);
     let (worker, attempts): (String, i32) = sqlx::query_as("SELECT worker, attempts FROM deployment_leases WHERE deployment_id = $1")
