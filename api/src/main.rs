@@ -60,6 +60,9 @@ struct Config {
     /// deactivated (the next commit or visit wakes them).
     #[arg(long, env = "UNDERSTUDY_STALE_AFTER_HOURS", default_value_t = 240, global = true)]
     stale_after_hours: u64,
+    /// How often projects with a git remote are polled for new commits, in seconds.
+    #[arg(long, env = "UNDERSTUDY_GIT_POLL_SECONDS", default_value_t = 10, global = true)]
+    git_poll_seconds: u64,
     /// Memory limit of each sandbox, in MiB.
     #[arg(long, env = "UNDERSTUDY_SANDBOX_MEMORY_MB", default_value_t = 1024, global = true)]
     sandbox_memory_mb: u64,
@@ -165,6 +168,21 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ProjectCommand {
+    /// Make a git repository that is not on GitHub a project (a path, a bare repository or a
+    /// git URL). Its branches are polled; each new head is deployed like a pull request's.
+    Add {
+        /// The repository: a path or a git URL.
+        #[arg(long)]
+        git: String,
+        /// The production branch.
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// The project's name; the repository's directory name when omitted.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Look for new commits of every project with a git remote now (e.g. from a post-receive hook).
+    Poll,
     /// Make a GitHub repository a project (installing the App does this by itself).
     Create {
         /// `owner/name`.
@@ -248,6 +266,10 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
     Ok(preview)
 }
 
+fn git_poll(config: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(config.git_poll_seconds.max(1))
+}
+
 fn stale_after(config: &Config) -> std::time::Duration {
     std::time::Duration::from_secs(config.stale_after_hours.max(1) * 3600)
 }
@@ -272,7 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Relay => connect(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
         Command::Worker => connect(&config).await?.spawn_worker(worker_id(), cancel.clone(), &mut tasks),
-        Command::Scheduler => connect(&config).await?.spawn_scheduler(stale_after(&config), cancel.clone(), &mut tasks),
+        Command::Scheduler => connect(&config).await?.spawn_scheduler(stale_after(&config), git_poll(&config), cancel.clone(), &mut tasks),
         Command::SandboxBridge { socket, port, command } => {
             let code = understudy_adapters::preview::bridge::run(&socket, port, &command).await?;
             std::process::exit(code);
@@ -316,6 +338,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = connect_db(&config, 2).await?;
             return understudy_api::cli::status(&pool, &mut std::io::stdout()).await;
         }
+        Command::Project { what: ProjectCommand::Add { git, branch, name } } => {
+            let runtime = connect(&config).await?;
+            let project = understudy_adapters::preview::local_git::add_project(&runtime.store, &git, &branch, name.as_deref()).await?;
+            let id = project.id.map(|id| id.to_string()).unwrap_or_default();
+            println!("project {id}: {}, production branch {branch}", project.git_url.unwrap_or_default());
+            return Ok(());
+        }
+        Command::Project { what: ProjectCommand::Poll } => {
+            let runtime = connect(&config).await?;
+            let requested = runtime.git_poller(git_poll(&config)).poll_all().await?;
+            println!("{requested} deployment(s) requested");
+            return Ok(());
+        }
         Command::Project { what: ProjectCommand::Create { repo, installation, branch } } => {
             let runtime = connect(&config).await?;
             let ingest = understudy_adapters::github::ingest::Ingest { store: runtime.store.clone(), github: runtime.github.app.clone() };
@@ -357,7 +392,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         runtime.spawn_projectors(understudy_projections::all(), cancel.clone(), &mut tasks);
         runtime.spawn_github(cancel.clone(), &mut tasks);
         runtime.spawn_worker(worker_id(), cancel.clone(), &mut tasks);
-        runtime.spawn_scheduler(stale_after(&config), cancel.clone(), &mut tasks);
+        runtime.spawn_scheduler(stale_after(&config), git_poll(&config), cancel.clone(), &mut tasks);
         let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
         eprintln!("understudy is up: http://{addr}/graphql (GraphiQL at http://{addr}/graphiql); Ctrl-C stops it");
         supervise(tasks, cancel).await

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use futures::FutureExt;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use understudy_adapters::github::client::{GitHub, GitHubConfig};
 use understudy_adapters::github::ingest::{Ingest, Recorder};
 use understudy_adapters::nats::Topology;
+use understudy_adapters::preview::local_git::Poller;
 use understudy_adapters::preview::logs::LogSink;
 use understudy_adapters::preview::sweep::Sweeper;
 use understudy_adapters::preview::worker::Worker;
@@ -136,13 +138,27 @@ impl Runtime {
         });
     }
 
-    /// The scheduler: the stale sweep, every minute.
-    pub fn spawn_scheduler(&self, idle: std::time::Duration, cancel: CancellationToken, tasks: &mut JoinSet<anyhow::Result<()>>) {
+    /// The scheduler: the stale sweep every minute, and the git poller of projects with a git
+    /// remote every `poll` interval.
+    pub fn spawn_scheduler(
+        &self,
+        idle: std::time::Duration,
+        poll: std::time::Duration,
+        cancel: CancellationToken,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+    ) {
         let sweeper = Sweeper { store: self.store.clone(), idle, every: std::time::Duration::from_secs(60) };
+        let stop = cancel.clone();
         tasks.spawn(async move {
-            sweeper.run(cancel).await;
+            sweeper.run(stop).await;
             Ok(())
         });
+        tasks.spawn(self.git_poller(poll).run(cancel).map(Ok));
+    }
+
+    /// The poller of projects with a git remote (mirrors under the preview data dir).
+    pub fn git_poller(&self, every: std::time::Duration) -> Poller {
+        Poller { store: self.store.clone(), mirrors: self.preview.data_dir.join("mirrors"), every }
     }
 
     /// Processes webhook deliveries, and writes PR comments when a GitHub App is configured.

@@ -52,6 +52,9 @@ pub struct Project {
     pub production_branch: Option<BranchName>,
     pub entrypoints: Option<EntrypointRule>,
     pub active: bool,
+    /// Where its repository is fetched from when it is not on GitHub (a path or a git URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +86,12 @@ pub enum ProjectCommand {
         at: DateTime<Utc>,
     },
     Reactivate {
+        at: DateTime<Utc>,
+    },
+    /// Fetch the repository from this git URL or path instead of GitHub; its branches are then
+    /// polled for new commits.
+    UseGitRemote {
+        url: String,
         at: DateTime<Utc>,
     },
     /// A write to GitHub keeps failing: record it where operators and users see it. The writer
@@ -126,6 +135,10 @@ pub enum ProjectEvent {
     ProjectReactivated {
         at: DateTime<Utc>,
     },
+    GitRemoteSet {
+        url: String,
+        at: DateTime<Utc>,
+    },
     GitHubWriteFailing {
         what: String,
         error: String,
@@ -145,6 +158,7 @@ impl DomainEvent for ProjectEvent {
             Self::ProjectRenamed { .. } => "ProjectRenamed",
             Self::ProjectDeactivated { .. } => "ProjectDeactivated",
             Self::ProjectReactivated { .. } => "ProjectReactivated",
+            Self::GitRemoteSet { .. } => "GitRemoteSet",
             Self::GitHubWriteFailing { .. } => "GitHubWriteFailing",
         }
     }
@@ -188,6 +202,17 @@ impl Aggregate for ProjectAggregate {
             C::Rename { name, at } => unless_already(state.name.as_ref() == Some(&name), E::ProjectRenamed { name, at }),
             C::Deactivate { reason, at } => unless_already(!state.active, E::ProjectDeactivated { reason, at }),
             C::Reactivate { at } => unless_already(state.active, E::ProjectReactivated { at }),
+            C::UseGitRemote { url, at } => {
+                let url = url.trim().to_string();
+                let looks_like_git = url.starts_with('/') || url.contains("://") || (url.contains('@') && url.contains(':'));
+                if url.is_empty() || url.len() > 2048 || url.chars().any(char::is_control) || !looks_like_git {
+                    return Err(DomainError::invalid(
+                        "git_url",
+                        "must be an absolute path or a git URL (file://, https://, ssh://, user@host:path)",
+                    ));
+                }
+                unless_already(state.git_url.as_deref() == Some(url.as_str()), E::GitRemoteSet { url, at })
+            }
             C::RecordGitHubFailure { what, error, attempts, at } => Ok(vec![E::GitHubWriteFailing { what, error, attempts, at }]),
         }
     }
@@ -209,6 +234,7 @@ impl Aggregate for ProjectAggregate {
             E::ProjectRenamed { name, .. } => state.name = Some(name.clone()),
             E::ProjectDeactivated { .. } => state.active = false,
             E::ProjectReactivated { .. } => state.active = true,
+            E::GitRemoteSet { url, .. } => state.git_url = Some(url.clone()),
             E::GitHubWriteFailing { .. } => {}
         }
         state
@@ -251,6 +277,25 @@ mod tests {
             ["README.md", "main.w", "api.main.w", ".main.w", "main.wx", "lib.w"].iter().map(|s| s.to_string()).collect();
         let found: Vec<String> = EntrypointRule::Detect.select(&files).into_iter().map(String::from).collect();
         assert_eq!(found, ["api.main.w", "main.w"]);
+    }
+
+    #[test]
+    fn a_git_remote_must_look_like_one_and_setting_it_twice_records_once() {
+        let set = |url: &str| C::UseGitRemote { url: url.into(), at: at() };
+        let state = ProjectAggregate::replay(&[created()]);
+        assert_eq!(
+            ProjectAggregate::decide(&state, set("/srv/git/app.git")).expect("valid"),
+            vec![E::GitRemoteSet { url: "/srv/git/app.git".into(), at: at() }]
+        );
+        for ok in ["file:///srv/app.git", "https://git.example.com/app.git", "git@example.com:team/app.git"] {
+            assert!(ProjectAggregate::decide(&state, set(ok)).is_ok(), "{ok}");
+        }
+        for bad in ["", "relative/path", "https://x/\napp"] {
+            assert!(ProjectAggregate::decide(&state, set(bad)).is_err(), "{bad:?}");
+        }
+        let with = ProjectAggregate::replay(&[created(), E::GitRemoteSet { url: "/srv/git/app.git".into(), at: at() }]);
+        assert_eq!(with.git_url.as_deref(), Some("/srv/git/app.git"));
+        assert!(ProjectAggregate::decide(&with, set("/srv/git/app.git")).expect("same").is_empty());
     }
 
     #[test]

@@ -155,6 +155,9 @@ enum WriteError {
     Database(#[from] sqlx::Error),
     #[error("{0}")]
     Unwritable(String),
+    /// The project's repository is not on GitHub (a git remote of its own).
+    #[error("the project's repository is not on GitHub")]
+    NotOnGitHub,
 }
 
 /// A project as GitHub calls go: which installation, which repository, and the names for links.
@@ -195,6 +198,11 @@ impl OutboxWriter {
         }
         .instrument(span)
         .await;
+        // A project whose repository is not on GitHub has nothing to write there.
+        let result = match result {
+            Err(WriteError::NotOnGitHub) => Ok(()),
+            other => other,
+        };
         match result {
             Ok(()) => {
                 sqlx::query(
@@ -262,6 +270,9 @@ impl OutboxWriter {
     async fn repo(&self, project_id: ProjectId) -> Result<(Project, Repo), WriteError> {
         let load_error = |e: esrs::store::postgres::PgStoreError| WriteError::Unwritable(format!("loading: {e}"));
         let project = self.store.projects.load(project_id.0).await.map_err(load_error)?.into_inner();
+        if project.git_url.is_some() {
+            return Err(WriteError::NotOnGitHub);
+        }
         let (Some(account_id), Some(name), Some(repository)) = (project.account_id, project.name.clone(), project.repository.clone())
         else {
             return Err(WriteError::Unwritable(format!("project {project_id} does not exist")));

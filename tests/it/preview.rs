@@ -10,13 +10,14 @@ use chrono::Utc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use understudy_adapters::preview::local_git;
 use understudy_adapters::preview::sandbox::{Limits, SandboxSpec};
 use understudy_adapters::preview::sweep::Sweeper;
 use understudy_adapters::preview::PreviewConfig;
 use understudy_domain::environment::EnvironmentCommand;
 use understudy_domain::ids::{AccountId, DeploymentId, EnvironmentId, ProjectId};
 use understudy_domain::project::{EntrypointRule, ProjectCommand};
-use understudy_domain::values::{BranchName, CommitSha, ProjectName, RepoFullName};
+use understudy_domain::values::{BranchName, CommitSha, Entrypoint, ProjectName, RepoFullName, Target};
 use understudy_tests::fixtures::{env_id, meta, spec};
 use understudy_tests::graphql_ws;
 use understudy_tests::repos::{self, root};
@@ -379,6 +380,53 @@ async fn an_idle_preview_goes_stale_and_a_visit_wakes_it() {
         (body == "hello from node at /\n").then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repository_on_disk_is_a_project_whose_branches_deploy_when_pushed() {
+    let previews = Previews::start().await;
+    previews.push("node-hello", "local/app");
+    let bare = previews.tmp.path().join("git/local/app.git");
+    let store = &previews.env.runtime.store;
+    let project = local_git::add_project(store, bare.to_str().expect("utf-8"), "main", None).await.expect("add");
+    let again = local_git::add_project(store, bare.to_str().expect("utf-8"), "main", None).await.expect("add again");
+    assert_eq!(project.id, again.id, "adding the same repository twice is one project");
+    let project = project.id.expect("id");
+    let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
+    let environment = |branch: &str| {
+        EnvironmentId::derive(
+            project,
+            &Target::Branch { branch: BranchName::parse(branch).expect("branch") },
+            &Entrypoint::parse(".").expect("entrypoint"),
+        )
+    };
+
+    assert_eq!(poller.poll_all().await.expect("poll"), 1, "main's head is deployed");
+    assert_eq!(poller.poll_all().await.expect("poll"), 0, "and only once");
+    let main = environment("main");
+    assert_eq!(previews.settled(main, &["Ready", "Failed"]).await.0, "Ready");
+    assert_eq!(previews.preview(main, "/").send().await.expect("preview").text().await.expect("body"), "hello from node at /\n");
+
+    // A push to main: the next poll deploys it.
+    let server = std::fs::read_to_string(root().join("examples/node-hello/server.js")).expect("read");
+    previews.push_change("local/app", &[("server.js", &server.replace("hello from node", "hello from the second push"))]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    eventually(Duration::from_secs(60), "the pushed commit to serve", || async {
+        let body = previews.preview(main, "/").send().await.ok()?.text().await.ok()?;
+        (body == "hello from the second push at /\n").then_some(())
+    })
+    .await;
+
+    // A new branch gets its own environment; deleting it terminates that environment.
+    let work = previews.tmp.path().join("work/local/app");
+    repos::git(&work, &["push", "--quiet", bare.to_str().expect("utf-8"), "HEAD:refs/heads/feature"]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    let feature = environment("feature");
+    assert_eq!(previews.settled(feature, &["Ready", "Failed"]).await.0, "Ready");
+    repos::git(&work, &["push", "--quiet", bare.to_str().expect("utf-8"), ":refs/heads/feature"]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 0);
+    assert_eq!(previews.settled(feature, &["Terminated"]).await.0, "Terminated");
+    assert_eq!(previews.settled(main, &["Ready"]).await.0, "Ready", "main is untouched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -4,6 +4,7 @@
 
 pub mod bridge;
 pub mod git;
+pub mod local_git;
 pub mod logs;
 pub mod sandbox;
 pub mod stack;

@@ -367,7 +367,7 @@ impl Worker {
         // environment goes: `work` is cancelled then, and every step below watches it.
         let work = stop.child_token();
         let watcher = tokio::spawn(watch_for_newer(self.pool().clone(), job.environment, job.deployment, work.clone()));
-        let result = self.build_and_start(job, meta, &repository, restart, &work).await;
+        let result = self.build_and_start(job, meta, &repository, project.git_url.as_deref(), restart, &work).await;
         watcher.abort();
         let (mut app, plan, plan_env) = result?;
         if !restart {
@@ -383,6 +383,7 @@ impl Worker {
         job: &Job,
         meta: &Metadata,
         repository: &understudy_domain::values::RepoFullName,
+        git_url: Option<&str>,
         restart: bool,
         stop: &CancellationToken,
     ) -> Result<(Sandboxed, Plan, Vec<(String, String)>), Stop> {
@@ -394,7 +395,10 @@ impl Worker {
             // A previous attempt's leftovers: start clean.
             std::fs::remove_dir_all(&deployment_dir).map_err(|e| Stop::Infra(format!("removing an old work dir: {e}")))?;
         }
-        let remote = git::github_remote(&self.config.git_base, repository.as_str(), None);
+        let remote = match git_url {
+            Some(url) => git::Remote { url: url.to_string(), token: None },
+            None => git::github_remote(&self.config.git_base, repository.as_str(), None),
+        };
         let fetched = tokio::select! {
             _ = stop.cancelled() => return Err(self.why_stopped(stop)),
             fetched = git::fetch(&remote, &job.commit, &checkout, &build_log, self.config.fetch_timeout) => fetched,
