@@ -63,6 +63,9 @@ struct Config {
     /// How often projects with a git remote are polled for new commits, in seconds.
     #[arg(long, env = "UNDERSTUDY_GIT_POLL_SECONDS", default_value_t = 10, global = true)]
     git_poll_seconds: u64,
+    /// A worker that stops heartbeating loses its deployments to another after this many seconds.
+    #[arg(long, env = "UNDERSTUDY_LEASE_SECONDS", default_value_t = 30, global = true)]
+    lease_seconds: u64,
     /// Memory limit of each sandbox, in MiB.
     #[arg(long, env = "UNDERSTUDY_SANDBOX_MEMORY_MB", default_value_t = 1024, global = true)]
     sandbox_memory_mb: u64,
@@ -262,6 +265,7 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
     let wing = cwd.join(&config.wing_toolchain);
     preview.wing_toolchain = wing.join("node_modules/.bin/wing").exists().then_some(wing);
     preview.max_parallel = config.worker_parallel.max(1);
+    preview.lease_ttl = std::time::Duration::from_secs(config.lease_seconds.max(3));
     preview.limits.memory_bytes = config.sandbox_memory_mb.max(64) << 20;
     Ok(preview)
 }

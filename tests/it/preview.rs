@@ -429,6 +429,61 @@ async fn a_repository_on_disk_is_a_project_whose_branches_deploy_when_pushed() {
     assert_eq!(previews.settled(main, &["Ready"]).await.0, "Ready", "main is untouched");
 }
 
+/// An `understudy worker` process of this test's world.
+fn worker_process(previews: &Previews) -> tokio::process::Child {
+    tokio::process::Command::new(understudy_bin())
+        .arg("worker")
+        .env("DATABASE_URL", &previews.env.database_url)
+        .env("NATS_URL", understudy_tests::nats_url())
+        .env("UNDERSTUDY_NATS_PREFIX", &previews.env.prefix)
+        .env("UNDERSTUDY_DATA_DIR", previews.tmp.path())
+        .env("UNDERSTUDY_PREVIEW_DOMAIN", DOMAIN)
+        .env("GITHUB_GIT_URL", repos::git_url(previews.tmp.path()))
+        .env("UNDERSTUDY_WING_TOOLCHAIN", root().join("toolchain/wing"))
+        .env("UNDERSTUDY_LEASE_SECONDS", "3")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start a worker process")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_worker_process_takes_its_previews_down_and_the_next_worker_brings_them_back() {
+    let previews = Previews::start_with(false).await;
+    let (environment, deployment) = previews.deploy("node-hello", ".").await;
+    let mut first = worker_process(&previews);
+    assert_eq!(previews.settled(environment, &["Ready", "Failed"]).await.0, "Ready");
+    assert_eq!(previews.preview(environment, "/").send().await.expect("preview").status(), 200);
+
+    // SIGKILL: no clean-up runs; the sandbox dies with its parent.
+    first.kill().await.expect("kill");
+    eventually(Duration::from_secs(10), "the preview to stop answering", || async {
+        (previews.preview(environment, "/").send().await.ok()?.status() != 200).then_some(())
+    })
+    .await;
+
+    // The next worker claims the expired lease and restarts the same deployment.
+    let _second = worker_process(&previews);
+    eventually(Duration::from_secs(60), "the preview to answer again", || async {
+        let body = previews.preview(environment, "/").send().await.ok()?.text().await.ok()?;
+        (body == "hello from node at /\n").then_some(())
+    })
+    .await;
+    let ready: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE aggregate_id = $1 AND event_type = 'DeploymentReady'")
+        .bind(environment.0)
+        .fetch_one(previews.env.pool())
+        .await
+        .expect("count");
+    assert_eq!(ready, 1, "a restart is not a new deployment");
+    let (route,): (Uuid,) = sqlx::query_as("SELECT deployment_id FROM preview_routes WHERE environment_id = $1")
+        .bind(environment.0)
+        .fetch_one(previews.env.pool())
+        .await
+        .expect("route");
+    assert_eq!(route, deployment.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deployment_whose_worker_died_is_taken_over_when_its_lease_expires() {
     let mut previews = Previews::start_with(false).await;

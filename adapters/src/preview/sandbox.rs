@@ -147,6 +147,28 @@ pub fn available() -> Result<(), String> {
     }
 }
 
+/// Removes the empty sandbox cgroups a killed worker left behind. A group that still has
+/// processes cannot be removed (the kernel refuses), and groups younger than a minute are left
+/// alone: another worker may be about to move a process into one.
+pub fn remove_abandoned_cgroups() {
+    let root = Path::new("/sys/fs/cgroup");
+    let parents = if root.join("cgroup.controllers").exists() {
+        vec![root.join("understudy")]
+    } else {
+        ["memory", "pids", "cpu"].iter().map(|c| root.join(c).join("understudy")).collect()
+    };
+    let minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    for parent in parents {
+        let Ok(entries) = std::fs::read_dir(&parent) else { continue };
+        for entry in entries.flatten() {
+            let old = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < minute_ago);
+            if old && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
 /// A process tree in a sandbox. Dropping it kills the tree.
 pub struct Sandboxed {
     pub child: Child,

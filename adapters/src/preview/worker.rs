@@ -96,6 +96,7 @@ impl Worker {
             cancel.cancelled().await;
             return;
         }
+        super::sandbox::remove_abandoned_cgroups();
         let mut running: JoinSet<()> = JoinSet::new();
         // Projectors announce every environment change on core NATS: a wake-up to claim at once
         // instead of at the next poll (the poll stays, for a missed notice).
@@ -417,16 +418,14 @@ impl Worker {
         build_log.line(format!("understudy: stack {}", plan.stack.as_str()));
         let plan_env: Vec<(String, String)> = plan.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
 
-        // Build.
-        if !restart || !checkout.join("target").exists() {
-            if let Some(install) = &plan.install {
-                let spec = self.sandbox(job, "install", true, &plan_env);
-                self.step(&spec, install, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("install"))?;
-            }
-            if let Some(build) = &plan.build {
-                let spec = self.sandbox(job, "build", false, &plan_env);
-                self.step(&spec, build, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("build"))?;
-            }
+        // Build (a restart too: its work dir was lost with the worker that ran it).
+        if let Some(install) = &plan.install {
+            let spec = self.sandbox(job, "install", true, &plan_env);
+            self.step(&spec, install, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("install"))?;
+        }
+        if let Some(build) = &plan.build {
+            let spec = self.sandbox(job, "build", false, &plan_env);
+            self.step(&spec, build, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("build"))?;
         }
         if self.status(job).await? == Some(DeploymentStatus::Building) {
             self.command(job, meta, EnvironmentCommand::CompleteBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
