@@ -9,21 +9,24 @@ use std::time::Duration;
 
 /// Upper bounds of the latency histogram buckets, in seconds.
 pub const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+/// Buckets for the preview steps, which take seconds to minutes.
+pub const STEP_BUCKETS: [f64; 12] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 pub struct Histogram {
+    bounds: &'static [f64; 12],
     counts: [AtomicU64; 12],
     count: AtomicU64,
     sum_micros: AtomicU64,
 }
 
 impl Histogram {
-    const fn new() -> Self {
-        Self { counts: [const { AtomicU64::new(0) }; 12], count: AtomicU64::new(0), sum_micros: AtomicU64::new(0) }
+    const fn new(bounds: &'static [f64; 12]) -> Self {
+        Self { bounds, counts: [const { AtomicU64::new(0) }; 12], count: AtomicU64::new(0), sum_micros: AtomicU64::new(0) }
     }
 
     pub fn observe(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
             if seconds <= *bound {
                 count.fetch_add(1, Ordering::Relaxed);
             }
@@ -34,7 +37,7 @@ impl Histogram {
 
     fn render(&self, name: &str, help: &str, out: &mut String) {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
             out.push_str(&format!("{name}_bucket{{le=\"{bound}\"}} {}\n", count.load(Ordering::Relaxed)));
         }
         let total = self.count.load(Ordering::Relaxed);
@@ -82,16 +85,32 @@ pub struct Metrics {
     /// `x-ratelimit-remaining` of GitHub's last answer; -1 before any.
     pub github_rate_limit_remaining: AtomicI64,
     pub active_subscriptions: AtomicI64,
+    /// Fetch, detect, install and build of one deployment.
+    pub preview_build_seconds: Histogram,
+    /// Start to the first passing health check.
+    pub preview_start_seconds: Histogram,
+    /// One deployment's whole test run.
+    pub preview_test_seconds: Histogram,
+    /// Deployments this worker finished, by outcome.
+    pub preview_deployments: LabeledCounter,
+    pub sandboxes_running: AtomicI64,
+    pub sandbox_oom_kills: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
     events_appended: LabeledCounter::new(),
-    append_seconds: Histogram::new(),
+    append_seconds: Histogram::new(&BUCKETS),
     append_conflicts: AtomicU64::new(0),
     webhook_deliveries: LabeledCounter::new(),
     github_calls: LabeledCounter::new(),
     github_rate_limit_remaining: AtomicI64::new(-1),
     active_subscriptions: AtomicI64::new(0),
+    preview_build_seconds: Histogram::new(&STEP_BUCKETS),
+    preview_start_seconds: Histogram::new(&STEP_BUCKETS),
+    preview_test_seconds: Histogram::new(&STEP_BUCKETS),
+    preview_deployments: LabeledCounter::new(),
+    sandboxes_running: AtomicI64::new(0),
+    sandbox_oom_kills: AtomicU64::new(0),
 };
 
 impl Metrics {
@@ -110,5 +129,20 @@ impl Metrics {
         out.push_str("# HELP understudy_active_subscriptions GraphQL subscriptions open on this node.\n");
         out.push_str("# TYPE understudy_active_subscriptions gauge\n");
         out.push_str(&format!("understudy_active_subscriptions {}\n", self.active_subscriptions.load(Ordering::Relaxed)));
+        self.preview_build_seconds.render("understudy_preview_build_seconds", "Fetch, detection, install and build of a deployment.", out);
+        self.preview_start_seconds.render("understudy_preview_start_seconds", "A preview's start until its health check passed.", out);
+        self.preview_test_seconds.render("understudy_preview_test_seconds", "A deployment's whole test run.", out);
+        self.preview_deployments.render(
+            "understudy_preview_deployments_total",
+            "outcome",
+            "Deployments this process's worker let go of: served (Ready, then replaced or gone), failed, stopped (superseded, shut down), retried (infrastructure fault).",
+            out,
+        );
+        out.push_str("# HELP understudy_sandboxes_running Sandboxed process trees (builds, apps, tests) running on this node.\n");
+        out.push_str("# TYPE understudy_sandboxes_running gauge\n");
+        out.push_str(&format!("understudy_sandboxes_running {}\n", self.sandboxes_running.load(Ordering::Relaxed)));
+        out.push_str("# HELP understudy_sandbox_oom_kills_total Sandboxes whose memory limit killed a process.\n");
+        out.push_str("# TYPE understudy_sandbox_oom_kills_total counter\n");
+        out.push_str(&format!("understudy_sandbox_oom_kills_total {}\n", self.sandbox_oom_kills.load(Ordering::Relaxed)));
     }
 }

@@ -214,6 +214,10 @@ async fn a_wing_app_goes_live_behind_the_proxy_with_its_tests_and_logs() {
     // Both tests ran, each with its own log.
     let row = previews.tested(environment, 2).await;
     assert_eq!((row.3, row.4), (2, 0), "two passed, none failed");
+    let metrics = previews.http.get(format!("http://{}/metrics", previews.addr)).send().await.expect("metrics").text().await.expect("text");
+    for line in ["understudy_preview_build_seconds_count 1", "understudy_preview_start_seconds_count 1", "understudy_sandboxes_running 1"] {
+        assert!(metrics.contains(line), "{line} in /metrics");
+    }
     let (test_log, _) = previews.log(environment, "tests/hello%20answers", 0).await;
     assert!(test_log.contains("GET /hello - 200"), "the test's own trace: {test_log}");
 

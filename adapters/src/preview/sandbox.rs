@@ -125,7 +125,8 @@ impl SandboxSpec {
         command.arg(bwrap_path()).args(self.bwrap_args()).args(argv);
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         let child = command.spawn()?;
-        Ok(Sandboxed { child, cgroup })
+        crate::metrics::METRICS.sandboxes_running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Sandboxed { child, cgroup, oom_counted: std::sync::atomic::AtomicBool::new(false) })
     }
 }
 
@@ -173,6 +174,7 @@ pub fn remove_abandoned_cgroups() {
 pub struct Sandboxed {
     pub child: Child,
     cgroup: Option<Cgroup>,
+    oom_counted: std::sync::atomic::AtomicBool,
 }
 
 impl Sandboxed {
@@ -183,7 +185,11 @@ impl Sandboxed {
 
     /// Whether the memory limit killed something in it.
     pub fn out_of_memory(&self) -> bool {
-        self.cgroup.as_ref().is_some_and(Cgroup::oom_killed)
+        let oom = self.cgroup.as_ref().is_some_and(Cgroup::oom_killed);
+        if oom && !self.oom_counted.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            crate::metrics::METRICS.sandbox_oom_kills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        oom
     }
 
     /// Kills every process of the sandbox and waits for bwrap to go.
@@ -198,6 +204,7 @@ impl Sandboxed {
 
 impl Drop for Sandboxed {
     fn drop(&mut self) {
+        crate::metrics::METRICS.sandboxes_running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let _ = self.child.start_kill();
         if let Some(cgroup) = self.cgroup.take() {
             cgroup.kill_all();

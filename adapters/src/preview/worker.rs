@@ -26,6 +26,7 @@ use super::logs::{LogSink, LogStream, Redactor};
 use super::sandbox::{SandboxSpec, Sandboxed};
 use super::stack::{self, Plan, Tests};
 use super::{unix_http, PreviewConfig};
+use crate::metrics::METRICS;
 use crate::{CommandError, EventStore};
 
 /// The port every app listens on inside its sandbox (each sandbox has its own loopback).
@@ -195,6 +196,12 @@ impl Worker {
         let outcome = self.pipeline(&job, &meta, &stop).await;
         heartbeat.abort();
         let build = self.logs.stream(job.deployment.0, "build", Redactor::default());
+        METRICS.preview_deployments.inc(match &outcome {
+            Ok(()) => "served",
+            Err(Stop::Quiet(_)) => "stopped",
+            Err(Stop::User(..)) => "failed",
+            Err(Stop::Infra(_)) => "retried",
+        });
         let ending = match outcome {
             Ok(()) => Lease::Release,
             Err(Stop::Quiet(why)) => {
@@ -372,7 +379,11 @@ impl Worker {
         watcher.abort();
         let (mut app, plan, plan_env) = result?;
         if !restart {
+            let tests_started = Instant::now();
             self.run_tests(job, meta, &plan, &plan_env, stop).await?;
+            if plan.tests != Tests::None {
+                METRICS.preview_test_seconds.observe(tests_started.elapsed());
+            }
         }
         // Serve until something says stop.
         self.serve(job, &mut app, stop).await
@@ -389,6 +400,7 @@ impl Worker {
         stop: &CancellationToken,
     ) -> Result<(Sandboxed, Plan, Vec<(String, String)>), Stop> {
         // Fetch.
+        let build_started = Instant::now();
         let build_log = self.logs.stream(job.deployment.0, "build", Redactor::default());
         let (deployment_dir, _) = self.dirs(job);
         let checkout = deployment_dir.join("src");
@@ -427,6 +439,7 @@ impl Worker {
             let spec = self.sandbox(job, "build", false, &plan_env);
             self.step(&spec, build, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("build"))?;
         }
+        METRICS.preview_build_seconds.observe(build_started.elapsed());
         if self.status(job).await? == Some(DeploymentStatus::Building) {
             self.command(job, meta, EnvironmentCommand::CompleteBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
         }
@@ -434,6 +447,7 @@ impl Worker {
         // Start, up to three times.
         let run_log = self.logs.stream(job.deployment.0, "run", Redactor::default());
         let spec = self.sandbox(job, "app", false, &plan_env);
+        let start_started = Instant::now();
         let mut app = None;
         let mut last = String::new();
         for attempt in 1..=3 {
@@ -452,6 +466,7 @@ impl Worker {
         let Some(mut app) = app else {
             return Err(Stop::User(FailedStage::Start, last));
         };
+        METRICS.preview_start_seconds.observe(start_started.elapsed());
         let socket = spec.run_dir.join(SOCKET);
 
         // Ready: route to it, then say so.
