@@ -129,6 +129,7 @@ impl Runtime {
             store: self.store.clone(),
             config: self.preview.clone(),
             logs: LogSink::spawn(self.pool.clone(), self.nats.clone(), self.topology.clone()),
+            github: self.github.app.clone(),
             nats: self.nats.clone(),
             topology: self.topology.clone(),
         });

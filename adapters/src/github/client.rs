@@ -156,6 +156,14 @@ impl GitHub {
         Err(classify(status, &headers, &format!("{method} {path}"), &text))
     }
 
+    /// A fresh installation token, for `git fetch` over HTTPS (`x-access-token:<token>`). It is
+    /// valid for an hour; a fetch needs it for seconds.
+    pub async fn clone_token(&self, installation: u64) -> Result<String, GitHubError> {
+        use secrecy::ExposeSecret;
+        let (_, token) = self.app.installation_and_token(InstallationId(installation)).await.map_err(|e| classify_transport(&e))?;
+        Ok(token.expose_secret().to_string())
+    }
+
     /// The repository as GitHub describes it (id, name, full_name, owner, default_branch, …).
     pub async fn repository(&self, installation: u64, full_name: &str) -> Result<Value, GitHubError> {
         Ok(self.call(installation, http::Method::GET, &format!("/repos/{full_name}"), None).await?.1)

@@ -29,33 +29,32 @@ pub async fn fetch(remote: &Remote, commit: &str, dir: &Path, log: &LogStream, t
     log.line(format!("$ git fetch --depth 1 {} {commit}", remote.url));
     let steps: [Vec<String>; 3] = [
         vec!["init".into(), "--quiet".into()],
-        {
-            let mut args = Vec::new();
-            if let Some(token) = &remote.token {
-                use base64::Engine;
-                let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
-                args.push("-c".into());
-                args.push(format!("http.extraHeader=Authorization: Basic {basic}"));
-            }
-            args.extend(["fetch", "--quiet", "--no-tags", "--depth", "1", &remote.url, commit].map(String::from));
-            args
-        },
+        ["fetch", "--quiet", "--no-tags", "--depth", "1", &remote.url, commit].map(String::from).to_vec(),
         vec!["checkout".into(), "--quiet".into(), "--detach".into(), "FETCH_HEAD".into()],
     ];
+    // Configuration through the environment, not arguments: a token in argv is visible to every
+    // process of the host that lists processes.
+    let mut config = vec![("uploadpack.allowAnySHA1InWant".to_string(), "true".to_string())];
+    if let Some(token) = &remote.token {
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+        config.push(("http.extraHeader".into(), format!("Authorization: Basic {basic}")));
+    }
     for args in steps {
         let mut command = Command::new("git");
         command
             .args(&args)
             .current_dir(dir)
             .env("GIT_TERMINAL_PROMPT", "0")
-            // Fetching by commit id from a repository on disk needs the server side to allow it.
-            .env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "uploadpack.allowAnySHA1InWant")
-            .env("GIT_CONFIG_VALUE_0", "true")
+            .env("GIT_CONFIG_COUNT", config.len().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // Fetching by commit id from a repository on disk needs the serving side to allow it.
+        for (i, (key, value)) in config.iter().enumerate() {
+            command.env(format!("GIT_CONFIG_KEY_{i}"), key).env(format!("GIT_CONFIG_VALUE_{i}"), value);
+        }
         let mut child = command.spawn().map_err(|e| FetchError::Infra(format!("cannot run git: {e}")))?;
         let (out, err) = (child.stdout.take(), child.stderr.take());
         let pipes = async {
@@ -93,4 +92,36 @@ pub enum FetchError {
     /// git ran and refused (no such repository or commit, no access): retrying will not help soon.
     #[error("{0}")]
     Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The token reaches the server as GitHub expects it (basic auth, user `x-access-token`),
+    /// and a refusal is a user fault, not an infrastructure one.
+    #[tokio::test]
+    async fn a_token_goes_in_an_authorization_header_and_a_refusal_is_not_retried() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut head = vec![0u8; 4096];
+            let n = socket.read(&mut head).await.expect("read");
+            socket.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await.expect("write");
+            String::from_utf8_lossy(&head[..n]).to_string()
+        });
+        let remote = github_remote(&format!("http://{addr}"), "octo/private", Some("s3cret-token".into()));
+        let dir = tempfile::tempdir().expect("tmp");
+        let result = fetch(&remote, &"a".repeat(40), &dir.path().join("src"), &LogStream::discard(), Duration::from_secs(20)).await;
+        assert!(matches!(result, Err(FetchError::Failed(_))), "{result:?}");
+        let request = server.await.expect("request");
+        assert!(request.starts_with("GET /octo/private.git/info/refs"), "{request}");
+        let expected = format!(
+            "Authorization: Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "x-access-token:s3cret-token")
+        );
+        assert!(request.lines().any(|l| l.eq_ignore_ascii_case(&expected)), "{request}");
+    }
 }

@@ -86,6 +86,12 @@ pub struct LogStream {
 }
 
 impl LogStream {
+    /// A stream whose lines go nowhere (for callers without a deployment, and tests).
+    pub fn discard() -> Self {
+        let (tx, _) = mpsc::unbounded_channel();
+        Self { sink: LogSink { tx }, deployment: Uuid::nil(), stream: String::new(), redactor: Redactor::default() }
+    }
+
     pub fn line(&self, text: impl AsRef<str>) {
         for part in text.as_ref().split('\n') {
             let part = part.strip_suffix('\r').unwrap_or(part);

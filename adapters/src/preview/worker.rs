@@ -39,6 +39,8 @@ pub struct Worker {
     pub store: EventStore,
     pub config: Arc<PreviewConfig>,
     pub logs: LogSink,
+    /// The GitHub App, for installation tokens to fetch private repositories over HTTPS.
+    pub github: Option<crate::github::client::GitHub>,
     /// For change notices (wake-ups to claim).
     pub nats: async_nats::Client,
     pub topology: crate::nats::Topology,
@@ -410,7 +412,7 @@ impl Worker {
         }
         let remote = match git_url {
             Some(url) => git::Remote { url: url.to_string(), token: None },
-            None => git::github_remote(&self.config.git_base, repository.as_str(), None),
+            None => git::github_remote(&self.config.git_base, repository.as_str(), self.clone_token(job).await?),
         };
         let fetched = tokio::select! {
             _ = stop.cancelled() => return Err(self.why_stopped(stop)),
@@ -495,6 +497,20 @@ impl Worker {
             build_log.line("understudy: ready");
         }
         Ok((app, plan, plan_env))
+    }
+
+    /// An installation token when the repository is fetched from GitHub over HTTPS and the App
+    /// is configured; none otherwise (public repositories, repositories on disk).
+    async fn clone_token(&self, job: &Job) -> Result<Option<String>, Stop> {
+        let Some(github) = &self.github else { return Ok(None) };
+        if !self.config.git_base.starts_with("https://") {
+            return Ok(None);
+        }
+        let project = self.store.projects.load(job.project).await.map_err(|e| Stop::Infra(e.to_string()))?.into_inner();
+        let Some(account) = project.account_id else { return Ok(None) };
+        let account = self.store.accounts.load(account.0).await.map_err(|e| Stop::Infra(e.to_string()))?.into_inner();
+        let Some(installation) = account.installation_id else { return Ok(None) };
+        github.clone_token(installation).await.map(Some).map_err(|e| Stop::Infra(format!("an installation token to fetch with: {e}")))
     }
 
     async fn command(&self, job: &Job, meta: &Metadata, command: EnvironmentCommand) -> Result<(), Stop> {
