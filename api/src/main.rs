@@ -53,6 +53,9 @@ struct Config {
     /// it at toolchain/wing.
     #[arg(long, env = "UNDERSTUDY_WING_TOOLCHAIN", default_value = "toolchain/wing", global = true)]
     wing_toolchain: PathBuf,
+    /// A Rust toolchain's sysroot for Rust apps; the one of `rustc` on PATH when unset.
+    #[arg(long, env = "UNDERSTUDY_RUST_TOOLCHAIN", global = true)]
+    rust_toolchain: Option<PathBuf>,
     /// Deployments one worker builds or serves at once.
     #[arg(long, env = "UNDERSTUDY_WORKER_PARALLEL", default_value_t = 4, global = true)]
     worker_parallel: usize,
@@ -264,6 +267,10 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
     preview.git_base = config.git_url.clone();
     let wing = cwd.join(&config.wing_toolchain);
     preview.wing_toolchain = wing.join("node_modules/.bin/wing").exists().then_some(wing);
+    preview.rust_toolchain = match &config.rust_toolchain {
+        Some(sysroot) => Some(cwd.join(sysroot)),
+        None => understudy_adapters::preview::detect_rust_toolchain(),
+    };
     preview.max_parallel = config.worker_parallel.max(1);
     preview.lease_ttl = std::time::Duration::from_secs(config.lease_seconds.max(3));
     preview.limits.memory_bytes = config.sandbox_memory_mb.max(64) << 20;

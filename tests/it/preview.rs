@@ -48,6 +48,7 @@ impl Previews {
         let mut config = PreviewConfig::new(tmp.path().join("previews"), DOMAIN.into());
         config.git_base = repos::git_url(tmp.path());
         config.wing_toolchain = Some(root().join("toolchain/wing"));
+        config.rust_toolchain = understudy_adapters::preview::detect_rust_toolchain();
         config.bridge_bin = understudy_bin();
         config.lease_ttl = Duration::from_secs(3);
         config.start_timeout = Duration::from_secs(60);
@@ -306,6 +307,23 @@ async fn a_node_app_serves_http_and_upgrades_until_its_environment_is_terminated
     .await;
     let routes: i64 = sqlx::query_scalar("SELECT count(*) FROM preview_routes").fetch_one(previews.env.pool()).await.expect("count");
     assert_eq!(routes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_and_rust_apps_are_detected_built_served_and_tested() {
+    let previews = Previews::start().await;
+    let (python, _) = previews.deploy("python-hello", ".").await;
+    let (rust, _) = previews.deploy("rust-hello", ".").await;
+    for (environment, greeting) in [(python, "hello from python at /x\n"), (rust, "hello from rust at /x\n")] {
+        let row = previews.settled(environment, &["Ready", "Failed"]).await;
+        assert_eq!(row.0, "Ready", "failure: {:?}", row.2);
+        let body = previews.preview(environment, "/x").send().await.expect("preview").text().await.expect("body");
+        assert_eq!(body, greeting);
+        let row = previews.tested(environment, 1).await;
+        assert_eq!((row.3, row.4), (1, 0), "{greeting}: its test passed");
+    }
+    let (build, _) = previews.log(rust, "build", 0).await;
+    assert!(build.contains("$ cargo build --release --offline"), "{build}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

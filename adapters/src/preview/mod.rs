@@ -33,6 +33,9 @@ pub struct PreviewConfig {
     /// The directory holding the Wing toolchain (`node_modules/.bin/wing`), shown read-only at
     /// `/opt/wing` in every sandbox.
     pub wing_toolchain: Option<PathBuf>,
+    /// A Rust toolchain's sysroot (holding `bin/cargo` and `bin/rustc`), shown read-only at
+    /// `/opt/rust` for Rust apps.
+    pub rust_toolchain: Option<PathBuf>,
     /// The `understudy` binary, shown read-only in the sandbox to run the bridge.
     pub bridge_bin: PathBuf,
     pub limits: Limits,
@@ -57,6 +60,7 @@ impl PreviewConfig {
             preview_domain,
             preview_scheme: "http".into(),
             wing_toolchain: None,
+            rust_toolchain: None,
             bridge_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("understudy")),
             limits: Limits::default(),
             fetch_timeout: Duration::from_secs(120),
@@ -73,6 +77,13 @@ impl PreviewConfig {
     pub fn preview_url(&self, environment: EnvironmentId) -> String {
         format!("{}://{}/", self.preview_scheme, preview_host(environment, &self.preview_domain))
     }
+}
+
+/// The sysroot of the `rustc` on `PATH`, if there is one.
+pub fn detect_rust_toolchain() -> Option<PathBuf> {
+    let output = std::process::Command::new("rustc").args(["--print", "sysroot"]).output().ok()?;
+    let sysroot = PathBuf::from(String::from_utf8(output.stdout).ok()?.trim());
+    (output.status.success() && sysroot.join("bin/cargo").exists()).then_some(sysroot)
 }
 
 /// `{environment as 32 hex digits}.{domain}`: one DNS label per environment, so every preview is

@@ -25,6 +25,8 @@ pub enum Stack {
     Wing,
     Node,
     Procfile,
+    Rust,
+    Python,
     Custom,
 }
 
@@ -34,6 +36,8 @@ impl Stack {
             Stack::Wing => "wing",
             Stack::Node => "node",
             Stack::Procfile => "procfile",
+            Stack::Rust => "rust",
+            Stack::Python => "python",
             Stack::Custom => "understudy.toml",
         }
     }
@@ -126,6 +130,18 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
     });
     // Package scripts were skipped while fetching; run them now, offline.
     let npm_rebuild = npm_install.as_ref().map(|_| "npm rebuild --no-audit --no-fund".to_string());
+    // Python: a virtualenv kept in the environment's cache, wheels only while online (an sdist
+    // would run its build code with network).
+    let has_requirements = root.join("requirements.txt").is_file();
+    let pip_install = has_requirements.then(|| {
+        "python3 -m venv /cache/venv && /cache/venv/bin/pip install --quiet --disable-pip-version-check --only-binary :all: -r requirements.txt"
+            .to_string()
+    });
+    let is_rust = root.join("Cargo.toml").is_file();
+    // Rust: crates fetched online into the cache's CARGO_HOME, built offline into its target dir
+    // (kept between deployments: warm builds are incremental).
+    let cargo_fetch = is_rust.then(|| "cargo fetch".to_string());
+    let any_install = |parts: [Option<String>; 3]| Some(join(parts)).filter(|s| !s.is_empty());
 
     let mut plan = if entrypoint.ends_with(".w") {
         if !root.join(entrypoint).is_file() {
@@ -155,10 +171,39 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
     } else if let Some(web) = read("Procfile").as_deref().and_then(procfile_web) {
         Plan {
             stack: Stack::Procfile,
-            install: npm_install,
-            build: npm_rebuild,
+            install: any_install([npm_install, pip_install, cargo_fetch]),
+            build: if is_rust { Some(join([npm_rebuild, Some("cargo build --release --offline".into())])) } else { npm_rebuild },
             start: web,
             tests: Tests::None,
+            health_path: "/".into(),
+            env: BTreeMap::new(),
+        }
+    } else if is_rust {
+        Plan {
+            stack: Stack::Rust,
+            install: cargo_fetch,
+            build: Some("cargo build --release --offline".into()),
+            start: "cargo run --release --offline --quiet".into(),
+            tests: Tests::Command("cargo test --release --offline".into()),
+            health_path: "/".into(),
+            env: BTreeMap::new(),
+        }
+    } else if let Some(main) = ["app.py", "main.py"].into_iter().find(|f| root.join(f).is_file()) {
+        let has_tests = root.join("tests").is_dir()
+            || std::fs::read_dir(root).map_or(false, |dir| {
+                dir.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("test_") && n.ends_with(".py")))
+            });
+        let pytest = read("requirements.txt").is_some_and(|r| r.lines().any(|l| l.trim().to_ascii_lowercase().starts_with("pytest")));
+        Plan {
+            stack: Stack::Python,
+            install: pip_install,
+            build: None,
+            start: format!("python3 {main}"),
+            tests: match (has_tests, pytest) {
+                (false, _) => Tests::None,
+                (true, true) => Tests::Command("python3 -m pytest".into()),
+                (true, false) => Tests::Command("python3 -m unittest discover".into()),
+            },
             health_path: "/".into(),
             env: BTreeMap::new(),
         }
@@ -175,7 +220,7 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
     } else {
         return Err(PlanError::Nothing(format!(
             "nothing to run for entrypoint {entrypoint}: no main.w, no package.json with a start script, no Procfile web \
-             process and no start command in {CONFIG_FILE}"
+             process, no Cargo.toml, no app.py or main.py, and no start command in {CONFIG_FILE}"
         )));
     };
     if let Some(config) = config {
@@ -293,6 +338,28 @@ mod tests {
         let dir = repo(&[("README.md", "hi")]);
         let error = plan(dir.path(), ".").expect_err("nothing to run");
         assert!(error.to_string().contains("nothing to run"), "{error}");
+    }
+
+    #[test]
+    fn rust_builds_offline_after_fetching_and_python_runs_from_a_cached_virtualenv() {
+        let dir = repo(&[("Cargo.toml", "[package]\nname = \"app\"\n")]);
+        let plan = super::plan(dir.path(), ".").expect("plan");
+        assert_eq!(plan.stack, Stack::Rust);
+        assert_eq!(plan.install.as_deref(), Some("cargo fetch"));
+        assert_eq!(plan.build.as_deref(), Some("cargo build --release --offline"));
+        assert_eq!(plan.tests, Tests::Command("cargo test --release --offline".into()));
+
+        let dir = repo(&[("requirements.txt", "pytest==8\n"), ("app.py", ""), ("test_app.py", "")]);
+        let plan = super::plan(dir.path(), ".").expect("plan");
+        assert_eq!(plan.stack, Stack::Python);
+        assert!(plan.install.as_deref().is_some_and(|i| i.contains("--only-binary :all:")), "{plan:?}");
+        assert_eq!(plan.start, "python3 app.py");
+        assert_eq!(plan.tests, Tests::Command("python3 -m pytest".into()));
+
+        let dir = repo(&[("main.py", ""), ("Procfile", "web: python3 main.py --port $PORT\n"), ("requirements.txt", "")]);
+        let plan = super::plan(dir.path(), ".").expect("plan");
+        assert_eq!(plan.stack, Stack::Procfile, "a Procfile says how to start");
+        assert!(plan.install.as_deref().is_some_and(|i| i.contains("pip install")), "and its requirements are installed");
     }
 
     #[test]

@@ -319,17 +319,27 @@ impl Worker {
     fn sandbox(&self, job: &Job, name: &str, network: bool, plan_env: &[(String, String)]) -> SandboxSpec {
         let (deployment_dir, cache_dir) = self.dirs(job);
         let mut read_only = vec![(self.config.bridge_bin.clone(), "/opt/understudy/understudy".to_string())];
+        // A Python app's virtualenv (in the cache) comes first, then the toolchains.
         let mut path = "/usr/local/bin:/usr/bin:/bin".to_string();
+        if let Some(rust) = &self.config.rust_toolchain {
+            read_only.push((rust.clone(), "/opt/rust".into()));
+            path = format!("/opt/rust/bin:{path}");
+        }
         if let Some(wing) = &self.config.wing_toolchain {
             read_only.push((wing.clone(), "/opt/wing".into()));
             path = format!("/opt/wing/node_modules/.bin:{path}");
         }
+        path = format!("/cache/venv/bin:{path}");
         let mut env = vec![
             ("PATH".to_string(), path),
             ("HOME".into(), "/tmp".into()),
             ("PORT".into(), APP_PORT.to_string()),
             ("npm_config_cache".into(), "/cache/npm".into()),
             ("npm_config_update_notifier".into(), "false".into()),
+            ("npm_config_prefer_offline".into(), "true".into()),
+            ("CARGO_HOME".into(), "/cache/cargo".into()),
+            ("CARGO_TARGET_DIR".into(), "/cache/target".into()),
+            ("PIP_CACHE_DIR".into(), "/cache/pip".into()),
             ("WING_DISABLE_ANALYTICS".into(), "1".into()),
             ("UNDERSTUDY".into(), "1".into()),
             ("UNDERSTUDY_DEPLOYMENT_ID".into(), job.deployment.to_string()),
