@@ -190,7 +190,7 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
         }
     } else if let Some(main) = ["app.py", "main.py"].into_iter().find(|f| root.join(f).is_file()) {
         let has_tests = root.join("tests").is_dir()
-            || std::fs::read_dir(root).map_or(false, |dir| {
+            || std::fs::read_dir(root).is_ok_and(|dir| {
                 dir.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("test_") && n.ends_with(".py")))
             });
         let pytest = read("requirements.txt").is_some_and(|r| r.lines().any(|l| l.trim().to_ascii_lowercase().starts_with("pytest")));
