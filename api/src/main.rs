@@ -46,6 +46,10 @@ struct Config {
     /// (`*.localhost` resolves to this machine in browsers and curl).
     #[arg(long, env = "UNDERSTUDY_PREVIEW_DOMAIN", global = true)]
     preview_domain: Option<String>,
+    /// Serve previews to anyone who reaches the proxy (there is no sign-in yet). Unset: yes
+    /// when the API listens on a loopback address only, no otherwise.
+    #[arg(long, env = "UNDERSTUDY_PUBLIC_PREVIEWS", global = true)]
+    public_previews: Option<bool>,
     /// Where repositories are fetched from: `{base}/{owner}/{name}.git`.
     #[arg(long, env = "GITHUB_GIT_URL", default_value = "https://github.com", global = true)]
     git_url: String,
@@ -265,6 +269,7 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
     let domain = config.preview_domain.clone().unwrap_or_else(|| format!("preview.localhost:{}", config.listen.port()));
     let mut preview = PreviewConfig::new(cwd.join(&config.data_dir).join("previews"), domain);
     preview.git_base = config.git_url.clone();
+    preview.public = config.public_previews.unwrap_or(config.listen.ip().is_loopback());
     let wing = cwd.join(&config.wing_toolchain);
     preview.wing_toolchain = wing.join("node_modules/.bin/wing").exists().then_some(wing);
     preview.rust_toolchain = match &config.rust_toolchain {

@@ -26,6 +26,8 @@ pub struct PreviewProxy {
     pub store: EventStore,
     /// `UNDERSTUDY_PREVIEW_DOMAIN`: previews are `{environment}.{domain}`.
     pub domain: Arc<str>,
+    /// Whether previews are served at all (see `PreviewConfig::public`).
+    pub public: bool,
 }
 
 /// Middleware in front of the whole router: preview hosts are proxied, anything else goes on.
@@ -45,6 +47,14 @@ pub async fn route(State(proxy): State<PreviewProxy>, request: Request, next: Ne
 
 impl PreviewProxy {
     async fn serve(&self, environment: EnvironmentId, request: Request) -> Response {
+        if !self.public {
+            return page(
+                StatusCode::FORBIDDEN,
+                "Previews are not public here",
+                "Signing in to see previews is not built yet. An operator can serve previews to everyone who reaches this \
+                 address with UNDERSTUDY_PUBLIC_PREVIEWS=true.",
+            );
+        }
         let row: Result<Option<(String, Option<String>)>, sqlx::Error> = sqlx::query_as(
             "SELECT e.status, r.socket FROM environments e LEFT JOIN preview_routes r USING (environment_id)
              WHERE e.environment_id = $1",

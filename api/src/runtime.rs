@@ -90,7 +90,11 @@ impl Runtime {
             wake: self.deliveries.clone(),
         };
         let readiness = crate::http::Readiness { pool: self.pool.clone(), nats: self.nats.clone(), max_lag: 10_000 };
-        let proxy = crate::proxy::PreviewProxy { store: self.store.clone(), domain: Arc::from(self.preview.preview_domain.as_str()) };
+        let proxy = crate::proxy::PreviewProxy {
+            store: self.store.clone(),
+            domain: Arc::from(self.preview.preview_domain.as_str()),
+            public: self.preview.public,
+        };
         let app = crate::http::router(self.schema(), webhooks, readiness, proxy);
         tasks.spawn(
             async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving HTTP") },

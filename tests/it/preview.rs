@@ -553,6 +553,24 @@ async fn a_deployment_whose_worker_died_is_taken_over_when_its_lease_expires() {
     assert_eq!(builds, 1, "the takeover carries on from Building; it does not start the build twice");
 }
 
+#[tokio::test]
+async fn previews_are_refused_unless_they_are_public() {
+    let mut env = TestEnv::new().await;
+    let mut config = PreviewConfig::new(std::env::temp_dir().join("unused"), DOMAIN.into());
+    config.public = false;
+    env.runtime.preview = Arc::new(config);
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let addr = env.runtime.serve_api("127.0.0.1:0".parse().expect("addr"), cancel.clone(), &mut tasks).await.expect("serve");
+    let host = format!("{}.{DOMAIN}", Uuid::new_v4().simple());
+    let response = reqwest::Client::new().get(format!("http://{addr}/")).header("host", host).send().await.expect("preview");
+    assert_eq!(response.status(), 403);
+    assert!(response.text().await.expect("page").contains("UNDERSTUDY_PUBLIC_PREVIEWS"));
+    let api = reqwest::get(format!("http://{addr}/healthz")).await.expect("healthz");
+    assert_eq!(api.status(), 200, "the API itself is not behind the preview rule");
+    cancel.cancel();
+}
+
 // --- the sandbox, attacked directly ------------------------------------------------------------
 
 fn sandbox(tmp: &Path, name: &str, limits: Limits) -> SandboxSpec {

@@ -28,6 +28,9 @@ pub struct PreviewConfig {
     pub git_base: String,
     /// `UNDERSTUDY_PREVIEW_DOMAIN`: previews are served at `{environment}.{domain}` (host[:port]).
     pub preview_domain: String,
+    /// Serve previews to anyone who reaches the proxy. Until sign-in exists this is the only
+    /// access rule: off, the proxy refuses every preview.
+    pub public: bool,
     /// `http` or `https`, for the URLs handed out.
     pub preview_scheme: String,
     /// The directory holding the Wing toolchain (`node_modules/.bin/wing`), shown read-only at
@@ -58,6 +61,7 @@ impl PreviewConfig {
             data_dir,
             git_base: "https://github.com".into(),
             preview_domain,
+            public: true,
             preview_scheme: "http".into(),
             wing_toolchain: None,
             rust_toolchain: None,
