@@ -690,7 +690,8 @@ async fn preview(
                 format!("exec '{}' it '{entrypoint}' --no-open -p {port}", wing.display()),
             )
         } else {
-            ("true".to_string(), format!("PORT={port} exec npm start"))
+            let install = if dir.join("package-lock.json").exists() { "npm ci --no-audit --no-fund --silent" } else { "true" };
+            (install.to_string(), format!("PORT={port} exec npm start"))
         };
         sh(&dir, &build)?;
         let mut child = tokio::process::Command::new("sh")
@@ -715,7 +716,7 @@ async fn preview(
     let ms = |samples: Vec<Duration>| Duration::from_secs_f64(median(&mut samples.iter().map(Duration::as_secs_f64).collect::<Vec<_>>()));
     let (cold, warm, raw) = (ms(cold), ms(warm), ms(raw));
     println!("preview: {} ({entrypoint}), {runs} runs, medians", app.display());
-    println!("  raw toolchain, compile + start + first 2xx: {:>8.0} ms", raw.as_secs_f64() * 1000.0);
+    println!("  raw toolchain, build + start + first 2xx:   {:>8.0} ms", raw.as_secs_f64() * 1000.0);
     println!(
         "  requested → Ready, cold (new environment):  {:>8.0} ms  ({:.2}× raw)",
         cold.as_secs_f64() * 1000.0,
