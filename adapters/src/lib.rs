@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod nats;
 pub mod preview;
 pub mod relay;
+pub mod secrets;
 pub mod telemetry;
 pub mod worker;
 

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use understudy_adapters::preview::PreviewConfig;
+use understudy_adapters::secrets::SecretKey;
 use understudy_api::runtime::{supervise, GitHubSettings, Runtime};
 use uuid::Uuid;
 
@@ -164,6 +165,11 @@ enum Command {
         #[command(subcommand)]
         what: ProjectCommand,
     },
+    /// A project's secrets: encrypted at rest, injected into its previews, never shown again.
+    Secret {
+        #[command(subcommand)]
+        what: SecretCommand,
+    },
     /// GitHub App setup helpers.
     Github {
         #[command(subcommand)]
@@ -204,6 +210,31 @@ enum ProjectCommand {
         /// The production branch; the repository's default branch when omitted.
         #[arg(long)]
         branch: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Set a secret; its value is read from standard input (one trailing newline dropped).
+    Set {
+        #[arg(long)]
+        project: Uuid,
+        /// `API_TOKEN`-style name.
+        name: String,
+        /// Which environments get it: all, production or preview.
+        #[arg(long, default_value = "all")]
+        scope: String,
+    },
+    /// List a project's secrets: names, scopes and when they changed (never values).
+    List {
+        #[arg(long)]
+        project: Uuid,
+    },
+    /// Remove a secret.
+    Rm {
+        #[arg(long)]
+        project: Uuid,
+        name: String,
     },
 }
 
@@ -276,6 +307,7 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
         Some(sysroot) => Some(cwd.join(sysroot)),
         None => understudy_adapters::preview::detect_rust_toolchain(),
     };
+    preview.secret_key = secret_key(config, false)?;
     preview.max_parallel = config.worker_parallel.max(1);
     preview.lease_ttl = std::time::Duration::from_secs(config.lease_seconds.max(3));
     preview.limits.memory_bytes = config.sandbox_memory_mb.max(64) << 20;
@@ -288,6 +320,58 @@ fn git_poll(config: &Config) -> std::time::Duration {
 
 fn stale_after(config: &Config) -> std::time::Duration {
     std::time::Duration::from_secs(config.stale_after_hours.max(1) * 3600)
+}
+
+/// The key that seals project secrets: `UNDERSTUDY_SECRET_KEY`, `UNDERSTUDY_SECRET_KEY_FILE`, or
+/// `{data dir}/secret.key` (created by `up` on first start).
+fn secret_key(config: &Config, create: bool) -> anyhow::Result<Option<SecretKey>> {
+    if let Some(key) = SecretKey::from_env()? {
+        return Ok(Some(key));
+    }
+    let file = config.data_dir.join("secret.key");
+    if create || file.exists() {
+        return Ok(Some(SecretKey::load_or_create(&file)?));
+    }
+    Ok(None)
+}
+
+async fn secret(config: &Config, what: SecretCommand) -> anyhow::Result<()> {
+    use understudy_domain::ids::ProjectId;
+    use understudy_domain::project::{ProjectCommand as Command, SecretScope};
+    let store = understudy_adapters::EventStore::new(connect_db(config, 2).await?).await?;
+    let meta = understudy_domain::Metadata::new(Uuid::new_v4(), "system:cli");
+    let exists = |project: &understudy_domain::project::Project, id: Uuid| {
+        anyhow::ensure!(project.id.is_some(), "no project {id}");
+        Ok(())
+    };
+    match what {
+        SecretCommand::Set { project, name, scope } => {
+            let state = store.projects.load(project).await?.into_inner();
+            exists(&state, project)?;
+            let key = secret_key(config, false)?
+                .context("no secret key: set UNDERSTUDY_SECRET_KEY (32 bytes, base64) or run `understudy up` once to create one")?;
+            let mut value = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut value)?;
+            let value = value.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&value);
+            understudy_domain::project::validate_secret_name(&name)?;
+            let sealed = key.seal(ProjectId(project), &name, value)?;
+            let command = Command::SetSecret { name: name.clone(), sealed, scope: SecretScope::parse(&scope)?, at: chrono::Utc::now() };
+            store.projects.execute(project, command, meta).await?;
+            println!("secret {name} set ({scope}); it takes effect from the next deployment");
+        }
+        SecretCommand::List { project } => {
+            let state = store.projects.load(project).await?.into_inner();
+            exists(&state, project)?;
+            for (name, secret) in &state.secrets {
+                println!("{name}\t{}\t{}\tkey {}", secret.scope.as_str(), secret.updated_at.to_rfc3339(), secret.sealed.key_id);
+            }
+        }
+        SecretCommand::Rm { project, name } => {
+            store.projects.execute(project, Command::RemoveSecret { name: name.clone(), at: chrono::Utc::now() }, meta).await?;
+            println!("secret {name} removed");
+        }
+    }
+    Ok(())
 }
 
 /// A worker's name: host and process, unique while it runs.
@@ -376,6 +460,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("project {id}: {repo}, production branch {branch}");
             return Ok(());
         }
+        Command::Secret { what } => return secret(&config, what).await,
         Command::Github { what: GithubCommand::AppManifest { name } } => {
             let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
             println!("{}", serde_json::to_string_pretty(&understudy_adapters::github::app_manifest(&name, &public_url))?);
@@ -401,6 +486,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         None
     };
     let result = async {
+        secret_key(&config, true)?;
         let runtime = connect(&config).await?;
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();

@@ -1,5 +1,7 @@
 //! The Project aggregate: one repository of one account, its production branch and entrypoint rule.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +57,86 @@ pub struct Project {
     /// Where its repository is fetched from when it is not on GitHub (a path or a git URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_url: Option<String>,
+    /// Secrets by name, sealed: the domain never sees a plain value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, ProjectSecret>,
+}
+
+/// Which environments a secret is given to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretScope {
+    /// Every environment (never a pull request from a fork).
+    #[default]
+    All,
+    /// Only the production branch's environments.
+    Production,
+    /// Only previews: pull requests and branches other than production.
+    Preview,
+}
+
+impl SecretScope {
+    pub fn parse(text: &str) -> Result<Self, DomainError> {
+        match text {
+            "all" => Ok(Self::All),
+            "production" => Ok(Self::Production),
+            "preview" => Ok(Self::Preview),
+            _ => Err(DomainError::invalid("scope", "must be all, production or preview")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Production => "production",
+            Self::Preview => "preview",
+        }
+    }
+
+    /// Whether an environment of `target` gets the secret, given the production branch.
+    pub fn covers(self, target: &crate::values::Target, production_branch: Option<&BranchName>) -> bool {
+        let production = matches!(target, crate::values::Target::Branch { branch } if Some(branch) == production_branch);
+        match self {
+            Self::All => true,
+            Self::Production => production,
+            Self::Preview => !production,
+        }
+    }
+}
+
+/// A secret value as the event log keeps it: encrypted with an AEAD under the key `key_id`
+/// names, bound to its project and name. Encryption happens in `adapters::secrets`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedValue {
+    pub key_id: String,
+    /// Base64.
+    pub nonce: String,
+    /// Base64.
+    pub ciphertext: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectSecret {
+    pub sealed: SealedValue,
+    pub scope: SecretScope,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `API_TOKEN`-style: letters, digits and `_`, not starting with a digit, at most 128 characters,
+/// and not one Understudy sets itself.
+pub fn validate_secret_name(name: &str) -> Result<(), DomainError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if !ok {
+        return Err(DomainError::invalid("name", "a secret's name holds letters, digits and '_', and does not start with a digit"));
+    }
+    const RESERVED: &[&str] = &["PATH", "HOME", "PORT"];
+    if RESERVED.contains(&name) || name.starts_with("UNDERSTUDY") {
+        return Err(DomainError::invalid("name", "PATH, HOME, PORT and UNDERSTUDY* are set by Understudy"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +168,17 @@ pub enum ProjectCommand {
         at: DateTime<Utc>,
     },
     Reactivate {
+        at: DateTime<Utc>,
+    },
+    /// Set (or replace) a secret, already sealed.
+    SetSecret {
+        name: String,
+        sealed: SealedValue,
+        scope: SecretScope,
+        at: DateTime<Utc>,
+    },
+    RemoveSecret {
+        name: String,
         at: DateTime<Utc>,
     },
     /// Fetch the repository from this git URL or path instead of GitHub; its branches are then
@@ -139,6 +232,17 @@ pub enum ProjectEvent {
         url: String,
         at: DateTime<Utc>,
     },
+    /// Only the sealed value is recorded, never the plain one.
+    SecretSet {
+        name: String,
+        sealed: SealedValue,
+        scope: SecretScope,
+        at: DateTime<Utc>,
+    },
+    SecretRemoved {
+        name: String,
+        at: DateTime<Utc>,
+    },
     GitHubWriteFailing {
         what: String,
         error: String,
@@ -159,6 +263,8 @@ impl DomainEvent for ProjectEvent {
             Self::ProjectDeactivated { .. } => "ProjectDeactivated",
             Self::ProjectReactivated { .. } => "ProjectReactivated",
             Self::GitRemoteSet { .. } => "GitRemoteSet",
+            Self::SecretSet { .. } => "SecretSet",
+            Self::SecretRemoved { .. } => "SecretRemoved",
             Self::GitHubWriteFailing { .. } => "GitHubWriteFailing",
         }
     }
@@ -213,6 +319,20 @@ impl Aggregate for ProjectAggregate {
                 }
                 unless_already(state.git_url.as_deref() == Some(url.as_str()), E::GitRemoteSet { url, at })
             }
+            C::SetSecret { name, sealed, scope, at } => {
+                validate_secret_name(&name)?;
+                if sealed.ciphertext.is_empty() || sealed.nonce.is_empty() || sealed.key_id.is_empty() {
+                    return Err(DomainError::invalid("sealed", "a secret is stored sealed: key id, nonce and ciphertext"));
+                }
+                let same = state.secrets.get(&name).is_some_and(|s| s.sealed == sealed && s.scope == scope);
+                unless_already(same, E::SecretSet { name, sealed, scope, at })
+            }
+            C::RemoveSecret { name, at } => {
+                if !state.secrets.contains_key(&name) {
+                    return Err(DomainError::NotFound { entity: "secret", id: name });
+                }
+                Ok(vec![E::SecretRemoved { name, at }])
+            }
             C::RecordGitHubFailure { what, error, attempts, at } => Ok(vec![E::GitHubWriteFailing { what, error, attempts, at }]),
         }
     }
@@ -235,6 +355,12 @@ impl Aggregate for ProjectAggregate {
             E::ProjectDeactivated { .. } => state.active = false,
             E::ProjectReactivated { .. } => state.active = true,
             E::GitRemoteSet { url, .. } => state.git_url = Some(url.clone()),
+            E::SecretSet { name, sealed, scope, at } => {
+                state.secrets.insert(name.clone(), ProjectSecret { sealed: sealed.clone(), scope: *scope, updated_at: *at });
+            }
+            E::SecretRemoved { name, .. } => {
+                state.secrets.remove(name);
+            }
             E::GitHubWriteFailing { .. } => {}
         }
         state
@@ -296,6 +422,45 @@ mod tests {
         let with = ProjectAggregate::replay(&[created(), E::GitRemoteSet { url: "/srv/git/app.git".into(), at: at() }]);
         assert_eq!(with.git_url.as_deref(), Some("/srv/git/app.git"));
         assert!(ProjectAggregate::decide(&with, set("/srv/git/app.git")).expect("same").is_empty());
+    }
+
+    #[test]
+    fn secrets_are_kept_sealed_by_name_and_scope() {
+        let sealed = SealedValue { key_id: "k1".into(), nonce: "bm9uY2U=".into(), ciphertext: "c2VhbGVk".into() };
+        let set = |name: &str| C::SetSecret { name: name.into(), sealed: sealed.clone(), scope: SecretScope::Preview, at: at() };
+        let state = ProjectAggregate::replay(&[created()]);
+        let events = ProjectAggregate::decide(&state, set("API_TOKEN")).expect("valid");
+        let state = events.iter().fold(state, ProjectAggregate::apply);
+        assert_eq!(state.secrets["API_TOKEN"].scope, SecretScope::Preview);
+        assert!(ProjectAggregate::decide(&state, set("API_TOKEN")).expect("same").is_empty(), "setting the same sealed value again");
+        for bad in ["", "1ABC", "WITH-DASH", "PATH", "UNDERSTUDY_X", "spaced name"] {
+            assert!(ProjectAggregate::decide(&state, set(bad)).is_err(), "{bad:?}");
+        }
+        let unsealed = C::SetSecret {
+            name: "X".into(),
+            sealed: SealedValue { key_id: "".into(), ..sealed.clone() },
+            scope: SecretScope::All,
+            at: at(),
+        };
+        assert!(ProjectAggregate::decide(&state, unsealed).is_err());
+        let removed = ProjectAggregate::decide(&state, C::RemoveSecret { name: "API_TOKEN".into(), at: at() }).expect("remove");
+        let state = removed.iter().fold(state, ProjectAggregate::apply);
+        assert!(state.secrets.is_empty());
+        assert!(ProjectAggregate::decide(&state, C::RemoveSecret { name: "API_TOKEN".into(), at: at() }).is_err());
+    }
+
+    #[test]
+    fn secret_scopes_split_production_from_previews() {
+        use crate::values::Target;
+        let main = BranchName::parse("main").expect("branch");
+        let production = Target::Branch { branch: main.clone() };
+        let feature = Target::Branch { branch: BranchName::parse("feature").expect("branch") };
+        let pr = Target::PullRequest { number: 1, head_branch: BranchName::parse("feature").expect("branch") };
+        assert!(SecretScope::Production.covers(&production, Some(&main)));
+        assert!(!SecretScope::Production.covers(&pr, Some(&main)));
+        assert!(SecretScope::Preview.covers(&pr, Some(&main)) && SecretScope::Preview.covers(&feature, Some(&main)));
+        assert!(!SecretScope::Preview.covers(&production, Some(&main)));
+        assert!(SecretScope::All.covers(&production, Some(&main)) && SecretScope::All.covers(&pr, Some(&main)));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct PullRequest {
     pub entrypoints: Vec<Entrypoint>,
     pub open: bool,
     pub merged: bool,
+    /// Its head lives in a fork: its previews get no secrets.
+    #[serde(default)]
+    pub from_fork: bool,
     /// GitHub's `updated_at` of the newest observation applied.
     pub updated_at: Option<DateTime<Utc>>,
 }
@@ -47,6 +50,8 @@ pub struct Observation {
     pub entrypoints: Vec<Entrypoint>,
     pub open: bool,
     pub merged: bool,
+    /// The head repository is not the base repository.
+    pub from_fork: bool,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -66,6 +71,9 @@ pub enum PullRequestEvent {
         base_branch: BranchName,
         head_sha: CommitSha,
         entrypoints: Vec<Entrypoint>,
+        /// Added after the first release; absent means not from a fork.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        from_fork: bool,
         updated_at: DateTime<Utc>,
     },
     PullRequestSynchronized {
@@ -123,6 +131,7 @@ impl Aggregate for PullRequestAggregate {
                 base_branch: seen.base_branch,
                 head_sha: seen.head_sha,
                 entrypoints: seen.entrypoints,
+                from_fork: seen.from_fork,
                 updated_at: seen.updated_at,
             }];
             if !seen.open {
@@ -153,7 +162,18 @@ impl Aggregate for PullRequestAggregate {
     fn apply(mut state: PullRequest, event: &PullRequestEvent) -> PullRequest {
         use PullRequestEvent as E;
         match event {
-            E::PullRequestOpened { pull_request_id, project_id, number, head_branch, base_branch, head_sha, entrypoints, updated_at } => {
+            E::PullRequestOpened {
+                pull_request_id,
+                project_id,
+                number,
+                head_branch,
+                base_branch,
+                head_sha,
+                entrypoints,
+                from_fork,
+                updated_at,
+            } => {
+                state.from_fork = *from_fork;
                 state.id = Some(*pull_request_id);
                 state.project_id = Some(*project_id);
                 state.number = *number;
@@ -218,6 +238,7 @@ mod tests {
             entrypoints: main_w(),
             open,
             merged: false,
+            from_fork: false,
             updated_at: t(minute),
         })
     }
@@ -230,6 +251,7 @@ mod tests {
             base_branch: BranchName::parse("main").expect("valid"),
             head_sha: sha(c),
             entrypoints: main_w(),
+            from_fork: false,
             updated_at: t(minute),
         }
     }

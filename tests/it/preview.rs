@@ -507,6 +507,106 @@ async fn a_killed_worker_process_takes_its_previews_down_and_the_next_worker_bri
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secrets_reach_the_app_but_never_a_log_the_database_or_a_fork() {
+    const CANARY: &str = "canary-7f3a9c1e-never-print-me";
+    let key = understudy_adapters::secrets::SecretKey::generate();
+    let mut previews = Previews::start_with(false).await;
+    let mut config = (*previews.env.runtime.preview).clone();
+    config.secret_key = Some(understudy_adapters::secrets::SecretKey::from_base64(&key).expect("key"));
+    previews.env.runtime.preview = Arc::new(config);
+    previews.spawn_worker("worker-secrets");
+
+    previews.push("node-hello", "local/secretive");
+    let app =
+        "require('http').createServer((q, r) => r.end(`token=${process.env.API_TOKEN || ''}\\n`)).listen(process.env.PORT, '127.0.0.1');\n";
+    let commit = previews.push_change(
+        "local/secretive",
+        &[("secret.js", app), ("understudy.toml", "build = \"echo building with $API_TOKEN\"\nstart = \"node secret.js\"\n")],
+    );
+    let bare = previews.tmp.path().join("git/local/secretive.git");
+    let project = local_git::add_project(&previews.env.runtime.store, bare.to_str().expect("utf-8"), "main", None).await.expect("add");
+    let project = project.id.expect("id");
+
+    // Set through the CLI, the value on standard input, as an operator would.
+    let mut cli = tokio::process::Command::new(understudy_bin())
+        .args(["secret", "set", "--project", &project.to_string(), "API_TOKEN"])
+        .env("DATABASE_URL", &previews.env.database_url)
+        .env("UNDERSTUDY_SECRET_KEY", &key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("understudy secret set");
+    cli.stdin.take().expect("stdin").write_all(format!("{CANARY}\n").as_bytes()).await.expect("write");
+    let output = cli.wait_with_output().await.expect("wait");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    let listed = std::process::Command::new(understudy_bin())
+        .args(["secret", "list", "--project", &project.to_string()])
+        .env("DATABASE_URL", &previews.env.database_url)
+        .output()
+        .expect("list");
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(listed.starts_with("API_TOKEN\tall\t") && !listed.contains(CANARY), "names only: {listed}");
+
+    // The production branch gets it: the app sees it, the build log shows it redacted.
+    let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    let main = EnvironmentId::derive(
+        project,
+        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    );
+    assert_eq!(previews.settled(main, &["Ready", "Failed"]).await.0, "Ready");
+    let body = previews.preview(main, "/").send().await.expect("preview").text().await.expect("body");
+    assert_eq!(body, format!("token={CANARY}\n"), "the app got the secret");
+    let (build, _) = previews.log(main, "build", 0).await;
+    assert!(build.contains("building with [redacted]") && build.contains("secrets given: API_TOKEN"), "{build}");
+
+    // A pull request from a fork builds without it.
+    let spec = spec(project, 7, ".");
+    let pull_request = understudy_domain::ids::PullRequestId::derive(project, 7);
+    let observe = understudy_domain::pull_request::Observation {
+        pull_request_id: pull_request,
+        project_id: project,
+        number: 7,
+        head_branch: BranchName::parse("feature-7").expect("branch"),
+        base_branch: BranchName::parse("main").expect("branch"),
+        head_sha: commit.clone(),
+        entrypoints: vec![Entrypoint::parse(".").expect("entrypoint")],
+        open: true,
+        merged: false,
+        from_fork: true,
+        updated_at: Utc::now(),
+    };
+    let store = &previews.env.runtime.store;
+    store
+        .pull_requests
+        .execute(pull_request.0, understudy_domain::pull_request::PullRequestCommand::Observe(observe), meta())
+        .await
+        .expect("observe");
+    let fork = env_id(&spec);
+    let request = EnvironmentCommand::RequestDeployment {
+        environment_id: fork,
+        spec,
+        deployment_id: DeploymentId(Uuid::new_v4()),
+        commit,
+        at: Utc::now(),
+    };
+    store.environments.execute(fork.0, request, meta()).await.expect("request");
+    assert_eq!(previews.settled(fork, &["Ready", "Failed"]).await.0, "Ready");
+    let body = previews.preview(fork, "/").send().await.expect("preview").text().await.expect("body");
+    assert_eq!(body, "token=\n", "a fork's preview has no secrets");
+    let (build, _) = previews.log(fork, "build", 0).await;
+    assert!(build.contains("comes from a fork: built without the project's secrets"), "{build}");
+
+    // Nowhere in the database: not in the event log, the read models or the logs.
+    let dump = std::process::Command::new("pg_dump").args(["--data-only", &previews.env.database_url]).output().expect("pg_dump");
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("SecretSet"), "the dump holds the sealed secret's event");
+    assert!(!dump.contains(CANARY), "the plain value is nowhere in the database");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deployment_whose_worker_died_is_taken_over_when_its_lease_expires() {
     let mut previews = Previews::start_with(false).await;
     let (environment, deployment) = previews.deploy("node-hello", ".").await;

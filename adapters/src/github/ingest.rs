@@ -275,6 +275,8 @@ impl Ingest {
                     entrypoints,
                     open: pr.state == "open",
                     merged: pr.merged.unwrap_or(false),
+                    // A head in another repository (or in a fork since deleted) is a fork's.
+                    from_fork: pr.head.repo.as_ref().is_none_or(|head| head.id != p.repository.id),
                     updated_at: pr.updated_at,
                 };
                 let after = self.store.pull_requests.execute(id.0, PullRequestCommand::Observe(observation), meta.clone()).await?.state;

@@ -72,6 +72,14 @@ pub struct GitRef {
     #[serde(rename = "ref")]
     pub branch: String,
     pub sha: String,
+    /// The repository the ref lives in; `null` when a fork was deleted.
+    #[serde(default)]
+    pub repo: Option<RefRepository>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RefRepository {
+    pub id: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -31,6 +31,8 @@ pub struct PreviewConfig {
     /// Serve previews to anyone who reaches the proxy. Until sign-in exists this is the only
     /// access rule: off, the proxy refuses every preview.
     pub public: bool,
+    /// Opens the projects' secrets to inject them; none: a project with secrets fails to build.
+    pub secret_key: Option<crate::secrets::SecretKey>,
     /// `http` or `https`, for the URLs handed out.
     pub preview_scheme: String,
     /// The directory holding the Wing toolchain (`node_modules/.bin/wing`), shown read-only at
@@ -62,6 +64,7 @@ impl PreviewConfig {
             git_base: "https://github.com".into(),
             preview_domain,
             public: true,
+            secret_key: None,
             preview_scheme: "http".into(),
             wing_toolchain: None,
             rust_toolchain: None,

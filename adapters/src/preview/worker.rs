@@ -47,7 +47,7 @@ pub struct Worker {
 }
 
 /// One claimed deployment.
-#[derive(Debug, Clone)]
+#[derive(Clone)] // no Debug: it holds secret values
 struct Job {
     environment: EnvironmentId,
     deployment: DeploymentId,
@@ -55,6 +55,10 @@ struct Job {
     commit: String,
     entrypoint: String,
     attempts: i32,
+    /// Hides the deployment's secret values in every log line (set once they are known).
+    redactor: Redactor,
+    /// The project's secrets this deployment gets, as environment variables.
+    secrets: Vec<(String, String)>,
 }
 
 /// Why a pipeline step stopped.
@@ -182,6 +186,8 @@ impl Worker {
                     commit,
                     entrypoint,
                     attempts,
+                    redactor: Redactor::default(),
+                    secrets: Vec::new(),
                 });
             }
         }
@@ -197,7 +203,7 @@ impl Worker {
         let meta = self.metadata(&job).await;
         let outcome = self.pipeline(&job, &meta, &stop).await;
         heartbeat.abort();
-        let build = self.logs.stream(job.deployment.0, "build", Redactor::default());
+        let build = self.logs.stream(job.deployment.0, "build", job.redactor.clone());
         METRICS.preview_deployments.inc(match &outcome {
             Ok(()) => "served",
             Err(Stop::Quiet(_)) => "stopped",
@@ -372,10 +378,13 @@ impl Worker {
             return Err(Stop::User(FailedStage::Build, "the project has no repository".into()));
         };
         let restart = deployment.status == DeploymentStatus::Ready;
+        let (secrets, secrets_note) = self.secrets_for(job, &project, state.spec.as_ref()).await?;
+        let redactor = Redactor::new(secrets.iter().map(|(_, value)| value.clone()));
+        let job = &Job { redactor, secrets, ..job.clone() };
         if deployment.status == DeploymentStatus::Requested {
             self.command(job, meta, EnvironmentCommand::StartBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
         }
-        self.logs.stream(job.deployment.0, "build", Redactor::default()).line(format!(
+        self.logs.stream(job.deployment.0, "build", job.redactor.clone()).line(format!(
             "understudy: {} {} of {repository} at {} (attempt {}) on worker {}",
             if restart { "restarting" } else { "building" },
             job.entrypoint,
@@ -383,6 +392,9 @@ impl Worker {
             job.attempts,
             self.id
         ));
+        if let Some(note) = secrets_note {
+            self.logs.stream(job.deployment.0, "build", job.redactor.clone()).line(format!("understudy: {note}"));
+        }
         // Until it is Ready, a deployment stops as soon as a newer commit supersedes it or its
         // environment goes: `work` is cancelled then, and every step below watches it.
         let work = stop.child_token();
@@ -401,6 +413,53 @@ impl Worker {
         self.serve(job, &mut app, stop).await
     }
 
+    /// The secrets this deployment gets (opened), and a note for its build log. A pull request
+    /// from a fork gets none; a secret whose scope does not cover the target is left out.
+    async fn secrets_for(
+        &self,
+        job: &Job,
+        project: &understudy_domain::project::Project,
+        spec: Option<&understudy_domain::environment::EnvironmentSpec>,
+    ) -> Result<(Vec<(String, String)>, Option<String>), Stop> {
+        if project.secrets.is_empty() {
+            return Ok((vec![], None));
+        }
+        let Some(spec) = spec else { return Ok((vec![], None)) };
+        if let understudy_domain::values::Target::PullRequest { number, .. } = &spec.target {
+            if self.is_from_a_fork(job, *number).await {
+                return Ok((vec![], Some(format!("pull request #{number} comes from a fork: built without the project's secrets"))));
+            }
+        }
+        let Some(key) = &self.config.secret_key else {
+            return Err(Stop::User(
+                FailedStage::Build,
+                "the project has secrets, but this worker has no secret key to open them (UNDERSTUDY_SECRET_KEY)".into(),
+            ));
+        };
+        let mut opened = Vec::new();
+        for (name, secret) in &project.secrets {
+            if !secret.scope.covers(&spec.target, project.production_branch.as_ref()) {
+                continue;
+            }
+            let value = key
+                .open(understudy_domain::ids::ProjectId(job.project), name, &secret.sealed)
+                .map_err(|e| Stop::User(FailedStage::Build, e.to_string()))?;
+            opened.push((name.clone(), value));
+        }
+        let names: Vec<&str> = opened.iter().map(|(name, _)| name.as_str()).collect();
+        let note = (!names.is_empty()).then(|| format!("secrets given: {}", names.join(", ")));
+        Ok((opened, note))
+    }
+
+    /// Whether pull request `number` of the job's project comes from a fork (unknown: yes).
+    async fn is_from_a_fork(&self, job: &Job, number: u64) -> bool {
+        let id = understudy_domain::ids::PullRequestId::derive(understudy_domain::ids::ProjectId(job.project), number);
+        match self.store.pull_requests.load(id.0).await {
+            Ok(state) => state.inner().updated_at.is_none() || state.inner().from_fork,
+            Err(_) => true,
+        }
+    }
+
     /// Fetch, detect, build, start, health check, route and report Ready.
     async fn build_and_start(
         &self,
@@ -413,7 +472,7 @@ impl Worker {
     ) -> Result<(Sandboxed, Plan, Vec<(String, String)>), Stop> {
         // Fetch.
         let build_started = Instant::now();
-        let build_log = self.logs.stream(job.deployment.0, "build", Redactor::default());
+        let build_log = self.logs.stream(job.deployment.0, "build", job.redactor.clone());
         let (deployment_dir, _) = self.dirs(job);
         let checkout = deployment_dir.join("src");
         if deployment_dir.exists() {
@@ -440,7 +499,8 @@ impl Worker {
             Err(error) => return Err(Stop::User(FailedStage::Build, error.to_string())),
         };
         build_log.line(format!("understudy: stack {}", plan.stack.as_str()));
-        let plan_env: Vec<(String, String)> = plan.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut plan_env: Vec<(String, String)> = plan.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        plan_env.extend(job.secrets.iter().cloned());
 
         // Build (a restart too: its work dir was lost with the worker that ran it).
         if let Some(install) = &plan.install {
@@ -457,7 +517,7 @@ impl Worker {
         }
 
         // Start, up to three times.
-        let run_log = self.logs.stream(job.deployment.0, "run", Redactor::default());
+        let run_log = self.logs.stream(job.deployment.0, "run", job.redactor.clone());
         let spec = self.sandbox(job, "app", false, &plan_env);
         let start_started = Instant::now();
         let mut app = None;
@@ -649,7 +709,7 @@ impl Worker {
         let results = match &plan.tests {
             Tests::None => return Ok(()),
             Tests::Command(line) => {
-                let log = self.logs.stream(job.deployment.0, format!("test:{line}"), Redactor::default());
+                let log = self.logs.stream(job.deployment.0, format!("test:{line}"), job.redactor.clone());
                 let spec = self.sandbox(job, "test", false, plan_env);
                 let started = Instant::now();
                 let outcome = match self.step(&spec, line, &log, self.config.test_timeout, stop).await {
@@ -679,7 +739,7 @@ impl Worker {
         plan_env: &[(String, String)],
         stop: &CancellationToken,
     ) -> Result<Vec<(String, TestOutcome, Option<Duration>)>, Stop> {
-        let log = self.logs.stream(job.deployment.0, "test", Redactor::default());
+        let log = self.logs.stream(job.deployment.0, "test", job.redactor.clone());
         let spec = self.sandbox(job, "test", false, plan_env);
         let results_file = "/run/understudy/test-results.json";
         let line = format!("wing test {} -o {results_file}", stack::shell_quote(entrypoint));
@@ -701,7 +761,7 @@ impl Worker {
         }
         let mut results = Vec::new();
         for test in parsed {
-            let test_log = self.logs.stream(job.deployment.0, format!("test:{}", test.name), Redactor::default());
+            let test_log = self.logs.stream(job.deployment.0, format!("test:{}", test.name), job.redactor.clone());
             for trace in &test.traces {
                 test_log.line(trace);
             }

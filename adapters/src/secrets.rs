@@ -1,0 +1,170 @@
+//! Project secrets, sealed: XChaCha20-Poly1305 (RustCrypto's `chacha20poly1305`) with a random
+//! 192-bit nonce per value, and the project id and secret name as associated data, so a sealed
+//! value cannot be moved to another project or name. The event log only ever holds the sealed
+//! form; the plain value exists in memory while it is set and while a worker injects it.
+//!
+//! The key: `UNDERSTUDY_SECRET_KEY` (32 bytes, base64), or the file `UNDERSTUDY_SECRET_KEY_FILE`
+//! names; `understudy up` creates `{data dir}/secret.key` on first start. Each sealed value
+//! records the id of the key that sealed it (the first 8 bytes of the key's SHA-256, in hex).
+
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use sha2::Digest;
+use understudy_domain::ids::ProjectId;
+use understudy_domain::project::SealedValue;
+
+/// The largest secret value accepted.
+pub const MAX_VALUE: usize = 32 * 1024;
+
+#[derive(Clone)]
+pub struct SecretKey {
+    id: String,
+    cipher: XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretKey").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("the secret key must be 32 bytes, base64-encoded ({0})")]
+    BadKey(String),
+    #[error("secret {name} was sealed with key {sealed_with}, but this process has key {have}: set the key that sealed it")]
+    WrongKey { name: String, sealed_with: String, have: String },
+    #[error("secret {0} does not open: it was altered, or sealed for another project or name")]
+    Tampered(String),
+    #[error("a secret value must be 1 to {MAX_VALUE} bytes of UTF-8")]
+    BadValue,
+}
+
+impl SecretKey {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SecretError> {
+        if bytes.len() != 32 {
+            return Err(SecretError::BadKey(format!("got {} bytes", bytes.len())));
+        }
+        let digest = sha2::Sha256::digest(bytes);
+        let cipher = XChaCha20Poly1305::new_from_slice(bytes).map_err(|e| SecretError::BadKey(e.to_string()))?;
+        Ok(Self { id: hex::encode(&digest[..8]), cipher })
+    }
+
+    pub fn from_base64(text: &str) -> Result<Self, SecretError> {
+        let bytes = BASE64.decode(text.trim()).map_err(|e| SecretError::BadKey(e.to_string()))?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// A new random key, base64-encoded.
+    pub fn generate() -> String {
+        let mut bytes = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+        BASE64.encode(bytes)
+    }
+
+    /// The key from `UNDERSTUDY_SECRET_KEY` or `UNDERSTUDY_SECRET_KEY_FILE`; `None` when neither
+    /// is set.
+    pub fn from_env() -> anyhow::Result<Option<Self>> {
+        if let Ok(text) = std::env::var("UNDERSTUDY_SECRET_KEY") {
+            return Ok(Some(Self::from_base64(&text)?));
+        }
+        if let Ok(path) = std::env::var("UNDERSTUDY_SECRET_KEY_FILE") {
+            let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("UNDERSTUDY_SECRET_KEY_FILE {path}: {e}"))?;
+            return Ok(Some(Self::from_base64(&text)?));
+        }
+        Ok(None)
+    }
+
+    /// The key in `path`, created (readable by its owner only) when missing.
+    pub fn load_or_create(path: &Path) -> anyhow::Result<Self> {
+        if !path.exists() {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+            file.write_all(Self::generate().as_bytes())?;
+        }
+        Ok(Self::from_base64(&std::fs::read_to_string(path)?)?)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn associated_data(project: ProjectId, name: &str) -> Vec<u8> {
+        format!("understudy:secret:{project}:{name}").into_bytes()
+    }
+
+    pub fn seal(&self, project: ProjectId, name: &str, value: &str) -> Result<SealedValue, SecretError> {
+        if value.is_empty() || value.len() > MAX_VALUE {
+            return Err(SecretError::BadValue);
+        }
+        let mut nonce = [0u8; 24];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+        let aad = Self::associated_data(project, name);
+        let ciphertext = self
+            .cipher
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: value.as_bytes(), aad: &aad })
+            .map_err(|_| SecretError::BadValue)?;
+        Ok(SealedValue { key_id: self.id.clone(), nonce: BASE64.encode(nonce), ciphertext: BASE64.encode(ciphertext) })
+    }
+
+    pub fn open(&self, project: ProjectId, name: &str, sealed: &SealedValue) -> Result<String, SecretError> {
+        if sealed.key_id != self.id {
+            return Err(SecretError::WrongKey { name: name.into(), sealed_with: sealed.key_id.clone(), have: self.id.clone() });
+        }
+        let tampered = || SecretError::Tampered(name.to_string());
+        let nonce = BASE64.decode(&sealed.nonce).map_err(|_| tampered())?;
+        let ciphertext = BASE64.decode(&sealed.ciphertext).map_err(|_| tampered())?;
+        if nonce.len() != 24 {
+            return Err(tampered());
+        }
+        let aad = Self::associated_data(project, name);
+        let plain = self.cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: &aad }).map_err(|_| tampered())?;
+        String::from_utf8(plain).map_err(|_| tampered())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn sealed_values_open_only_with_their_key_project_and_name() {
+        let key = SecretKey::from_base64(&SecretKey::generate()).expect("key");
+        let project = ProjectId(Uuid::new_v4());
+        let sealed = key.seal(project, "API_TOKEN", "canary-1234").expect("seal");
+        assert!(!sealed.ciphertext.contains("canary"), "the ciphertext is not the value");
+        assert_eq!(key.open(project, "API_TOKEN", &sealed).expect("open"), "canary-1234");
+        assert_ne!(key.seal(project, "API_TOKEN", "canary-1234").expect("seal").nonce, sealed.nonce, "a fresh nonce each time");
+
+        assert!(matches!(key.open(ProjectId(Uuid::new_v4()), "API_TOKEN", &sealed), Err(SecretError::Tampered(_))));
+        assert!(matches!(key.open(project, "OTHER", &sealed), Err(SecretError::Tampered(_))));
+        let mut altered = sealed.clone();
+        altered.ciphertext = BASE64.encode(b"not the ciphertext at all, really");
+        assert!(matches!(key.open(project, "API_TOKEN", &altered), Err(SecretError::Tampered(_))));
+        let other = SecretKey::from_base64(&SecretKey::generate()).expect("key");
+        assert!(matches!(other.open(project, "API_TOKEN", &sealed), Err(SecretError::WrongKey { .. })));
+
+        assert!(matches!(key.seal(project, "X", ""), Err(SecretError::BadValue)));
+        assert!(SecretKey::from_base64("c2hvcnQ=").is_err(), "a short key is refused");
+    }
+
+    #[test]
+    fn a_key_file_is_created_once_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("secret.key");
+        let first = SecretKey::load_or_create(&path).expect("create");
+        let again = SecretKey::load_or_create(&path).expect("load");
+        assert_eq!(first.id(), again.id());
+        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
+    }
+}
