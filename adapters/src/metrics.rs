@@ -95,6 +95,8 @@ pub struct Metrics {
     pub preview_deployments: LabeledCounter,
     pub sandboxes_running: AtomicI64,
     pub sandbox_oom_kills: AtomicU64,
+    /// Apps restarted because they stopped answering their health check.
+    pub preview_restarts: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -111,6 +113,7 @@ pub static METRICS: Metrics = Metrics {
     preview_deployments: LabeledCounter::new(),
     sandboxes_running: AtomicI64::new(0),
     sandbox_oom_kills: AtomicU64::new(0),
+    preview_restarts: AtomicU64::new(0),
 };
 
 impl Metrics {
@@ -144,5 +147,8 @@ impl Metrics {
         out.push_str("# HELP understudy_sandbox_oom_kills_total Sandboxes whose memory limit killed a process.\n");
         out.push_str("# TYPE understudy_sandbox_oom_kills_total counter\n");
         out.push_str(&format!("understudy_sandbox_oom_kills_total {}\n", self.sandbox_oom_kills.load(Ordering::Relaxed)));
+        out.push_str("# HELP understudy_preview_restarts_total Previews restarted because they stopped answering their health check.\n");
+        out.push_str("# TYPE understudy_preview_restarts_total counter\n");
+        out.push_str(&format!("understudy_preview_restarts_total {}\n", self.preview_restarts.load(Ordering::Relaxed)));
     }
 }

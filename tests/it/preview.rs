@@ -66,6 +66,16 @@ impl Previews {
         previews
     }
 
+    /// With a worker whose configuration `change` adjusted.
+    async fn start_configured(change: impl FnOnce(&mut PreviewConfig)) -> Previews {
+        let mut previews = Self::start_with(false).await;
+        let mut config = (*previews.env.runtime.preview).clone();
+        change(&mut config);
+        previews.env.runtime.preview = Arc::new(config);
+        previews.spawn_worker("worker-configured");
+        previews
+    }
+
     fn spawn_worker(&mut self, id: &str) {
         self.env.runtime.spawn_worker(id.into(), self.cancel.clone(), &mut self.tasks);
     }
@@ -510,11 +520,8 @@ async fn a_killed_worker_process_takes_its_previews_down_and_the_next_worker_bri
 async fn secrets_reach_the_app_but_never_a_log_the_database_or_a_fork() {
     const CANARY: &str = "canary-7f3a9c1e-never-print-me";
     let key = understudy_adapters::secrets::SecretKey::generate();
-    let mut previews = Previews::start_with(false).await;
-    let mut config = (*previews.env.runtime.preview).clone();
-    config.secret_key = Some(understudy_adapters::secrets::SecretKey::from_base64(&key).expect("key"));
-    previews.env.runtime.preview = Arc::new(config);
-    previews.spawn_worker("worker-secrets");
+    let sealing = understudy_adapters::secrets::SecretKey::from_base64(&key).expect("key");
+    let previews = Previews::start_configured(|config| config.secret_key = Some(sealing)).await;
 
     previews.push("node-hello", "local/secretive");
     let app =
@@ -604,6 +611,44 @@ async fn secrets_reach_the_app_but_never_a_log_the_database_or_a_fork() {
     let dump = String::from_utf8_lossy(&dump.stdout);
     assert!(dump.contains("SecretSet"), "the dump holds the sealed secret's event");
     assert!(!dump.contains(CANARY), "the plain value is nowhere in the database");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_app_that_stops_answering_is_restarted_by_the_watchdog() {
+    let previews = Previews::start_configured(|config| {
+        config.health_interval = Duration::from_secs(1);
+        config.health_timeout = Duration::from_secs(1);
+        config.health_failures = 2;
+    })
+    .await;
+    // Each process of this app answers one request, then never again.
+    let hang = "let served = 0;\nrequire('http').createServer((q, r) => { if (served++ === 0) r.end('ok\\n'); }).listen(process.env.PORT, '127.0.0.1');\n";
+    previews.push("node-hello", "octo/hangs");
+    let commit = previews.push_change("octo/hangs", &[("hang.js", hang), ("understudy.toml", "start = \"node hang.js\"\n")]);
+    let project = previews.project("octo/hangs").await;
+    let spec = spec(project, 1, ".");
+    let environment = env_id(&spec);
+    let request = EnvironmentCommand::RequestDeployment {
+        environment_id: environment,
+        spec,
+        deployment_id: DeploymentId(Uuid::new_v4()),
+        commit,
+        at: Utc::now(),
+    };
+    previews.env.runtime.store.environments.execute(environment.0, request, meta()).await.expect("request");
+    assert_eq!(previews.settled(environment, &["Ready", "Failed"]).await.0, "Ready");
+
+    let run_log = eventually(Duration::from_secs(60), "the watchdog to restart the app", || async {
+        let (log, _) = previews.log(environment, "run", 0).await;
+        (log.matches("health check GET / answered 200").count() >= 2).then_some(log)
+    })
+    .await;
+    assert!(
+        run_log.contains("health check GET / failed (2 of 2)") && run_log.contains("the app stopped answering; restarting it"),
+        "{run_log}"
+    );
+    let row = previews.settled(environment, &["Ready", "Failed"]).await;
+    assert_eq!(row.0, "Ready", "a restart that works does not fail the preview: {:?}", row.2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

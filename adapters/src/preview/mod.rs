@@ -48,6 +48,11 @@ pub struct PreviewConfig {
     pub build_timeout: Duration,
     pub start_timeout: Duration,
     pub test_timeout: Duration,
+    /// While a preview serves, its health check runs this often…
+    pub health_interval: Duration,
+    /// …with this timeout, and this many failures in a row restart the app.
+    pub health_timeout: Duration,
+    pub health_failures: u32,
     /// A worker that stops heartbeating loses its deployments after this long.
     pub lease_ttl: Duration,
     /// Deployments one worker builds or serves at once.
@@ -74,6 +79,9 @@ impl PreviewConfig {
             build_timeout: Duration::from_secs(600),
             start_timeout: Duration::from_secs(120),
             test_timeout: Duration::from_secs(600),
+            health_interval: Duration::from_secs(10),
+            health_timeout: Duration::from_secs(5),
+            health_failures: 3,
             lease_ttl: Duration::from_secs(30),
             max_parallel: 4,
             max_attempts: 3,

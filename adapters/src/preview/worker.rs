@@ -410,7 +410,7 @@ impl Worker {
             }
         }
         // Serve until something says stop.
-        self.serve(job, &mut app, stop).await
+        self.serve(job, &mut app, &plan, &plan_env, stop).await
     }
 
     /// The secrets this deployment gets (opened), and a note for its build log. A pull request
@@ -777,7 +777,22 @@ impl Worker {
 
     /// Keeps the app running until a newer deployment of the environment serves, the
     /// environment is deactivated or terminated, the app dies, or the worker stops.
-    async fn serve(&self, job: &Job, app: &mut Sandboxed, stop: &CancellationToken) -> Result<(), Stop> {
+    async fn serve(
+        &self,
+        job: &Job,
+        app: &mut Sandboxed,
+        plan: &Plan,
+        plan_env: &[(String, String)],
+        stop: &CancellationToken,
+    ) -> Result<(), Stop> {
+        // The watchdog: the health check keeps running while the preview serves; an app that
+        // stops answering it `health_failures` times in a row is restarted (the same start,
+        // three tries), and fails the deployment only if it does not come back.
+        let spec = self.sandbox(job, "app", false, plan_env);
+        let socket = spec.run_dir.join(SOCKET);
+        let run_log = self.logs.stream(job.deployment.0, "run", job.redactor.clone());
+        let mut failures = 0;
+        let mut next_probe = Instant::now() + self.config.health_interval;
         loop {
             tokio::select! {
                 status = app.child.wait() => {
@@ -796,6 +811,44 @@ impl Worker {
                     if !self.should_serve(job).await? {
                         app.kill().await;
                         return Ok(());
+                    }
+                    if Instant::now() < next_probe {
+                        continue;
+                    }
+                    next_probe = Instant::now() + self.config.health_interval;
+                    match unix_http::probe(&socket, &plan.health_path, self.config.health_timeout).await {
+                        Ok(code) if (200..400).contains(&code) => failures = 0,
+                        other => {
+                            failures += 1;
+                            let why = match other { Ok(code) => format!("answered {code}"), Err(error) => error };
+                            run_log.line(format!(
+                                "understudy: health check GET {} failed ({failures} of {}): {why}",
+                                plan.health_path, self.config.health_failures
+                            ));
+                        }
+                    }
+                    if failures >= self.config.health_failures {
+                        run_log.line("understudy: the app stopped answering; restarting it");
+                        METRICS.preview_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        app.kill().await;
+                        let mut last = String::new();
+                        let mut restarted = None;
+                        for _ in 0..3 {
+                            match self.start(&spec, plan, &run_log, stop).await {
+                                Ok(started) => {
+                                    restarted = Some(started);
+                                    break;
+                                }
+                                Err(Stop::User(_, reason)) => last = reason,
+                                Err(other) => return Err(other),
+                            }
+                        }
+                        let Some(started) = restarted else {
+                            return Err(Stop::User(FailedStage::Start, format!("the app stopped answering its health check and did not come back: {last}")));
+                        };
+                        *app = started;
+                        failures = 0;
+                        next_probe = Instant::now() + self.config.health_interval;
                     }
                 }
             }
