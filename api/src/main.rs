@@ -165,6 +165,11 @@ enum Command {
         #[command(subcommand)]
         what: ProjectCommand,
     },
+    /// Run an environment's tests again, on its Ready deployment, each in a fresh instance.
+    Test {
+        #[command(subcommand)]
+        what: TestCommand,
+    },
     /// A project's secrets: encrypted at rest, injected into its previews, never shown again.
     Secret {
         #[command(subcommand)]
@@ -210,6 +215,15 @@ enum ProjectCommand {
         /// The production branch; the repository's default branch when omitted.
         #[arg(long)]
         branch: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestCommand {
+    /// Ask the worker serving the environment to run its tests again; results update the PR comment.
+    Run {
+        #[arg(long)]
+        environment: Uuid,
     },
 }
 
@@ -461,6 +475,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Secret { what } => return secret(&config, what).await,
+        Command::Test { what: TestCommand::Run { environment } } => {
+            let store = understudy_adapters::EventStore::new(connect_db(&config, 2).await?).await?;
+            let state = store.environments.load(environment).await?.into_inner();
+            let deployment = state.current().with_context(|| format!("no environment {environment}, or it has no deployment"))?;
+            let run_id = Uuid::new_v4();
+            let command = understudy_domain::environment::EnvironmentCommand::RequestTestRun {
+                deployment_id: deployment.id,
+                run_id,
+                at: chrono::Utc::now(),
+            };
+            let meta = understudy_domain::Metadata::new(Uuid::new_v4(), "system:cli");
+            let done = store.environments.execute(environment, command, meta).await?;
+            if done.events.is_empty() {
+                println!("a test run of deployment {} is already waiting; it will run these tests", deployment.id);
+            } else {
+                println!("test run {run_id} requested for deployment {}", deployment.id);
+            }
+            return Ok(());
+        }
         Command::Github { what: GithubCommand::AppManifest { name } } => {
             let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
             println!("{}", serde_json::to_string_pretty(&understudy_adapters::github::app_manifest(&name, &public_url))?);

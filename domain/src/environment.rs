@@ -121,6 +121,9 @@ pub struct Deployment {
     pub failure: Option<String>,
     /// Latest result per test name, in the order tests first reported.
     pub tests: Vec<TestResult>,
+    /// The latest test run asked for on demand, until a worker runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_run_requested: Option<Uuid>,
 }
 
 /// The spec of an environment as it was created.
@@ -193,6 +196,12 @@ pub enum EnvironmentCommand {
         deployment_id: DeploymentId,
         at: DateTime<Utc>,
     },
+    /// A worker took the requested test run.
+    StartTestRun {
+        deployment_id: DeploymentId,
+        run_id: Uuid,
+        at: DateTime<Utc>,
+    },
     /// The build finished; the app is starting.
     CompleteBuild {
         deployment_id: DeploymentId,
@@ -215,6 +224,12 @@ pub enum EnvironmentCommand {
         outcome: TestOutcome,
         /// How long the test ran, when the runner says.
         duration_ms: Option<u64>,
+        at: DateTime<Utc>,
+    },
+    /// Run the tests of a Ready deployment again, in fresh instances (`run_id` names the run).
+    RequestTestRun {
+        deployment_id: DeploymentId,
+        run_id: Uuid,
         at: DateTime<Utc>,
     },
     /// Idle too long: stop it; the next commit or visit brings it back.
@@ -284,6 +299,16 @@ pub enum EnvironmentEvent {
         duration_ms: Option<u64>,
         at: DateTime<Utc>,
     },
+    TestRunRequested {
+        deployment_id: DeploymentId,
+        run_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    TestRunStarted {
+        deployment_id: DeploymentId,
+        run_id: Uuid,
+        at: DateTime<Utc>,
+    },
     EnvironmentDeactivated {
         at: DateTime<Utc>,
     },
@@ -310,6 +335,8 @@ impl DomainEvent for EnvironmentEvent {
             Self::DeploymentFailed { .. } => "DeploymentFailed",
             Self::TestPassed { .. } => "TestPassed",
             Self::TestFailed { .. } => "TestFailed",
+            Self::TestRunRequested { .. } => "TestRunRequested",
+            Self::TestRunStarted { .. } => "TestRunStarted",
             Self::EnvironmentDeactivated { .. } => "EnvironmentDeactivated",
             Self::EnvironmentReactivated { .. } => "EnvironmentReactivated",
             Self::EnvironmentTerminated { .. } => "EnvironmentTerminated",
@@ -329,6 +356,8 @@ impl EnvironmentEvent {
             | Self::DeploymentFailed { at, .. }
             | Self::TestPassed { at, .. }
             | Self::TestFailed { at, .. }
+            | Self::TestRunRequested { at, .. }
+            | Self::TestRunStarted { at, .. }
             | Self::EnvironmentDeactivated { at }
             | Self::EnvironmentReactivated { at }
             | Self::EnvironmentTerminated { at, .. } => *at,
@@ -456,6 +485,25 @@ impl Aggregate for EnvironmentAggregate {
                     TestOutcome::Failed => E::TestFailed { deployment_id, test, duration_ms, at },
                 }])
             }
+            C::RequestTestRun { deployment_id, run_id, at } => {
+                let deployment = reported(state, deployment_id)?;
+                expect_status(deployment, DeploymentStatus::Ready, "running its tests")?;
+                if state.deactivated {
+                    return Err(DomainError::IllegalEnvironmentTransition { status: "Stale", action: "running tests", expected: "Ready" });
+                }
+                if deployment.test_run_requested.is_some() {
+                    // One is waiting already: it will run these tests too.
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::TestRunRequested { deployment_id, run_id, at }])
+            }
+            C::StartTestRun { deployment_id, run_id, at } => {
+                let deployment = reported(state, deployment_id)?;
+                if deployment.test_run_requested != Some(run_id) {
+                    return Err(DomainError::NotFound { entity: "test run", id: run_id.to_string() });
+                }
+                Ok(vec![E::TestRunStarted { deployment_id, run_id, at }])
+            }
             C::Deactivate { at } => {
                 existing(state)?;
                 match state.status() {
@@ -525,6 +573,7 @@ impl Aggregate for EnvironmentAggregate {
                 url: None,
                 failure: None,
                 tests: Vec::new(),
+                test_run_requested: None,
             }),
             E::DeploymentSuperseded { deployment_id, at, .. } => set(&mut state, *deployment_id, DeploymentStatus::Superseded, *at),
             E::BuildStarted { deployment_id, at } => set(&mut state, *deployment_id, DeploymentStatus::Building, *at),
@@ -553,6 +602,18 @@ impl Aggregate for EnvironmentAggregate {
                         }
                         None => d.tests.push(TestResult { name: test.clone(), outcome, duration_ms: *duration_ms, at: *at }),
                     }
+                }
+            }
+            E::TestRunRequested { deployment_id, run_id, at } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.test_run_requested = Some(*run_id);
+                    d.updated_at = *at;
+                }
+            }
+            E::TestRunStarted { deployment_id, at, .. } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.test_run_requested = None;
+                    d.updated_at = *at;
                 }
             }
             E::EnvironmentDeactivated { .. } => state.deactivated = true,
@@ -854,5 +915,31 @@ mod tests {
         let mut unknown = json;
         unknown["event"]["type"] = "SomethingNew".into();
         assert!(matches!(Recorded::<EnvironmentEvent>::from_json(unknown), Err(crate::EventDecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn tests_run_again_on_demand_only_on_a_ready_deployment_and_once_per_request() {
+        let run = Uuid::from_u128(99);
+        let request = C::RequestTestRun { deployment_id: dep(1), run_id: run, at: at(9) };
+        given::<EnvironmentAggregate>(&history_to(S::Building))
+            .when(request.clone())
+            .then_error(|e| matches!(e, DomainError::IllegalTransition { .. }));
+        let ready = history_to(S::Ready);
+        let requested = E::TestRunRequested { deployment_id: dep(1), run_id: run, at: at(9) };
+        let state = given::<EnvironmentAggregate>(&ready).when(request.clone()).then(std::slice::from_ref(&requested));
+        assert_eq!(state.current().and_then(|d| d.test_run_requested), Some(run));
+        let mut waiting = ready.clone();
+        waiting.push(requested);
+        let again = C::RequestTestRun { deployment_id: dep(1), run_id: Uuid::from_u128(100), at: at(10) };
+        given::<EnvironmentAggregate>(&waiting).when(again).then(&[]);
+        let start = C::StartTestRun { deployment_id: dep(1), run_id: run, at: at(11) };
+        let state = given::<EnvironmentAggregate>(&waiting).when(start).then(&[E::TestRunStarted {
+            deployment_id: dep(1),
+            run_id: run,
+            at: at(11),
+        }]);
+        assert_eq!(state.current().and_then(|d| d.test_run_requested), None);
+        let wrong = C::StartTestRun { deployment_id: dep(1), run_id: Uuid::from_u128(5), at: at(11) };
+        given::<EnvironmentAggregate>(&waiting).when(wrong).then_error(|e| matches!(e, DomainError::NotFound { .. }));
     }
 }

@@ -291,6 +291,30 @@ async fn a_node_app_serves_http_and_upgrades_until_its_environment_is_terminated
     assert_eq!(tests[0]["name"], "npm test");
     assert!(tests[0]["duration_ms"].as_u64().is_some_and(|ms| ms > 0), "a command's test has its duration: {tests}");
 
+    // Tests again, on demand: a fresh run whose results replace the last.
+    let cli = std::process::Command::new(understudy_bin())
+        .args(["test", "run", "--environment", &environment.0.to_string()])
+        .env("DATABASE_URL", &previews.env.database_url)
+        .output()
+        .expect("understudy test run");
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    eventually(Duration::from_secs(60), "the second test run's result", || async {
+        let passed: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE aggregate_id = $1 AND event_type = 'TestPassed'")
+            .bind(environment.0)
+            .fetch_one(previews.env.pool())
+            .await
+            .expect("count");
+        (passed == 2).then_some(())
+    })
+    .await;
+    let started: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE aggregate_id = $1 AND event_type = 'TestRunStarted'")
+        .bind(environment.0)
+        .fetch_one(previews.env.pool())
+        .await
+        .expect("count");
+    assert_eq!(started, 1);
+    assert_eq!(previews.tested(environment, 1).await.3, 1, "one test, its latest result");
+
     // An upgraded connection is spliced through both ways.
     let mut stream = tokio::net::TcpStream::connect(previews.addr).await.expect("connect");
     let host = format!("{}.{DOMAIN}", environment.0.simple());

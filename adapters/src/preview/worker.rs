@@ -410,7 +410,7 @@ impl Worker {
             }
         }
         // Serve until something says stop.
-        self.serve(job, &mut app, &plan, &plan_env, stop).await
+        self.serve(job, meta, &mut app, &plan, &plan_env, stop).await
     }
 
     /// The secrets this deployment gets (opened), and a note for its build log. A pull request
@@ -780,6 +780,7 @@ impl Worker {
     async fn serve(
         &self,
         job: &Job,
+        meta: &Metadata,
         app: &mut Sandboxed,
         plan: &Plan,
         plan_env: &[(String, String)],
@@ -811,6 +812,16 @@ impl Worker {
                     if !self.should_serve(job).await? {
                         app.kill().await;
                         return Ok(());
+                    }
+                    if let Some(run) = self.test_run_requested(job).await? {
+                        // On demand (`understudy test run`): the tests again, each in a fresh
+                        // instance, their results replacing the last ones.
+                        let command = EnvironmentCommand::StartTestRun { deployment_id: job.deployment, run_id: run, at: Utc::now() };
+                        self.command(job, meta, command).await?;
+                        self.logs.stream(job.deployment.0, "test", job.redactor.clone()).line(format!("understudy: test run {run} requested"));
+                        let started = Instant::now();
+                        self.run_tests(job, meta, plan, plan_env, stop).await?;
+                        METRICS.preview_test_seconds.observe(started.elapsed());
                     }
                     if Instant::now() < next_probe {
                         continue;
@@ -853,6 +864,19 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The on-demand test run waiting for this deployment, if any.
+    async fn test_run_requested(&self, job: &Job) -> Result<Option<Uuid>, Stop> {
+        let run: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT d->>'test_run_requested' FROM environments, jsonb_array_elements(state->'deployments') d
+             WHERE environment_id = $1 AND d->>'id' = $2",
+        )
+        .bind(job.environment.0)
+        .bind(job.deployment.0.to_string())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(run.flatten().and_then(|id| Uuid::parse_str(&id).ok()))
     }
 
     /// False once another deployment holds the environment's route, or the environment is no
