@@ -10,9 +10,11 @@ use esrs::AggregateState;
 use sqlx::PgPool;
 use thiserror::Error;
 use understudy_domain::account::AccountAggregate;
-use understudy_domain::environment::EnvironmentAggregate;
+use understudy_domain::environment::{EnvironmentAggregate, EnvironmentCommand, EnvironmentSpec};
+use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId};
 use understudy_domain::project::ProjectAggregate;
 use understudy_domain::pull_request::PullRequestAggregate;
+use understudy_domain::values::{CommitSha, Entrypoint, Target};
 use understudy_domain::{Aggregate, DomainError, Metadata, Recorded};
 use uuid::Uuid;
 
@@ -176,6 +178,29 @@ pub struct EventStore {
 }
 
 impl EventStore {
+    /// Asks for `sha` to be deployed to the environment of `project` × `target` × `entrypoint`
+    /// (created on first use). One deployment per environment × commit: its id derives from
+    /// both, so repeating the request changes nothing. Whether a new deployment was requested.
+    pub async fn deploy_commit(
+        &self,
+        project: ProjectId,
+        target: &Target,
+        entrypoint: &Entrypoint,
+        sha: &CommitSha,
+        meta: &Metadata,
+    ) -> Result<bool, CommandError> {
+        let environment_id = EnvironmentId::derive(project, target, entrypoint);
+        let deployment_id = DeploymentId(Uuid::new_v5(&environment_id.0, sha.as_str().as_bytes()));
+        let spec = EnvironmentSpec { project_id: project, target: target.clone(), entrypoint: entrypoint.clone() };
+        let command =
+            EnvironmentCommand::RequestDeployment { environment_id, spec, deployment_id, commit: sha.clone(), at: chrono::Utc::now() };
+        match self.environments.execute(environment_id.0, command, meta.clone()).await {
+            Ok(done) => Ok(!done.events.is_empty()),
+            Err(CommandError::Domain(DomainError::AlreadyExists { entity: "deployment", .. })) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     pub async fn new(pool: PgPool) -> Result<Self, sqlx::Error> {
         Ok(Self {
             accounts: AggregateStore::new(pool.clone()).await?,

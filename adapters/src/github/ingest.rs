@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use understudy_domain::account::{AccountCommand, AccountKind};
-use understudy_domain::environment::{EnvironmentCommand, EnvironmentSpec};
-use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId, PullRequestId};
+use understudy_domain::environment::EnvironmentCommand;
+use understudy_domain::ids::{EnvironmentId, ProjectId, PullRequestId};
 use understudy_domain::project::{EntrypointRule, Project, ProjectCommand};
 use understudy_domain::pull_request::{Observation, PullRequest, PullRequestCommand};
 use understudy_domain::values::{BranchName, CommitSha, Entrypoint, ProjectName, RepoFullName, Target};
@@ -473,15 +473,8 @@ impl Ingest {
         sha: &CommitSha,
         meta: &Metadata,
     ) -> Result<(), IngestError> {
-        let environment_id = EnvironmentId::derive(project, target, entrypoint);
-        // One deployment per environment × commit: a repeated delivery names the same one.
-        let deployment_id = DeploymentId(Uuid::new_v5(&environment_id.0, sha.as_str().as_bytes()));
-        let spec = EnvironmentSpec { project_id: project, target: target.clone(), entrypoint: entrypoint.clone() };
-        let command = EnvironmentCommand::RequestDeployment { environment_id, spec, deployment_id, commit: sha.clone(), at: Utc::now() };
-        match self.store.environments.execute(environment_id.0, command, meta.clone()).await {
-            Ok(_) | Err(CommandError::Domain(DomainError::AlreadyExists { entity: "deployment", .. })) => Ok(()),
-            Err(error) => Err(error.into()),
-        }
+        self.store.deploy_commit(project, target, entrypoint, sha, meta).await?;
+        Ok(())
     }
 
     async fn terminate(&self, environment: EnvironmentId, reason: &str, meta: &Metadata) -> Result<(), IngestError> {

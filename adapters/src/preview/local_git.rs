@@ -13,10 +13,10 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
-use understudy_domain::environment::{EnvironmentCommand, EnvironmentSpec};
-use understudy_domain::ids::{AccountId, DeploymentId, EnvironmentId, ProjectId};
+use understudy_domain::environment::EnvironmentCommand;
+use understudy_domain::ids::{AccountId, ProjectId};
 use understudy_domain::project::{EntrypointRule, Project, ProjectCommand};
-use understudy_domain::values::{BranchName, CommitSha, Entrypoint, ProjectName, RepoFullName, Target};
+use understudy_domain::values::{BranchName, CommitSha, ProjectName, RepoFullName, Target};
 use understudy_domain::{DomainError, Metadata};
 use uuid::Uuid;
 
@@ -118,7 +118,7 @@ impl Poller {
             let target = Target::Branch { branch };
             let files = self.root_files(id, sha).await?;
             for entrypoint in rule.select(&files) {
-                requested += usize::from(self.deploy(id, &target, &entrypoint, sha, &meta).await?);
+                requested += usize::from(self.store.deploy_commit(id, &target, &entrypoint, sha, &meta).await?);
             }
         }
         // Branches that are gone: their environments end.
@@ -138,26 +138,6 @@ impl Poller {
             }
         }
         Ok(requested)
-    }
-
-    /// Whether a new deployment was requested (false when this commit is already deployed).
-    async fn deploy(
-        &self,
-        project: ProjectId,
-        target: &Target,
-        entrypoint: &Entrypoint,
-        sha: &CommitSha,
-        meta: &Metadata,
-    ) -> anyhow::Result<bool> {
-        let environment_id = EnvironmentId::derive(project, target, entrypoint);
-        let deployment_id = DeploymentId(Uuid::new_v5(&environment_id.0, sha.as_str().as_bytes()));
-        let spec = EnvironmentSpec { project_id: project, target: target.clone(), entrypoint: entrypoint.clone() };
-        let command = EnvironmentCommand::RequestDeployment { environment_id, spec, deployment_id, commit: sha.clone(), at: Utc::now() };
-        match self.store.environments.execute(environment_id.0, command, meta.clone()).await {
-            Ok(done) => Ok(!done.events.is_empty()),
-            Err(CommandError::Domain(DomainError::AlreadyExists { entity: "deployment", .. })) => Ok(false),
-            Err(error) => Err(error.into()),
-        }
     }
 
     fn mirror(&self, project: ProjectId) -> PathBuf {
