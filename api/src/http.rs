@@ -75,6 +75,7 @@ pub fn router(schema: AppSchema, webhooks: WebhookState, readiness: Readiness, p
         .merge(metrics)
         .route("/graphiql", get(graphiql))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(Router::new().route("/.well-known/jwks.json", get(crate::proxy::jwks)).with_state(proxy.clone()))
         // Preview hosts are proxied before any route of ours is matched.
         .layer(axum::middleware::from_fn_with_state(proxy, crate::proxy::route))
 }

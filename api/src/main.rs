@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use understudy_adapters::preview::token::PreviewSigner;
 use understudy_adapters::preview::PreviewConfig;
 use understudy_adapters::secrets::SecretKey;
 use understudy_api::runtime::{supervise, GitHubSettings, Runtime};
@@ -322,6 +323,12 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
         None => understudy_adapters::preview::detect_rust_toolchain(),
     };
     preview.secret_key = secret_key(config, false)?;
+    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+    let signing_key = match std::env::var("UNDERSTUDY_PREVIEW_SIGNING_KEY_FILE") {
+        Ok(path) => PathBuf::from(path),
+        Err(_) => config.data_dir.join("preview-signing.pem"),
+    };
+    preview.signer = Some(std::sync::Arc::new(PreviewSigner::load_or_create(&cwd.join(signing_key), public_url)?));
     preview.max_parallel = config.worker_parallel.max(1);
     preview.lease_ttl = std::time::Duration::from_secs(config.lease_seconds.max(3));
     preview.limits.memory_bytes = config.sandbox_memory_mb.max(64) << 20;

@@ -14,10 +14,11 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use chrono::Utc;
 use hyper_util::rt::TokioIo;
+use understudy_adapters::preview::token::{self, PreviewSigner};
 use understudy_adapters::preview::{environment_of_host, unix_http};
 use understudy_adapters::EventStore;
 use understudy_domain::environment::EnvironmentCommand;
-use understudy_domain::ids::{DeploymentId, EnvironmentId};
+use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId};
 use understudy_domain::Metadata;
 use uuid::Uuid;
 
@@ -28,6 +29,8 @@ pub struct PreviewProxy {
     pub domain: Arc<str>,
     /// Whether previews are served at all (see `PreviewConfig::public`).
     pub public: bool,
+    /// Signs the `X-Understudy-Token` every proxied request carries.
+    pub signer: Option<Arc<PreviewSigner>>,
 }
 
 /// Middleware in front of the whole router: preview hosts are proxied, anything else goes on.
@@ -55,14 +58,14 @@ impl PreviewProxy {
                  address with UNDERSTUDY_PUBLIC_PREVIEWS=true.",
             );
         }
-        let row: Result<Option<(String, Option<String>)>, sqlx::Error> = sqlx::query_as(
-            "SELECT e.status, r.socket FROM environments e LEFT JOIN preview_routes r USING (environment_id)
+        let row: Result<Option<(String, Uuid, Option<String>)>, sqlx::Error> = sqlx::query_as(
+            "SELECT e.status, e.project_id, r.socket FROM environments e LEFT JOIN preview_routes r USING (environment_id)
              WHERE e.environment_id = $1",
         )
         .bind(environment.0)
         .fetch_optional(&self.store.pool)
         .await;
-        let (status, socket) = match row {
+        let (status, project, socket) = match row {
             Ok(Some(row)) => row,
             Ok(None) => return page(StatusCode::NOT_FOUND, "No such preview", "There is no preview environment at this address."),
             Err(error) => {
@@ -79,6 +82,15 @@ impl PreviewProxy {
             ("Stale", _) => self.wake(environment).await,
             (_, Some(socket)) => {
                 self.visited(environment).await;
+                let mut request = request;
+                // Only the proxy speaks for Understudy: whatever a client sent in its name goes.
+                request.headers_mut().remove(token::HEADER);
+                if let Some(signer) = &self.signer {
+                    let token = signer.token(environment, ProjectId(project), Utc::now().timestamp());
+                    if let Ok(value) = HeaderValue::from_str(&token) {
+                        request.headers_mut().insert(token::HEADER, value);
+                    }
+                }
                 forward(std::path::Path::new(&socket), request).await
             }
             ("Failed", None) => page(StatusCode::BAD_GATEWAY, "This preview failed", "Its build or start failed; see the build log."),
@@ -122,6 +134,18 @@ impl PreviewProxy {
         .bind(environment.0)
         .execute(&self.store.pool)
         .await;
+    }
+}
+
+/// `/.well-known/jwks.json`: the public key preview apps verify `X-Understudy-Token` with.
+pub async fn jwks(State(proxy): State<PreviewProxy>) -> Response {
+    match &proxy.signer {
+        Some(signer) => {
+            let mut response = axum::Json(signer.jwks()).into_response();
+            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+            response
+        }
+        None => (StatusCode::NOT_FOUND, "preview tokens are not signed on this node\n").into_response(),
     }
 }
 

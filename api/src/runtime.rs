@@ -94,6 +94,7 @@ impl Runtime {
             store: self.store.clone(),
             domain: Arc::from(self.preview.preview_domain.as_str()),
             public: self.preview.public,
+            signer: self.preview.signer.clone(),
         };
         let app = crate::http::router(self.schema(), webhooks, readiness, proxy);
         tasks.spawn(

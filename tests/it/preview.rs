@@ -51,6 +51,7 @@ impl Previews {
         config.rust_toolchain = understudy_adapters::preview::detect_rust_toolchain();
         config.bridge_bin = understudy_bin();
         config.lease_ttl = Duration::from_secs(3);
+        config.signer = Some(Arc::new(understudy_adapters::preview::token::PreviewSigner::generate("http://understudy.test")));
         config.start_timeout = Duration::from_secs(60);
         config.limits = Limits { memory_bytes: 1 << 30, pids: 512, cpu_millicores: 2000 };
         env.runtime.preview = Arc::new(config);
@@ -673,6 +674,52 @@ async fn an_app_that_stops_answering_is_restarted_by_the_watchdog() {
     );
     let row = previews.settled(environment, &["Ready", "Failed"]).await;
     assert_eq!(row.0, "Ready", "a restart that works does not fail the preview: {:?}", row.2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_proxied_request_carries_a_token_the_app_can_verify_and_clients_cannot_forge() {
+    use understudy_adapters::preview::token;
+    let previews = Previews::start().await;
+    let echo =
+        "require('http').createServer((q, r) => r.end(q.headers['x-understudy-token'] || 'none')).listen(process.env.PORT, '127.0.0.1');\n";
+    previews.push("node-hello", "octo/tokens");
+    let commit = previews.push_change("octo/tokens", &[("echo.js", echo), ("understudy.toml", "start = \"node echo.js\"\n")]);
+    let project = previews.project("octo/tokens").await;
+    let spec = spec(project, 1, ".");
+    let environment = env_id(&spec);
+    let request = EnvironmentCommand::RequestDeployment {
+        environment_id: environment,
+        spec,
+        deployment_id: DeploymentId(Uuid::new_v4()),
+        commit,
+        at: Utc::now(),
+    };
+    previews.env.runtime.store.environments.execute(environment.0, request, meta()).await.expect("request");
+    assert_eq!(previews.settled(environment, &["Ready", "Failed"]).await.0, "Ready");
+
+    let received = previews
+        .preview(environment, "/")
+        .header("x-understudy-token", "forged")
+        .send()
+        .await
+        .expect("preview")
+        .text()
+        .await
+        .expect("body");
+    assert_ne!(received, "forged", "a client's token never reaches the app");
+    let jwks: serde_json::Value = previews
+        .http
+        .get(format!("http://{}/.well-known/jwks.json", previews.addr))
+        .send()
+        .await
+        .expect("jwks")
+        .json()
+        .await
+        .expect("json");
+    let claims = token::verify(&received, &jwks, Utc::now().timestamp()).expect("the app can verify it");
+    assert_eq!(claims.sub, environment.to_string());
+    assert_eq!(claims.project, project.to_string());
+    assert!(claims.exp - Utc::now().timestamp() <= token::LIFETIME_SECONDS, "short-lived");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,6 +9,7 @@ pub mod logs;
 pub mod sandbox;
 pub mod stack;
 pub mod sweep;
+pub mod token;
 pub mod unix_http;
 pub mod worker;
 
@@ -31,6 +32,8 @@ pub struct PreviewConfig {
     /// Serve previews to anyone who reaches the proxy. Until sign-in exists this is the only
     /// access rule: off, the proxy refuses every preview.
     pub public: bool,
+    /// Signs the token the proxy hands every preview request (`token.rs`); none: no token.
+    pub signer: Option<std::sync::Arc<token::PreviewSigner>>,
     /// Opens the projects' secrets to inject them; none: a project with secrets fails to build.
     pub secret_key: Option<crate::secrets::SecretKey>,
     /// `http` or `https`, for the URLs handed out.
@@ -70,6 +73,7 @@ impl PreviewConfig {
             preview_domain,
             public: true,
             secret_key: None,
+            signer: None,
             preview_scheme: "http".into(),
             wing_toolchain: None,
             rust_toolchain: None,
