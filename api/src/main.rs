@@ -292,7 +292,31 @@ fn main() -> ExitCode {
 }
 
 fn require(value: &Option<String>, name: &str) -> anyhow::Result<String> {
-    value.clone().with_context(|| format!("{name} is not set: set it, or use `understudy up` to start a private one"))
+    value.clone().with_context(|| {
+        format!("{name} is not set: set it, or start `understudy up` (its private servers are then found through the data dir)")
+    })
+}
+
+/// Where a running `up` writes the URLs of its private Postgres and NATS, so that the other
+/// commands, run from the same directory, reach them without configuration.
+fn urls_file(config: &Config) -> PathBuf {
+    config.data_dir.join("urls.env")
+}
+
+/// Fills unset URLs from a running `up`'s `urls.env`.
+fn with_private_urls(mut config: Config) -> Config {
+    if config.database_url.is_some() && config.nats_url.is_some() {
+        return config;
+    }
+    let Ok(text) = std::fs::read_to_string(urls_file(&config)) else { return config };
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some(("DATABASE_URL", url)) if config.database_url.is_none() => config.database_url = Some(url.to_string()),
+            Some(("NATS_URL", url)) if config.nats_url.is_none() => config.nats_url = Some(url.to_string()),
+            _ => {}
+        }
+    }
+    config
 }
 
 /// Postgres alone, for the commands that only read or rebuild data.
@@ -402,7 +426,10 @@ fn worker_id() -> String {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = cli.config;
+    let config = match cli.command {
+        Command::Up => cli.config,
+        _ => with_private_urls(cli.config),
+    };
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
     match cli.command {
@@ -521,6 +548,13 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         let embedded = understudy_adapters::embedded::Embedded::start(&config.data_dir).await?;
         config.database_url.get_or_insert_with(|| embedded.database_url().to_string());
         config.nats_url.get_or_insert_with(|| embedded.nats_url().to_string());
+        let urls = format!("DATABASE_URL={}\nNATS_URL={}\n", embedded.database_url(), embedded.nats_url());
+        std::fs::write(urls_file(&config), urls).context("writing the private servers' URLs")?;
+        eprintln!(
+            "private Postgres at {}, NATS at {} (other understudy commands run here find them)",
+            embedded.database_url(),
+            embedded.nats_url()
+        );
         Some(embedded)
     } else {
         None
@@ -541,6 +575,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
     }
     .await;
     if let Some(embedded) = embedded {
+        let _ = std::fs::remove_file(urls_file(&config));
         embedded.stop().await.context("stopping the private Postgres and NATS")?;
     }
     result
