@@ -84,6 +84,8 @@ struct Repo {
     default_branch: String,
     root_files: Vec<String>,
     root_files_at: HashMap<String, Vec<String>>,
+    /// File texts by (ref, path).
+    files: HashMap<(String, String), String>,
 }
 
 struct Failure {
@@ -179,7 +181,7 @@ impl FakeGitHub {
     /// unless overridden). A name ending in `/` is listed as a directory.
     pub fn set_repo(&self, full_name: &str, id: u64, default_branch: &str, root_files: &[&str]) {
         let mut inner = lock(&self.shared);
-        let root_files_at = inner.repos.remove(&full_name.to_lowercase()).map(|r| r.root_files_at).unwrap_or_default();
+        let (root_files_at, files) = inner.repos.remove(&full_name.to_lowercase()).map(|r| (r.root_files_at, r.files)).unwrap_or_default();
         inner.repos.insert(
             full_name.to_lowercase(),
             Repo {
@@ -188,11 +190,19 @@ impl FakeGitHub {
                 default_branch: default_branch.to_string(),
                 root_files: root_files.iter().map(|s| s.to_string()).collect(),
                 root_files_at,
+                files,
             },
         );
     }
 
     /// Overrides the root listing at one commit sha (or any other ref name).
+    /// Serves `text` as the file `path` at `sha` (`GET …/contents/{path}?ref={sha}`).
+    pub fn set_file_at(&self, full_name: &str, sha: &str, path: &str, text: &str) {
+        let mut inner = lock(&self.shared);
+        let repo = inner.repos.get_mut(&full_name.to_lowercase()).expect("set_repo first");
+        repo.files.insert((sha.to_string(), path.to_string()), text.to_string());
+    }
+
     pub fn set_root_files_at(&self, full_name: &str, sha: &str, root_files: &[&str]) {
         let mut inner = lock(&self.shared);
         let repo = inner.repos.get_mut(&full_name.to_lowercase()).unwrap_or_else(|| panic!("set_repo({full_name:?}, …) first"));
@@ -356,6 +366,7 @@ fn repo_route(
     match (method, rest) {
         (&Method::GET, []) => json_response(StatusCode::OK, inner.repo_json(key)),
         (&Method::GET, ["contents"]) => inner.contents(key, query),
+        (&Method::GET, ["contents", path]) => inner.file(key, path, query),
         (&Method::GET, ["issues", number, "comments"]) => match number.parse::<u64>() {
             Ok(number) => inner.list_comments(&full_name, number, query),
             Err(_) => not_found(),
@@ -606,6 +617,23 @@ impl Inner {
             value[field] = json!(format!("{api}{suffix}"));
         }
         value
+    }
+
+    /// A file as GitHub's contents API returns it: JSON with the text in base64.
+    fn file(&self, key: &str, path: &str, query: &HashMap<String, String>) -> Response {
+        use base64::Engine;
+        let repo = &self.repos[key];
+        let git_ref = query.get("ref").cloned().unwrap_or_else(|| repo.default_branch.clone());
+        match repo.files.get(&(git_ref, path.to_string())) {
+            Some(text) => json_response(
+                StatusCode::OK,
+                json!({
+                    "type": "file", "encoding": "base64", "name": path, "path": path, "size": text.len(),
+                    "content": base64::engine::general_purpose::STANDARD.encode(text),
+                }),
+            ),
+            None => not_found(),
+        }
     }
 
     fn contents(&self, key: &str, query: &HashMap<String, String>) -> Response {

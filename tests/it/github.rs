@@ -275,6 +275,13 @@ async fn a_pull_request_of_a_wing_app_is_built_tested_and_reported_for_real() {
     })
     .await;
     assert_eq!(run["conclusion"], "failure", "{run:#}");
+    // The worker's events share the webhook's correlation: one trace from delivery to results.
+    let caused =
+        understudy_adapters::global_log::caused_by(app.env.pool(), Uuid::new_v5(&Uuid::NAMESPACE_URL, b"d-opened")).await.expect("trace");
+    let types: Vec<&str> = caused.iter().map(|e| e.event_type.as_str()).collect();
+    for worker_event in ["BuildStarted", "DeploymentReady", "TestFailed"] {
+        assert!(types.contains(&worker_event), "{worker_event} in the trace: {types:?}");
+    }
 
     // The preview answers through the proxy; closing the pull request tears it down.
     let project = understudy_adapters::github::project_id(repo_id);
@@ -293,6 +300,28 @@ async fn a_pull_request_of_a_wing_app_is_built_tested_and_reported_for_real() {
     assert_eq!(app.deliver("pull_request", "d-closed", &closed).await.0, 202);
     comment_where(&app, &repo, "the row terminated", |b| b.contains("🛑 Terminated")).await;
     eventually(Duration::from_secs(30), "the preview to be gone", || async { (preview().await.ok()?.status() == 410).then_some(()) }).await;
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_repository_file_at_the_head_chooses_the_entrypoints() {
+    let app = App::start().await;
+    let opened = fixture("pull_request.opened");
+    let (repo, repo_id) = repo_of(&opened);
+    let sha = opened["pull_request"]["head"]["sha"].as_str().expect("sha").to_string();
+    app.github.set_repo(&repo, repo_id, "main", &["main.w", "api.main.w", "understudy.toml"]);
+    app.github.set_file_at(&repo, &sha, "understudy.toml", "entrypoints = [\"api.main.w\"]\n");
+    assert_eq!(app.deliver("installation", "d-install", &fixture("installation.created")).await.0, 202);
+    assert_eq!(app.processed("d-install").await, "done");
+    assert_eq!(app.deliver("pull_request", "d-opened", &opened).await.0, 202);
+    assert_eq!(app.processed("d-opened").await, "done");
+    // The delivery is done: every environment it created is in the log.
+    let entrypoints: Vec<String> =
+        sqlx::query_scalar("SELECT payload->'spec'->>'entrypoint' FROM event_log WHERE event_type = 'EnvironmentCreated' ORDER BY 1")
+            .fetch_all(app.env.pool())
+            .await
+            .expect("read");
+    assert_eq!(entrypoints, ["api.main.w"], "the listed entrypoint only, not everything detected");
     app.cancel.cancel();
 }
 

@@ -723,6 +723,44 @@ async fn every_proxied_request_carries_a_token_the_app_can_verify_and_clients_ca
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_repository_file_can_make_each_directory_an_app_of_its_own() {
+    let previews = Previews::start().await;
+    let app = |name: &str| format!("require('http').createServer((q, r) => r.end('{name}\\n')).listen(process.env.PORT, '127.0.0.1');\n");
+    let package = r#"{"scripts":{"start":"node server.js"}}"#;
+    previews.push("node-hello", "local/mono");
+    let work = previews.tmp.path().join("work/local/mono");
+    for dir in ["api", "web"] {
+        std::fs::create_dir_all(work.join(dir)).expect("mkdir");
+    }
+    let (api, web) = (app("the api"), app("the web app"));
+    previews.push_change(
+        "local/mono",
+        &[
+            ("understudy.toml", "entrypoints = [\"api\", \"web\"]\n"),
+            ("api/package.json", package),
+            ("api/server.js", &api),
+            ("web/package.json", package),
+            ("web/server.js", &web),
+        ],
+    );
+    let bare = previews.tmp.path().join("git/local/mono.git");
+    let project = local_git::add_project(&previews.env.runtime.store, bare.to_str().expect("utf-8"), "main", None).await.expect("add");
+    let project = project.id.expect("id");
+    assert_eq!(
+        previews.env.runtime.git_poller(Duration::from_secs(60)).poll_all().await.expect("poll"),
+        2,
+        "one environment per listed app"
+    );
+    for (dir, body) in [("api", "the api\n"), ("web", "the web app\n")] {
+        let target = Target::Branch { branch: BranchName::parse("main").expect("branch") };
+        let environment = EnvironmentId::derive(project, &target, &Entrypoint::parse(dir).expect("entrypoint"));
+        let row = previews.settled(environment, &["Ready", "Failed"]).await;
+        assert_eq!(row.0, "Ready", "{dir}: {:?}", row.2);
+        assert_eq!(previews.preview(environment, "/").send().await.expect("preview").text().await.expect("body"), body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deployment_whose_worker_died_is_taken_over_when_its_lease_expires() {
     let mut previews = Previews::start_with(false).await;
     let (environment, deployment) = previews.deploy("node-hello", ".").await;
@@ -795,6 +833,7 @@ fn sandbox(tmp: &Path, name: &str, limits: Limits) -> SandboxSpec {
         app_dir: tmp.join(name).join("app"),
         cache_dir: tmp.join(name).join("cache"),
         run_dir: tmp.join(name).join("run"),
+        workdir: "/app".into(),
         read_only: vec![],
         env: vec![("PATH".into(), "/usr/bin:/bin".into()), ("HOME".into(), "/tmp".into())],
         network: false,

@@ -178,6 +178,22 @@ impl GitHub {
             .ok_or_else(|| GitHubError::Refused(format!("{full_name} has no default_branch")))
     }
 
+    /// The text of the file at `path` at `sha`; `None` when there is none.
+    pub async fn file_at(&self, installation: u64, full_name: &str, sha: &str, path: &str) -> Result<Option<String>, GitHubError> {
+        use base64::Engine;
+        match self.call(installation, http::Method::GET, &format!("/repos/{full_name}/contents/{path}?ref={sha}"), None).await {
+            Ok((_, file)) => {
+                let encoded: String = file["content"].as_str().unwrap_or_default().split_whitespace().collect();
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .map_err(|e| GitHubError::Unavailable(format!("{path} at {sha}: unreadable content: {e}")))?;
+                Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            Err(GitHubError::NotFound(_)) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The names of the files at the repository root at `sha`.
     pub async fn root_files(&self, installation: u64, full_name: &str, sha: &str) -> Result<Vec<String>, GitHubError> {
         let (_, listing) = self.call(installation, http::Method::GET, &format!("/repos/{full_name}/contents?ref={sha}"), None).await?;

@@ -28,6 +28,7 @@ use uuid::Uuid;
 use super::client::{GitHub, GitHubError};
 use super::webhook::{self, Repository, Webhook};
 use crate::event_store::{CommandError, EventStore};
+use crate::preview::stack::{select_entrypoints, CONFIG_FILE};
 
 #[derive(Debug, Error)]
 pub enum IngestError {
@@ -460,7 +461,15 @@ impl Ingest {
     ) -> Result<Vec<Entrypoint>, IngestError> {
         match (rule, &self.github) {
             (EntrypointRule::Listed { entrypoints }, _) => Ok(entrypoints.clone()),
-            (EntrypointRule::Detect, Some(github)) => Ok(rule.select(&github.root_files(installation, full_name, sha).await?)),
+            (EntrypointRule::Detect, Some(github)) => {
+                let files = github.root_files(installation, full_name, sha).await?;
+                let config = if files.iter().any(|f| f == CONFIG_FILE) {
+                    github.file_at(installation, full_name, sha, CONFIG_FILE).await?
+                } else {
+                    None
+                };
+                Ok(select_entrypoints(rule, &files, config.as_deref()))
+            }
             (EntrypointRule::Detect, None) => Ok(vec![Entrypoint::parse("main.w")?]),
         }
     }

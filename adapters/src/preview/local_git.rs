@@ -117,7 +117,12 @@ impl Poller {
             let Ok(branch) = BranchName::parse(branch.as_str()) else { continue };
             let target = Target::Branch { branch };
             let files = self.root_files(id, sha).await?;
-            for entrypoint in rule.select(&files) {
+            let config = if files.iter().any(|f| f == super::stack::CONFIG_FILE) {
+                git(&self.mirror(id), &["show", &format!("{}:{}", sha.as_str(), super::stack::CONFIG_FILE)]).await.ok()
+            } else {
+                None
+            };
+            for entrypoint in super::stack::select_entrypoints(&rule, &files, config.as_deref()) {
                 requested += usize::from(self.store.deploy_commit(id, &target, &entrypoint, sha, &meta).await?);
             }
         }

@@ -42,6 +42,8 @@ pub struct SandboxSpec {
     pub cache_dir: PathBuf,
     /// Holds the bridge's socket, at `/run/understudy`, writable.
     pub run_dir: PathBuf,
+    /// Where commands start: `/app`, or the app's directory below it.
+    pub workdir: String,
     /// Host paths shown read-only at the given sandbox paths (toolchains, the bridge binary).
     pub read_only: Vec<(PathBuf, String)>,
     pub env: Vec<(String, String)>,
@@ -96,7 +98,7 @@ impl SandboxSpec {
         for (host, inside) in [(&self.app_dir, "/app"), (&self.cache_dir, "/cache"), (&self.run_dir, "/run/understudy")] {
             args.extend(["--bind".into(), host.display().to_string(), inside.to_string()]);
         }
-        args.extend(["--chdir".into(), "/app".into(), "--clearenv".into()]);
+        args.extend(["--chdir".into(), self.workdir.clone(), "--clearenv".into()]);
         for (key, value) in &self.env {
             args.extend(["--setenv".into(), key.clone(), value.clone()]);
         }

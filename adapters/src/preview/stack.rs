@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use understudy_domain::project::EntrypointRule;
+use understudy_domain::values::Entrypoint;
 
 /// The name of the optional repository file.
 pub const CONFIG_FILE: &str = "understudy.toml";
@@ -82,6 +84,9 @@ pub enum PlanError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
+    /// The repository's entrypoints (each its own environment): Wing files, or directories
+    /// holding an app; replaces detection.
+    entrypoints: Option<Vec<String>>,
     install: Option<String>,
     build: Option<String>,
     start: Option<String>,
@@ -108,9 +113,45 @@ struct PackageJson {
     dev_dependencies: BTreeMap<String, serde_json::Value>,
 }
 
+/// The entrypoints an `understudy.toml` lists, when it lists valid ones. A file that does not
+/// parse lists none here: detection applies, and the build reports the file's error.
+pub fn configured_entrypoints(text: &str) -> Option<Vec<Entrypoint>> {
+    let listed = parse_config(text).ok()?.entrypoints?;
+    let parsed: Vec<Entrypoint> = listed.iter().filter_map(|e| Entrypoint::parse(e.as_str()).ok()).collect();
+    (!parsed.is_empty() && parsed.len() == listed.len()).then_some(parsed)
+}
+
+/// The entrypoints of a commit: a project's listed ones, else the repository file's, else what
+/// detection finds among the root files.
+pub fn select_entrypoints(rule: &EntrypointRule, root_files: &[String], config: Option<&str>) -> Vec<Entrypoint> {
+    match (rule, config.and_then(configured_entrypoints)) {
+        (EntrypointRule::Detect, Some(listed)) => listed,
+        _ => rule.select(root_files),
+    }
+}
+
+/// The directory an entrypoint's app lives in, relative to the checkout: the root for Wing
+/// files and `.`, the entrypoint itself when it names a directory.
+pub fn app_dir(entrypoint: &str) -> &str {
+    if entrypoint.ends_with(".w") || entrypoint == "." {
+        "."
+    } else {
+        entrypoint.trim_end_matches('/')
+    }
+}
+
 /// The plan for `entrypoint` (`main.w`, `api.main.w`, or `.` for the repository's one app) in
 /// the checkout at `root`.
 pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
+    let dir = app_dir(entrypoint);
+    if dir != "." {
+        // An app in a directory of its own: planned from there (its own understudy.toml,
+        // package.json, …), as if it were a repository root.
+        if !root.join(dir).is_dir() {
+            return Err(PlanError::Nothing(format!("entrypoint {entrypoint} is not a directory of this commit")));
+        }
+        return plan(&root.join(dir), ".");
+    }
     let read = |name: &str| std::fs::read_to_string(root.join(name)).ok();
     let config = match read(CONFIG_FILE) {
         Some(text) => Some(parse_config(&text)?),
@@ -360,6 +401,26 @@ mod tests {
         let plan = super::plan(dir.path(), ".").expect("plan");
         assert_eq!(plan.stack, Stack::Procfile, "a Procfile says how to start");
         assert!(plan.install.as_deref().is_some_and(|i| i.contains("pip install")), "and its requirements are installed");
+    }
+
+    #[test]
+    fn the_repository_file_can_list_entrypoints_including_app_directories() {
+        let files: Vec<String> = ["main.w", "understudy.toml"].iter().map(|s| s.to_string()).collect();
+        let listed = |text: &str| -> Vec<String> {
+            select_entrypoints(&EntrypointRule::Detect, &files, Some(text)).into_iter().map(String::from).collect()
+        };
+        assert_eq!(listed("entrypoints = [\"web\", \"api.main.w\"]\n"), ["web", "api.main.w"]);
+        assert_eq!(listed("build = \"x\"\n"), ["main.w"], "no list: detection");
+        assert_eq!(listed("entrypoints = [\"../escape\"]\n"), ["main.w"], "an invalid list: detection, the build says why");
+        assert_eq!(listed("not toml ["), ["main.w"]);
+        let dir = repo(&[]);
+        std::fs::create_dir_all(dir.path().join("web")).expect("mkdir");
+        std::fs::write(dir.path().join("web/package.json"), r#"{"scripts":{"start":"node s.js"}}"#).expect("write");
+        let plan = plan(dir.path(), "web").expect("a directory's app");
+        assert_eq!(plan.stack, Stack::Node);
+        assert_eq!(app_dir("web/"), "web");
+        assert_eq!(app_dir("api.main.w"), ".");
+        assert!(matches!(super::plan(dir.path(), "missing"), Err(PlanError::Nothing(_))));
     }
 
     #[test]

@@ -275,7 +275,7 @@ impl Worker {
     async fn metadata(&self, job: &Job) -> Metadata {
         let origin: Option<(Uuid, Uuid)> = sqlx::query_as(
             "SELECT correlation_id, event_id FROM event_log
-             WHERE aggregate_id = $1 AND event_type = 'DeploymentRequested' AND payload->'event'->>'deployment_id' = $2
+             WHERE aggregate_id = $1 AND event_type = 'DeploymentRequested' AND payload->>'deployment_id' = $2
              ORDER BY id DESC LIMIT 1",
         )
         .bind(job.environment.0)
@@ -358,6 +358,10 @@ impl Worker {
             app_dir: deployment_dir.join("src"),
             cache_dir,
             run_dir: deployment_dir.join(format!("run-{name}")),
+            workdir: match stack::app_dir(&job.entrypoint) {
+                "." => "/app".to_string(),
+                dir => format!("/app/{dir}"),
+            },
             read_only,
             env,
             network,
