@@ -347,12 +347,6 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
         None => understudy_adapters::preview::detect_rust_toolchain(),
     };
     preview.secret_key = secret_key(config, false)?;
-    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
-    let signing_key = match std::env::var("UNDERSTUDY_PREVIEW_SIGNING_KEY_FILE") {
-        Ok(path) => PathBuf::from(path),
-        Err(_) => config.data_dir.join("preview-signing.pem"),
-    };
-    preview.signer = Some(std::sync::Arc::new(PreviewSigner::load_or_create(&cwd.join(signing_key), public_url)?));
     preview.max_parallel = config.worker_parallel.max(1);
     preview.lease_ttl = std::time::Duration::from_secs(config.lease_seconds.max(3));
     preview.limits.memory_bytes = config.sandbox_memory_mb.max(64) << 20;
@@ -419,6 +413,21 @@ async fn secret(config: &Config, what: SecretCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The API's preview signer: the key in `UNDERSTUDY_PREVIEW_SIGNING_KEY_FILE`, or
+/// `{data dir}/preview-signing.pem`, created on first start. Only processes that serve the proxy
+/// need it, so only they create it.
+fn with_preview_signer(config: &Config, mut runtime: Runtime) -> anyhow::Result<Runtime> {
+    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+    let path = match std::env::var("UNDERSTUDY_PREVIEW_SIGNING_KEY_FILE") {
+        Ok(path) => PathBuf::from(path),
+        Err(_) => config.data_dir.join("preview-signing.pem"),
+    };
+    let mut preview = (*runtime.preview).clone();
+    preview.signer = Some(std::sync::Arc::new(PreviewSigner::load_or_create(&path, public_url)?));
+    runtime.preview = std::sync::Arc::new(preview);
+    Ok(runtime)
+}
+
 /// A worker's name: host and process, unique while it runs.
 fn worker_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
@@ -435,7 +444,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up => return up(config).await,
         Command::Api => {
-            let runtime = connect(&config).await?;
+            let runtime = with_preview_signer(&config, connect(&config).await?)?;
             let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
             runtime.spawn_github(cancel.clone(), &mut tasks);
             eprintln!("understudy api listening on http://{addr}/graphql");
@@ -561,7 +570,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
     };
     let result = async {
         secret_key(&config, true)?;
-        let runtime = connect(&config).await?;
+        let runtime = with_preview_signer(&config, connect(&config).await?)?;
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         runtime.spawn_relay(cancel.clone(), &mut tasks);
