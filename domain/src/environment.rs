@@ -121,6 +121,9 @@ pub struct Deployment {
     pub failure: Option<String>,
     /// Latest result per test name, in the order tests first reported.
     pub tests: Vec<TestResult>,
+    /// Why its health check fails, while it does (a serving deployment only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<String>,
     /// The latest test run asked for on demand, until a worker runs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_run_requested: Option<Uuid>,
@@ -226,6 +229,13 @@ pub enum EnvironmentCommand {
         duration_ms: Option<u64>,
         at: DateTime<Utc>,
     },
+    /// What the health check of a serving deployment says now; only a change is recorded.
+    ReportHealth {
+        deployment_id: DeploymentId,
+        healthy: bool,
+        detail: String,
+        at: DateTime<Utc>,
+    },
     /// Run the tests of a Ready deployment again, in fresh instances (`run_id` names the run).
     RequestTestRun {
         deployment_id: DeploymentId,
@@ -299,6 +309,15 @@ pub enum EnvironmentEvent {
         duration_ms: Option<u64>,
         at: DateTime<Utc>,
     },
+    DeploymentUnhealthy {
+        deployment_id: DeploymentId,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    DeploymentHealthy {
+        deployment_id: DeploymentId,
+        at: DateTime<Utc>,
+    },
     TestRunRequested {
         deployment_id: DeploymentId,
         run_id: Uuid,
@@ -335,6 +354,8 @@ impl DomainEvent for EnvironmentEvent {
             Self::DeploymentFailed { .. } => "DeploymentFailed",
             Self::TestPassed { .. } => "TestPassed",
             Self::TestFailed { .. } => "TestFailed",
+            Self::DeploymentUnhealthy { .. } => "DeploymentUnhealthy",
+            Self::DeploymentHealthy { .. } => "DeploymentHealthy",
             Self::TestRunRequested { .. } => "TestRunRequested",
             Self::TestRunStarted { .. } => "TestRunStarted",
             Self::EnvironmentDeactivated { .. } => "EnvironmentDeactivated",
@@ -356,6 +377,8 @@ impl EnvironmentEvent {
             | Self::DeploymentFailed { at, .. }
             | Self::TestPassed { at, .. }
             | Self::TestFailed { at, .. }
+            | Self::DeploymentUnhealthy { at, .. }
+            | Self::DeploymentHealthy { at, .. }
             | Self::TestRunRequested { at, .. }
             | Self::TestRunStarted { at, .. }
             | Self::EnvironmentDeactivated { at }
@@ -485,6 +508,16 @@ impl Aggregate for EnvironmentAggregate {
                     TestOutcome::Failed => E::TestFailed { deployment_id, test, duration_ms, at },
                 }])
             }
+            C::ReportHealth { deployment_id, healthy, detail, at } => {
+                let deployment = reported(state, deployment_id)?;
+                expect_status(deployment, DeploymentStatus::Ready, "reporting its health")?;
+                Ok(match (healthy, &deployment.unhealthy) {
+                    (true, Some(_)) => vec![E::DeploymentHealthy { deployment_id, at }],
+                    (false, None) => vec![E::DeploymentUnhealthy { deployment_id, reason: detail, at }],
+                    // No change: a ping is not an event.
+                    _ => vec![],
+                })
+            }
             C::RequestTestRun { deployment_id, run_id, at } => {
                 let deployment = reported(state, deployment_id)?;
                 expect_status(deployment, DeploymentStatus::Ready, "running its tests")?;
@@ -573,6 +606,7 @@ impl Aggregate for EnvironmentAggregate {
                 url: None,
                 failure: None,
                 tests: Vec::new(),
+                unhealthy: None,
                 test_run_requested: None,
             }),
             E::DeploymentSuperseded { deployment_id, at, .. } => set(&mut state, *deployment_id, DeploymentStatus::Superseded, *at),
@@ -602,6 +636,18 @@ impl Aggregate for EnvironmentAggregate {
                         }
                         None => d.tests.push(TestResult { name: test.clone(), outcome, duration_ms: *duration_ms, at: *at }),
                     }
+                }
+            }
+            E::DeploymentUnhealthy { deployment_id, reason, at } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.unhealthy = Some(reason.clone());
+                    d.updated_at = *at;
+                }
+            }
+            E::DeploymentHealthy { deployment_id, at } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.unhealthy = None;
+                    d.updated_at = *at;
                 }
             }
             E::TestRunRequested { deployment_id, run_id, at } => {
@@ -941,5 +987,22 @@ mod tests {
         assert_eq!(state.current().and_then(|d| d.test_run_requested), None);
         let wrong = C::StartTestRun { deployment_id: dep(1), run_id: Uuid::from_u128(5), at: at(11) };
         given::<EnvironmentAggregate>(&waiting).when(wrong).then_error(|e| matches!(e, DomainError::NotFound { .. }));
+    }
+
+    #[test]
+    fn health_is_recorded_only_when_it_changes() {
+        let ready = history_to(S::Ready);
+        let report = |healthy: bool| C::ReportHealth { deployment_id: dep(1), healthy, detail: "timed out".into(), at: at(12) };
+        given::<EnvironmentAggregate>(&ready).when(report(true)).then(&[]);
+        let unhealthy = E::DeploymentUnhealthy { deployment_id: dep(1), reason: "timed out".into(), at: at(12) };
+        let state = given::<EnvironmentAggregate>(&ready).when(report(false)).then(std::slice::from_ref(&unhealthy));
+        assert_eq!(state.current().and_then(|d| d.unhealthy.clone()).as_deref(), Some("timed out"));
+        let mut sick = ready.clone();
+        sick.push(unhealthy);
+        given::<EnvironmentAggregate>(&sick).when(report(false)).then(&[]);
+        given::<EnvironmentAggregate>(&sick).when(report(true)).then(&[E::DeploymentHealthy { deployment_id: dep(1), at: at(12) }]);
+        given::<EnvironmentAggregate>(&history_to(S::Starting))
+            .when(report(false))
+            .then_error(|e| matches!(e, DomainError::IllegalTransition { .. }));
     }
 }

@@ -105,6 +105,8 @@ impl Projection for Usage {
             E::DeploymentSuperseded { .. }
             | E::BuildStarted { .. }
             | E::BuildSucceeded { .. }
+            | E::DeploymentUnhealthy { .. }
+            | E::DeploymentHealthy { .. }
             | E::TestRunRequested { .. }
             | E::TestRunStarted { .. }
             | E::EnvironmentDeactivated { .. }

@@ -674,6 +674,20 @@ async fn an_app_that_stops_answering_is_restarted_by_the_watchdog() {
     );
     let row = previews.settled(environment, &["Ready", "Failed"]).await;
     assert_eq!(row.0, "Ready", "a restart that works does not fail the preview: {:?}", row.2);
+    // Health changes are events; the checks that found nothing new are not.
+    let health: Vec<String> = eventually(Duration::from_secs(30), "the health to be back", || async {
+        let health: Vec<String> = sqlx::query_scalar(
+            "SELECT event_type FROM event_log WHERE aggregate_id = $1 AND event_type IN ('DeploymentUnhealthy', 'DeploymentHealthy') ORDER BY id",
+        )
+        .bind(environment.0)
+        .fetch_all(previews.env.pool())
+        .await
+        .expect("events");
+        (health.len() >= 2).then_some(health)
+    })
+    .await;
+    assert_eq!(health[..2], ["DeploymentUnhealthy", "DeploymentHealthy"]);
+    assert!(health.windows(2).all(|w| w[0] != w[1]), "only changes are recorded: {health:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

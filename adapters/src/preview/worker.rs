@@ -832,7 +832,12 @@ impl Worker {
                     }
                     next_probe = Instant::now() + self.config.health_interval;
                     match unix_http::probe(&socket, &plan.health_path, self.config.health_timeout).await {
-                        Ok(code) if (200..400).contains(&code) => failures = 0,
+                        Ok(code) if (200..400).contains(&code) => {
+                            if failures > 0 {
+                                self.report_health(job, meta, true, "answering again").await?;
+                            }
+                            failures = 0;
+                        }
                         other => {
                             failures += 1;
                             let why = match other { Ok(code) => format!("answered {code}"), Err(error) => error };
@@ -840,6 +845,7 @@ impl Worker {
                                 "understudy: health check GET {} failed ({failures} of {}): {why}",
                                 plan.health_path, self.config.health_failures
                             ));
+                            self.report_health(job, meta, false, &format!("health check GET {}: {why}", plan.health_path)).await?;
                         }
                     }
                     if failures >= self.config.health_failures {
@@ -862,12 +868,21 @@ impl Worker {
                             return Err(Stop::User(FailedStage::Start, format!("the app stopped answering its health check and did not come back: {last}")));
                         };
                         *app = started;
+                        self.report_health(job, meta, true, "restarted").await?;
                         failures = 0;
                         next_probe = Instant::now() + self.config.health_interval;
                     }
                 }
             }
         }
+    }
+
+    /// Records the serving deployment's health; the domain records only changes, so a check
+    /// every few seconds costs nothing in the log.
+    async fn report_health(&self, job: &Job, meta: &Metadata, healthy: bool, detail: &str) -> Result<(), Stop> {
+        let command =
+            EnvironmentCommand::ReportHealth { deployment_id: job.deployment, healthy, detail: detail.to_string(), at: Utc::now() };
+        self.command(job, meta, command).await
     }
 
     /// The on-demand test run waiting for this deployment, if any.
