@@ -106,6 +106,22 @@ impl Previews {
         deployment
     }
 
+    /// A repository of node-hello plus `files` (an app of the test's own, started as
+    /// `understudy.toml` says), deployed as pull request 1; waits until it is Ready.
+    async fn deploy_app(&self, full_name: &str, files: &[(&str, &str)]) -> (EnvironmentId, ProjectId) {
+        self.push("node-hello", full_name);
+        let commit = self.push_change(full_name, files);
+        let project = self.project(full_name).await;
+        let spec = spec(project, 1, ".");
+        let environment = env_id(&spec);
+        let deployment_id = DeploymentId(Uuid::new_v4());
+        let request = EnvironmentCommand::RequestDeployment { environment_id: environment, spec, deployment_id, commit, at: Utc::now() };
+        self.env.runtime.store.environments.execute(environment.0, request, meta()).await.expect("request");
+        let row = self.settled(environment, &["Ready", "Failed"]).await;
+        assert_eq!(row.0, "Ready", "failure: {:?}", row.2);
+        (environment, project)
+    }
+
     fn work_dir(&self, environment: EnvironmentId, deployment: DeploymentId) -> PathBuf {
         self.tmp.path().join("previews").join(environment.0.simple().to_string()).join(deployment.0.simple().to_string())
     }
@@ -648,20 +664,7 @@ async fn an_app_that_stops_answering_is_restarted_by_the_watchdog() {
     .await;
     // Each process of this app answers one request, then never again.
     let hang = "let served = 0;\nrequire('http').createServer((q, r) => { if (served++ === 0) r.end('ok\\n'); }).listen(process.env.PORT, '127.0.0.1');\n";
-    previews.push("node-hello", "octo/hangs");
-    let commit = previews.push_change("octo/hangs", &[("hang.js", hang), ("understudy.toml", "start = \"node hang.js\"\n")]);
-    let project = previews.project("octo/hangs").await;
-    let spec = spec(project, 1, ".");
-    let environment = env_id(&spec);
-    let request = EnvironmentCommand::RequestDeployment {
-        environment_id: environment,
-        spec,
-        deployment_id: DeploymentId(Uuid::new_v4()),
-        commit,
-        at: Utc::now(),
-    };
-    previews.env.runtime.store.environments.execute(environment.0, request, meta()).await.expect("request");
-    assert_eq!(previews.settled(environment, &["Ready", "Failed"]).await.0, "Ready");
+    let (environment, _) = previews.deploy_app("octo/hangs", &[("hang.js", hang), ("understudy.toml", "start = \"node hang.js\"\n")]).await;
 
     let run_log = eventually(Duration::from_secs(60), "the watchdog to restart the app", || async {
         let (log, _) = previews.log(environment, "run", 0).await;
@@ -696,20 +699,8 @@ async fn every_proxied_request_carries_a_token_the_app_can_verify_and_clients_ca
     let previews = Previews::start().await;
     let echo =
         "require('http').createServer((q, r) => r.end(q.headers['x-understudy-token'] || 'none')).listen(process.env.PORT, '127.0.0.1');\n";
-    previews.push("node-hello", "octo/tokens");
-    let commit = previews.push_change("octo/tokens", &[("echo.js", echo), ("understudy.toml", "start = \"node echo.js\"\n")]);
-    let project = previews.project("octo/tokens").await;
-    let spec = spec(project, 1, ".");
-    let environment = env_id(&spec);
-    let request = EnvironmentCommand::RequestDeployment {
-        environment_id: environment,
-        spec,
-        deployment_id: DeploymentId(Uuid::new_v4()),
-        commit,
-        at: Utc::now(),
-    };
-    previews.env.runtime.store.environments.execute(environment.0, request, meta()).await.expect("request");
-    assert_eq!(previews.settled(environment, &["Ready", "Failed"]).await.0, "Ready");
+    let (environment, project) =
+        previews.deploy_app("octo/tokens", &[("echo.js", echo), ("understudy.toml", "start = \"node echo.js\"\n")]).await;
 
     let received = previews
         .preview(environment, "/")

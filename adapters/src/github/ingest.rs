@@ -309,7 +309,7 @@ impl Ingest {
                 let entrypoints = self.entrypoints(&rule, installation, &p.repository.full_name, sha.as_str()).await?;
                 let target = Target::Branch { branch: branch.clone() };
                 for entrypoint in &entrypoints {
-                    self.deploy(project_id, &target, entrypoint, &sha, &meta).await?;
+                    self.store.deploy_commit(project_id, &target, entrypoint, &sha, &meta).await?;
                 }
                 Ok(Outcome::Applied(format!("{branch} at {sha}: {} environments deployed", entrypoints.len())))
             }
@@ -474,18 +474,6 @@ impl Ingest {
         }
     }
 
-    async fn deploy(
-        &self,
-        project: ProjectId,
-        target: &Target,
-        entrypoint: &Entrypoint,
-        sha: &CommitSha,
-        meta: &Metadata,
-    ) -> Result<(), IngestError> {
-        self.store.deploy_commit(project, target, entrypoint, sha, meta).await?;
-        Ok(())
-    }
-
     async fn terminate(&self, environment: EnvironmentId, reason: &str, meta: &Metadata) -> Result<(), IngestError> {
         let command = EnvironmentCommand::Terminate { reason: reason.into(), at: Utc::now() };
         match self.store.environments.execute(environment.0, command, meta.clone()).await {
@@ -525,7 +513,7 @@ impl Ingest {
             return Ok(format!("closed: {} environments terminated", gone.len()));
         }
         for entrypoint in &after.entrypoints {
-            self.deploy(project, &target, entrypoint, sha, meta).await?;
+            self.store.deploy_commit(project, &target, entrypoint, sha, meta).await?;
         }
         Ok(format!("{} environments at {sha}", after.entrypoints.len()))
     }
