@@ -179,8 +179,8 @@ pub struct EventStore {
 
 impl EventStore {
     /// Asks for `sha` to be deployed to the environment of `project` × `target` × `entrypoint`
-    /// (created on first use). One deployment per environment × commit: its id derives from
-    /// both, so repeating the request changes nothing. Whether a new deployment was requested.
+    /// (created on first use). Repeating the request changes nothing. Whether a new deployment
+    /// was requested.
     pub async fn deploy_commit(
         &self,
         project: ProjectId,
@@ -190,7 +190,15 @@ impl EventStore {
         meta: &Metadata,
     ) -> Result<bool, CommandError> {
         let environment_id = EnvironmentId::derive(project, target, entrypoint);
-        let deployment_id = DeploymentId(Uuid::new_v5(&environment_id.0, sha.as_str().as_bytes()));
+        // The id derives from the commit and how many deployments of it came before: a repeated
+        // request names the same deployment (and the domain ignores the commit already current),
+        // while a commit deployed again later (a revert) gets a new one.
+        let state = self.environments.load(environment_id.0).await?;
+        let earlier = state.inner().deployments.iter().filter(|d| d.commit == *sha).count();
+        let current_is_it = state.inner().current().is_some_and(|d| d.commit == *sha);
+        let occurrence = if current_is_it { earlier.saturating_sub(1) } else { earlier };
+        let key = if occurrence == 0 { sha.as_str().to_string() } else { format!("{}#{occurrence}", sha.as_str()) };
+        let deployment_id = DeploymentId(Uuid::new_v5(&environment_id.0, key.as_bytes()));
         let spec = EnvironmentSpec { project_id: project, target: target.clone(), entrypoint: entrypoint.clone() };
         let command =
             EnvironmentCommand::RequestDeployment { environment_id, spec, deployment_id, commit: sha.clone(), at: chrono::Utc::now() };

@@ -490,8 +490,18 @@ async fn a_repository_on_disk_is_a_project_whose_branches_deploy_when_pushed() {
     })
     .await;
 
-    // A new branch gets its own environment; deleting it terminates that environment.
+    // Going back to the first commit (a revert, a force-push) deploys it again.
     let work = previews.tmp.path().join("work/local/app");
+    repos::git(&work, &["push", "--quiet", "--force", bare.to_str().expect("utf-8"), "HEAD~1:refs/heads/main"]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 1, "the earlier commit is current again");
+    eventually(Duration::from_secs(60), "the earlier commit to serve again", || async {
+        let body = previews.preview(main, "/").send().await.ok()?.text().await.ok()?;
+        (body == "hello from node at /\n").then_some(())
+    })
+    .await;
+    assert_eq!(poller.poll_all().await.expect("poll"), 0, "and only once");
+
+    // A new branch gets its own environment; deleting it terminates that environment.
     repos::git(&work, &["push", "--quiet", bare.to_str().expect("utf-8"), "HEAD:refs/heads/feature"]);
     assert_eq!(poller.poll_all().await.expect("poll"), 1);
     let feature = environment("feature");
