@@ -15,6 +15,8 @@ pub struct CommentContext {
     pub project: String,
     pub project_id: ProjectId,
     pub number: u64,
+    /// The pull request comes from a fork and the project has secrets it did not get.
+    pub without_secrets: bool,
 }
 
 /// One environment of the pull request.
@@ -126,6 +128,9 @@ pub fn render(ctx: &CommentContext, rows: &[CommentRow]) -> String {
             format_updated(row.updated_at)
         ));
     }
+    if ctx.without_secrets {
+        out.push_str("\n> This pull request comes from a fork: its previews are built without the project's secrets.\n");
+    }
     out
 }
 
@@ -150,6 +155,22 @@ mod tests {
     use chrono::TimeZone;
     use uuid::Uuid;
 
+    #[test]
+    fn a_fork_is_told_its_previews_have_no_secrets() {
+        let plain = render(&ctx(), &[]);
+        assert!(!plain.contains("fork"));
+        let rows = [CommentRow {
+            entrypoint: "main.w".into(),
+            branch: "feature".into(),
+            status: EnvironmentStatus::Ready,
+            tests: vec![],
+            updated_at: at(8, 1),
+        }];
+        let fork = render(&CommentContext { without_secrets: true, ..ctx() }, &rows);
+        assert!(fork.contains("comes from a fork: its previews are built without the project's secrets"), "{fork}");
+        assert!(!render(&ctx(), &rows).contains("fork"));
+    }
+
     fn ctx() -> CommentContext {
         CommentContext {
             public_url: "https://understudy.example".into(),
@@ -157,6 +178,7 @@ mod tests {
             project: "hello".into(),
             project_id: ProjectId(Uuid::from_u128(1)),
             number: 2,
+            without_secrets: false,
         }
     }
 

@@ -267,6 +267,12 @@ impl OutboxWriter {
         }
     }
 
+    async fn from_fork(&self, project: ProjectId, number: u64) -> Result<bool, WriteError> {
+        let id = understudy_domain::ids::PullRequestId::derive(project, number);
+        let pull_request = self.store.pull_requests.load(id.0).await.map_err(|e| WriteError::Unwritable(format!("loading: {e}")))?;
+        Ok(pull_request.inner().from_fork)
+    }
+
     async fn repo(&self, project_id: ProjectId) -> Result<(Project, Repo), WriteError> {
         let load_error = |e: esrs::store::postgres::PgStoreError| WriteError::Unwritable(format!("loading: {e}"));
         let project = self.store.projects.load(project_id.0).await.map_err(load_error)?.into_inner();
@@ -299,7 +305,7 @@ impl OutboxWriter {
             return Err(WriteError::Unwritable(format!("bad comment key {key:?}")));
         };
         let project_id = ProjectId(project);
-        let (_, repo) = self.repo(project_id).await?;
+        let (project_state, repo) = self.repo(project_id).await?;
         let rows: Vec<EnvironmentRow> = sqlx::query_as(
             "SELECT entrypoint, branch, status, tests, updated_at FROM environments WHERE project_id = $1 AND pull_request = $2",
         )
@@ -323,6 +329,7 @@ impl OutboxWriter {
             project: repo.project.clone(),
             project_id,
             number: number as u64,
+            without_secrets: !project_state.secrets.is_empty() && self.from_fork(project_id, number as u64).await?,
         };
         let body = pr_comment::render(&context, &rows);
         let hash = sha256_hex(&body);
