@@ -267,7 +267,7 @@ impl OutboxWriter {
         }
     }
 
-    async fn from_fork(&self, project: ProjectId, number: u64) -> Result<bool, WriteError> {
+    async fn is_from_a_fork(&self, project: ProjectId, number: u64) -> Result<bool, WriteError> {
         let id = understudy_domain::ids::PullRequestId::derive(project, number);
         let pull_request = self.store.pull_requests.load(id.0).await.map_err(|e| WriteError::Unwritable(format!("loading: {e}")))?;
         Ok(pull_request.inner().from_fork)
@@ -329,7 +329,7 @@ impl OutboxWriter {
             project: repo.project.clone(),
             project_id,
             number: number as u64,
-            without_secrets: !project_state.secrets.is_empty() && self.from_fork(project_id, number as u64).await?,
+            without_secrets: !project_state.secrets.is_empty() && self.is_from_a_fork(project_id, number as u64).await?,
         };
         let body = pr_comment::render(&context, &rows);
         let hash = sha256_hex(&body);
