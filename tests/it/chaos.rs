@@ -279,3 +279,90 @@ async fn restarting_postgres_and_nats_mid_load_loses_and_doubles_nothing() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// NATS gone for 30 s under load: appends go on (Postgres is the truth), the API keeps answering
+/// queries and says it is not ready, an API process killed meanwhile comes back once NATS does,
+/// and afterwards every event is projected exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thirty_second_nats_outage_delays_projections_but_loses_nothing() {
+    let env = TestEnv::new().await;
+    let dir = std::env::temp_dir().join(format!("understudy-outage-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut nats = Nats::start(dir.clone());
+    let api_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let vars = vec![
+        ("DATABASE_URL".to_string(), env.database_url.clone()),
+        ("NATS_URL".to_string(), nats.url()),
+        ("UNDERSTUDY_NATS_PREFIX".to_string(), env.prefix.clone()),
+        ("UNDERSTUDY_DATA_DIR".to_string(), dir.display().to_string()),
+        ("UNDERSTUDY_LISTEN".to_string(), format!("127.0.0.1:{api_port}")),
+        ("RUST_LOG".to_string(), "warn".to_string()),
+    ];
+    let role = |args: Vec<&'static str>, log: &str| Role { args, env: vars.clone(), log: dir.join(log), child: None, starts: 0 };
+    let (mut relay, mut projector, mut api) =
+        (role(vec!["relay"], "relay.log"), role(vec!["projector"], "projector.log"), role(vec!["api"], "api.log"));
+    for role in [&mut relay, &mut projector, &mut api] {
+        role.ensure_running();
+    }
+    let http = reqwest::Client::new();
+    let graphql = |http: reqwest::Client| async move {
+        let response = http
+            .post(format!("http://127.0.0.1:{api_port}/graphql"))
+            .json(&serde_json::json!({ "query": "{ environments { id status } }" }))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(response.json::<serde_json::Value>().await.ok()?)
+    };
+    eventually(Duration::from_secs(20), "the API to answer", || graphql(http.clone())).await;
+
+    // Some events before the outage, the rest during it.
+    const PULL_REQUESTS: u64 = 200;
+    let project = ProjectId(Uuid::new_v4());
+    fixtures::deploy_prs(&env.runtime.store.environments, project, 0..50).await;
+    nats.kill();
+    let outage = std::time::Instant::now();
+    let writer = {
+        let store = env.runtime.store.environments.clone();
+        tokio::spawn(async move { fixtures::deploy_prs(&store, project, 50..PULL_REQUESTS).await })
+    };
+    // During the outage: queries are answered from Postgres, readiness says why it is not ready.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let data = graphql(http.clone()).await.expect("queries are answered while NATS is down");
+    assert!(data["data"]["environments"].is_array(), "{data}");
+    let ready = http.get(format!("http://127.0.0.1:{api_port}/readyz")).send().await.expect("readyz");
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.expect("body").contains("nats"), "readiness names NATS");
+    api.kill();
+    while outage.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(writer.is_finished(), "appends went on while NATS was down");
+    writer.await.expect("the writer never needed NATS");
+    nats.spawn();
+    let total = (PULL_REQUESTS * 5) as i64;
+    let lags = eventually(Duration::from_secs(90), "every projection to catch up after the outage", || {
+        for role in [&mut relay, &mut projector, &mut api] {
+            role.ensure_running();
+        }
+        let pool = env.pool().clone();
+        async move {
+            let lags = understudy_projections::projector::lag(&pool).await.ok()?;
+            lags.iter().all(|l| l.head == total && l.lag == 0).then_some(lags)
+        }
+    })
+    .await;
+    assert!(lags.iter().all(|l| l.checkpoint == total), "{lags:?}");
+    let history: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM entity_history").fetch_one(env.pool()).await.expect("count");
+    assert_eq!(history, total, "every event projected exactly once");
+    for projection in understudy_projections::all() {
+        let report = understudy_projections::replay::verify(env.pool(), projection.as_ref()).await.expect("verify");
+        assert!(report.differences.is_empty(), "{report:#?}");
+    }
+    eventually(Duration::from_secs(30), "the restarted API to answer", || graphql(http.clone())).await;
+    for role in [&mut relay, &mut projector, &mut api] {
+        role.kill();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
