@@ -51,6 +51,20 @@ impl Topology {
     }
 }
 
+/// Connects to NATS in the background: returns at once, and the client connects (and reconnects)
+/// when the server is there. For roles that can serve without NATS for a while (the API answers
+/// queries and records webhooks from Postgres alone).
+pub async fn connect_in_background(url: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None)
+        .retry_on_initial_connect()
+        .name("understudy")
+        .connect(url)
+        .await
+        .with_context(|| format!("NATS_URL {url} is not a NATS URL"))
+}
+
 /// Connects to NATS, failing with a message that names the URL and what to check.
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     async_nats::ConnectOptions::new()

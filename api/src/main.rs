@@ -325,9 +325,21 @@ async fn connect_db(config: &Config, max_connections: u32) -> anyhow::Result<sql
 }
 
 async fn connect(config: &Config) -> anyhow::Result<Runtime> {
-    let mut runtime =
+    let runtime =
         Runtime::connect(&require(&config.database_url, "DATABASE_URL")?, &require(&config.nats_url, "NATS_URL")?, &config.nats_prefix)
             .await?;
+    configure(config, runtime)
+}
+
+/// For the API role: NATS may come later (see `Runtime::connect_for_api`).
+async fn connect_api(config: &Config) -> anyhow::Result<Runtime> {
+    let (database_url, nats_url) = (require(&config.database_url, "DATABASE_URL")?, require(&config.nats_url, "NATS_URL")?);
+    let runtime = Runtime::connect_for_api(&database_url, &nats_url, &config.nats_prefix).await?;
+    with_preview_signer(config, configure(config, runtime)?)
+}
+
+/// Applies the binary's configuration: the GitHub App and how previews are built and served.
+fn configure(config: &Config, mut runtime: Runtime) -> anyhow::Result<Runtime> {
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
     runtime.github = GitHubSettings::from_env(public_url)?;
     runtime.preview = std::sync::Arc::new(preview_config(config)?);
@@ -444,7 +456,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up => return up(config).await,
         Command::Api => {
-            let runtime = with_preview_signer(&config, connect(&config).await?)?;
+            let runtime = connect_api(&config).await?;
             let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
             runtime.spawn_github(cancel.clone(), &mut tasks);
             eprintln!("understudy api listening on http://{addr}/graphql");

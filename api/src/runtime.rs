@@ -57,6 +57,13 @@ impl GitHubSettings {
     }
 }
 
+/// Previews under `./.understudy/previews`, served at `*.preview.localhost:8080`, until the
+/// binary's configuration says otherwise.
+fn default_preview() -> anyhow::Result<Arc<PreviewConfig>> {
+    let data_dir = std::env::current_dir()?.join(".understudy/previews");
+    Ok(Arc::new(PreviewConfig::new(data_dir, "preview.localhost:8080".into())))
+}
+
 impl Runtime {
     /// Connects, migrates and makes sure the event stream exists.
     pub async fn connect(database_url: &str, nats_url: &str, prefix: &str) -> anyhow::Result<Self> {
@@ -67,8 +74,29 @@ impl Runtime {
         db::migrate(&pool).await?;
         nats::ensure_stream(&async_nats::jetstream::new(nats.clone()), &topology).await?;
         let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
-        let preview = PreviewConfig::new(std::env::current_dir()?.join(".understudy/previews"), "preview.localhost:8080".into());
-        Ok(Self { pool, nats, topology, store, github: GitHubSettings::default(), deliveries: Arc::default(), preview: Arc::new(preview) })
+        Ok(Self { pool, nats, topology, store, github: GitHubSettings::default(), deliveries: Arc::default(), preview: default_preview()? })
+    }
+
+    /// Like [`Runtime::connect`], for the API role: Postgres must answer, NATS may come later.
+    /// The API then serves queries and records webhooks, `/readyz` says NATS is missing, and the
+    /// event stream is made sure of once NATS is there.
+    pub async fn connect_for_api(database_url: &str, nats_url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let topology = Topology::new(prefix)?;
+        let pool = db::connect(database_url, 32).await?;
+        let nats = nats::connect_in_background(nats_url).await?;
+        db::migrate(&pool).await?;
+        let js = async_nats::jetstream::new(nats.clone());
+        let stream_topology = topology.clone();
+        tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_millis(500);
+            while let Err(error) = nats::ensure_stream(&js, &stream_topology).await {
+                tracing::warn!(%error, "NATS is not there yet; the API serves from Postgres meanwhile");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+        });
+        let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
+        Ok(Self { pool, nats, topology, store, github: GitHubSettings::default(), deliveries: Arc::default(), preview: default_preview()? })
     }
 
     pub fn schema(&self) -> crate::graphql::AppSchema {
