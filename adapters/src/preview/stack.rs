@@ -113,6 +113,11 @@ struct PackageJson {
     dev_dependencies: BTreeMap<String, serde_json::Value>,
 }
 
+/// Whether `text` is a valid `understudy.toml`, with the line and reason when it is not.
+pub fn check_config(text: &str) -> Result<(), PlanError> {
+    parse_config(text).map(|_| ())
+}
+
 /// The entrypoints an `understudy.toml` lists, when it lists valid ones. A file that does not
 /// parse lists none here: detection applies, and the build reports the file's error.
 pub fn configured_entrypoints(text: &str) -> Option<Vec<Entrypoint>> {

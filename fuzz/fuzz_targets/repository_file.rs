@@ -1,0 +1,9 @@
+//! Any `understudy.toml`: reading its entrypoints and planning a build answer, never panic
+//! (the error's line number is computed from the parser's byte span).
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|text: &str| {
+    let _ = understudy_adapters::preview::stack::configured_entrypoints(text);
+    let _ = understudy_adapters::preview::stack::check_config(text);
+});
