@@ -433,6 +433,7 @@ async fn an_idle_preview_goes_stale_and_a_visit_wakes_it() {
     let (environment, first) = previews.deploy("node-hello", ".").await;
     assert_eq!(previews.settled(environment, &["Ready", "Failed"]).await.0, "Ready");
     assert_eq!(previews.preview(environment, "/").send().await.expect("visit").status(), 200);
+    // The sweep compares with now() strictly: let the clock pass the visit just made.
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     let sweeper = Sweeper { store: previews.env.runtime.store.clone(), idle: Duration::ZERO, every: Duration::from_secs(60) };
@@ -793,8 +794,8 @@ async fn a_deployment_whose_worker_died_is_taken_over_when_its_lease_expires() {
     // Its build log, live over GraphQL, from before the new worker starts writing it.
     let mut ws = graphql_ws::connect(previews.addr).await;
     let query = "subscription($d: UUID!) { deploymentLogs(deploymentId: $d, stream: \"build\") { stream nano line } }";
+    // No wait needed before the worker starts: the subscription first reads what is stored.
     graphql_ws::subscribe(&mut ws, "logs", query, serde_json::json!({ "d": deployment.0 })).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     previews.spawn_worker("worker-b");
     let mut lines = Vec::new();
     while !lines.iter().any(|(_, line): &(u128, String)| line == "understudy: ready") {
