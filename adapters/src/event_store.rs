@@ -14,6 +14,7 @@ use understudy_domain::environment::{EnvironmentAggregate, EnvironmentCommand, E
 use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId};
 use understudy_domain::project::ProjectAggregate;
 use understudy_domain::pull_request::PullRequestAggregate;
+use understudy_domain::user::UserAggregate;
 use understudy_domain::values::{CommitSha, Entrypoint, Target};
 use understudy_domain::{Aggregate, DomainError, Metadata, Recorded};
 use uuid::Uuid;
@@ -109,6 +110,7 @@ impl<A: Aggregate> AggregateStore<A> {
         let store = PgStoreBuilder::<Es<A>>::new(pool)
             .without_running_migrations()
             .add_transactional_event_handler(GlobalLog::<A>::default())
+            .add_transactional_event_handler(crate::access_index::AccessIndex::<A>::default())
             .try_build()
             .await?;
         Ok(Self { store })
@@ -175,6 +177,7 @@ pub struct EventStore {
     pub projects: AggregateStore<ProjectAggregate>,
     pub environments: AggregateStore<EnvironmentAggregate>,
     pub pull_requests: AggregateStore<PullRequestAggregate>,
+    pub users: AggregateStore<UserAggregate>,
 }
 
 impl EventStore {
@@ -215,6 +218,7 @@ impl EventStore {
             projects: AggregateStore::new(pool.clone()).await?,
             environments: AggregateStore::new(pool.clone()).await?,
             pull_requests: AggregateStore::new(pool.clone()).await?,
+            users: AggregateStore::new(pool.clone()).await?,
             pool,
         })
     }

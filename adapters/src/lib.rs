@@ -2,6 +2,7 @@
 //! sequencer and relay that carry the log to NATS JetStream, and the embedded Postgres/NATS
 //! supervisor behind `understudy up`.
 
+pub mod access_index;
 pub mod db;
 pub mod embedded;
 pub mod event_store;

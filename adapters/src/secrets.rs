@@ -97,25 +97,34 @@ impl SecretKey {
         &self.id
     }
 
-    fn associated_data(project: ProjectId, name: &str) -> Vec<u8> {
-        format!("understudy:secret:{project}:{name}").into_bytes()
+    fn associated_data(project: ProjectId, name: &str) -> String {
+        format!("understudy:secret:{project}:{name}")
     }
 
     pub fn seal(&self, project: ProjectId, name: &str, value: &str) -> Result<SealedValue, SecretError> {
+        self.seal_for(&Self::associated_data(project, name), value)
+    }
+
+    pub fn open(&self, project: ProjectId, name: &str, sealed: &SealedValue) -> Result<String, SecretError> {
+        self.open_for(&Self::associated_data(project, name), name, sealed)
+    }
+
+    /// Seals `value` bound to `context` (the associated data): it opens only with the same
+    /// context, so a sealed value cannot be moved to another owner or name.
+    pub fn seal_for(&self, context: &str, value: &str) -> Result<SealedValue, SecretError> {
         if value.is_empty() || value.len() > MAX_VALUE {
             return Err(SecretError::BadValue);
         }
         let mut nonce = [0u8; 24];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
-        let aad = Self::associated_data(project, name);
-        let ciphertext = self
-            .cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: value.as_bytes(), aad: &aad })
-            .map_err(|_| SecretError::BadValue)?;
+        let aad = context.as_bytes();
+        let ciphertext =
+            self.cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: value.as_bytes(), aad }).map_err(|_| SecretError::BadValue)?;
         Ok(SealedValue { key_id: self.id.clone(), nonce: BASE64.encode(nonce), ciphertext: BASE64.encode(ciphertext) })
     }
 
-    pub fn open(&self, project: ProjectId, name: &str, sealed: &SealedValue) -> Result<String, SecretError> {
+    /// Opens a value sealed with [`SecretKey::seal_for`] and the same `context`; `name` is for errors.
+    pub fn open_for(&self, context: &str, name: &str, sealed: &SealedValue) -> Result<String, SecretError> {
         if sealed.key_id != self.id {
             return Err(SecretError::WrongKey { name: name.into(), sealed_with: sealed.key_id.clone(), have: self.id.clone() });
         }
@@ -125,8 +134,8 @@ impl SecretKey {
         if nonce.len() != 24 {
             return Err(tampered());
         }
-        let aad = Self::associated_data(project, name);
-        let plain = self.cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: &aad }).map_err(|_| tampered())?;
+        let aad = context.as_bytes();
+        let plain = self.cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &ciphertext, aad }).map_err(|_| tampered())?;
         String::from_utf8(plain).map_err(|_| tampered())
     }
 }

@@ -60,6 +60,14 @@ pub async fn status(pool: &PgPool, out: &mut impl Write) -> anyhow::Result<()> {
 }
 
 pub async fn replay(pool: &PgPool, which: &str) -> anyhow::Result<()> {
+    if which == "access" || which == "all" {
+        let started = std::time::Instant::now();
+        let events = understudy_adapters::access_index::rebuild(pool).await?;
+        println!("access: rebuilt from {events} events in {:.2}s and swapped in", started.elapsed().as_secs_f64());
+        if which == "access" {
+            return Ok(());
+        }
+    }
     let projections = understudy_projections::selected(which)?;
     for projection in projections {
         let started = std::time::Instant::now();

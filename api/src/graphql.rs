@@ -1,6 +1,6 @@
 //! The GraphQL schema: queries over the read models and live subscriptions.
 
-use async_graphql::{Context, Enum, Object, Result, Schema, SimpleObject, Subscription, ID};
+use async_graphql::{Context, Enum, MergedObject, Object, Result, Schema, SimpleObject, Subscription, ID};
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use sqlx::PgPool;
@@ -10,18 +10,28 @@ use understudy_projections::environments::READ_MODEL;
 use understudy_projections::Change;
 use uuid::Uuid;
 
-pub type AppSchema = Schema<Query, async_graphql::EmptyMutation, Subscription>;
+use crate::accounts::{denied, require_project, viewer, AccountQuery, Mutation};
+use crate::auth::{Auth, Denied, Viewer};
+use understudy_domain::permissions::Permission;
+
+pub type AppSchema = Schema<QueryRoot, Mutation, Subscription>;
+
+/// Every query: environments, logs and history ([`Query`]) and people and settings
+/// ([`AccountQuery`]).
+#[derive(MergedObject, Default)]
+pub struct QueryRoot(Query, AccountQuery);
 
 /// Largest page any list returns.
 pub const MAX_PAGE: i64 = 500;
 
 /// The schema in SDL, without any connection (for `schema.graphql`).
 pub fn sdl() -> String {
-    Schema::build(Query, async_graphql::EmptyMutation, Subscription).finish().sdl()
+    Schema::build(QueryRoot::default(), Mutation, Subscription).finish().sdl()
 }
 
-pub fn schema(pool: PgPool, nats: async_nats::Client, topology: Topology) -> AppSchema {
-    Schema::build(Query, async_graphql::EmptyMutation, Subscription)
+pub fn schema(pool: PgPool, nats: async_nats::Client, topology: Topology, auth: Auth) -> AppSchema {
+    Schema::build(QueryRoot::default(), Mutation, Subscription)
+        .data(auth)
         .data(pool)
         .data(nats)
         .data(topology)
@@ -201,7 +211,67 @@ pub struct EntityState {
     pub state: async_graphql::Json<serde_json::Value>,
 }
 
+#[derive(Default)]
 pub struct Query;
+
+/// The projects whose environments the viewer may list: every project (`None`), or these.
+/// Naming a project checks it; otherwise a user sees the projects of their accounts.
+async fn visible_projects(ctx: &Context<'_>, project_id: Option<Uuid>) -> Result<Option<Vec<Uuid>>> {
+    match (viewer(ctx), project_id) {
+        (Viewer::Anonymous, _) => Err(denied(Denied::Unauthenticated)),
+        (Viewer::Operator, project) => Ok(project.map(|p| vec![p])),
+        (_, Some(project)) => {
+            require_project(ctx, project, Permission::ViewPreviewEnvironments).await?;
+            Ok(Some(vec![project]))
+        }
+        (Viewer::User { user_id, .. }, None) => Ok(Some(
+            sqlx::query_scalar(
+                "SELECT p.project_id FROM projects p JOIN account_members m USING (account_id) JOIN accounts a USING (account_id)
+                 WHERE m.user_id = $1 AND NOT a.deleted",
+            )
+            .bind(user_id.0)
+            .fetch_all(ctx.data::<PgPool>()?)
+            .await?,
+        )),
+    }
+}
+
+/// Allows the viewer to see entity `id` (an account, project, environment, pull request or
+/// their own user), or says why not.
+async fn require_entity(ctx: &Context<'_>, id: Uuid) -> Result<()> {
+    let viewer = viewer(ctx);
+    match &viewer {
+        Viewer::Anonymous => return Err(denied(Denied::Unauthenticated)),
+        Viewer::Operator => return Ok(()),
+        Viewer::User { user_id, .. } if user_id.0 == id => return Ok(()),
+        Viewer::User { .. } => {}
+    }
+    let pool = ctx.data::<PgPool>()?;
+    let first: Option<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT aggregate_type, payload FROM event_log WHERE aggregate_id = $1 ORDER BY aggregate_version LIMIT 1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    let not_found = || denied(Denied::NotFound(format!("no entity {id} that you can see")));
+    let project = match first.as_ref().map(|(t, p)| (t.as_str(), p)) {
+        Some(("account", _)) => {
+            crate::accounts::require_account(ctx, id, Permission::ViewProjects).await?;
+            return Ok(());
+        }
+        Some(("project", _)) => Some(id),
+        Some(("environment", payload)) | Some(("pull_request", payload)) => payload
+            .get("spec")
+            .and_then(|s| s.get("project_id"))
+            .or_else(|| payload.get("project_id"))
+            .and_then(|p| p.as_str())
+            .and_then(|p| Uuid::parse_str(p).ok()),
+        _ => None,
+    };
+    match project {
+        Some(project) => require_project(ctx, project, Permission::ViewProjects).await,
+        None => Err(not_found()),
+    }
+}
 
 #[Object]
 impl Query {
@@ -214,12 +284,13 @@ impl Query {
         #[graphql(default = 100, validator(minimum = 1, maximum = 500))] first: i64,
     ) -> Result<Vec<Environment>> {
         let pool = ctx.data::<PgPool>()?;
+        let projects = visible_projects(ctx, project_id).await?;
         let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
             "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-             WHERE ($1::uuid IS NULL OR project_id = $1) AND ($2::text IS NULL OR status = $2)
+             WHERE ($1::uuid[] IS NULL OR project_id = ANY($1)) AND ($2::text IS NULL OR status = $2)
              ORDER BY updated_at DESC, environment_id LIMIT $3"
         ))
-        .bind(project_id)
+        .bind(projects)
         .bind(status.map(|s| DomainStatus::from(s).as_str()))
         .bind(first.min(MAX_PAGE))
         .fetch_all(pool)
@@ -241,13 +312,14 @@ impl Query {
             Some((time, id)) => (Some(time), Some(id)),
             None => (None, None),
         };
+        let projects = visible_projects(ctx, project_id).await?;
         let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
             "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-             WHERE ($1::uuid IS NULL OR project_id = $1) AND ($2::text IS NULL OR status = $2)
+             WHERE ($1::uuid[] IS NULL OR project_id = ANY($1)) AND ($2::text IS NULL OR status = $2)
                AND ($3::timestamptz IS NULL OR (updated_at, environment_id) < ($3, $4))
              ORDER BY updated_at DESC, environment_id DESC LIMIT $5"
         ))
-        .bind(project_id)
+        .bind(projects)
         .bind(status.map(|s| DomainStatus::from(s).as_str()))
         .bind(before_time)
         .bind(before_id)
@@ -264,12 +336,20 @@ impl Query {
     }
 
     async fn environment(&self, ctx: &Context<'_>, id: Uuid) -> Result<Option<Environment>> {
-        environment_by_id(ctx.data::<PgPool>()?, id).await
+        let Some(environment) = environment_by_id(ctx.data::<PgPool>()?, id).await? else {
+            return match viewer(ctx) {
+                Viewer::Anonymous => Err(denied(Denied::Unauthenticated)),
+                _ => Ok(None),
+            };
+        };
+        require_project(ctx, environment.project_id, Permission::ViewPreviewEnvironments).await?;
+        Ok(Some(environment))
     }
 
     /// An entity's state (account, project, pull request or environment) as of a moment, rebuilt
     /// from the log with the domain's rules; now when `asOf` is omitted. Null if it had no events by then.
     async fn entity_state(&self, ctx: &Context<'_>, id: Uuid, as_of: Option<DateTime<Utc>>) -> Result<Option<EntityState>> {
+        require_entity(ctx, id).await?;
         let state = understudy_projections::time_travel::state_at(ctx.data::<PgPool>()?, id, as_of).await?;
         Ok(state.map(|s| EntityState {
             id: s.id,
@@ -288,6 +368,12 @@ impl Query {
         from: Option<chrono::NaiveDate>,
         to: Option<chrono::NaiveDate>,
     ) -> Result<Vec<UsageDay>> {
+        match (viewer(ctx), project_id) {
+            (Viewer::Operator, _) => {}
+            (Viewer::Anonymous, _) => return Err(denied(Denied::Unauthenticated)),
+            (_, Some(project)) => require_project(ctx, project, Permission::ViewProjects).await?,
+            (_, None) => return Err(crate::accounts::bad_input("projectId: name the project whose usage you want")),
+        }
         let rows = understudy_projections::usage::usage(ctx.data::<PgPool>()?, project_id, from, to).await?;
         Ok(rows
             .into_iter()
@@ -309,6 +395,7 @@ impl Query {
     /// Every event of one entity (an account, project or environment), oldest first.
     async fn history(&self, ctx: &Context<'_>, id: ID) -> Result<Vec<HistoryEvent>> {
         let id = Uuid::parse_str(&id).map_err(|_| async_graphql::Error::new(format!("id {:?} is not a UUID", id.as_str())))?;
+        require_entity(ctx, id).await?;
         let events = understudy_projections::entity_history::of(ctx.data::<PgPool>()?, id).await?;
         Ok(events
             .into_iter()
@@ -359,6 +446,12 @@ impl Subscription {
         #[graphql(desc = "Resume: first send every environment changed after this log position (the last `position` you saw).")]
         after: Option<i64>,
     ) -> Result<impl Stream<Item = Environment>> {
+        match (viewer(ctx), project_id) {
+            (Viewer::Operator, _) => {}
+            (Viewer::Anonymous, _) => return Err(denied(Denied::Unauthenticated)),
+            (_, Some(project)) => require_project(ctx, project, Permission::ViewPreviewEnvironments).await?,
+            (_, None) => return Err(crate::accounts::bad_input("projectId: name the project whose environments you follow")),
+        }
         let pool = ctx.data::<PgPool>()?.clone();
         let nats = ctx.data::<async_nats::Client>()?;
         let topology = ctx.data::<Topology>()?;
@@ -429,6 +522,14 @@ impl Subscription {
             None => 0,
             Some(text) => text.parse().map_err(|_| format!("from must be unix nanoseconds, not {text:?}"))?,
         };
+        if viewer(ctx) != Viewer::Operator {
+            let project = ctx.data::<Auth>()?.project_of_deployment(deployment_id).await?;
+            match (viewer(ctx), project) {
+                (Viewer::Anonymous, _) => return Err(denied(Denied::Unauthenticated)),
+                (_, Some(project)) => require_project(ctx, project.0, Permission::ViewPreviewEnvironments).await?,
+                (_, None) => return Err(denied(Denied::NotFound(format!("no deployment {deployment_id} that you can see")))),
+            }
+        }
         let pool = ctx.data::<PgPool>()?.clone();
         let nats = ctx.data::<async_nats::Client>()?;
         let topology = ctx.data::<Topology>()?;

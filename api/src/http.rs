@@ -2,12 +2,16 @@
 //! health, and the preview proxy in front of it all.
 
 use async_graphql::http::{GraphiQLSource, MultipartOptions};
-use async_graphql_axum::{GraphQLResponse, GraphQLSubscription};
+use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::Extension;
+
+use crate::auth::Viewer;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, get_service, post};
+use axum::routing::{get, post};
 use axum::Router;
 
 use crate::graphql::AppSchema;
@@ -54,18 +58,21 @@ async fn readyz(State(readiness): State<Readiness>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-pub fn router(schema: AppSchema, webhooks: WebhookState, readiness: Readiness, proxy: crate::proxy::PreviewProxy) -> Router {
+pub fn router(
+    schema: AppSchema,
+    auth: crate::auth::Auth,
+    webhooks: WebhookState,
+    readiness: Readiness,
+    proxy: crate::proxy::PreviewProxy,
+) -> Router {
     let graphql = Router::new()
-        .route(
-            "/graphql",
-            get_service(GraphQLSubscription::new(schema.clone())).post(graphql).layer(DefaultBodyLimit::max(MAX_GRAPHQL_BODY)),
-        )
-        .with_state(schema);
+        .route("/graphql", get(graphql_ws).post(graphql).layer(DefaultBodyLimit::max(MAX_GRAPHQL_BODY)))
+        .with_state(GraphqlState { schema, auth: auth.clone() });
     let github = Router::new()
         .route("/webhooks/github", post(webhooks::receive).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)))
         .with_state(webhooks);
     let metrics = Router::new().route("/metrics", get(crate::metrics::metrics)).with_state(readiness.pool.clone());
-    let logs = crate::logs::router(readiness.pool.clone());
+    let logs = crate::logs::router(readiness.pool.clone(), auth.clone());
     let ready = Router::new().route("/readyz", get(readyz)).with_state(readiness);
     Router::new()
         .merge(logs)
@@ -73,20 +80,56 @@ pub fn router(schema: AppSchema, webhooks: WebhookState, readiness: Readiness, p
         .merge(github)
         .merge(ready)
         .merge(metrics)
+        .merge(crate::auth::router(auth.clone()))
         .route("/graphiql", get(graphiql))
         .route("/healthz", get(|| async { "ok" }))
         .merge(Router::new().route("/.well-known/jwks.json", get(crate::proxy::jwks)).with_state(proxy.clone()))
+        // Who is asking, for every route of ours (not for previews: the proxy checks those).
+        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::identify))
         // Preview hosts are proxied before any route of ours is matched.
         .layer(axum::middleware::from_fn_with_state(proxy, crate::proxy::route))
 }
 
+#[derive(Clone)]
+struct GraphqlState {
+    schema: AppSchema,
+    auth: crate::auth::Auth,
+}
+
 /// GraphQL over HTTP. The body is read through axum's `Bytes` extractor so the size limit holds.
-async fn graphql(State(schema): State<AppSchema>, headers: HeaderMap, body: Bytes) -> Response {
+async fn graphql(State(state): State<GraphqlState>, Extension(viewer): Extension<Viewer>, headers: HeaderMap, body: Bytes) -> Response {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     match async_graphql::http::receive_body(content_type, body.as_ref(), MultipartOptions::default()).await {
-        Ok(request) => GraphQLResponse::from(schema.execute(request).await).into_response(),
+        Ok(request) => GraphQLResponse::from(state.schema.execute(request.data(viewer)).await).into_response(),
         Err(error) => (StatusCode::BAD_REQUEST, format!("not a GraphQL request: {error}")).into_response(),
     }
+}
+
+/// GraphQL over WebSocket (`graphql-transport-ws`, and the older `graphql-ws`). Who is asking is
+/// settled at the upgrade, from the cookie or the `Authorization` header. With a cookie, the
+/// page must be ours: browsers send cookies on cross-site WebSocket handshakes too.
+async fn graphql_ws(
+    State(state): State<GraphqlState>,
+    Extension(viewer): Extension<Viewer>,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+    headers: HeaderMap,
+) -> Response {
+    if matches!(viewer, Viewer::User { session_id: Some(_), .. }) {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if origin.trim_end_matches('/') != state.auth.public_url {
+            return crate::auth::denied_response(&crate::auth::Denied::Forbidden(format!(
+                "a signed-in WebSocket must come from a page of {} (Origin was {origin:?})",
+                state.auth.public_url
+            )));
+        }
+    }
+    let mut data = async_graphql::Data::default();
+    data.insert(viewer);
+    let schema = state.schema;
+    upgrade
+        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| GraphQLWebSocket::new(stream, schema, protocol).with_data(data).serve())
 }
 
 async fn graphiql() -> impl IntoResponse {

@@ -1,5 +1,7 @@
 //! Understudy's API (axum + async-graphql) and the roles the `understudy` binary runs.
 
+pub mod accounts;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod graphql;

@@ -31,13 +31,43 @@ pub struct LogQuery {
     format: Option<String>,
 }
 
-pub fn router(pool: PgPool) -> Router {
+pub fn router(pool: PgPool, auth: crate::auth::Auth) -> Router {
     Router::new()
         .route("/deployments/{id}/logs/{kind}", get(deployment_log))
         .route("/deployments/{id}/logs/tests/{test}", get(deployment_test_log))
         .route("/environments/{id}/logs/{kind}", get(environment_log))
         .route("/environments/{id}/logs/tests/{test}", get(environment_test_log))
+        .route_layer(axum::middleware::from_fn_with_state(auth, guard))
         .with_state(pool)
+}
+
+/// Only someone who may see the project's previews reads its logs.
+async fn guard(
+    State(auth): State<crate::auth::Auth>,
+    Path(params): Path<Vec<(String, String)>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let viewer = request.extensions().get::<crate::auth::Viewer>().cloned().unwrap_or(crate::auth::Viewer::Anonymous);
+    let id = params.iter().find(|(k, _)| k == "id").and_then(|(_, v)| Uuid::parse_str(v).ok());
+    let Some(id) = id else { return not_found("id") };
+    let project = if request.uri().path().starts_with("/deployments/") {
+        auth.project_of_deployment(id).await
+    } else {
+        auth.project_of_environment(id).await
+    };
+    let denied = match project {
+        Err(error) => return unavailable(error),
+        Ok(None) if viewer == crate::auth::Viewer::Anonymous => crate::auth::Denied::Unauthenticated,
+        Ok(None) => crate::auth::Denied::NotFound(format!("no logs of {id} that you can see")),
+        Ok(Some(project)) => {
+            match auth.require_project(&viewer, project, understudy_domain::permissions::Permission::ViewPreviewEnvironments).await {
+                Ok(()) => return next.run(request).await,
+                Err(denied) => denied,
+            }
+        }
+    };
+    crate::auth::denied_response(&denied)
 }
 
 /// The stored stream name of a log kind in a URL.

@@ -48,8 +48,9 @@ struct Config {
     /// (`*.localhost` resolves to this machine in browsers and curl).
     #[arg(long, env = "UNDERSTUDY_PREVIEW_DOMAIN", global = true)]
     preview_domain: Option<String>,
-    /// Serve previews to anyone who reaches the proxy (there is no sign-in yet). Unset: yes
-    /// when the API listens on a loopback address only, no otherwise.
+    /// Serve previews to anyone who reaches the proxy, signed in or not. Unset: no when sign-in
+    /// with GitHub is configured (GITHUB_CLIENT_ID); otherwise yes when the API listens on a
+    /// loopback address only.
     #[arg(long, env = "UNDERSTUDY_PUBLIC_PREVIEWS", global = true)]
     public_previews: Option<bool>,
     /// Where repositories are fetched from: `{base}/{owner}/{name}.git`.
@@ -342,7 +343,16 @@ async fn connect_api(config: &Config) -> anyhow::Result<Runtime> {
 fn configure(config: &Config, mut runtime: Runtime) -> anyhow::Result<Runtime> {
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
     runtime.github = GitHubSettings::from_env(public_url)?;
-    runtime.preview = std::sync::Arc::new(preview_config(config)?);
+    runtime.oauth = understudy_adapters::github::oauth::OAuthApp::from_env()?;
+    let mut preview = preview_config(config)?;
+    // With sign-in, previews are for those who may see them; without, for whoever reaches a
+    // loopback-only API.
+    preview.public = config.public_previews.unwrap_or(runtime.oauth.is_none() && config.listen.ip().is_loopback());
+    if runtime.oauth.is_some() && preview.secret_key.is_none() {
+        // Users' GitHub tokens are sealed with it.
+        preview.secret_key = secret_key(config, true)?;
+    }
+    runtime.preview = std::sync::Arc::new(preview);
     Ok(runtime)
 }
 
@@ -351,7 +361,6 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
     let domain = config.preview_domain.clone().unwrap_or_else(|| format!("preview.localhost:{}", config.listen.port()));
     let mut preview = PreviewConfig::new(cwd.join(&config.data_dir).join("previews"), domain);
     preview.git_base = config.git_url.clone();
-    preview.public = config.public_previews.unwrap_or(config.listen.ip().is_loopback());
     let wing = cwd.join(&config.wing_toolchain);
     preview.wing_toolchain = wing.join("node_modules/.bin/wing").exists().then_some(wing);
     preview.rust_toolchain = match &config.rust_toolchain {

@@ -31,6 +31,8 @@ pub struct PreviewProxy {
     pub public: bool,
     /// Signs the `X-Understudy-Token` every proxied request carries.
     pub signer: Option<Arc<PreviewSigner>>,
+    /// Who may see a preview that is not public.
+    pub auth: crate::auth::Auth,
 }
 
 /// Middleware in front of the whole router: preview hosts are proxied, anything else goes on.
@@ -50,12 +52,12 @@ pub async fn route(State(proxy): State<PreviewProxy>, request: Request, next: Ne
 
 impl PreviewProxy {
     async fn serve(&self, environment: EnvironmentId, request: Request) -> Response {
-        if !self.public {
+        if !self.public && self.auth.oauth.is_none() {
             return page(
                 StatusCode::FORBIDDEN,
                 "Previews are not public here",
-                "Signing in to see previews is not built yet. An operator can serve previews to everyone who reaches this \
-                 address with UNDERSTUDY_PUBLIC_PREVIEWS=true.",
+                "Sign-in with GitHub is not set up (GITHUB_CLIENT_ID, GITHUB_CLIENT_SECRET), so nobody can be let in. An operator \
+                 can serve previews to everyone who reaches this address with UNDERSTUDY_PUBLIC_PREVIEWS=true.",
             );
         }
         let row: Result<Option<(String, Uuid, Option<String>)>, sqlx::Error> = sqlx::query_as(
@@ -73,6 +75,12 @@ impl PreviewProxy {
                 return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The preview could not be looked up just now.");
             }
         };
+        if !self.public {
+            match self.auth.preview_access(environment, ProjectId(project), request.method(), request.uri(), request.headers()).await {
+                crate::auth::PreviewAccess::Allowed => {}
+                crate::auth::PreviewAccess::Answer(response) => return response,
+            }
+        }
         match (status.as_str(), socket) {
             ("Terminated", _) => page(
                 StatusCode::GONE,
@@ -85,6 +93,8 @@ impl PreviewProxy {
                 let mut request = request;
                 // Only the proxy speaks for Understudy: whatever a client sent in its name goes.
                 request.headers_mut().remove(token::HEADER);
+                // Our access cookie is for the proxy, not for the app.
+                crate::auth::strip_cookie(request.headers_mut(), crate::auth::PREVIEW_COOKIE);
                 if let Some(signer) = &self.signer {
                     let token = signer.token(environment, ProjectId(project), Utc::now().timestamp());
                     if let Ok(value) = HeaderValue::from_str(&token) {

@@ -35,6 +35,9 @@ pub struct Runtime {
     pub deliveries: Arc<Notify>,
     /// How previews are built, run and served (worker and proxy).
     pub preview: Arc<PreviewConfig>,
+    /// Sign-in with GitHub (`GITHUB_CLIENT_ID`, `GITHUB_CLIENT_SECRET`): without it, an API on
+    /// loopback is open to whoever reaches it, and any other refuses all but API tokens.
+    pub oauth: Option<understudy_adapters::github::oauth::OAuthApp>,
 }
 
 /// How this process talks to GitHub.
@@ -74,7 +77,16 @@ impl Runtime {
         db::migrate(&pool).await?;
         nats::ensure_stream(&async_nats::jetstream::new(nats.clone()), &topology).await?;
         let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
-        Ok(Self { pool, nats, topology, store, github: GitHubSettings::default(), deliveries: Arc::default(), preview: default_preview()? })
+        Ok(Self {
+            pool,
+            nats,
+            topology,
+            store,
+            github: GitHubSettings::default(),
+            deliveries: Arc::default(),
+            preview: default_preview()?,
+            oauth: None,
+        })
     }
 
     /// Like [`Runtime::connect`], for the API role: Postgres must answer, NATS may come later.
@@ -96,11 +108,34 @@ impl Runtime {
             }
         });
         let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
-        Ok(Self { pool, nats, topology, store, github: GitHubSettings::default(), deliveries: Arc::default(), preview: default_preview()? })
+        Ok(Self {
+            pool,
+            nats,
+            topology,
+            store,
+            github: GitHubSettings::default(),
+            deliveries: Arc::default(),
+            preview: default_preview()?,
+            oauth: None,
+        })
     }
 
-    pub fn schema(&self) -> crate::graphql::AppSchema {
-        crate::graphql::schema(self.pool.clone(), self.nats.clone(), self.topology.clone())
+    pub fn schema(&self, auth: crate::auth::Auth) -> crate::graphql::AppSchema {
+        crate::graphql::schema(self.pool.clone(), self.nats.clone(), self.topology.clone(), auth)
+    }
+
+    /// Who may see and do what, for an API listening on `listen`.
+    pub fn auth(&self, listen: SocketAddr) -> crate::auth::Auth {
+        let open = self.oauth.is_none() && listen.ip().is_loopback();
+        crate::auth::Auth::new(
+            self.store.clone(),
+            self.oauth.clone(),
+            self.preview.signer.clone(),
+            self.preview.secret_key.clone(),
+            &self.github.public_url,
+            open,
+            &self.preview.preview_domain,
+        )
     }
 
     /// Binds `listen` and serves the API until `cancel`; returns the bound address and the task.
@@ -118,13 +153,15 @@ impl Runtime {
             wake: self.deliveries.clone(),
         };
         let readiness = crate::http::Readiness { pool: self.pool.clone(), nats: self.nats.clone(), max_lag: 10_000 };
+        let auth = self.auth(listen);
         let proxy = crate::proxy::PreviewProxy {
             store: self.store.clone(),
             domain: Arc::from(self.preview.preview_domain.as_str()),
             public: self.preview.public,
             signer: self.preview.signer.clone(),
+            auth: auth.clone(),
         };
-        let app = crate::http::router(self.schema(), webhooks, readiness, proxy);
+        let app = crate::http::router(self.schema(auth.clone()), auth, webhooks, readiness, proxy);
         tasks.spawn(
             async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving HTTP") },
         );

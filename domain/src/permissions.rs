@@ -48,11 +48,45 @@ impl Role {
             P::ManageBilling => matches!(self, Role::Owner | Role::Billing),
         }
     }
+
+    /// Whether a member with this role may give someone with role `from` the role `to` (`from`
+    /// is `None` for someone new, `to` is `None` for removing them). Managing users is the
+    /// matrix's; only an Owner makes or unmakes an Owner.
+    pub fn may_assign(self, from: Option<Role>, to: Option<Role>) -> bool {
+        self.allows(Permission::ManageUsers) && (self == Role::Owner || (from != Some(Role::Owner) && to != Some(Role::Owner)))
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str().eq_ignore_ascii_case(text))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "Owner",
+            Role::Admin => "Admin",
+            Role::Member => "Member",
+            Role::Billing => "Billing",
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_owners_make_or_unmake_owners() {
+        use Role::*;
+        assert!(Owner.may_assign(Some(Member), Some(Owner)));
+        assert!(Owner.may_assign(Some(Owner), None));
+        assert!(Admin.may_assign(Some(Member), Some(Admin)));
+        assert!(Admin.may_assign(None, Some(Billing)));
+        assert!(!Admin.may_assign(Some(Member), Some(Owner)));
+        assert!(!Admin.may_assign(Some(Owner), Some(Member)));
+        assert!(!Admin.may_assign(Some(Owner), None));
+        assert!(!Member.may_assign(None, Some(Member)));
+        assert!(!Billing.may_assign(Some(Member), None));
+    }
 
     #[test]
     fn the_matrix_cell_by_cell() {

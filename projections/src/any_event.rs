@@ -6,6 +6,7 @@ use understudy_domain::account::{AccountAggregate, AccountEvent};
 use understudy_domain::environment::{EnvironmentAggregate, EnvironmentEvent};
 use understudy_domain::project::{ProjectAggregate, ProjectEvent};
 use understudy_domain::pull_request::{PullRequestAggregate, PullRequestEvent};
+use understudy_domain::user::{UserAggregate, UserEvent};
 use understudy_domain::Aggregate;
 
 use crate::ProjectionError;
@@ -16,6 +17,7 @@ pub enum AnyEvent {
     Project(ProjectEvent),
     Environment(EnvironmentEvent),
     PullRequest(PullRequestEvent),
+    User(UserEvent),
 }
 
 impl AnyEvent {
@@ -25,6 +27,7 @@ impl AnyEvent {
             ProjectAggregate::NAME => logged.decode().map(Self::Project),
             EnvironmentAggregate::NAME => logged.decode().map(Self::Environment),
             PullRequestAggregate::NAME => logged.decode().map(Self::PullRequest),
+            UserAggregate::NAME => logged.decode().map(Self::User),
             other => return Err(ProjectionError::undecodable(logged, format!("unknown aggregate type {other:?}"))),
         }
         .map_err(|e| ProjectionError::undecodable(logged, e.to_string()))

@@ -131,7 +131,7 @@ impl Projection for GitHubOutbox {
                     mark_dirty(conn, tables, "comment", &comment_key(project, number), event).await?;
                 }
             }
-            AnyEvent::Account(_) | AnyEvent::Project(_) => {}
+            AnyEvent::Account(_) | AnyEvent::Project(_) | AnyEvent::User(_) => {}
         }
         Ok(vec![])
     }

@@ -8,6 +8,7 @@ use understudy_domain::account::AccountAggregate;
 use understudy_domain::environment::EnvironmentAggregate;
 use understudy_domain::project::ProjectAggregate;
 use understudy_domain::pull_request::PullRequestAggregate;
+use understudy_domain::user::UserAggregate;
 use understudy_domain::Aggregate;
 use uuid::Uuid;
 
@@ -48,6 +49,7 @@ pub async fn state_at(pool: &PgPool, id: Uuid, at: Option<DateTime<Utc>>) -> any
         ProjectAggregate::NAME => fold::<ProjectAggregate>(only!(Project))?,
         EnvironmentAggregate::NAME => fold::<EnvironmentAggregate>(only!(Environment))?,
         PullRequestAggregate::NAME => fold::<PullRequestAggregate>(only!(PullRequest))?,
+        UserAggregate::NAME => fold::<UserAggregate>(only!(User))?,
         other => anyhow::bail!("unknown aggregate type {other:?}"),
     };
     Ok(Some(StateAt { id, aggregate_type: last.aggregate_type.clone(), events: events.len(), position: Some(last.position), state }))

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod ingest;
+pub mod oauth;
 pub mod webhook;
 
 use understudy_domain::ids::{AccountId, ProjectId, UserId};

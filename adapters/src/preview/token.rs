@@ -77,21 +77,45 @@ impl PreviewSigner {
         &self.kid
     }
 
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     /// A token for a request to `environment` of `project`, valid from `now` (unix seconds).
     pub fn token(&self, environment: EnvironmentId, project: ProjectId, now: i64) -> String {
-        let header = serde_json::json!({ "alg": "EdDSA", "typ": "JWT", "kid": self.kid });
-        let claims = Claims {
+        self.sign(&Claims {
             iss: self.issuer.clone(),
             aud: AUDIENCE.into(),
             sub: environment.to_string(),
             project: project.to_string(),
             iat: now,
             exp: now + LIFETIME_SECONDS,
-        };
+        })
+    }
+
+    /// Any claims as a JWT signed with this key (sessions use it too, with their own `aud`).
+    pub fn sign(&self, claims: &impl Serialize) -> String {
+        let header = serde_json::json!({ "alg": "EdDSA", "typ": "JWT", "kid": self.kid });
         let signing_input =
-            format!("{}.{}", B64URL.encode(header.to_string()), B64URL.encode(serde_json::to_vec(&claims).unwrap_or_default()));
+            format!("{}.{}", B64URL.encode(header.to_string()), B64URL.encode(serde_json::to_vec(claims).unwrap_or_default()));
         let signature = self.key.sign(signing_input.as_bytes());
         format!("{signing_input}.{}", B64URL.encode(signature.to_bytes()))
+    }
+
+    /// The claims of a JWT this key signed; the caller checks audience and expiry.
+    pub fn verify_own<C: serde::de::DeserializeOwned>(&self, token: &str) -> Result<C, String> {
+        let payload = verify_signature(token, &self.jwks())?;
+        serde_json::from_slice(&payload).map_err(|e| format!("claims: {e}"))
+    }
+
+    /// A key for MACs (CSRF tokens), derived from the signing key and `purpose`.
+    pub fn derive_mac_key(&self, purpose: &str) -> [u8; 32] {
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(b"understudy:mac:");
+        hasher.update(purpose.as_bytes());
+        hasher.update(b":");
+        hasher.update(self.key.to_bytes());
+        hasher.finalize().into()
     }
 
     /// The public key as a JSON Web Key Set (RFC 8037 `OKP` / `Ed25519`).
@@ -109,6 +133,19 @@ impl PreviewSigner {
 
 /// Checks a token against a JWKS as a preview app would: signature, audience and expiry.
 pub fn verify(token: &str, jwks: &serde_json::Value, now: i64) -> Result<Claims, String> {
+    let payload = verify_signature(token, jwks)?;
+    let claims: Claims = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+    if claims.aud != AUDIENCE {
+        return Err("wrong audience".into());
+    }
+    if claims.exp <= now {
+        return Err("expired".into());
+    }
+    Ok(claims)
+}
+
+/// Checks a JWT's EdDSA signature against the key of its `kid` in `jwks`; its payload's bytes.
+pub fn verify_signature(token: &str, jwks: &serde_json::Value) -> Result<Vec<u8>, String> {
     let mut parts = token.split('.');
     let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err("not a JWT".into());
@@ -128,14 +165,7 @@ pub fn verify(token: &str, jwks: &serde_json::Value, now: i64) -> Result<Claims,
             &ed25519_dalek::Signature::from_bytes(&signature),
         )
         .map_err(|_| "bad signature")?;
-    let claims: Claims = serde_json::from_slice(&B64URL.decode(payload).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    if claims.aud != AUDIENCE {
-        return Err("wrong audience".into());
-    }
-    if claims.exp <= now {
-        return Err("expired".into());
-    }
-    Ok(claims)
+    B64URL.decode(payload).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -1,0 +1,261 @@
+//! The access index: users, their sessions and API tokens, accounts and their members and
+//! invitations, and projects, as tables the API checks on every request.
+//!
+//! It is written by the event store in the same transaction as the events that change it (an
+//! esrs `TransactionalEventHandler`): a session that was ended or a member who was removed
+//! loses access with the commit, not when a projector catches up. The same [`apply`] rebuilds
+//! it from the global log ([`rebuild`]), so it is a read model like the others.
+
+use std::marker::PhantomData;
+
+use async_trait::async_trait;
+use esrs::handler::TransactionalEventHandler;
+use esrs::store::postgres::PgStoreError;
+use esrs::store::StoreEvent;
+use sqlx::{PgConnection, PgPool};
+use understudy_domain::account::{AccountEvent, AccountKind};
+use understudy_domain::project::ProjectEvent;
+use understudy_domain::user::UserEvent;
+use understudy_domain::{Aggregate, Recorded};
+use uuid::Uuid;
+
+use crate::event_store::Es;
+
+/// The tables of the index, emptied by [`rebuild`].
+pub const TABLES: &[&str] = &["users", "user_sessions", "api_tokens", "accounts", "account_members", "account_invitations", "projects"];
+
+/// Whether events of this aggregate type change the index.
+pub fn indexes(aggregate_type: &str) -> bool {
+    matches!(aggregate_type, "user" | "account" | "project")
+}
+
+/// Applies one event of `aggregate_type` (its bare JSON payload) to the index.
+pub async fn apply(
+    connection: &mut PgConnection,
+    aggregate_type: &str,
+    aggregate_id: Uuid,
+    payload: &serde_json::Value,
+) -> sqlx::Result<()> {
+    let decode_error = |e: serde_json::Error| sqlx::Error::Decode(Box::new(e));
+    match aggregate_type {
+        "user" => apply_user(connection, aggregate_id, serde_json::from_value(payload.clone()).map_err(decode_error)?).await,
+        "account" => apply_account(connection, aggregate_id, serde_json::from_value(payload.clone()).map_err(decode_error)?).await,
+        "project" => apply_project(connection, aggregate_id, serde_json::from_value(payload.clone()).map_err(decode_error)?).await,
+        _ => Ok(()),
+    }
+}
+
+async fn apply_user(c: &mut PgConnection, user_id: Uuid, event: UserEvent) -> sqlx::Result<()> {
+    match event {
+        UserEvent::UserSignedUp { github_id, login, name, at, .. } => {
+            sqlx::query(
+                "INSERT INTO users (user_id, github_id, login, name, created_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_id) DO UPDATE SET login = EXCLUDED.login, name = EXCLUDED.name",
+            )
+            .bind(user_id)
+            .bind(github_id as i64)
+            .bind(login)
+            .bind(name)
+            .bind(at)
+            .execute(c)
+            .await?;
+        }
+        UserEvent::UserLoginChanged { login, .. } => {
+            sqlx::query("UPDATE users SET login = $2 WHERE user_id = $1").bind(user_id).bind(login).execute(c).await?;
+        }
+        UserEvent::SessionStarted { session_id, github_token, expires_at, at } => {
+            sqlx::query(
+                "INSERT INTO user_sessions (session_id, user_id, github_token, started_at, expires_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (session_id) DO NOTHING",
+            )
+            .bind(session_id)
+            .bind(user_id)
+            .bind(sqlx::types::Json(github_token))
+            .bind(at)
+            .bind(expires_at)
+            .execute(&mut *c)
+            .await?;
+            // Expired sessions are of no use to anyone: they go when their user signs in again.
+            sqlx::query("DELETE FROM user_sessions WHERE user_id = $1 AND expires_at < $2").bind(user_id).bind(at).execute(c).await?;
+        }
+        UserEvent::SessionEnded { session_id, at } => {
+            sqlx::query("UPDATE user_sessions SET ended_at = $2 WHERE session_id = $1 AND ended_at IS NULL")
+                .bind(session_id)
+                .bind(at)
+                .execute(c)
+                .await?;
+        }
+        UserEvent::ApiTokenCreated { token_id, name, hash, at } => {
+            sqlx::query(
+                "INSERT INTO api_tokens (token_id, user_id, name, hash, created_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (token_id) DO NOTHING",
+            )
+            .bind(token_id)
+            .bind(user_id)
+            .bind(name)
+            .bind(hash)
+            .bind(at)
+            .execute(c)
+            .await?;
+        }
+        UserEvent::ApiTokenRevoked { token_id, at } => {
+            sqlx::query("UPDATE api_tokens SET revoked_at = $2 WHERE token_id = $1 AND revoked_at IS NULL")
+                .bind(token_id)
+                .bind(at)
+                .execute(c)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn apply_account(c: &mut PgConnection, account_id: Uuid, event: AccountEvent) -> sqlx::Result<()> {
+    match event {
+        AccountEvent::AccountCreated { kind, at, .. } => {
+            let (kind, name) = match kind {
+                AccountKind::Personal { github_login, .. } => ("personal", github_login),
+                AccountKind::Team { name } => ("team", name),
+            };
+            sqlx::query(
+                "INSERT INTO accounts (account_id, kind, name, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (account_id) DO NOTHING",
+            )
+            .bind(account_id)
+            .bind(kind)
+            .bind(name)
+            .bind(at)
+            .execute(c)
+            .await?;
+        }
+        AccountEvent::MemberAdded { user_id, role, .. } | AccountEvent::MemberRoleChanged { user_id, role, .. } => {
+            sqlx::query(
+                "INSERT INTO account_members (account_id, user_id, role) VALUES ($1, $2, $3)
+                 ON CONFLICT (account_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+            )
+            .bind(account_id)
+            .bind(user_id.0)
+            .bind(role.as_str())
+            .execute(c)
+            .await?;
+        }
+        AccountEvent::MemberRemoved { user_id, .. } => {
+            sqlx::query("DELETE FROM account_members WHERE account_id = $1 AND user_id = $2")
+                .bind(account_id)
+                .bind(user_id.0)
+                .execute(c)
+                .await?;
+        }
+        AccountEvent::MemberInvited { login, role, at } => {
+            sqlx::query(
+                "INSERT INTO account_invitations (account_id, login, role, invited_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (account_id, login) DO UPDATE SET role = EXCLUDED.role, invited_at = EXCLUDED.invited_at",
+            )
+            .bind(account_id)
+            .bind(login)
+            .bind(role.as_str())
+            .bind(at)
+            .execute(c)
+            .await?;
+        }
+        AccountEvent::InvitationRevoked { login, .. } | AccountEvent::InvitationAccepted { login, .. } => {
+            sqlx::query("DELETE FROM account_invitations WHERE account_id = $1 AND login = $2")
+                .bind(account_id)
+                .bind(login)
+                .execute(c)
+                .await?;
+        }
+        AccountEvent::AccountDeleted { .. } => {
+            sqlx::query("UPDATE accounts SET deleted = true WHERE account_id = $1").bind(account_id).execute(&mut *c).await?;
+            sqlx::query("DELETE FROM account_members WHERE account_id = $1").bind(account_id).execute(&mut *c).await?;
+            sqlx::query("DELETE FROM account_invitations WHERE account_id = $1").bind(account_id).execute(c).await?;
+        }
+        AccountEvent::InstallationLinked { .. } | AccountEvent::InstallationUnlinked { .. } | AccountEvent::BillingDetailsSet { .. } => {}
+    }
+    Ok(())
+}
+
+async fn apply_project(c: &mut PgConnection, project_id: Uuid, event: ProjectEvent) -> sqlx::Result<()> {
+    match event {
+        ProjectEvent::ProjectCreated { account_id, name, repository, production_branch, at, .. } => {
+            sqlx::query(
+                "INSERT INTO projects (project_id, account_id, name, repository, production_branch, active, created_at)
+                 VALUES ($1, $2, $3, $4, $5, true, $6) ON CONFLICT (project_id) DO NOTHING",
+            )
+            .bind(project_id)
+            .bind(account_id.0)
+            .bind(name.as_str())
+            .bind(repository.as_str())
+            .bind(production_branch.as_str())
+            .bind(at)
+            .execute(c)
+            .await?;
+        }
+        ProjectEvent::ProductionBranchChanged { branch, .. } => {
+            sqlx::query("UPDATE projects SET production_branch = $2 WHERE project_id = $1")
+                .bind(project_id)
+                .bind(branch.as_str())
+                .execute(c)
+                .await?;
+        }
+        ProjectEvent::ProjectRenamed { name, .. } => {
+            sqlx::query("UPDATE projects SET name = $2 WHERE project_id = $1").bind(project_id).bind(name.as_str()).execute(c).await?;
+        }
+        ProjectEvent::ProjectDeactivated { .. } => {
+            sqlx::query("UPDATE projects SET active = false WHERE project_id = $1").bind(project_id).execute(c).await?;
+        }
+        ProjectEvent::GitRemoteSet { url, .. } => {
+            sqlx::query("UPDATE projects SET git_url = $2 WHERE project_id = $1").bind(project_id).bind(url).execute(c).await?;
+        }
+        ProjectEvent::ProjectReactivated { .. } => {
+            sqlx::query("UPDATE projects SET active = true WHERE project_id = $1").bind(project_id).execute(c).await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Rebuilds the whole index from the global log, in one transaction: readers see the old index
+/// until the new one is complete. Returns how many events were applied.
+pub async fn rebuild(pool: &PgPool) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("TRUNCATE {}", TABLES.join(", "))).execute(&mut *tx).await?;
+    // Every event of these aggregates, numbered or not yet: the TRUNCATE's lock holds back any
+    // append that would change the index until this transaction commits, and those appends then
+    // apply on top. Per aggregate, insertion order is its version order.
+    let rows: Vec<(String, Uuid, serde_json::Value)> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, payload FROM event_log
+         WHERE aggregate_type IN ('user', 'account', 'project') ORDER BY aggregate_id, aggregate_version",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut applied = 0u64;
+    for (aggregate_type, aggregate_id, payload) in rows {
+        apply(&mut tx, &aggregate_type, aggregate_id, &payload).await?;
+        applied += 1;
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Keeps the index in step with the appends of one aggregate type.
+pub struct AccessIndex<A>(PhantomData<A>);
+
+impl<A> Default for AccessIndex<A> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+#[async_trait]
+impl<A: Aggregate> TransactionalEventHandler<Es<A>, PgStoreError, PgConnection> for AccessIndex<A> {
+    async fn handle(&self, event: &StoreEvent<Recorded<A::Event>>, connection: &mut PgConnection) -> Result<(), PgStoreError> {
+        if indexes(A::NAME) {
+            let payload = serde_json::to_value(&event.payload.event)?;
+            apply(connection, A::NAME, event.aggregate_id, &payload).await?;
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "access_index"
+    }
+}
