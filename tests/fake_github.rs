@@ -13,6 +13,12 @@
 //! - `GET|POST /repos/{owner}/{repo}/deployments`, `GET|POST .../deployments/{id}/statuses`
 //! - `POST /repos/{owner}/{repo}/check-runs`, `GET|PATCH .../check-runs/{id}`,
 //!   `GET /repos/{owner}/{repo}/commits/{sha}/check-runs` (`check_name`)
+//! - Signing in (the GitHub App's OAuth web flow): `GET /login/oauth/authorize` (answers at once
+//!   with the 302 back to `redirect_uri?code&state`, as the person [`FakeGitHub::add_person`]
+//!   registered, chosen by GitHub's own `login` parameter), `POST /login/oauth/access_token`
+//!   (JSON or form; 200 with `error` for a bad code, as GitHub does) and `GET /user`. With a user
+//!   token (`gho_…`), repository routes answer 404 unless [`FakeGitHub::grant`] gave the person
+//!   the repository, and `GET /repos/{owner}/{repo}` carries their `permissions`.
 //! - `/repositories/{repo_id}/...` is an alias of `/repos/{owner}/{repo}/...` (GitHub's `Link`
 //!   headers use that form).
 //!
@@ -113,7 +119,25 @@ struct Inner {
     next_deployment_id: u64,
     next_deployment_status_id: u64,
     next_check_run_id: u64,
+    oauth: OAuth,
 }
+
+/// The OAuth side: the App's client, the people who can sign in, codes and user tokens.
+#[derive(Default)]
+struct OAuth {
+    /// login (lowercased) → (id, login as spelled, name)
+    people: HashMap<String, (u64, String, Option<String>)>,
+    /// code → login
+    codes: HashMap<String, String>,
+    /// user token → login
+    tokens: HashMap<String, String>,
+    /// login → lowercased repository full names they can read
+    grants: HashMap<String, std::collections::HashSet<String>>,
+    next: u64,
+}
+
+pub const OAUTH_CLIENT_ID: &str = "Iv23liUnderstudyFake";
+pub const OAUTH_CLIENT_SECRET: &str = "fake-client-secret-0123456789abcdef";
 
 type Shared = Arc<Mutex<Inner>>;
 
@@ -155,12 +179,30 @@ impl FakeGitHub {
             next_deployment_id: 1_000_001,
             next_deployment_status_id: 2_000_001,
             next_check_run_id: 3_000_001,
+            oauth: OAuth::default(),
         }));
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         FakeGitHub { shared, base_url, server }
+    }
+
+    /// Someone who can sign in with GitHub (`id` is their GitHub user id).
+    pub fn add_person(&self, login: &str, id: u64, name: Option<&str>) {
+        lock(&self.shared).oauth.people.insert(login.to_lowercase(), (id, login.to_string(), name.map(str::to_string)));
+    }
+
+    /// Lets `login` read `full_name` (as a collaborator would).
+    pub fn grant(&self, login: &str, full_name: &str) {
+        lock(&self.shared).oauth.grants.entry(login.to_lowercase()).or_default().insert(full_name.to_lowercase());
+    }
+
+    /// Takes `full_name` away from `login`.
+    pub fn revoke(&self, login: &str, full_name: &str) {
+        if let Some(repos) = lock(&self.shared).oauth.grants.get_mut(&login.to_lowercase()) {
+            repos.remove(&full_name.to_lowercase());
+        }
     }
 
     /// e.g. "http://127.0.0.1:PORT" (no trailing slash): the API base URL.
@@ -314,7 +356,113 @@ async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers:
     }
     let query = parse_query(uri.query().unwrap_or(""));
     let mut inner = lock(&shared);
+    let user_token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .map(|(_, token)| token.trim().to_string())
+        .filter(|token| token.starts_with("gho_"));
+    if let Some(response) = oauth_route(&mut inner, &method, uri.path(), &query, &headers, &body, user_token.as_deref()) {
+        return response;
+    }
     route(&mut inner, &method, uri.path(), &query, body_json)
+}
+
+/// The OAuth web flow, `/user`, and what a user token may see; `None` for everything else.
+fn oauth_route(
+    inner: &mut Inner,
+    method: &Method,
+    path: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    user_token: Option<&str>,
+) -> Option<Response> {
+    let oauth = &mut inner.oauth;
+    match (method, path) {
+        (&Method::GET, "/login/oauth/authorize") => {
+            if query.get("client_id").map(String::as_str) != Some(OAUTH_CLIENT_ID) {
+                return Some(json_response(StatusCode::NOT_FOUND, error_json(404, "Not Found", DOCS)));
+            }
+            let wanted = query.get("login").map(|l| l.to_lowercase());
+            let person = match wanted {
+                Some(login) => oauth.people.get(&login).map(|p| p.1.clone()),
+                None if oauth.people.len() == 1 => oauth.people.values().next().map(|p| p.1.clone()),
+                None => None,
+            };
+            let (Some(login), Some(redirect_uri)) = (person, query.get("redirect_uri")) else {
+                return Some(json_response(StatusCode::BAD_REQUEST, error_json(400, "nobody to sign in as", DOCS)));
+            };
+            oauth.next += 1;
+            let code = format!("code{:0>16}", oauth.next);
+            oauth.codes.insert(code.clone(), login);
+            let state = query.get("state").cloned().unwrap_or_default();
+            let location = format!("{redirect_uri}?code={code}&state={}", percent_encode(&state));
+            let mut response = empty_response(StatusCode::FOUND);
+            response.headers_mut().insert("location", HeaderValue::from_str(&location).expect("a URL"));
+            Some(response)
+        }
+        (&Method::POST, "/login/oauth/access_token") => {
+            let fields: HashMap<String, String> = match serde_json::from_slice::<Value>(body) {
+                Ok(Value::Object(map)) => map.into_iter().map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string())).collect(),
+                _ => parse_query(&String::from_utf8_lossy(body)),
+            };
+            let field = |name: &str| fields.get(name).map(String::as_str).unwrap_or_default();
+            let answer = if field("client_id") != OAUTH_CLIENT_ID || field("client_secret") != OAUTH_CLIENT_SECRET {
+                json!({"error": "incorrect_client_credentials", "error_description": "The client_id and/or client_secret passed are incorrect."})
+            } else {
+                match oauth.codes.remove(field("code")) {
+                    Some(login) => {
+                        oauth.next += 1;
+                        let token = format!("gho_{:0>36}", oauth.next);
+                        oauth.tokens.insert(token.clone(), login);
+                        json!({"access_token": token, "token_type": "bearer", "scope": ""})
+                    }
+                    None => json!({"error": "bad_verification_code", "error_description": "The code passed is incorrect or expired."}),
+                }
+            };
+            let wants_json = headers.get("accept").and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("json"));
+            if wants_json {
+                return Some(json_response(StatusCode::OK, answer));
+            }
+            let form: Vec<String> = answer
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", percent_encode(v.as_str().unwrap_or_default())))
+                .collect();
+            let mut response = Response::new(Body::from(form.join("&")));
+            response.headers_mut().insert("content-type", HeaderValue::from_static("application/x-www-form-urlencoded; charset=utf-8"));
+            Some(response)
+        }
+        (&Method::GET, "/user") => {
+            let person = user_token.and_then(|t| oauth.tokens.get(t)).and_then(|login| oauth.people.get(&login.to_lowercase()));
+            Some(match person {
+                Some((id, login, name)) => {
+                    let mut user = user_json(&inner.base_url, login, *id, "User");
+                    user["name"] = json!(name);
+                    json_response(StatusCode::OK, user)
+                }
+                None => json_response(StatusCode::UNAUTHORIZED, error_json(401, "Bad credentials", DOCS)),
+            })
+        }
+        (_, path) if path.starts_with("/repos/") => {
+            let token = user_token?;
+            let Some(login) = oauth.tokens.get(token).cloned() else {
+                return Some(json_response(StatusCode::UNAUTHORIZED, error_json(401, "Bad credentials", DOCS)));
+            };
+            let mut parts = path.trim_start_matches("/repos/").split('/');
+            let full_name = format!("{}/{}", parts.next().unwrap_or_default(), parts.next().unwrap_or_default()).to_lowercase();
+            let granted = oauth.grants.get(&login.to_lowercase()).is_some_and(|repos| repos.contains(&full_name));
+            if !granted || !inner.repos.contains_key(&full_name) || *method != Method::GET || parts.next().is_some() {
+                return Some(not_found());
+            }
+            let mut repo = inner.repo_json(&full_name);
+            repo["permissions"] = json!({"admin": false, "maintain": false, "push": false, "triage": false, "pull": true});
+            Some(json_response(StatusCode::OK, repo))
+        }
+        _ => None,
+    }
 }
 
 fn route(inner: &mut Inner, method: &Method, path: &str, query: &HashMap<String, String>, body: Option<Value>) -> Response {

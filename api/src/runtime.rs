@@ -38,6 +38,8 @@ pub struct Runtime {
     /// Sign-in with GitHub (`GITHUB_CLIENT_ID`, `GITHUB_CLIENT_SECRET`): without it, an API on
     /// loopback is open to whoever reaches it, and any other refuses all but API tokens.
     pub oauth: Option<understudy_adapters::github::oauth::OAuthApp>,
+    /// How long GitHub's "this user can read this repository" is trusted before asking again.
+    pub access_ttl: std::time::Duration,
 }
 
 /// How this process talks to GitHub.
@@ -86,6 +88,7 @@ impl Runtime {
             deliveries: Arc::default(),
             preview: default_preview()?,
             oauth: None,
+            access_ttl: std::time::Duration::from_secs(60),
         })
     }
 
@@ -117,6 +120,7 @@ impl Runtime {
             deliveries: Arc::default(),
             preview: default_preview()?,
             oauth: None,
+            access_ttl: std::time::Duration::from_secs(60),
         })
     }
 
@@ -124,18 +128,22 @@ impl Runtime {
         crate::graphql::schema(self.pool.clone(), self.nats.clone(), self.topology.clone(), auth)
     }
 
-    /// Who may see and do what, for an API listening on `listen`.
-    pub fn auth(&self, listen: SocketAddr) -> crate::auth::Auth {
-        let open = self.oauth.is_none() && listen.ip().is_loopback();
-        crate::auth::Auth::new(
+    /// Who may see and do what, for an API bound to `addr`. Its public URL is
+    /// `UNDERSTUDY_PUBLIC_URL`, or `http://{addr}` when none is set.
+    pub fn auth(&self, addr: SocketAddr) -> crate::auth::Auth {
+        let open = self.oauth.is_none() && addr.ip().is_loopback();
+        let public_url = if self.github.public_url.is_empty() { format!("http://{addr}") } else { self.github.public_url.clone() };
+        let mut auth = crate::auth::Auth::new(
             self.store.clone(),
             self.oauth.clone(),
             self.preview.signer.clone(),
             self.preview.secret_key.clone(),
-            &self.github.public_url,
+            &public_url,
             open,
             &self.preview.preview_domain,
-        )
+        );
+        auth.access_ttl = self.access_ttl;
+        auth
     }
 
     /// Binds `listen` and serves the API until `cancel`; returns the bound address and the task.
@@ -153,7 +161,7 @@ impl Runtime {
             wake: self.deliveries.clone(),
         };
         let readiness = crate::http::Readiness { pool: self.pool.clone(), nats: self.nats.clone(), max_lag: 10_000 };
-        let auth = self.auth(listen);
+        let auth = self.auth(addr);
         let proxy = crate::proxy::PreviewProxy {
             store: self.store.clone(),
             domain: Arc::from(self.preview.preview_domain.as_str()),

@@ -1,5 +1,6 @@
 //! End-to-end tests of the spine against the machine's real Postgres and NATS JetStream.
 
+mod auth;
 mod chaos;
 mod cli;
 mod docs;
