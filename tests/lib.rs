@@ -275,6 +275,7 @@ pub mod fixtures {
 
     pub fn request(spec: &EnvironmentSpec, deployment: DeploymentId, commit: u64) -> EnvironmentCommand {
         EnvironmentCommand::RequestDeployment {
+            awaiting_approval: false,
             environment_id: env_id(spec),
             spec: spec.clone(),
             deployment_id: deployment,

@@ -192,6 +192,20 @@ impl EventStore {
         sha: &CommitSha,
         meta: &Metadata,
     ) -> Result<bool, CommandError> {
+        self.deploy(project, target, entrypoint, sha, false, meta).await
+    }
+
+    /// [`EventStore::deploy_commit`], for a commit that waits for a maintainer's approval before
+    /// anything is built when `awaiting_approval` (a pull request from a fork).
+    pub async fn deploy(
+        &self,
+        project: ProjectId,
+        target: &Target,
+        entrypoint: &Entrypoint,
+        sha: &CommitSha,
+        awaiting_approval: bool,
+        meta: &Metadata,
+    ) -> Result<bool, CommandError> {
         let environment_id = EnvironmentId::derive(project, target, entrypoint);
         // The id derives from the commit and how many deployments of it came before: a repeated
         // request names the same deployment (and the domain ignores the commit already current),
@@ -203,8 +217,14 @@ impl EventStore {
         let key = if occurrence == 0 { sha.as_str().to_string() } else { format!("{}#{occurrence}", sha.as_str()) };
         let deployment_id = DeploymentId(Uuid::new_v5(&environment_id.0, key.as_bytes()));
         let spec = EnvironmentSpec { project_id: project, target: target.clone(), entrypoint: entrypoint.clone() };
-        let command =
-            EnvironmentCommand::RequestDeployment { environment_id, spec, deployment_id, commit: sha.clone(), at: chrono::Utc::now() };
+        let command = EnvironmentCommand::RequestDeployment {
+            awaiting_approval,
+            environment_id,
+            spec,
+            deployment_id,
+            commit: sha.clone(),
+            at: chrono::Utc::now(),
+        };
         match self.environments.execute(environment_id.0, command, meta.clone()).await {
             Ok(done) => Ok(!done.events.is_empty()),
             Err(CommandError::Domain(DomainError::AlreadyExists { entity: "deployment", .. })) => Ok(false),

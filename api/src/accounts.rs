@@ -374,6 +374,14 @@ fn parse_role(role: &str) -> Result<Role> {
     Role::parse(role).ok_or_else(|| bad_input(format!("role {role:?} is not one of Owner, Admin, Member, Billing")))
 }
 
+#[derive(SimpleObject, Clone, Debug)]
+pub struct DeploymentApproval {
+    pub deployment_id: Uuid,
+    pub environment_id: Uuid,
+    /// The deployment's status after the approval (`Requested`: a worker builds it next).
+    pub status: String,
+}
+
 #[derive(Default)]
 pub struct Mutation;
 
@@ -557,6 +565,25 @@ impl Mutation {
         let command = ProjectCommand::RemoveSecret { name, at: Utc::now() };
         auth(ctx)?.store.projects.execute(project_id, command, meta(&viewer(ctx))).await.map_err(command_error)?;
         Ok(true)
+    }
+
+    /// Lets a commit of a pull request from a fork be built and previewed (Manage Projects: a
+    /// maintainer). Until then it waits, and the pull request's comment says so.
+    async fn approve_deployment(&self, ctx: &Context<'_>, deployment_id: Uuid) -> Result<DeploymentApproval> {
+        let auth = auth(ctx)?;
+        let not_found = || denied(Denied::NotFound(format!("no deployment {deployment_id} that you can see")));
+        let environment = auth.environment_of_deployment(deployment_id).await?.ok_or_else(not_found)?;
+        let project = auth.project_of_environment(environment).await?.ok_or_else(not_found)?;
+        require_project(ctx, project.0, Permission::ManageProjects).await?;
+        let viewer = viewer(ctx);
+        let command = understudy_domain::environment::EnvironmentCommand::ApproveDeployment {
+            deployment_id: understudy_domain::ids::DeploymentId(deployment_id),
+            by: viewer.actor(),
+            at: Utc::now(),
+        };
+        let done = auth.store.environments.execute(environment, command, meta(&viewer)).await.map_err(command_error)?;
+        let status = done.state.deployments.iter().find(|d| d.id.0 == deployment_id).map(|d| d.status.as_str()).unwrap_or("unknown");
+        Ok(DeploymentApproval { deployment_id, environment_id: environment, status: status.to_string() })
     }
 
     /// Creates a personal API token. The token is in the answer and nowhere else.

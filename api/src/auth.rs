@@ -311,15 +311,19 @@ impl Auth {
         Ok(project.map(ProjectId))
     }
 
-    /// The project of a deployment, from the event that asked for it.
-    pub async fn project_of_deployment(&self, deployment: Uuid) -> Result<Option<ProjectId>, sqlx::Error> {
-        let environment: Option<Uuid> = sqlx::query_scalar(
+    /// The environment of a deployment, from the event that asked for it.
+    pub async fn environment_of_deployment(&self, deployment: Uuid) -> Result<Option<Uuid>, sqlx::Error> {
+        sqlx::query_scalar(
             "SELECT aggregate_id FROM event_log WHERE event_type = 'DeploymentRequested' AND payload->>'deployment_id' = $1 LIMIT 1",
         )
         .bind(deployment.to_string())
         .fetch_optional(self.pool())
-        .await?;
-        match environment {
+        .await
+    }
+
+    /// The project of a deployment.
+    pub async fn project_of_deployment(&self, deployment: Uuid) -> Result<Option<ProjectId>, sqlx::Error> {
+        match self.environment_of_deployment(deployment).await? {
             Some(environment) => self.project_of_environment(environment).await,
             None => Ok(None),
         }

@@ -163,6 +163,7 @@ fn cycle(spec: &EnvironmentSpec) -> Vec<EnvironmentCommand> {
     };
     vec![
         EnvironmentCommand::RequestDeployment {
+            awaiting_approval: false,
             environment_id: EnvironmentId::derive(spec.project_id, &spec.target, &spec.entrypoint),
             spec: spec.clone(),
             deployment_id: deployment,
@@ -611,6 +612,7 @@ async fn preview(
             let deployment = DeploymentId(Uuid::new_v4());
             let started = Instant::now();
             let request = EnvironmentCommand::RequestDeployment {
+                awaiting_approval: false,
                 environment_id: environment,
                 spec: spec.clone(),
                 deployment_id: deployment,

@@ -46,6 +46,7 @@ pub fn schema(pool: PgPool, nats: async_nats::Client, topology: Topology, auth: 
 #[graphql(remote = "understudy_domain::environment::EnvironmentStatus")]
 pub enum EnvironmentStatus {
     Requested,
+    AwaitingApproval,
     Building,
     Starting,
     Ready,

@@ -29,6 +29,8 @@ impl EnvironmentId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeploymentStatus {
     Requested,
+    /// A pull request from a fork: nothing is built until a maintainer approves the commit.
+    AwaitingApproval,
     Building,
     Starting,
     Ready,
@@ -41,6 +43,7 @@ impl DeploymentStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Requested => "Requested",
+            Self::AwaitingApproval => "AwaitingApproval",
             Self::Building => "Building",
             Self::Starting => "Starting",
             Self::Ready => "Ready",
@@ -50,7 +53,7 @@ impl DeploymentStatus {
     }
 
     pub fn in_flight(self) -> bool {
-        matches!(self, Self::Requested | Self::Building | Self::Starting)
+        matches!(self, Self::Requested | Self::AwaitingApproval | Self::Building | Self::Starting)
     }
 }
 
@@ -59,6 +62,8 @@ impl DeploymentStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EnvironmentStatus {
     Requested,
+    /// Its commit waits for a maintainer's approval (a pull request from a fork).
+    AwaitingApproval,
     Building,
     Starting,
     Ready,
@@ -68,12 +73,13 @@ pub enum EnvironmentStatus {
 }
 
 impl EnvironmentStatus {
-    pub const ALL: [EnvironmentStatus; 7] =
-        [Self::Requested, Self::Building, Self::Starting, Self::Ready, Self::Failed, Self::Stale, Self::Terminated];
+    pub const ALL: [EnvironmentStatus; 8] =
+        [Self::Requested, Self::AwaitingApproval, Self::Building, Self::Starting, Self::Ready, Self::Failed, Self::Stale, Self::Terminated];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Requested => "Requested",
+            Self::AwaitingApproval => "AwaitingApproval",
             Self::Building => "Building",
             Self::Starting => "Starting",
             Self::Ready => "Ready",
@@ -171,6 +177,7 @@ impl Environment {
         };
         Some(match current.status {
             DeploymentStatus::Requested | DeploymentStatus::Superseded => EnvironmentStatus::Requested,
+            DeploymentStatus::AwaitingApproval => EnvironmentStatus::AwaitingApproval,
             DeploymentStatus::Building => EnvironmentStatus::Building,
             DeploymentStatus::Starting => EnvironmentStatus::Starting,
             DeploymentStatus::Ready => EnvironmentStatus::Ready,
@@ -193,6 +200,15 @@ pub enum EnvironmentCommand {
         spec: EnvironmentSpec,
         deployment_id: DeploymentId,
         commit: CommitSha,
+        /// Build nothing until a maintainer approves (a pull request from a fork).
+        awaiting_approval: bool,
+        at: DateTime<Utc>,
+    },
+    /// A maintainer lets a deployment that awaits approval be built.
+    ApproveDeployment {
+        deployment_id: DeploymentId,
+        /// Who approved, for the audit trail.
+        by: String,
         at: DateTime<Utc>,
     },
     StartBuild {
@@ -268,6 +284,14 @@ pub enum EnvironmentEvent {
     DeploymentRequested {
         deployment_id: DeploymentId,
         commit: CommitSha,
+        /// Added without a schema version: older events lack it and mean `false`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        awaiting_approval: bool,
+        at: DateTime<Utc>,
+    },
+    DeploymentApproved {
+        deployment_id: DeploymentId,
+        by: String,
         at: DateTime<Utc>,
     },
     DeploymentSuperseded {
@@ -347,6 +371,7 @@ impl DomainEvent for EnvironmentEvent {
         match self {
             Self::EnvironmentCreated { .. } => "EnvironmentCreated",
             Self::DeploymentRequested { .. } => "DeploymentRequested",
+            Self::DeploymentApproved { .. } => "DeploymentApproved",
             Self::DeploymentSuperseded { .. } => "DeploymentSuperseded",
             Self::BuildStarted { .. } => "BuildStarted",
             Self::BuildSucceeded { .. } => "BuildSucceeded",
@@ -370,6 +395,7 @@ impl EnvironmentEvent {
         match self {
             Self::EnvironmentCreated { at, .. }
             | Self::DeploymentRequested { at, .. }
+            | Self::DeploymentApproved { at, .. }
             | Self::DeploymentSuperseded { at, .. }
             | Self::BuildStarted { at, .. }
             | Self::BuildSucceeded { at, .. }
@@ -436,7 +462,7 @@ impl Aggregate for EnvironmentAggregate {
         use EnvironmentCommand as C;
         use EnvironmentEvent as E;
         match command {
-            C::RequestDeployment { environment_id, spec, deployment_id, commit, at } => {
+            C::RequestDeployment { environment_id, spec, deployment_id, commit, awaiting_approval, at } => {
                 let mut events = Vec::new();
                 match &state.spec {
                     None => events.push(E::EnvironmentCreated { environment_id, spec, at }),
@@ -461,8 +487,19 @@ impl Aggregate for EnvironmentAggregate {
                 if asleep {
                     events.push(E::EnvironmentReactivated { at });
                 }
-                events.push(E::DeploymentRequested { deployment_id, commit, at });
+                events.push(E::DeploymentRequested { awaiting_approval, deployment_id, commit, at });
                 Ok(events)
+            }
+            C::ApproveDeployment { deployment_id, by, at } => {
+                let deployment = reported(state, deployment_id)?;
+                match deployment.status {
+                    DeploymentStatus::AwaitingApproval => Ok(vec![E::DeploymentApproved { deployment_id, by, at }]),
+                    // Approving twice, or a deployment that never needed it, changes nothing.
+                    DeploymentStatus::Requested | DeploymentStatus::Building | DeploymentStatus::Starting | DeploymentStatus::Ready => {
+                        Ok(vec![])
+                    }
+                    _ => expect_status(deployment, DeploymentStatus::AwaitingApproval, "approving").map(|_| vec![]),
+                }
             }
             C::StartBuild { deployment_id, at } => {
                 expect_status(reported(state, deployment_id)?, DeploymentStatus::Requested, "starting a build")?;
@@ -560,7 +597,7 @@ impl Aggregate for EnvironmentAggregate {
                 if state.deployment(deployment_id).is_some() {
                     return Err(DomainError::AlreadyExists { entity: "deployment", id: deployment_id.to_string() });
                 }
-                Ok(vec![E::EnvironmentReactivated { at }, E::DeploymentRequested { deployment_id, commit, at }])
+                Ok(vec![E::EnvironmentReactivated { at }, E::DeploymentRequested { awaiting_approval: false, deployment_id, commit, at }])
             }
             C::Terminate { reason, at } => {
                 existing(state)?;
@@ -597,10 +634,10 @@ impl Aggregate for EnvironmentAggregate {
                 state.id = Some(*environment_id);
                 state.spec = Some(spec.clone());
             }
-            E::DeploymentRequested { deployment_id, commit, at } => state.deployments.push(Deployment {
+            E::DeploymentRequested { deployment_id, commit, awaiting_approval, at } => state.deployments.push(Deployment {
                 id: *deployment_id,
                 commit: commit.clone(),
-                status: DeploymentStatus::Requested,
+                status: if *awaiting_approval { DeploymentStatus::AwaitingApproval } else { DeploymentStatus::Requested },
                 requested_at: *at,
                 updated_at: *at,
                 url: None,
@@ -610,6 +647,7 @@ impl Aggregate for EnvironmentAggregate {
                 test_run_requested: None,
             }),
             E::DeploymentSuperseded { deployment_id, at, .. } => set(&mut state, *deployment_id, DeploymentStatus::Superseded, *at),
+            E::DeploymentApproved { deployment_id, at, .. } => set(&mut state, *deployment_id, DeploymentStatus::Requested, *at),
             E::BuildStarted { deployment_id, at } => set(&mut state, *deployment_id, DeploymentStatus::Building, *at),
             E::BuildSucceeded { deployment_id, at } => set(&mut state, *deployment_id, DeploymentStatus::Starting, *at),
             E::DeploymentReady { deployment_id, url, at } => {
@@ -704,13 +742,20 @@ mod tests {
         EnvironmentId::derive(s.project_id, &s.target, &s.entrypoint)
     }
     fn request(d: u128, c: char, minute: u32) -> C {
-        C::RequestDeployment { environment_id: env_id(), spec: spec(), deployment_id: dep(d), commit: sha(c), at: at(minute) }
+        C::RequestDeployment {
+            awaiting_approval: false,
+            environment_id: env_id(),
+            spec: spec(),
+            deployment_id: dep(d),
+            commit: sha(c),
+            at: at(minute),
+        }
     }
     fn created() -> E {
         E::EnvironmentCreated { environment_id: env_id(), spec: spec(), at: at(0) }
     }
     fn requested(d: u128, c: char, minute: u32) -> E {
-        E::DeploymentRequested { deployment_id: dep(d), commit: sha(c), at: at(minute) }
+        E::DeploymentRequested { awaiting_approval: false, deployment_id: dep(d), commit: sha(c), at: at(minute) }
     }
     /// History that brings deployment 1 (commit a) to `status`.
     fn history_to(status: DeploymentStatus) -> Vec<E> {
@@ -879,7 +924,14 @@ mod tests {
         let mut other = spec();
         other.entrypoint = Entrypoint::parse("other.main.w").expect("valid");
         given::<EnvironmentAggregate>(&history_to(S::Ready))
-            .when(C::RequestDeployment { environment_id: env_id(), spec: other, deployment_id: dep(2), commit: sha('b'), at: at(10) })
+            .when(C::RequestDeployment {
+                awaiting_approval: false,
+                environment_id: env_id(),
+                spec: other,
+                deployment_id: dep(2),
+                commit: sha('b'),
+                at: at(10),
+            })
             .then_error(|e| matches!(e, DomainError::Invalid { field: "environment", .. }));
     }
 
@@ -1004,5 +1056,52 @@ mod tests {
         given::<EnvironmentAggregate>(&history_to(S::Starting))
             .when(report(false))
             .then_error(|e| matches!(e, DomainError::IllegalTransition { .. }));
+    }
+
+    #[test]
+    fn a_fork_commit_waits_for_approval_before_anything_is_built() {
+        let awaiting = C::RequestDeployment {
+            awaiting_approval: true,
+            environment_id: env_id(),
+            spec: spec(),
+            deployment_id: dep(1),
+            commit: sha('a'),
+            at: at(1),
+        };
+        let history = vec![
+            E::EnvironmentCreated { environment_id: env_id(), spec: spec(), at: at(1) },
+            E::DeploymentRequested { awaiting_approval: true, deployment_id: dep(1), commit: sha('a'), at: at(1) },
+        ];
+        let state = given::<EnvironmentAggregate>(&[]).when(awaiting).then(&history);
+        assert_eq!(state.status(), Some(EnvironmentStatus::AwaitingApproval));
+        given::<EnvironmentAggregate>(&history)
+            .when(C::StartBuild { deployment_id: dep(1), at: at(2) })
+            .then_error(|e| matches!(e, DomainError::IllegalTransition { status: "AwaitingApproval", .. }));
+        let approved = given::<EnvironmentAggregate>(&history)
+            .when(C::ApproveDeployment { deployment_id: dep(1), by: "user:maintainer".into(), at: at(3) })
+            .then(&[E::DeploymentApproved { deployment_id: dep(1), by: "user:maintainer".into(), at: at(3) }]);
+        assert_eq!(approved.status(), Some(EnvironmentStatus::Requested));
+        let mut after = history.clone();
+        after.push(E::DeploymentApproved { deployment_id: dep(1), by: "user:maintainer".into(), at: at(3) });
+        given::<EnvironmentAggregate>(&after)
+            .when(C::ApproveDeployment { deployment_id: dep(1), by: "user:other".into(), at: at(4) })
+            .then(&[]);
+        given::<EnvironmentAggregate>(&after)
+            .when(C::StartBuild { deployment_id: dep(1), at: at(4) })
+            .then(&[E::BuildStarted { deployment_id: dep(1), at: at(4) }]);
+        // A new commit supersedes one still waiting, and waits in its turn.
+        given::<EnvironmentAggregate>(&history)
+            .when(C::RequestDeployment {
+                awaiting_approval: true,
+                environment_id: env_id(),
+                spec: spec(),
+                deployment_id: dep(2),
+                commit: sha('b'),
+                at: at(5),
+            })
+            .then(&[
+                E::DeploymentSuperseded { deployment_id: dep(1), by: dep(2), at: at(5) },
+                E::DeploymentRequested { awaiting_approval: true, deployment_id: dep(2), commit: sha('b'), at: at(5) },
+            ]);
     }
 }

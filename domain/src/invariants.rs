@@ -34,6 +34,7 @@ fn to_command(kind: u8, deployment: u8, commit: u8, n: u32) -> EnvironmentComman
     let s = spec();
     match kind {
         0 | 1 => EnvironmentCommand::RequestDeployment {
+            awaiting_approval: false,
             environment_id: EnvironmentId::derive(s.project_id, &s.target, &s.entrypoint),
             spec: s,
             deployment_id: d,

@@ -81,6 +81,7 @@ pub fn segment(raw: &str) -> String {
 fn status_cell(status: EnvironmentStatus) -> &'static str {
     match status {
         EnvironmentStatus::Requested | EnvironmentStatus::Building | EnvironmentStatus::Starting => "🔄 Building",
+        EnvironmentStatus::AwaitingApproval => "🔒 Awaiting approval",
         EnvironmentStatus::Ready => "✅ Ready",
         EnvironmentStatus::Failed => "❌ Failed",
         EnvironmentStatus::Stale => "⏸️ Stale",
@@ -128,6 +129,12 @@ pub fn render(ctx: &CommentContext, rows: &[CommentRow]) -> String {
             format_updated(row.updated_at)
         ));
     }
+    if rows.iter().any(|row| row.status == EnvironmentStatus::AwaitingApproval) {
+        out.push_str(
+            "\n> This pull request comes from a fork: its previews are built only after a maintainer approves the commit \
+             (Approve on the environment's page, or the `approveDeployment` mutation).\n",
+        );
+    }
     if ctx.without_secrets {
         out.push_str("\n> This pull request comes from a fork: its previews are built without the project's secrets.\n");
     }
@@ -169,6 +176,20 @@ mod tests {
         let fork = render(&CommentContext { without_secrets: true, ..ctx() }, &rows);
         assert!(fork.contains("comes from a fork: its previews are built without the project's secrets"), "{fork}");
         assert!(!render(&ctx(), &rows).contains("fork"));
+    }
+
+    #[test]
+    fn a_preview_awaiting_approval_says_so() {
+        let rows = [CommentRow {
+            entrypoint: "main.w".into(),
+            branch: "feature".into(),
+            status: EnvironmentStatus::AwaitingApproval,
+            tests: vec![],
+            updated_at: at(8, 1),
+        }];
+        let body = render(&ctx(), &rows);
+        assert!(body.contains("🔒 Awaiting approval"), "{body}");
+        assert!(body.contains("built only after a maintainer approves the commit"), "{body}");
     }
 
     fn ctx() -> CommentContext {

@@ -457,7 +457,7 @@ fn deployment_state(environment: &Environment, deployment: &Deployment, is_curre
         return "inactive";
     }
     match deployment.status {
-        DeploymentStatus::Requested => "queued",
+        DeploymentStatus::Requested | DeploymentStatus::AwaitingApproval => "queued",
         DeploymentStatus::Building | DeploymentStatus::Starting => "in_progress",
         DeploymentStatus::Ready if is_current => "success",
         DeploymentStatus::Ready | DeploymentStatus::Superseded => "inactive",
@@ -478,6 +478,7 @@ fn check_run(
     let failed = deployment.tests.iter().filter(|t| t.outcome == TestOutcome::Failed).count();
     let (status, conclusion, title) = match deployment.status {
         DeploymentStatus::Requested => ("queued", None, "Queued".to_string()),
+        DeploymentStatus::AwaitingApproval => ("queued", None, "Waiting for a maintainer's approval".to_string()),
         DeploymentStatus::Building | DeploymentStatus::Starting => ("in_progress", None, "Building".to_string()),
         DeploymentStatus::Ready if failed > 0 => {
             ("completed", Some("failure"), format!("{failed} of {} tests failed", deployment.tests.len()))

@@ -103,6 +103,7 @@ impl Projection for Usage {
             E::TestFailed { at, .. } => add(conn, tables, environment, *at, "tests_failed", 1.0).await?,
             E::EnvironmentTerminated { at, .. } => add(conn, tables, environment, *at, "environments_terminated", 1.0).await?,
             E::DeploymentSuperseded { .. }
+            | E::DeploymentApproved { .. }
             | E::BuildStarted { .. }
             | E::BuildSucceeded { .. }
             | E::DeploymentUnhealthy { .. }

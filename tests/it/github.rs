@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use understudy_adapters::github::client::{GitHub, GitHubConfig};
@@ -604,4 +604,49 @@ async fn one_trace_follows_a_webhook_to_the_github_write() {
     .await;
     assert!(names.len() >= expected.len(), "{names:?}");
     app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_from_a_fork_waits_for_a_maintainers_approval() {
+    let app = App::start().await;
+    let mut opened = fixture("pull_request.opened");
+    let (repo, repo_id) = repo_of(&opened);
+    // The head lives in someone else's copy of the repository.
+    opened["pull_request"]["head"]["repo"]["id"] = json!(repo_id + 77);
+    opened["pull_request"]["head"]["repo"]["full_name"] = json!("stranger/fork");
+    app.github.set_repo(&repo, repo_id, "main", &["main.w"]);
+    assert_eq!(app.deliver("installation", "f-install", &fixture("installation.created")).await.0, 202);
+    assert_eq!(app.processed("f-install").await, "done");
+    assert_eq!(app.deliver("pull_request", "f-opened", &opened).await.0, 202);
+    assert_eq!(app.processed("f-opened").await, "done");
+    let body = comment_where(&app, &repo, "the row awaiting approval", |b| b.contains("🔒 Awaiting approval")).await;
+    assert!(body.contains("built only after a maintainer approves the commit"), "{body}");
+
+    // Nothing builds it: it is not Requested, so no worker claims it.
+    let project_id = understudy_adapters::github::project_id(repo_id);
+    let head_branch = BranchName::parse(opened["pull_request"]["head"]["ref"].as_str().expect("head ref")).expect("branch");
+    let environment =
+        EnvironmentId::derive(project_id, &Target::PullRequest { number: 2, head_branch }, &Entrypoint::parse("main.w").expect("valid"));
+    let store = &app.env.runtime.store.environments;
+    let deployment = store.load(environment.0).await.expect("load").into_inner().current().expect("deployment").id;
+    let refused =
+        store.execute(environment.0, EnvironmentCommand::StartBuild { deployment_id: deployment, at: chrono::Utc::now() }, meta()).await;
+    assert!(refused.is_err(), "a build started without approval");
+
+    // The operator of this open node approves it over GraphQL: it is an event, and it builds.
+    let approve = json!({
+        "query": "mutation($d: UUID!) { approveDeployment(deploymentId: $d) { status environmentId } }",
+        "variables": { "d": deployment.to_string() }
+    });
+    let response = reqwest::Client::new().post(format!("http://{}/graphql", app.addr)).json(&approve).send().await.expect("post");
+    let answer: Value = response.json().await.expect("json");
+    assert_eq!(answer["data"]["approveDeployment"]["status"], "Requested", "{answer}");
+    assert_eq!(answer["data"]["approveDeployment"]["environmentId"], environment.to_string());
+    let approved: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM event_log WHERE event_type = 'DeploymentApproved' AND actor = 'operator:open'")
+            .fetch_one(app.env.pool())
+            .await
+            .expect("count");
+    assert_eq!(approved, 1);
+    comment_where(&app, &repo, "the row building once approved", |b| b.contains("🔄 Building") && !b.contains("Awaiting approval")).await;
 }

@@ -96,6 +96,7 @@ impl Previews {
         let state = self.env.runtime.store.environments.load(environment.0).await.expect("load").into_inner();
         let deployment = DeploymentId(Uuid::new_v4());
         let command = EnvironmentCommand::RequestDeployment {
+            awaiting_approval: false,
             environment_id: environment,
             spec: state.spec.expect("created"),
             deployment_id: deployment,
@@ -115,7 +116,14 @@ impl Previews {
         let spec = spec(project, 1, ".");
         let environment = env_id(&spec);
         let deployment_id = DeploymentId(Uuid::new_v4());
-        let request = EnvironmentCommand::RequestDeployment { environment_id: environment, spec, deployment_id, commit, at: Utc::now() };
+        let request = EnvironmentCommand::RequestDeployment {
+            awaiting_approval: false,
+            environment_id: environment,
+            spec,
+            deployment_id,
+            commit,
+            at: Utc::now(),
+        };
         self.env.runtime.store.environments.execute(environment.0, request, meta()).await.expect("request");
         let row = self.settled(environment, &["Ready", "Failed"]).await;
         assert_eq!(row.0, "Ready", "failure: {:?}", row.2);
@@ -149,8 +157,14 @@ impl Previews {
         let spec = spec(project, 1, entrypoint);
         let environment = env_id(&spec);
         let deployment = DeploymentId(Uuid::new_v4());
-        let command =
-            EnvironmentCommand::RequestDeployment { environment_id: environment, spec, deployment_id: deployment, commit, at: Utc::now() };
+        let command = EnvironmentCommand::RequestDeployment {
+            awaiting_approval: false,
+            environment_id: environment,
+            spec,
+            deployment_id: deployment,
+            commit,
+            at: Utc::now(),
+        };
         self.env.runtime.store.environments.execute(environment.0, command, meta()).await.expect("request");
         (environment, deployment)
     }
@@ -644,6 +658,7 @@ async fn secrets_reach_the_app_but_never_a_log_the_database_or_a_fork() {
         .expect("observe");
     let fork = env_id(&spec);
     let request = EnvironmentCommand::RequestDeployment {
+        awaiting_approval: false,
         environment_id: fork,
         spec,
         deployment_id: DeploymentId(Uuid::new_v4()),

@@ -512,8 +512,9 @@ impl Ingest {
         if !after.open {
             return Ok(format!("closed: {} environments terminated", gone.len()));
         }
+        // A fork's commits run code nobody on the project wrote: they wait for a maintainer.
         for entrypoint in &after.entrypoints {
-            self.store.deploy_commit(project, &target, entrypoint, sha, meta).await?;
+            self.store.deploy(project, &target, entrypoint, sha, after.from_fork, meta).await?;
         }
         Ok(format!("{} environments at {sha}", after.entrypoints.len()))
     }
