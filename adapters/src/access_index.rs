@@ -85,6 +85,13 @@ async fn apply_user(c: &mut PgConnection, user_id: Uuid, event: UserEvent) -> sq
                 .execute(c)
                 .await?;
         }
+        UserEvent::SessionTokenResealed { session_id, github_token, .. } => {
+            sqlx::query("UPDATE user_sessions SET github_token = $2 WHERE session_id = $1")
+                .bind(session_id)
+                .bind(sqlx::types::Json(github_token))
+                .execute(c)
+                .await?;
+        }
         UserEvent::ApiTokenCreated { token_id, name, hash, at } => {
             sqlx::query(
                 "INSERT INTO api_tokens (token_id, user_id, name, hash, created_at) VALUES ($1, $2, $3, $4, $5)

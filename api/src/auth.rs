@@ -421,7 +421,7 @@ impl Auth {
 }
 
 /// The associated data a user's GitHub token is sealed with.
-fn github_token_context(user: UserId, session: Uuid) -> String {
+pub fn github_token_context(user: UserId, session: Uuid) -> String {
     format!("understudy:github-token:{user}:{session}")
 }
 

@@ -59,6 +59,73 @@ pub async fn status(pool: &PgPool, out: &mut impl Write) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `understudy secret rotate` sealed again.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Resealed {
+    pub secrets: usize,
+    pub sessions: usize,
+}
+
+/// Seals every project secret and every open session's GitHub token that another key sealed
+/// again under `key`'s current key (as `SecretResealed` and `SessionTokenResealed` events). A
+/// value no key of the ring opens is reported, never dropped.
+pub async fn reseal_all(
+    store: &understudy_adapters::EventStore,
+    key: &understudy_adapters::secrets::SecretKey,
+) -> anyhow::Result<Resealed> {
+    use understudy_domain::ids::ProjectId;
+    use understudy_domain::project::{ProjectCommand, SealedValue};
+    use understudy_domain::user::UserCommand;
+    let meta = understudy_domain::Metadata::new(uuid::Uuid::new_v4(), "operator:secret-rotate");
+    let mut done = Resealed::default();
+    let mut unopened = Vec::new();
+    let projects: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT project_id FROM projects ORDER BY project_id").fetch_all(&store.pool).await?;
+    for project in projects {
+        let state = store.projects.load(project).await?.into_inner();
+        for (name, secret) in state.secrets.iter().filter(|(_, s)| s.sealed.key_id != key.id()) {
+            match key.open(ProjectId(project), name, &secret.sealed) {
+                Ok(value) => {
+                    let sealed = key.seal(ProjectId(project), name, &value)?;
+                    let command = ProjectCommand::ResealSecret { name: name.clone(), sealed, at: chrono::Utc::now() };
+                    store.projects.execute(project, command, meta.clone()).await?;
+                    done.secrets += 1;
+                }
+                Err(error) => unopened.push(format!("project {project} secret {name}: {error}")),
+            }
+        }
+    }
+    let sessions: Vec<(uuid::Uuid, uuid::Uuid, sqlx::types::Json<SealedValue>)> = sqlx::query_as(
+        "SELECT user_id, session_id, github_token FROM user_sessions
+         WHERE ended_at IS NULL AND expires_at > now() AND github_token->>'key_id' <> $1",
+    )
+    .bind(key.id())
+    .fetch_all(&store.pool)
+    .await?;
+    for (user, session, sealed) in sessions {
+        let context = crate::auth::github_token_context(understudy_domain::ids::UserId(user), session);
+        match key.open_for(&context, "GitHub token", &sealed.0) {
+            Ok(token) => {
+                let github_token = key.seal_for(&context, &token)?;
+                let command = UserCommand::ResealGitHubToken { session_id: session, github_token, at: chrono::Utc::now() };
+                store.users.execute(user, command, meta.clone()).await?;
+                done.sessions += 1;
+            }
+            Err(error) => unopened.push(format!("session {session} of user {user}: {error}")),
+        }
+    }
+    if !unopened.is_empty() {
+        anyhow::bail!(
+            "sealed again: {} secrets and {} sessions; these did not open with any key given (add the key that sealed them to \
+             UNDERSTUDY_PREVIOUS_SECRET_KEYS):\n{}",
+            done.secrets,
+            done.sessions,
+            unopened.join("\n")
+        );
+    }
+    Ok(done)
+}
+
 pub async fn replay(pool: &PgPool, which: &str) -> anyhow::Result<()> {
     if which == "access" || which == "all" {
         let started = std::time::Instant::now();

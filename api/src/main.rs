@@ -246,6 +246,13 @@ enum SecretCommand {
         #[arg(long)]
         project: Uuid,
     },
+    /// Seal every secret and session token again under the current key. With `--new-key`, first
+    /// replace the key file's key with a new one (the old one moves to `{key file}.previous`);
+    /// restart the other processes afterwards so they seal with the new key too.
+    Rotate {
+        #[arg(long)]
+        new_key: bool,
+    },
     /// Remove a secret.
     Rm {
         #[arg(long)]
@@ -425,6 +432,29 @@ async fn secret(config: &Config, what: SecretCommand) -> anyhow::Result<()> {
             for (name, secret) in &state.secrets {
                 println!("{name}\t{}\t{}\tkey {}", secret.scope.as_str(), secret.updated_at.to_rfc3339(), secret.sealed.key_id);
             }
+        }
+        SecretCommand::Rotate { new_key } => {
+            let key = if new_key {
+                if std::env::var("UNDERSTUDY_SECRET_KEY").is_ok() {
+                    anyhow::bail!(
+                        "the key comes from UNDERSTUDY_SECRET_KEY: set a new one there (`openssl rand -base64 32`), move the old one \
+                         to UNDERSTUDY_PREVIOUS_SECRET_KEYS, and run `understudy secret rotate` without --new-key"
+                    );
+                }
+                let file =
+                    std::env::var("UNDERSTUDY_SECRET_KEY_FILE").map(PathBuf::from).unwrap_or_else(|_| config.data_dir.join("secret.key"));
+                SecretKey::rotate_file(&file)?
+            } else {
+                secret_key(config, false)?.context("no secret key: set UNDERSTUDY_SECRET_KEY or UNDERSTUDY_SECRET_KEY_FILE")?
+            };
+            let done = understudy_api::cli::reseal_all(&store, &key).await?;
+            println!(
+                "sealed again under key {}: {} secrets, {} session tokens; keys no longer needed once every process has restarted: {}",
+                key.id(),
+                done.secrets,
+                done.sessions,
+                key.previous_ids().join(", ")
+            );
         }
         SecretCommand::Rm { project, name } => {
             store.projects.execute(project, Command::RemoveSecret { name: name.clone(), at: chrono::Utc::now() }, meta).await?;

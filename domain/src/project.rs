@@ -181,6 +181,13 @@ pub enum ProjectCommand {
         name: String,
         at: DateTime<Utc>,
     },
+    /// The same value sealed again under another key (key rotation); its scope and
+    /// last-updated time stay.
+    ResealSecret {
+        name: String,
+        sealed: SealedValue,
+        at: DateTime<Utc>,
+    },
     /// Fetch the repository from this git URL or path instead of GitHub; its branches are then
     /// polled for new commits.
     UseGitRemote {
@@ -243,6 +250,11 @@ pub enum ProjectEvent {
         name: String,
         at: DateTime<Utc>,
     },
+    SecretResealed {
+        name: String,
+        sealed: SealedValue,
+        at: DateTime<Utc>,
+    },
     GitHubWriteFailing {
         what: String,
         error: String,
@@ -265,6 +277,7 @@ impl DomainEvent for ProjectEvent {
             Self::GitRemoteSet { .. } => "GitRemoteSet",
             Self::SecretSet { .. } => "SecretSet",
             Self::SecretRemoved { .. } => "SecretRemoved",
+            Self::SecretResealed { .. } => "SecretResealed",
             Self::GitHubWriteFailing { .. } => "GitHubWriteFailing",
         }
     }
@@ -333,6 +346,15 @@ impl Aggregate for ProjectAggregate {
                 }
                 Ok(vec![E::SecretRemoved { name, at }])
             }
+            C::ResealSecret { name, sealed, at } => {
+                let Some(existing) = state.secrets.get(&name) else {
+                    return Err(DomainError::NotFound { entity: "secret", id: name });
+                };
+                if sealed.ciphertext.is_empty() || sealed.nonce.is_empty() || sealed.key_id.is_empty() {
+                    return Err(DomainError::invalid("sealed", "a secret is stored sealed: key id, nonce and ciphertext"));
+                }
+                unless_already(existing.sealed == sealed, E::SecretResealed { name, sealed, at })
+            }
             C::RecordGitHubFailure { what, error, attempts, at } => Ok(vec![E::GitHubWriteFailing { what, error, attempts, at }]),
         }
     }
@@ -360,6 +382,11 @@ impl Aggregate for ProjectAggregate {
             }
             E::SecretRemoved { name, .. } => {
                 state.secrets.remove(name);
+            }
+            E::SecretResealed { name, sealed, .. } => {
+                if let Some(secret) = state.secrets.get_mut(name) {
+                    secret.sealed = sealed.clone();
+                }
             }
             E::GitHubWriteFailing { .. } => {}
         }

@@ -70,6 +70,12 @@ pub enum UserCommand {
         token_id: Uuid,
         at: DateTime<Utc>,
     },
+    /// The session's GitHub token sealed again under another key (key rotation).
+    ResealGitHubToken {
+        session_id: Uuid,
+        github_token: SealedValue,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +113,11 @@ pub enum UserEvent {
         token_id: Uuid,
         at: DateTime<Utc>,
     },
+    SessionTokenResealed {
+        session_id: Uuid,
+        github_token: SealedValue,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for UserEvent {
@@ -120,6 +131,7 @@ impl DomainEvent for UserEvent {
             Self::SessionEnded { .. } => "SessionEnded",
             Self::ApiTokenCreated { .. } => "ApiTokenCreated",
             Self::ApiTokenRevoked { .. } => "ApiTokenRevoked",
+            Self::SessionTokenResealed { .. } => "SessionTokenResealed",
         }
     }
 }
@@ -201,6 +213,15 @@ impl Aggregate for UserAggregate {
                 }
                 Ok(vec![E::ApiTokenRevoked { token_id, at }])
             }
+            C::ResealGitHubToken { session_id, github_token, at } => {
+                // An ended session's token is of no use: nothing to reseal.
+                Ok(state
+                    .sessions
+                    .contains_key(&session_id)
+                    .then_some(E::SessionTokenResealed { session_id, github_token, at })
+                    .into_iter()
+                    .collect())
+            }
         }
     }
 
@@ -227,6 +248,7 @@ impl Aggregate for UserAggregate {
             E::ApiTokenRevoked { token_id, .. } => {
                 state.api_tokens.remove(token_id);
             }
+            E::SessionTokenResealed { .. } => {}
         }
         state
     }

@@ -641,3 +641,42 @@ async fn previews_admit_only_signed_in_people_who_can_read_the_repository() {
     let page = thief.get(&format!("http://{}.{DOMAIN}/.understudy/auth?token={token}", other.0.simple())).await;
     assert!(page.status == 403 || page.status == 404, "{} {}", page.status, page.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_key_seals_every_secret_and_session_again_and_no_value_is_ever_in_the_clear() {
+    let app = start().await;
+    app.github.add_person("frank", 801, None);
+    let (_, project) = app.team_with_project(801).await;
+    let mut browser = Browser::new(app.addr);
+    browser.sign_in("frank", "/").await;
+    let canary = format!("canary-{}", Uuid::new_v4().simple());
+    let set = "mutation($p: UUID!, $v: String!) { setSecret(projectId: $p, name: \"API_TOKEN\", value: $v, scope: \"preview\") { name scope updatedAt } }";
+    let (_, body) = browser.graphql(set, json!({ "p": project.to_string(), "v": canary }), true).await;
+    assert_eq!(body["data"]["setSecret"]["scope"], "preview", "{body}");
+    assert!(!body.to_string().contains(&canary), "the value is never returned");
+    let (_, listed) =
+        browser.graphql("query($p: UUID!) { project(id: $p) { secrets { name scope } } }", json!({ "p": project.to_string() }), true).await;
+    assert_eq!(listed["data"]["project"]["secrets"], json!([{ "name": "API_TOKEN", "scope": "preview" }]), "{listed}");
+    assert!(rows_containing(&app, &canary).await.is_empty(), "the plain value is in the database");
+
+    let old = SecretKey::from_bytes(&[9u8; 32]).expect("the app's key");
+    let new = SecretKey::from_bytes(&[10u8; 32]).expect("key").with_previous([old.clone()]);
+    let store = &app.env.runtime.store;
+    let done = understudy_api::cli::reseal_all(store, &new).await.expect("rotate");
+    assert_eq!(done, understudy_api::cli::Resealed { secrets: 1, sessions: 1 });
+    let bare = SecretKey::from_bytes(&[10u8; 32]).expect("key");
+    let state = store.projects.load(project.0).await.expect("load").into_inner();
+    let secret = &state.secrets["API_TOKEN"];
+    assert_eq!(secret.sealed.key_id, new.id());
+    assert_eq!(bare.open(project, "API_TOKEN", &secret.sealed).expect("the new key alone opens it"), canary);
+    let key_ids: Vec<String> =
+        sqlx::query_scalar("SELECT github_token->>'key_id' FROM user_sessions").fetch_all(app.env.pool()).await.expect("ids");
+    assert_eq!(key_ids, vec![new.id().to_string()]);
+    for event in ["SecretResealed", "SessionTokenResealed"] {
+        assert_eq!(count_events(&app, event).await, 1, "{event}");
+    }
+    // Rotating again finds nothing left to do.
+    assert_eq!(understudy_api::cli::reseal_all(store, &new).await.expect("again"), understudy_api::cli::Resealed::default());
+    assert!(rows_containing(&app, &canary).await.is_empty());
+    assert!(rows_containing(&app, "gho_").await.is_empty());
+}
