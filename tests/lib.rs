@@ -138,13 +138,27 @@ pub mod graphql_ws {
 
     /// Connects to `/graphql` and completes `connection_init`.
     pub async fn connect(addr: std::net::SocketAddr) -> Socket {
+        connect_with(addr, &[]).await.expect("connect")
+    }
+
+    /// Like [`connect`], with extra handshake headers (`Cookie`, `Origin`, `Authorization`); the
+    /// HTTP status when the server refuses the upgrade.
+    pub async fn connect_with(addr: std::net::SocketAddr, headers: &[(&str, &str)]) -> Result<Socket, u16> {
         let mut request = format!("ws://{addr}/graphql").into_client_request().expect("request");
         request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
-        let (mut ws, response) = tokio_tungstenite::connect_async(request).await.expect("connect");
+        for (name, value) in headers {
+            let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
+            request.headers_mut().insert(name, value.parse().expect("header"));
+        }
+        let (mut ws, response) = match tokio_tungstenite::connect_async(request).await {
+            Ok(connected) => connected,
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => return Err(response.status().as_u16()),
+            Err(error) => panic!("connect: {error}"),
+        };
         assert_eq!(response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()), Some("graphql-transport-ws"));
         ws.send(Message::text(json!({ "type": "connection_init" }).to_string())).await.expect("init");
         assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
-        ws
+        Ok(ws)
     }
 
     /// Starts subscription `id`.

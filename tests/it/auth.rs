@@ -680,3 +680,50 @@ async fn rotating_the_key_seals_every_secret_and_session_again_and_no_value_is_e
     assert!(rows_containing(&app, &canary).await.is_empty());
     assert!(rows_containing(&app, "gho_").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_know_who_subscribes_and_refuse_foreign_pages() {
+    let app = start().await;
+    app.github.add_person("gina", 901, None);
+    app.github.add_person("hank", 902, None);
+    app.github.grant("gina", REPO);
+    let (_, project) = app.team_with_project(900).await;
+    let mut gina = Browser::new(app.addr);
+    gina.sign_in("gina", "/").await;
+    let mut hank = Browser::new(app.addr);
+    hank.sign_in("hank", "/").await;
+    let session = |b: &Browser| format!("understudy_session={}", b.cookie(&b.host(), "understudy_session").expect("cookie"));
+    let ours = format!("http://{}", app.addr);
+
+    // A signed-in page of another site may not open a socket with the user's cookie.
+    let foreign =
+        understudy_tests::graphql_ws::connect_with(app.addr, &[("cookie", &session(&gina)), ("origin", "https://evil.example")]).await;
+    assert_eq!(foreign.err(), Some(403));
+
+    // From our own page, Gina follows her project's environments and sees a change.
+    // `after: 0` replays what changed before the subscription began: nothing is missed.
+    let subscription = "subscription($p: UUID) { environmentUpdated(projectId: $p, after: 0) { id status } }";
+    let mut ws =
+        understudy_tests::graphql_ws::connect_with(app.addr, &[("cookie", &session(&gina)), ("origin", &ours)]).await.expect("connect");
+    understudy_tests::graphql_ws::subscribe(&mut ws, "1", subscription, json!({ "p": project.to_string() })).await;
+    let target = Target::Branch { branch: BranchName::parse("live").expect("branch") };
+    let sha = CommitSha::parse("b".repeat(40)).expect("sha");
+    app.env.runtime.store.deploy_commit(project, &target, &Entrypoint::parse("main.w").expect("e"), &sha, &meta()).await.expect("deploy");
+    let next = tokio::time::timeout(Duration::from_secs(20), understudy_tests::graphql_ws::next_json(&mut ws)).await.expect("an update");
+    assert_eq!(next["payload"]["data"]["environmentUpdated"]["status"], "REQUESTED", "{next}");
+
+    // Hank cannot read the repository: his subscription is refused with a reason, not left silent.
+    let mut ws =
+        understudy_tests::graphql_ws::connect_with(app.addr, &[("cookie", &session(&hank)), ("origin", &ours)]).await.expect("connect");
+    understudy_tests::graphql_ws::subscribe(&mut ws, "1", subscription, json!({ "p": project.to_string() })).await;
+    let refused = tokio::time::timeout(Duration::from_secs(10), understudy_tests::graphql_ws::next_json(&mut ws)).await.expect("an answer");
+    assert_eq!(refused["payload"]["errors"][0]["extensions"]["code"], "NOT_FOUND", "{refused}");
+    assert!(refused["payload"]["data"].is_null(), "{refused}");
+
+    // Nobody at all is told to sign in.
+    let mut ws = understudy_tests::graphql_ws::connect(app.addr).await;
+    understudy_tests::graphql_ws::subscribe(&mut ws, "1", subscription, json!({ "p": project.to_string() })).await;
+    let anonymous =
+        tokio::time::timeout(Duration::from_secs(10), understudy_tests::graphql_ws::next_json(&mut ws)).await.expect("an answer");
+    assert_eq!(anonymous["payload"]["errors"][0]["extensions"]["code"], "UNAUTHENTICATED", "{anonymous}");
+}
