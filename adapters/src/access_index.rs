@@ -220,6 +220,17 @@ async fn apply_project(c: &mut PgConnection, project_id: Uuid, event: ProjectEve
     Ok(())
 }
 
+/// Whether the log holds accounts or projects the index has never seen (a log older than the
+/// index): then it must be built before anyone is let in.
+pub async fn missing(pool: &PgPool) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM accounts) AND NOT EXISTS (SELECT 1 FROM projects)
+            AND EXISTS (SELECT 1 FROM event_log WHERE aggregate_type IN ('account', 'project'))",
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// Rebuilds the whole index from the global log, in one transaction: readers see the old index
 /// until the new one is complete. Returns how many events were applied.
 pub async fn rebuild(pool: &PgPool) -> sqlx::Result<u64> {

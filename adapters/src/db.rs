@@ -36,7 +36,13 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
 
 /// Applies every migration in `migrations/` that has not been applied yet.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("../migrations").run(pool).await.context("applying database migrations")
+    sqlx::migrate!("../migrations").run(pool).await.context("applying database migrations")?;
+    // Logs older than the access index: build it once from what they hold.
+    if crate::access_index::missing(pool).await? {
+        let events = crate::access_index::rebuild(pool).await.context("building the access index from the log")?;
+        tracing::info!(events, "access index built from the log");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
