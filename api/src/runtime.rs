@@ -78,6 +78,12 @@ impl Runtime {
         let nats = nats::connect(nats_url).await?;
         db::migrate(&pool).await?;
         nats::ensure_stream(&async_nats::jetstream::new(nats.clone()), &topology).await?;
+        Self::assemble(pool, nats, topology).await
+    }
+
+    /// A runtime over these connections, with the defaults until the binary's configuration says
+    /// otherwise.
+    async fn assemble(pool: PgPool, nats: async_nats::Client, topology: Topology) -> anyhow::Result<Self> {
         let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
         Ok(Self {
             pool,
@@ -110,18 +116,7 @@ impl Runtime {
                 wait = (wait * 2).min(std::time::Duration::from_secs(10));
             }
         });
-        let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
-        Ok(Self {
-            pool,
-            nats,
-            topology,
-            store,
-            github: GitHubSettings::default(),
-            deliveries: Arc::default(),
-            preview: default_preview()?,
-            oauth: None,
-            access_ttl: std::time::Duration::from_secs(60),
-        })
+        Self::assemble(pool, nats, topology).await
     }
 
     pub fn schema(&self, auth: crate::auth::Auth) -> crate::graphql::AppSchema {
