@@ -329,9 +329,10 @@ impl Auth {
         }
     }
 
-    /// Allows `permission` on a project: by the role matrix in the project's account, or, for
-    /// the view permissions of a project on GitHub, because GitHub says the user can read the
-    /// repository.
+    /// Allows `permission` on a project. A project on GitHub shows its previews to exactly those
+    /// signed-in people GitHub says can read its repository; its other view permissions go to
+    /// them and to the members of its account; everything else follows the role matrix in the
+    /// project's account. A project not on GitHub follows the role matrix alone.
     pub async fn require_project(&self, viewer: &Viewer, project: ProjectId, permission: Permission) -> Result<(), Denied> {
         let not_found = || Denied::NotFound(format!("no project {project} that you can see"));
         let Some((account, repository, on_github)) =
@@ -346,6 +347,9 @@ impl Auth {
             permission,
             Permission::ViewProjects | Permission::ViewSettings | Permission::ViewPreviewEnvironments | Permission::ViewUsers
         );
+        if let (Viewer::User { user_id, .. }, Permission::ViewPreviewEnvironments, true) = (viewer, permission, on_github) {
+            return if self.can_read_repository(*user_id, &repository).await { Ok(()) } else { Err(not_found()) };
+        }
         match self.require_account(viewer, account, permission).await {
             Ok(_) => Ok(()),
             Err(Denied::NotFound(_)) if viewing && on_github => {

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::accounts::{denied, require_project, viewer, AccountQuery, Mutation};
 use crate::auth::{Auth, Denied, Viewer};
+use understudy_domain::ids::ProjectId;
 use understudy_domain::permissions::Permission;
 
 pub type AppSchema = Schema<QueryRoot, Mutation, Subscription>;
@@ -225,15 +226,23 @@ async fn visible_projects(ctx: &Context<'_>, project_id: Option<Uuid>) -> Result
             require_project(ctx, project, Permission::ViewPreviewEnvironments).await?;
             Ok(Some(vec![project]))
         }
-        (Viewer::User { user_id, .. }, None) => Ok(Some(
-            sqlx::query_scalar(
+        (Viewer::User { user_id, .. }, None) => {
+            let member_of: Vec<Uuid> = sqlx::query_scalar(
                 "SELECT p.project_id FROM projects p JOIN account_members m USING (account_id) JOIN accounts a USING (account_id)
                  WHERE m.user_id = $1 AND NOT a.deleted",
             )
             .bind(user_id.0)
             .fetch_all(ctx.data::<PgPool>()?)
-            .await?,
-        )),
+            .await?;
+            let auth = ctx.data::<Auth>()?;
+            let mut visible = Vec::with_capacity(member_of.len());
+            for project in member_of {
+                if auth.require_project(&viewer(ctx), ProjectId(project), Permission::ViewPreviewEnvironments).await.is_ok() {
+                    visible.push(project);
+                }
+            }
+            Ok(Some(visible))
+        }
     }
 }
 

@@ -451,8 +451,10 @@ fn operation(permission: Permission, account: AccountId, project: ProjectId, n: 
 async fn every_cell_of_the_role_matrix_holds_through_the_api() {
     let app = start().await;
     let people = [("olivia", 601u64, Role::Owner), ("adam", 602, Role::Admin), ("mia", 603, Role::Member), ("bill", 604, Role::Billing)];
+    // The members can read the repository on GitHub (previews need that); the outsider cannot.
     for (login, id, _) in people {
         app.github.add_person(login, id, None);
+        app.github.grant(login, REPO);
     }
     app.github.add_person("oscar", 605, None);
     let (account, project) = app.team_with_project(601).await;
@@ -504,6 +506,33 @@ async fn every_cell_of_the_role_matrix_holds_through_the_api() {
             }
         }
     }
+
+    // A member who cannot read the repository on GitHub sees the project's settings, not its
+    // previews.
+    let target = Target::Branch { branch: BranchName::parse("main").expect("branch") };
+    let sha = CommitSha::parse("c".repeat(40)).expect("sha");
+    app.env.runtime.store.deploy_commit(project, &target, &Entrypoint::parse("main.w").expect("e"), &sha, &meta()).await.expect("deploy");
+    eventually(Duration::from_secs(20), "Mia to see the production environment", || async {
+        let body = bearer(app.addr, &tokens["mia"], "{ environments { id } }", json!({})).await;
+        (body["data"]["environments"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    app.github.revoke("mia", REPO);
+    let (query, variables) = operation(Permission::ViewPreviewEnvironments, account, project, 0);
+    let previews = eventually(Duration::from_secs(10), "the revoked access to be noticed", || async {
+        let body = bearer(app.addr, &tokens["mia"], &query, variables.clone()).await;
+        (error_code(&body).as_deref() == Some("NOT_FOUND")).then_some(body)
+    })
+    .await;
+    assert!(previews["data"].is_null(), "{previews}");
+    let (query, variables) = operation(Permission::ViewSettings, account, project, 0);
+    let settings = bearer(app.addr, &tokens["mia"], &query, variables).await;
+    assert!(settings["errors"].is_null(), "{settings}");
+    let everything = bearer(app.addr, &tokens["mia"], "{ environments { id } }", json!({})).await;
+    assert!(everything["errors"].is_null(), "{everything}");
+    let listed_project = everything["data"]["environments"].as_array().map(Vec::len);
+    assert_eq!(listed_project, Some(0), "unfiltered lists leave out what she cannot see: {everything}");
+    app.github.grant("mia", REPO);
 
     // Billing shows the card mangled to everyone, and the number is nowhere.
     let billing = bearer(
