@@ -12,26 +12,31 @@ use uuid::Uuid;
 
 use crate::accounts::{denied, require_project, viewer, AccountQuery, Mutation};
 use crate::auth::{Auth, Denied, Viewer};
+use crate::operations::{OperationsMutation, OperationsQuery};
 use understudy_domain::ids::ProjectId;
 use understudy_domain::permissions::Permission;
 
-pub type AppSchema = Schema<QueryRoot, Mutation, Subscription>;
+pub type AppSchema = Schema<QueryRoot, MutationRoot, Subscription>;
+
+/// Every mutation: people and settings ([`Mutation`]) and environments ([`OperationsMutation`]).
+#[derive(MergedObject, Default)]
+pub struct MutationRoot(Mutation, OperationsMutation);
 
 /// Every query: environments, logs and history ([`Query`]) and people and settings
 /// ([`AccountQuery`]).
 #[derive(MergedObject, Default)]
-pub struct QueryRoot(Query, AccountQuery);
+pub struct QueryRoot(Query, AccountQuery, OperationsQuery);
 
 /// Largest page any list returns.
 pub const MAX_PAGE: i64 = 500;
 
 /// The schema in SDL, without any connection (for `schema.graphql`).
 pub fn sdl() -> String {
-    Schema::build(QueryRoot::default(), Mutation, Subscription).finish().sdl()
+    Schema::build(QueryRoot::default(), MutationRoot::default(), Subscription).finish().sdl()
 }
 
 pub fn schema(pool: PgPool, nats: async_nats::Client, topology: Topology, auth: Auth) -> AppSchema {
-    Schema::build(QueryRoot::default(), Mutation, Subscription)
+    Schema::build(QueryRoot::default(), MutationRoot::default(), Subscription)
         .data(auth)
         .data(pool)
         .data(nats)
@@ -76,6 +81,7 @@ pub struct TestResult {
 
 /// One environment: project × branch or PR × entrypoint, as of `position` in the global log.
 #[derive(SimpleObject, Clone, Debug)]
+#[graphql(complex)]
 pub struct Environment {
     pub id: Uuid,
     pub project_id: Uuid,
@@ -144,6 +150,19 @@ impl TryFrom<EnvironmentRow> for Environment {
             updated_at: r.updated_at,
             position: r.position,
         })
+    }
+}
+
+#[async_graphql::ComplexObject]
+impl Environment {
+    /// Its deployments, newest first (each commit built once; redeploys are deployments too).
+    async fn deployments(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20, validator(minimum = 1, maximum = 100))] first: usize,
+    ) -> Result<Vec<crate::operations::Deployment>> {
+        let state = ctx.data::<Auth>()?.store.environments.load(self.id).await?.into_inner();
+        Ok(state.deployments.iter().rev().take(first).map(crate::operations::Deployment::from).collect())
     }
 }
 
@@ -291,6 +310,8 @@ impl Query {
         ctx: &Context<'_>,
         project_id: Option<Uuid>,
         status: Option<EnvironmentStatus>,
+        #[graphql(desc = "Only environments of this branch (a pull request's head branch included).")] branch: Option<String>,
+        #[graphql(desc = "Only environments of this pull request.")] pull_request: Option<i64>,
         #[graphql(default = 100, validator(minimum = 1, maximum = 500))] first: i64,
     ) -> Result<Vec<Environment>> {
         let pool = ctx.data::<PgPool>()?;
@@ -298,11 +319,14 @@ impl Query {
         let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
             "SELECT {ENVIRONMENT_COLUMNS} FROM environments
              WHERE ($1::uuid[] IS NULL OR project_id = ANY($1)) AND ($2::text IS NULL OR status = $2)
+               AND ($4::text IS NULL OR branch = $4) AND ($5::bigint IS NULL OR pull_request = $5)
              ORDER BY updated_at DESC, environment_id LIMIT $3"
         ))
         .bind(projects)
         .bind(status.map(|s| DomainStatus::from(s).as_str()))
         .bind(first.min(MAX_PAGE))
+        .bind(branch)
+        .bind(pull_request)
         .fetch_all(pool)
         .await?;
         rows.into_iter().map(Environment::try_from).collect()

@@ -8,6 +8,7 @@ pub mod graphql;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod operations;
 pub mod proxy;
 pub mod runtime;
 pub mod telemetry;

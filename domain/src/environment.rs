@@ -262,6 +262,13 @@ pub enum EnvironmentCommand {
     Deactivate {
         at: DateTime<Utc>,
     },
+    /// Someone asks for the current commit to be built and started again (a redeploy): a new
+    /// deployment of it, superseding one in flight, waking a stale environment. A commit still
+    /// awaiting approval keeps waiting.
+    Redeploy {
+        deployment_id: DeploymentId,
+        at: DateTime<Utc>,
+    },
     /// A visit to a stale environment: redeploy its latest commit.
     Wake {
         deployment_id: DeploymentId,
@@ -586,6 +593,30 @@ impl Aggregate for EnvironmentAggregate {
                     }),
                     None => Err(DomainError::NotFound { entity: "environment", id: "(not created)".into() }),
                 }
+            }
+            C::Redeploy { deployment_id, at } => {
+                existing(state)?;
+                if state.terminated {
+                    return Err(DomainError::IllegalEnvironmentTransition {
+                        status: "Terminated",
+                        action: "redeploying",
+                        expected: "not Terminated",
+                    });
+                }
+                let current = state.current().ok_or_else(|| not_found("(none)"))?;
+                if state.deployment(deployment_id).is_some() {
+                    return Err(DomainError::AlreadyExists { entity: "deployment", id: deployment_id.to_string() });
+                }
+                let mut events = Vec::new();
+                let awaiting_approval = current.status == DeploymentStatus::AwaitingApproval;
+                if current.status.in_flight() {
+                    events.push(E::DeploymentSuperseded { deployment_id: current.id, by: deployment_id, at });
+                }
+                if state.deactivated {
+                    events.push(E::EnvironmentReactivated { at });
+                }
+                events.push(E::DeploymentRequested { deployment_id, commit: current.commit.clone(), awaiting_approval, at });
+                Ok(events)
             }
             C::Wake { deployment_id, at } => {
                 existing(state)?;
@@ -1103,5 +1134,27 @@ mod tests {
                 E::DeploymentSuperseded { deployment_id: dep(1), by: dep(2), at: at(5) },
                 E::DeploymentRequested { awaiting_approval: true, deployment_id: dep(2), commit: sha('b'), at: at(5) },
             ]);
+    }
+
+    #[test]
+    fn a_redeploy_builds_the_current_commit_again() {
+        let ready = history_to(S::Ready);
+        let commit = EnvironmentAggregate::replay(&ready).current().expect("current").commit.clone();
+        given::<EnvironmentAggregate>(&ready).when(C::Redeploy { deployment_id: dep(9), at: at(40) }).then(&[E::DeploymentRequested {
+            awaiting_approval: false,
+            deployment_id: dep(9),
+            commit: commit.clone(),
+            at: at(40),
+        }]);
+        given::<EnvironmentAggregate>(&history_to(S::Building)).when(C::Redeploy { deployment_id: dep(9), at: at(40) }).then(&[
+            E::DeploymentSuperseded { deployment_id: dep(1), by: dep(9), at: at(40) },
+            E::DeploymentRequested { awaiting_approval: false, deployment_id: dep(9), commit: commit.clone(), at: at(40) },
+        ]);
+        given::<EnvironmentAggregate>(&ready)
+            .when(C::Redeploy { deployment_id: dep(1), at: at(40) })
+            .then_error(|e| matches!(e, DomainError::AlreadyExists { .. }));
+        given::<EnvironmentAggregate>(&[])
+            .when(C::Redeploy { deployment_id: dep(9), at: at(40) })
+            .then_error(|e| matches!(e, DomainError::NotFound { .. }));
     }
 }

@@ -286,3 +286,64 @@ async fn the_graphql_ws_npm_client_subscribes_too() {
     assert!(status.success());
     app.cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environments_are_redeployed_stopped_woken_and_retested_through_mutations() {
+    let app = start().await;
+    let project = ProjectId(Uuid::new_v4());
+    let spec = fixtures::spec(project, 9, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
+    for command in fixtures::to_ready(deployment) {
+        store.execute(id, command, meta()).await.expect("to ready");
+    }
+    let mutate = |query: &str| json!({ "query": query, "variables": { "e": id.to_string() } });
+
+    let (_, body) = post(app.addr, mutate("mutation($e: UUID!) { runTests(environmentId: $e) { status deployment { id status } } }")).await;
+    assert_eq!(body["data"]["runTests"]["deployment"]["id"], deployment.to_string(), "{body}");
+    let (_, body) = post(app.addr, mutate("mutation($e: UUID!) { stopEnvironment(environmentId: $e) { status } }")).await;
+    assert_eq!(body["data"]["stopEnvironment"]["status"], "Stale", "{body}");
+    let (_, body) =
+        post(app.addr, mutate("mutation($e: UUID!) { wakeEnvironment(environmentId: $e) { status deployment { status commit } } }")).await;
+    assert_eq!(body["data"]["wakeEnvironment"]["status"], "Requested", "{body}");
+    assert_eq!(body["data"]["wakeEnvironment"]["deployment"]["commit"], fixtures::sha(1).to_string());
+    let (_, body) = post(app.addr, mutate("mutation($e: UUID!) { redeploy(environmentId: $e) { status deployment { id status } } }")).await;
+    let redeployed = body["data"]["redeploy"]["deployment"]["id"].as_str().expect("a new deployment").to_string();
+    assert_eq!(body["data"]["redeploy"]["deployment"]["status"], "Requested", "{body}");
+    let (_, body) = post(app.addr, mutate("mutation($e: UUID!) { stopEnvironment(environmentId: $e) { status } }")).await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "only a Ready or Failed environment stops: {body}");
+
+    // The environment lists its deployments, newest first, and filters find it.
+    let query = json!({
+        "query": "query($p: UUID, $b: String) { environments(projectId: $p, branch: $b, pullRequest: 9) { id deployments { id status } } }",
+        "variables": { "p": project.to_string(), "b": spec_branch(&spec) }
+    });
+    let deployments = eventually(Duration::from_secs(20), "the redeploy in the read model", || async {
+        let (_, body) = post(app.addr, query.clone()).await;
+        let list = body["data"]["environments"][0]["deployments"].as_array().cloned()?;
+        (list.len() == 3).then_some(list)
+    })
+    .await;
+    assert_eq!(deployments[0]["id"], redeployed);
+    assert_eq!(deployments[2]["id"], deployment.to_string());
+    let other_branch = json!({ "query": "query($p: UUID) { environments(projectId: $p, branch: \"nope\") { id } }", "variables": { "p": project.to_string() } });
+    assert_eq!(post(app.addr, other_branch).await.1["data"]["environments"], json!([]));
+    let history: Vec<String> = sqlx::query_scalar("SELECT event_type FROM event_log WHERE aggregate_id = $1 ORDER BY aggregate_version")
+        .bind(id)
+        .fetch_all(app.env.pool())
+        .await
+        .expect("history");
+    for event in ["TestRunRequested", "EnvironmentDeactivated", "EnvironmentReactivated", "DeploymentSuperseded"] {
+        assert!(history.iter().any(|e| e == event), "{event} missing from {history:?}");
+    }
+    app.cancel.cancel();
+}
+
+fn spec_branch(spec: &understudy_domain::environment::EnvironmentSpec) -> String {
+    match &spec.target {
+        understudy_domain::values::Target::PullRequest { head_branch, .. } => head_branch.to_string(),
+        understudy_domain::values::Target::Branch { branch } => branch.to_string(),
+    }
+}
