@@ -81,6 +81,7 @@ pub fn router(
         .merge(ready)
         .merge(metrics)
         .merge(crate::auth::router(auth.clone()))
+        .merge(crate::dashboard::router())
         .route("/graphiql", get(graphiql))
         .route("/healthz", get(|| async { "ok" }))
         .merge(Router::new().route("/.well-known/jwks.json", get(crate::proxy::jwks)).with_state(proxy.clone()))

@@ -23,12 +23,12 @@ use understudy_tests::{eventually, TestEnv};
 use uuid::Uuid;
 
 const DOMAIN: &str = "preview.auth.test";
-const REPO: &str = "acme/web";
+pub(crate) const REPO: &str = "acme/web";
 
-struct App {
-    env: TestEnv,
-    github: FakeGitHub,
-    addr: std::net::SocketAddr,
+pub(crate) struct App {
+    pub(crate) env: TestEnv,
+    pub(crate) github: FakeGitHub,
+    pub(crate) addr: std::net::SocketAddr,
     signer: Arc<PreviewSigner>,
     cancel: CancellationToken,
     _tasks: JoinSet<anyhow::Result<()>>,
@@ -40,7 +40,7 @@ impl Drop for App {
     }
 }
 
-async fn start() -> App {
+pub(crate) async fn start() -> App {
     let mut env = TestEnv::new().await;
     let github = FakeGitHub::start().await;
     github.set_repo(REPO, 4401, "main", &[]);
@@ -62,12 +62,12 @@ async fn start() -> App {
 }
 
 impl App {
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
     /// A team owned by `owner` (a GitHub user id) with the project of [`REPO`].
-    async fn team_with_project(&self, owner_github_id: u64) -> (AccountId, ProjectId) {
+    pub(crate) async fn team_with_project(&self, owner_github_id: u64) -> (AccountId, ProjectId) {
         let account = AccountId(Uuid::new_v4());
         let owner = understudy_adapters::github::user_id(owner_github_id);
         let store = &self.env.runtime.store;

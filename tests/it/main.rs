@@ -3,6 +3,7 @@
 mod auth;
 mod chaos;
 mod cli;
+mod dashboard;
 mod docs;
 mod github;
 mod graphql;

@@ -1,0 +1,113 @@
+// Drives the dashboard in headless Chromium (Debian's, through playwright-core), as a person would:
+// signs in through the fake GitHub, opens a project, watches a deployment go from queued to
+// building to ready live, reads the logs, and sees the "new version ready" notice.
+//
+// Driven by tests/it/dashboard.rs: `node dashboard.mjs BASE_URL SCREENSHOT_DIR CONTEXT_JSON`.
+// At each `STEP name` line it prints, it waits for one line on stdin: the Rust side has made
+// that change in Understudy by then. Any failed expectation exits non-zero with the reason.
+
+import { chromium } from "playwright-core";
+import readline from "node:readline";
+import path from "node:path";
+
+const [base, shots, contextJson] = process.argv.slice(2);
+const context = JSON.parse(contextJson);
+const input = readline.createInterface({ input: process.stdin });
+const lines = input[Symbol.asyncIterator]();
+const TIMEOUT = 20000;
+
+async function step(name) {
+  console.log(`STEP ${name}`);
+  const { done } = await lines.next();
+  if (done) throw new Error(`the test stopped answering at step ${name}`);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+});
+const errors = [];
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
+  page.setDefaultTimeout(TIMEOUT);
+  page.on("pageerror", (error) => errors.push(`page error: ${error.message}`));
+  page.on("console", (message) => { if (message.type() === "error") errors.push(`console: ${message.text()}`); });
+  const shot = (name) => page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
+
+  // Signed out, the dashboard offers sign-in with GitHub, and comes back signed in.
+  await page.goto(`${base}/dashboard`);
+  await page.getByRole("link", { name: "Sign in with GitHub" }).waitFor();
+  await shot("sign-in");
+  await page.getByRole("link", { name: "Sign in with GitHub" }).click();
+  await page.getByRole("heading", { name: "Your projects" }).waitFor();
+  await page.getByText(context.login, { exact: true }).waitFor();
+  await page.getByRole("link", { name: context.project, exact: true }).waitFor();
+  await shot("overview");
+
+  // The project page lists its environments; a push appears live.
+  await page.getByRole("link", { name: context.project, exact: true }).click();
+  await page.getByRole("heading", { name: context.project }).waitFor();
+  await page.locator("tr", { hasText: "main" }).locator('[data-status="READY"]').waitFor();
+  await step("push");
+  const row = page.locator("tr", { hasText: context.branch });
+  await row.locator('[data-status="REQUESTED"]').waitFor();
+  await shot("project");
+
+  // The environment page follows the build live: status, progress and log lines.
+  await row.getByRole("link", { name: context.branch }).click();
+  await page.getByRole("heading", { name: context.branch }).waitFor();
+  await step("build");
+  await page.locator('[data-status="BUILDING"]').waitFor();
+  await page.locator("pre.log", { hasText: "compiling main.w" }).waitFor();
+  await shot("environment-building");
+  await step("ready");
+  await page.locator('[data-status="READY"]').waitFor();
+  await page.getByRole("link", { name: "Visit preview" }).waitFor();
+  await page.getByRole("link", { name: "renders the greeting" }).waitFor();
+  await page.locator("pre.log", { hasText: "listening" }).waitFor();
+  const shown = await page.locator("main").innerText();
+  if (/null|undefined|NaN/.test(shown)) throw new Error(`the environment page shows a missing value:\n${shown}`);
+
+  // A newer commit becomes ready while the page is open: it offers a refresh, keeps what it shows.
+  const notice = page.getByText("A new version is ready");
+  if (await notice.isVisible()) throw new Error("the refresh notice shows before there is a newer version");
+  await step("newer");
+  await notice.waitFor();
+  await page.getByText(`at ${context.first.slice(0, 7)}`).waitFor();
+  await shot("environment-refresh-notice");
+  await page.getByRole("button", { name: "Refresh" }).click();
+  await page.getByText(`at ${context.newer.slice(0, 7)}`).waitFor();
+
+  // The logs have pages of their own, and can be downloaded.
+  await page.getByRole("link", { name: "Full page" }).click();
+  await page.getByRole("heading", { name: "Build log" }).waitFor();
+  await page.locator("pre.log", { hasText: "second build" }).waitFor();
+  const download = await page.getByRole("link", { name: "Download" }).getAttribute("href");
+  const text = await (await page.request.get(`${base}${download}`)).text();
+  if (!text.includes("second build")) throw new Error(`the downloaded log lacks its lines: ${text}`);
+  await shot("build-log");
+  await page.goBack();
+  await page.getByRole("link", { name: "renders the greeting" }).click();
+  await page.locator("pre.log", { hasText: "greeting ok" }).waitFor();
+
+  // Settings: a secret is set through the form and listed by name only.
+  await page.goto(`${base}/dashboard/${encodeURIComponent(context.account)}/${encodeURIComponent(context.project)}/-/settings`);
+  await page.getByRole("heading", { name: `${context.project} settings` }).waitFor();
+  await page.getByLabel("Name").fill("API_TOKEN");
+  await page.getByLabel("Value").fill(context.secret);
+  await page.getByRole("button", { name: "Set secret" }).click();
+  await page.getByRole("cell", { name: "API_TOKEN", exact: true }).waitFor();
+  if ((await page.content()).includes(context.secret)) throw new Error("the secret's value is on the page");
+  await shot("settings");
+
+  if (errors.length) throw new Error(errors.join("\n"));
+  console.log("DONE");
+} catch (error) {
+  console.error(String(error && error.stack || error));
+  if (errors.length) console.error(errors.join("\n"));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+  input.close(); // stdin would keep node alive
+  process.exit(process.exitCode ?? 0);
+}
