@@ -19,6 +19,10 @@
 //!   (JSON or form; 200 with `error` for a bad code, as GitHub does) and `GET /user`. With a user
 //!   token (`gho_…`), repository routes answer 404 unless [`FakeGitHub::grant`] gave the person
 //!   the repository, and `GET /repos/{owner}/{repo}` carries their `permissions`.
+//! - `GET /user/repos` (user token; `sort=updated`, `per_page`, `page`, `Link`): the repositories
+//!   granted to that person, most recently updated first; `GET /repos/{owner}/{repo}/installation`
+//!   (the App's JWT): one installation sees every declared repository; `GET
+//!   /repos/{owner}/{repo}/branches/{branch}`: the default branch, and any other whose files were set.
 //! - `/repositories/{repo_id}/...` is an alias of `/repos/{owner}/{repo}/...` (GitHub's `Link`
 //!   headers use that form).
 //!
@@ -92,6 +96,8 @@ struct Repo {
     root_files_at: HashMap<String, Vec<String>>,
     /// File texts by (ref, path).
     files: HashMap<(String, String), String>,
+    /// When it last changed (`updated_at`): each `set_repo` is later than the one before.
+    updated_at: String,
 }
 
 struct Failure {
@@ -133,6 +139,8 @@ struct OAuth {
     tokens: HashMap<String, String>,
     /// login → lowercased repository full names they can read
     grants: HashMap<String, std::collections::HashSet<String>>,
+    /// (login, repository), both lowercased: they administer it, beyond reading it
+    admins: std::collections::HashSet<(String, String)>,
     next: u64,
 }
 
@@ -198,6 +206,12 @@ impl FakeGitHub {
         lock(&self.shared).oauth.grants.entry(login.to_lowercase()).or_default().insert(full_name.to_lowercase());
     }
 
+    /// Lets `login` administer `full_name` (and so read it).
+    pub fn grant_admin(&self, login: &str, full_name: &str) {
+        self.grant(login, full_name);
+        lock(&self.shared).oauth.admins.insert((login.to_lowercase(), full_name.to_lowercase()));
+    }
+
     /// Takes `full_name` away from `login`.
     pub fn revoke(&self, login: &str, full_name: &str) {
         if let Some(repos) = lock(&self.shared).oauth.grants.get_mut(&login.to_lowercase()) {
@@ -224,6 +238,8 @@ impl FakeGitHub {
     pub fn set_repo(&self, full_name: &str, id: u64, default_branch: &str, root_files: &[&str]) {
         let mut inner = lock(&self.shared);
         let (root_files_at, files) = inner.repos.remove(&full_name.to_lowercase()).map(|r| (r.root_files_at, r.files)).unwrap_or_default();
+        let updated_at =
+            (Utc::now() + chrono::Duration::microseconds(inner.repos.len() as i64)).to_rfc3339_opts(SecondsFormat::Micros, true);
         inner.repos.insert(
             full_name.to_lowercase(),
             Repo {
@@ -233,6 +249,7 @@ impl FakeGitHub {
                 root_files: root_files.iter().map(|s| s.to_string()).collect(),
                 root_files_at,
                 files,
+                updated_at,
             },
         );
     }
@@ -435,6 +452,34 @@ fn oauth_route(
             response.headers_mut().insert("content-type", HeaderValue::from_static("application/x-www-form-urlencoded; charset=utf-8"));
             Some(response)
         }
+        (&Method::GET, "/user/repos") => {
+            let Some(login) = user_token.and_then(|t| oauth.tokens.get(t)).cloned() else {
+                return Some(json_response(StatusCode::UNAUTHORIZED, error_json(401, "Requires authentication", DOCS)));
+            };
+            let granted = oauth.grants.get(&login.to_lowercase()).cloned().unwrap_or_default();
+            let mut keys: Vec<String> = inner.repos.keys().filter(|k| granted.contains(*k)).cloned().collect();
+            keys.sort_by(|a, b| inner.repos[b].updated_at.cmp(&inner.repos[a].updated_at));
+            let per_page = query.get("per_page").and_then(|p| p.parse::<usize>().ok()).unwrap_or(30).clamp(1, 100);
+            let page = query.get("page").and_then(|p| p.parse::<usize>().ok()).unwrap_or(1).max(1);
+            let admin: Vec<bool> = keys.iter().map(|key| oauth.admins.contains(&(login.to_lowercase(), key.clone()))).collect();
+            let items: Vec<Value> = keys
+                .iter()
+                .zip(admin)
+                .skip((page - 1) * per_page)
+                .take(per_page)
+                .map(|(key, admin)| {
+                    let mut repo = inner.repo_json(key);
+                    repo["permissions"] = permissions(admin);
+                    repo
+                })
+                .collect();
+            let mut response = json_response(StatusCode::OK, Value::Array(items));
+            if page * per_page < keys.len() {
+                let next = format!("<{}/user/repos?sort=updated&per_page={per_page}&page={}>; rel=\"next\"", inner.base_url, page + 1);
+                response.headers_mut().insert("link", HeaderValue::from_str(&next).expect("a header"));
+            }
+            Some(response)
+        }
         (&Method::GET, "/user") => {
             let person = user_token.and_then(|t| oauth.tokens.get(t)).and_then(|login| oauth.people.get(&login.to_lowercase()));
             Some(match person {
@@ -457,12 +502,18 @@ fn oauth_route(
             if !granted || !inner.repos.contains_key(&full_name) || *method != Method::GET || parts.next().is_some() {
                 return Some(not_found());
             }
+            let admin = oauth.admins.contains(&(login.to_lowercase(), full_name.clone()));
             let mut repo = inner.repo_json(&full_name);
-            repo["permissions"] = json!({"admin": false, "maintain": false, "push": false, "triage": false, "pull": true});
+            repo["permissions"] = permissions(admin);
             Some(json_response(StatusCode::OK, repo))
         }
         _ => None,
     }
+}
+
+/// A person's `permissions` on a repository they can read, as GitHub spells them.
+fn permissions(admin: bool) -> Value {
+    json!({"admin": admin, "maintain": admin, "push": admin, "triage": admin, "pull": true})
 }
 
 fn route(inner: &mut Inner, method: &Method, path: &str, query: &HashMap<String, String>, body: Option<Value>) -> Response {
@@ -513,6 +564,37 @@ fn repo_route(
     let update = |m: &Method| m == Method::PATCH || m == Method::POST;
     match (method, rest) {
         (&Method::GET, []) => json_response(StatusCode::OK, inner.repo_json(key)),
+        (&Method::GET, ["installation"]) => {
+            let owner = full_name.split('/').next().unwrap_or_default().to_string();
+            json_response(
+                StatusCode::OK,
+                json!({
+                    "id": 1,
+                    "account": user_json(&inner.base_url, &owner, inner.owner_id(&owner), "User"),
+                    "app_id": APP_ID,
+                    "app_slug": APP_SLUG,
+                    "target_type": "User",
+                    "repository_selection": "all",
+                    "permissions": app_permissions(),
+                    "events": ["pull_request", "push", "delete"],
+                    "created_at": "2024-01-01T00:00:00Z",
+                    "updated_at": "2024-01-01T00:00:00Z"
+                }),
+            )
+        }
+        (&Method::GET, ["branches", branch]) => {
+            let repo = &inner.repos[key];
+            let known =
+                repo.default_branch == *branch || repo.files.keys().any(|(r, _)| r == branch) || repo.root_files_at.contains_key(*branch);
+            if known {
+                json_response(
+                    StatusCode::OK,
+                    json!({"name": branch, "commit": {"sha": format!("{:0>40}", fnv(branch.as_bytes()) % 1_000_000)}, "protected": false}),
+                )
+            } else {
+                json_response(StatusCode::NOT_FOUND, error_json(404, "Branch not found", DOCS))
+            }
+        }
         (&Method::GET, ["contents"]) => inner.contents(key, query),
         (&Method::GET, ["contents", path]) => inner.file(key, path, query),
         (&Method::GET, ["issues", number, "comments"]) => match number.parse::<u64>() {
@@ -662,13 +744,22 @@ impl Inner {
         )
     }
 
+    /// A repository owner's GitHub id: a person's own when they were added, else a stable one.
+    fn owner_id(&self, owner: &str) -> u64 {
+        self.oauth
+            .people
+            .get(&owner.to_lowercase())
+            .map(|p| p.0)
+            .unwrap_or_else(|| 1_000_000 + (fnv(owner.to_lowercase().as_bytes()) % 100_000_000))
+    }
+
     fn repo_json(&self, key: &str) -> Value {
         let repo = &self.repos[key];
         let full = &repo.full_name;
         let (owner, name) = full.split_once('/').unwrap_or((full, full));
         let api = format!("{}/repos/{full}", self.base_url);
         let html = format!("https://github.com/{full}");
-        let owner_id = 1_000_000 + (fnv(owner.to_lowercase().as_bytes()) % 100_000_000);
+        let owner_id = self.owner_id(owner);
         let mut value = json!({
             "id": repo.id,
             "node_id": format!("R_kgDO{}", repo.id),
@@ -681,7 +772,7 @@ impl Inner {
             "fork": false,
             "url": api,
             "created_at": "2019-05-15T15:19:25Z",
-            "updated_at": "2019-05-15T15:21:14Z",
+            "updated_at": repo.updated_at,
             "pushed_at": "2019-05-15T15:20:57Z",
         });
         let more = json!({

@@ -151,6 +151,8 @@ struct PreviewClaims {
 pub struct Auth {
     pub store: EventStore,
     pub oauth: Option<OAuthApp>,
+    /// The GitHub App, for what only it can answer (which installation sees a repository).
+    pub github: Option<understudy_adapters::github::client::GitHub>,
     pub signer: Option<Arc<PreviewSigner>>,
     /// Seals users' GitHub tokens in the event log.
     pub key: Option<SecretKey>,
@@ -186,6 +188,7 @@ impl Auth {
         Self {
             store,
             oauth,
+            github: None,
             signer,
             key,
             public_url,
@@ -394,7 +397,20 @@ impl Auth {
     }
 
     async fn ask_github(&self, user: UserId, repository: &str) -> Option<bool> {
-        let (oauth, key) = (self.oauth.as_ref()?, self.key.as_ref()?);
+        let oauth = self.oauth.as_ref()?;
+        let Some(token) = self.github_token(user).await else { return Some(false) };
+        match oauth.can_read(&token, repository).await {
+            Ok(answer) => Some(answer),
+            Err(error) => {
+                tracing::warn!(%error, %user, repository, "GitHub did not say whether the user can read the repository");
+                None
+            }
+        }
+    }
+
+    /// The GitHub token of the user's latest open session, to ask GitHub on their behalf.
+    pub async fn github_token(&self, user: UserId) -> Option<SecretString> {
+        let key = self.key.as_ref()?;
         let row: Option<(Uuid, sqlx::types::Json<SealedValue>)> = sqlx::query_as(
             "SELECT session_id, github_token FROM user_sessions WHERE user_id = $1 AND ended_at IS NULL AND expires_at > now()
              ORDER BY started_at DESC LIMIT 1",
@@ -403,18 +419,11 @@ impl Auth {
         .fetch_optional(self.pool())
         .await
         .ok()?;
-        let Some((session_id, sealed)) = row else { return Some(false) };
-        let token = match key.open_for(&github_token_context(user, session_id), "GitHub token", &sealed.0) {
-            Ok(token) => SecretString::from(token),
+        let (session_id, sealed) = row?;
+        match key.open_for(&github_token_context(user, session_id), "GitHub token", &sealed.0) {
+            Ok(token) => Some(SecretString::from(token)),
             Err(error) => {
                 tracing::warn!(%error, %user, "a session's GitHub token does not open");
-                return Some(false);
-            }
-        };
-        match oauth.can_read(&token, repository).await {
-            Ok(answer) => Some(answer),
-            Err(error) => {
-                tracing::warn!(%error, %user, repository, "GitHub did not say whether the user can read the repository");
                 None
             }
         }

@@ -3,7 +3,7 @@
 //! checks the role matrix and appends an event; each answers with the environment's state as
 //! the event store has it right after the append.
 
-use async_graphql::{Context, Object, Result, SimpleObject};
+use async_graphql::{Context, ErrorExtensions, Object, Result, SimpleObject};
 use chrono::{DateTime, Utc};
 use understudy_domain::environment::{Environment as EnvironmentState, EnvironmentCommand};
 use understudy_domain::ids::{DeploymentId, ProjectId};
@@ -91,6 +91,19 @@ fn change(environment_id: Uuid, state: &EnvironmentState, deployment: Option<Dep
     }
 }
 
+/// A repository the viewer can reach on GitHub, for the new-project flow.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Repository {
+    pub full_name: String,
+    pub private: bool,
+    pub default_branch: Option<String>,
+    pub updated_at: Option<DateTime<Utc>>,
+    /// Whether the viewer may make it a project (admin or maintain on GitHub).
+    pub can_manage: bool,
+    /// Its project, when it already is one.
+    pub project_id: Option<Uuid>,
+}
+
 #[derive(Default)]
 pub struct OperationsQuery;
 
@@ -110,6 +123,51 @@ impl OperationsQuery {
         let id = id.ok_or_else(not_found)?;
         require_project(ctx, id, Permission::ViewProjects).await.map_err(|_| not_found())?;
         Ok(ProjectSettings { id })
+    }
+
+    /// The repositories the signed-in user can reach on GitHub, most recently updated first,
+    /// page by page (`after` is the previous page's `endCursor`).
+    async fn repositories(
+        &self,
+        ctx: &Context<'_>,
+        after: Option<String>,
+        #[graphql(default = 30, validator(minimum = 1, maximum = 100))] first: i32,
+    ) -> Result<async_graphql::connection::Connection<String, Repository>> {
+        let auth = auth(ctx)?;
+        let Some(user) = viewer(ctx).user_id() else { return Err(denied(Denied::Unauthenticated)) };
+        let oauth = auth.oauth.as_ref().ok_or_else(|| bad_input("sign-in with GitHub is not configured here"))?;
+        let token = auth.github_token(user).await.ok_or_else(|| denied(Denied::Unauthenticated))?;
+        let page: u32 = match after.as_deref() {
+            None => 1,
+            Some(cursor) => cursor
+                .strip_prefix("page:")
+                .and_then(|p| p.parse::<u32>().ok())
+                .map(|p| p + 1)
+                .ok_or_else(|| bad_input(format!("cursor {cursor:?} is not one this API gave out")))?,
+        };
+        let (repos, more) = oauth.repositories(&token, page, first as u32).await.map_err(|e| bad_input(e.to_string()))?;
+        let names: Vec<String> = repos.iter().filter_map(|r| r["full_name"].as_str().map(str::to_lowercase)).collect();
+        let projects: Vec<(String, Uuid)> =
+            sqlx::query_as("SELECT lower(repository), project_id FROM projects WHERE lower(repository) = ANY($1) AND active")
+                .bind(&names)
+                .fetch_all(&auth.store.pool)
+                .await?;
+        let mut connection = async_graphql::connection::Connection::new(page > 1, more);
+        for repo in repos {
+            let full_name = repo["full_name"].as_str().unwrap_or_default().to_string();
+            let project_id = projects.iter().find(|(name, _)| *name == full_name.to_lowercase()).map(|(_, id)| *id);
+            let node = Repository {
+                private: repo["private"].as_bool().unwrap_or(false),
+                default_branch: repo["default_branch"].as_str().map(str::to_string),
+                updated_at: repo["updated_at"].as_str().and_then(|t| t.parse().ok()),
+                can_manage: repo["permissions"]["admin"].as_bool().unwrap_or(false)
+                    || repo["permissions"]["maintain"].as_bool().unwrap_or(false),
+                project_id,
+                full_name,
+            };
+            connection.edges.push(async_graphql::connection::Edge::new(format!("page:{page}"), node));
+        }
+        Ok(connection)
     }
 
     /// A page of a deployment's log: lines after `after` (unix nanoseconds as a string, `0` from
@@ -172,6 +230,88 @@ impl OperationsMutation {
 
 #[Object]
 impl OperationsMutation {
+    /// Makes a GitHub repository a project, deploying `productionBranch` (its default branch
+    /// when omitted). You need admin or maintain on the repository, the Understudy App must be
+    /// installed for it, and the branch must exist.
+    async fn create_project(&self, ctx: &Context<'_>, repository: String, production_branch: Option<String>) -> Result<ProjectSettings> {
+        let auth = auth(ctx)?;
+        let Some(user) = viewer(ctx).user_id() else { return Err(denied(Denied::Unauthenticated)) };
+        understudy_domain::values::RepoFullName::parse(repository.as_str()).map_err(|e| bad_input(e.to_string()))?;
+        let (Some(oauth), Some(github)) = (&auth.oauth, &auth.github) else {
+            return Err(bad_input("creating projects needs the GitHub App and sign-in configured here"));
+        };
+        let token = auth.github_token(user).await.ok_or_else(|| denied(Denied::Unauthenticated))?;
+        let repo = oauth.repository(&token, &repository).await.map_err(|e| bad_input(e.to_string()))?;
+        let repo = repo.ok_or_else(|| denied(Denied::NotFound(format!("no repository {repository} that you can see on GitHub"))))?;
+        let permissions = &repo["permissions"];
+        if !(permissions["admin"].as_bool().unwrap_or(false) || permissions["maintain"].as_bool().unwrap_or(false)) {
+            return Err(denied(Denied::Forbidden(format!("making {repository} a project needs admin or maintain on it in GitHub"))));
+        }
+        let existing: Option<bool> = sqlx::query_scalar("SELECT active FROM projects WHERE lower(repository) = lower($1)")
+            .bind(&repository)
+            .fetch_optional(&auth.store.pool)
+            .await?;
+        if existing == Some(true) {
+            return Err(
+                async_graphql::Error::new(format!("{repository} is already a project")).extend_with(|_, e| e.set("code", "ALREADY_EXISTS"))
+            );
+        }
+        let installation = github.installation_of(&repository).await.map_err(|e| bad_input(e.to_string()))?;
+        let installation = installation.ok_or_else(|| {
+            let owner = repository.split('/').next().unwrap_or_default();
+            bad_input(format!("the Understudy GitHub App is not installed for {repository}: install it on {owner} first"))
+        })?;
+        let branch = production_branch.or_else(|| repo["default_branch"].as_str().map(str::to_string)).unwrap_or_else(|| "main".into());
+        if !github.branch_exists(installation, &repository, &branch).await.map_err(|e| bad_input(e.to_string()))? {
+            return Err(bad_input(format!("{repository} has no branch {branch:?}")));
+        }
+        let ingest = understudy_adapters::github::ingest::Ingest { store: auth.store.clone(), github: Some(github.clone()) };
+        let project = ingest.create_project(installation, &repository, Some(&branch)).await.map_err(|e| bad_input(e.to_string()))?;
+        let id = project.id.ok_or_else(|| bad_input("the project was not created"))?;
+        Ok(ProjectSettings { id: id.0 })
+    }
+
+    /// Deletes a project (Manage Projects): its environments are torn down and it stops
+    /// deploying; its history stays in the log.
+    async fn delete_project(&self, ctx: &Context<'_>, project_id: Uuid) -> Result<bool> {
+        require_project(ctx, project_id, Permission::ManageProjects).await?;
+        let auth = auth(ctx)?;
+        let meta = Metadata::new(Uuid::new_v4(), viewer(ctx).actor());
+        let reason = format!("deleted by {}", viewer(ctx).actor());
+        let live: Vec<Uuid> =
+            sqlx::query_scalar("SELECT environment_id FROM environments WHERE project_id = $1 AND status <> 'Terminated'")
+                .bind(project_id)
+                .fetch_all(&auth.store.pool)
+                .await?;
+        for environment in live {
+            let command = EnvironmentCommand::Terminate { reason: reason.clone(), at: Utc::now() };
+            auth.store.environments.execute(environment, command, meta.clone()).await.map_err(command_error)?;
+        }
+        let command = understudy_domain::project::ProjectCommand::Deactivate { reason, at: Utc::now() };
+        auth.store.projects.execute(project_id, command, meta).await.map_err(command_error)?;
+        Ok(true)
+    }
+
+    /// Which entrypoints get environments (Manage Projects): these paths, or detection when
+    /// `entrypoints` is empty.
+    async fn set_entrypoints(&self, ctx: &Context<'_>, project_id: Uuid, entrypoints: Vec<String>) -> Result<ProjectSettings> {
+        require_project(ctx, project_id, Permission::ManageProjects).await?;
+        let rule = if entrypoints.is_empty() {
+            understudy_domain::project::EntrypointRule::Detect
+        } else {
+            let parsed = entrypoints
+                .iter()
+                .map(|e| understudy_domain::values::Entrypoint::parse(e.as_str()))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| bad_input(e.to_string()))?;
+            understudy_domain::project::EntrypointRule::Listed { entrypoints: parsed }
+        };
+        let meta = Metadata::new(Uuid::new_v4(), viewer(ctx).actor());
+        let command = understudy_domain::project::ProjectCommand::ChangeEntrypoints { entrypoints: rule, at: Utc::now() };
+        auth(ctx)?.store.projects.execute(project_id, command, meta).await.map_err(command_error)?;
+        Ok(ProjectSettings { id: project_id })
+    }
+
     /// Builds and starts the environment's current commit again, as a new deployment (Manage
     /// Projects). A stale environment wakes; a build in flight is superseded.
     async fn redeploy(&self, ctx: &Context<'_>, environment_id: Uuid) -> Result<EnvironmentChange> {

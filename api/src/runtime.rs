@@ -138,6 +138,7 @@ impl Runtime {
             &self.preview.preview_domain,
         );
         auth.access_ttl = self.access_ttl;
+        auth.github = self.github.app.clone();
         auth
     }
 

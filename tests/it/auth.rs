@@ -46,6 +46,13 @@ pub(crate) async fn start() -> App {
     github.set_repo(REPO, 4401, "main", &[]);
     env.runtime.oauth = Some(OAuthApp::new(OAUTH_CLIENT_ID.into(), OAUTH_CLIENT_SECRET.into(), github.base_url(), github.base_url()));
     env.runtime.access_ttl = Duration::from_millis(500);
+    let key = std::fs::read_to_string(format!("{}/fixtures/github-app-test-key.pem", env!("CARGO_MANIFEST_DIR"))).expect("test key");
+    let config = understudy_adapters::github::client::GitHubConfig {
+        api_url: github.base_url(),
+        app_id: understudy_tests::fake_github::APP_ID,
+        private_key_pem: key,
+    };
+    env.runtime.github.app = Some(understudy_adapters::github::client::GitHub::new(&config).expect("GitHub client"));
     let signer = Arc::new(PreviewSigner::generate("understudy-test"));
     let mut preview = (*env.runtime.preview).clone();
     preview.signer = Some(signer.clone());
@@ -800,4 +807,76 @@ async fn the_access_index_rebuilds_from_the_log_to_the_same_state() {
     }
     understudy_adapters::db::migrate(app.env.pool()).await.expect("migrate");
     assert_eq!(access_index(&app).await, live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maintainer_lists_their_repositories_and_makes_one_a_project() {
+    let app = start().await;
+    app.github.add_person("lena", 1301, None);
+    // Three repositories she can reach (the last declared is the most recently updated), one
+    // she cannot.
+    for (name, id) in [("lena/alpha", 1401), ("lena/beta", 1402), ("lena/gamma", 1403)] {
+        app.github.set_repo(name, id, "main", &["main.w"]);
+        app.github.grant_admin("lena", name);
+    }
+    app.github.set_repo("lena-fans/mirror", 1405, "main", &[]);
+    app.github.grant("lena", "lena-fans/mirror");
+    app.github.set_repo("other/secret", 1404, "main", &[]);
+    let mut browser = Browser::new(app.addr);
+    browser.sign_in("lena", "/").await;
+    let list = "query($after: String) { repositories(first: 2, after: $after) { edges { node { fullName canManage projectId defaultBranch } } pageInfo { hasNextPage endCursor } } }";
+    let (_, first) = browser.graphql(list, json!({}), true).await;
+    let names = |page: &Value| {
+        page["data"]["repositories"]["edges"]
+            .as_array()
+            .expect("edges")
+            .iter()
+            .map(|e| e["node"]["fullName"].as_str().expect("name").to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&first), ["lena-fans/mirror", "lena/gamma"], "{first}");
+    assert_eq!(first["data"]["repositories"]["pageInfo"]["hasNextPage"], true);
+    let cursor = first["data"]["repositories"]["pageInfo"]["endCursor"].as_str().expect("cursor").to_string();
+    let (_, second) = browser.graphql(list, json!({ "after": cursor }), true).await;
+    assert_eq!(names(&second), ["lena/beta", "lena/alpha"], "{second}");
+    assert_eq!(first["data"]["repositories"]["edges"][0]["node"]["canManage"], false, "she only reads the mirror");
+    assert_eq!(second["data"]["repositories"]["pageInfo"]["hasNextPage"], false);
+
+    // Clear errors for what cannot become a project.
+    let create = "mutation($r: String!, $b: String) { createProject(repository: $r, productionBranch: $b) { id summary { name repository productionBranch } } }";
+    for (repository, branch, code) in [
+        ("other/secret", None, "NOT_FOUND"),
+        ("lena/alpha", Some("no-such-branch"), "BAD_USER_INPUT"),
+        ("not a repository", None, "BAD_USER_INPUT"),
+    ] {
+        let (_, body) = browser.graphql(create, json!({ "r": repository, "b": branch }), true).await;
+        assert_eq!(error_code(&body).as_deref(), Some(code), "{repository}: {body}");
+    }
+    let (_, created) = browser.graphql(create, json!({ "r": "lena/alpha" }), true).await;
+    assert_eq!(created["data"]["createProject"]["summary"]["productionBranch"], "main", "{created}");
+    let project = created["data"]["createProject"]["id"].as_str().expect("id").to_string();
+    let (_, again) = browser.graphql(create, json!({ "r": "lena/alpha" }), true).await;
+    assert_eq!(error_code(&again).as_deref(), Some("ALREADY_EXISTS"), "{again}");
+    let (_, listed) = browser.graphql(list, json!({ "after": cursor }), true).await;
+    assert_eq!(listed["data"]["repositories"]["edges"][1]["node"]["projectId"], project.as_str());
+    let (_, reader) = browser.graphql(create, json!({ "r": "lena-fans/mirror" }), true).await;
+    assert_eq!(error_code(&reader).as_deref(), Some("FORBIDDEN"), "reading is not maintaining: {reader}");
+
+    // She owns it (her personal account), so she manages it: entrypoints, then deletion.
+    let (_, rule) = browser
+        .graphql(
+            "mutation($p: UUID!) { setEntrypoints(projectId: $p, entrypoints: [\"api.main.w\"]) { id } }",
+            json!({ "p": project }),
+            true,
+        )
+        .await;
+    assert!(rule["errors"].is_null(), "{rule}");
+    let (_, deleted) = browser.graphql("mutation($p: UUID!) { deleteProject(projectId: $p) }", json!({ "p": project }), true).await;
+    assert_eq!(deleted["data"]["deleteProject"], true, "{deleted}");
+    let active: bool = sqlx::query_scalar("SELECT active FROM projects WHERE project_id = $1::uuid")
+        .bind(&project)
+        .fetch_one(app.env.pool())
+        .await
+        .expect("row");
+    assert!(!active);
 }

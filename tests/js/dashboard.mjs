@@ -100,6 +100,12 @@ try {
   if ((await page.content()).includes(context.secret)) throw new Error("the secret's value is on the page");
   await shot("settings");
 
+  // The new-project flow lists the repositories GitHub lets this person reach.
+  await page.getByRole("link", { name: "New project" }).click();
+  await page.getByRole("heading", { name: "acme/web" }).waitFor();
+  await page.getByRole("link", { name: "Open project" }).waitFor();
+  await shot("new-project");
+
   if (errors.length) throw new Error(errors.join("\n"));
   console.log("DONE");
 } catch (error) {

@@ -169,6 +169,35 @@ impl GitHub {
         Ok(self.call(installation, http::Method::GET, &format!("/repos/{full_name}"), None).await?.1)
     }
 
+    /// The App's installation that can see `full_name`, asked as the App itself; `None` when the
+    /// App is not installed for it.
+    pub async fn installation_of(&self, full_name: &str) -> Result<Option<u64>, GitHubError> {
+        let path = format!("/repos/{full_name}/installation");
+        let response = self.app._get(path.as_str()).await.map_err(|e| classify_transport(&e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = self.app.body_to_string(response).await.map_err(|e| classify_transport(&e))?;
+        if status == http::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(classify(status, &headers, &format!("GET {path}"), &text));
+        }
+        let installation: Value =
+            serde_json::from_str(&text).map_err(|e| GitHubError::Unavailable(format!("unreadable installation: {e}")))?;
+        Ok(installation["id"].as_u64())
+    }
+
+    /// Whether `branch` exists in `full_name`.
+    pub async fn branch_exists(&self, installation: u64, full_name: &str, branch: &str) -> Result<bool, GitHubError> {
+        let path = format!("/repos/{full_name}/branches/{}", super::oauth::encode_component(branch));
+        match self.call(installation, http::Method::GET, &path, None).await {
+            Ok(_) => Ok(true),
+            Err(GitHubError::NotFound(_)) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The repository's default branch.
     pub async fn default_branch(&self, installation: u64, full_name: &str) -> Result<String, GitHubError> {
         let (_, repo) = self.call(installation, http::Method::GET, &format!("/repos/{full_name}"), None).await?;

@@ -157,6 +157,38 @@ impl OAuthApp {
         serde_json::from_str(&text).map_err(|e| GitHubError::Unavailable(format!("unreadable answer to GET /user: {e}")))
     }
 
+    /// The repository as its owner's token sees it (with `permissions`), or `None` when GitHub
+    /// shows them no such repository.
+    pub async fn repository(&self, token: &SecretString, full_name: &str) -> Result<Option<Value>, GitHubError> {
+        let client = Self::client(&self.api_url, Some(token.expose_secret()))?;
+        let path = format!("/repos/{full_name}");
+        match Self::answer(&client, &format!("GET {path}"), client._get(path.as_str()).await).await {
+            Ok((_, text)) => {
+                Ok(Some(serde_json::from_str(&text).map_err(|e| GitHubError::Unavailable(format!("unreadable repository: {e}")))?))
+            }
+            Err(GitHubError::NotFound(_)) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// One page (from 1) of the repositories the token's owner can reach, most recently updated
+    /// first, and whether there is another page.
+    pub async fn repositories(&self, token: &SecretString, page: u32, per_page: u32) -> Result<(Vec<Value>, bool), GitHubError> {
+        let client = Self::client(&self.api_url, Some(token.expose_secret()))?;
+        let path = format!("/user/repos?sort=updated&direction=desc&per_page={per_page}&page={page}");
+        let response = client._get(path.as_str()).await.map_err(|e| GitHubError::Unavailable(format!("GET /user/repos: {e}")))?;
+        let more = response.headers().get("link").and_then(|v| v.to_str().ok()).is_some_and(|link| link.contains("rel=\"next\""));
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = client.body_to_string(response).await.map_err(|e| GitHubError::Unavailable(format!("GET /user/repos: {e}")))?;
+        if !status.is_success() {
+            return Err(classify(status, &headers, "GET /user/repos", &text));
+        }
+        let repos: Vec<Value> =
+            serde_json::from_str(&text).map_err(|e| GitHubError::Unavailable(format!("unreadable repositories: {e}")))?;
+        Ok((repos, more))
+    }
+
     /// Whether the token's owner can read `full_name` (`owner/name`): GitHub answers 404 for a
     /// repository they cannot see, and says `permissions.pull` for one they can.
     pub async fn can_read(&self, token: &SecretString, full_name: &str) -> Result<bool, GitHubError> {

@@ -424,6 +424,47 @@ async function tokensPage() {
   );
 }
 
+async function newProjectPage() {
+  const list = h("ul", { class: "repositories" });
+  const more = h("button", { hidden: true }, "More repositories");
+  let after = null;
+  const projects = new Map();
+  for (const m of (await gql(`{ viewer { memberships { account { id name } } } }`)).viewer.memberships) {
+    const { account } = await gql(`query($a: UUID!) { account(id: $a) { projects { id name } } }`, { a: m.account.id });
+    for (const p of account.projects) projects.set(p.id, `/dashboard/${enc(m.account.name)}/${enc(p.name)}`);
+  }
+  const create = (repo) => async (event) => {
+    event.preventDefault();
+    const branch = new FormData(event.target).get("branch");
+    try {
+      await gql(`mutation($r: String!, $b: String) { createProject(repository: $r, productionBranch: $b) { id } }`, { r: repo.fullName, b: branch });
+      const [owner, name] = repo.fullName.split("/");
+      location.href = `/dashboard/${enc(owner)}/${enc(name)}`;
+    } catch (error) { event.target.after(failure(error.message)); }
+  };
+  const page = async () => {
+    const { repositories } = await gql(`query($after: String) { repositories(first: 30, after: $after) {
+      edges { node { fullName private defaultBranch updatedAt canManage projectId } } pageInfo { hasNextPage endCursor } } }`, { after });
+    for (const { node: repo } of repositories.edges) {
+      let action;
+      if (repo.projectId) action = projects.has(repo.projectId) ? h("a", { href: projects.get(repo.projectId) }, "Open project") : h("span", { class: "muted" }, "Already a project");
+      else if (!repo.canManage) action = h("span", { class: "muted" }, "Needs admin or maintain on GitHub");
+      else action = h("form", { class: "inline", onsubmit: create(repo), "aria-label": `Create a project from ${repo.fullName}` },
+        h("label", {}, "Production branch", h("input", { name: "branch", value: repo.defaultBranch || "main", required: true })),
+        h("button", { class: "primary", type: "submit" }, "Create project"));
+      list.append(h("li", { class: "card" }, h("h3", {}, repo.fullName, repo.private ? h("span", { class: "muted" }, " (private)") : ""),
+        h("div", { class: "muted" }, `updated ${when(repo.updatedAt)}`), action));
+    }
+    after = repositories.pageInfo.endCursor;
+    more.hidden = !repositories.pageInfo.hasNextPage;
+  };
+  more.addEventListener("click", page);
+  show(crumbs(["New project"]), h("h1", {}, "New project"),
+    h("p", { class: "muted" }, "Your repositories on GitHub, most recently updated first. The Understudy GitHub App must be installed for the one you pick."),
+    list, more);
+  await page();
+}
+
 function signInPage() {
   const back = location.pathname + location.search;
   show(h("section", { class: "signin" }, h("h1", {}, "Sign in to Understudy"),
@@ -439,6 +480,7 @@ async function route() {
   try {
     if (!account) return await overview();
     if (account === "-" && project === "tokens") return await tokensPage();
+    if (account === "-" && project === "new") return await newProjectPage();
     if (!project) return await accountPage(account);
     if (!branch) return await projectPage(account, project);
     if (branch === "-" && rest[0] === "settings") return await settingsPage(account, project);
@@ -460,7 +502,7 @@ async function start() {
       await fetch("/auth/signout", { method: "POST", headers: { "x-csrf-token": csrf } });
       location.href = "/dashboard";
     } }, h("button", { type: "submit" }, "Sign out"));
-    who.replaceChildren(h("a", { href: "/dashboard/-/tokens" }, "API tokens"), h("span", {}, session.user.login), signOut);
+    who.replaceChildren(h("a", { href: "/dashboard/-/new" }, "New project"), h("a", { href: "/dashboard/-/tokens" }, "API tokens"), h("span", {}, session.user.login), signOut);
   } else if (session.operator) {
     who.replaceChildren(h("span", { class: "muted" }, "Operator (no sign-in configured)"));
   } else {

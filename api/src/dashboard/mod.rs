@@ -11,6 +11,7 @@
 //!   preview link, tests, build log, actions, and a notice when a newer version is ready
 //! - `…/{branch}/logs/build/` and `…/{branch}/logs/tests/{test}`: a log on its own page, live
 //! - `/dashboard/-/tokens`: API tokens
+//! - `/dashboard/-/new`: your repositories on GitHub, to make one a project
 
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
