@@ -38,6 +38,7 @@ pub fn sdl() -> String {
 pub fn schema(pool: PgPool, nats: async_nats::Client, topology: Topology, auth: Auth) -> AppSchema {
     Schema::build(QueryRoot::default(), MutationRoot::default(), Subscription)
         .data(auth)
+        .data(SharedReads::default())
         .data(pool)
         .data(nats)
         .data(topology)
@@ -177,6 +178,29 @@ fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid)> {
     let micros: i64 = micros.parse().map_err(|_| bad())?;
     let time = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
     Ok((time, Uuid::parse_str(id).map_err(|_| bad())?))
+}
+
+/// One read of a changed environment shared by every subscriber of this process: a change that
+/// reaches ten thousand subscribers is read from Postgres once, not ten thousand times.
+#[derive(Clone, Default)]
+pub struct SharedReads {
+    reads: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<(Uuid, i64), std::sync::Arc<tokio::sync::OnceCell<Option<Environment>>>>>,
+    >,
+}
+
+impl SharedReads {
+    /// The environment as of (at least) `position`, read once per (environment, position).
+    pub async fn environment(&self, pool: &PgPool, id: Uuid, position: i64) -> Result<Option<Environment>> {
+        let cell = {
+            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            if reads.len() > 4096 {
+                reads.clear();
+            }
+            reads.entry((id, position)).or_default().clone()
+        };
+        cell.get_or_try_init(|| environment_by_id(pool, id)).await.cloned()
+    }
 }
 
 pub async fn environment_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Environment>> {
@@ -520,12 +544,13 @@ impl Subscription {
         };
         let replayed_fresh = fresh.clone();
         let open = OpenSubscription::new();
+        let shared = ctx.data::<SharedReads>()?.clone();
         let live = notices.filter_map(move |message| {
             let _counted = &open;
-            let (pool, fresh) = (pool.clone(), fresh.clone());
+            let (pool, fresh, shared) = (pool.clone(), fresh.clone(), shared.clone());
             async move {
                 let change: Change = serde_json::from_slice(&message.payload).ok()?;
-                match environment_by_id(&pool, change.id).await {
+                match shared.environment(&pool, change.id, change.position).await {
                     Ok(environment) => environment.filter(|e| fresh(e)),
                     Err(error) => {
                         tracing::warn!(error = ?error, "reading a changed environment failed");
@@ -535,6 +560,91 @@ impl Subscription {
             }
         });
         Ok(futures::stream::iter(missed.into_iter().filter(move |e| replayed_fresh(e))).chain(live))
+    }
+
+    /// One environment's deployments as they change: its current deployment each time the
+    /// environment changes (a new commit is a new deployment id). Starts with the current one.
+    async fn deployment_updated(
+        &self,
+        ctx: &Context<'_>,
+        environment_id: Uuid,
+    ) -> Result<impl Stream<Item = crate::operations::Deployment>> {
+        let auth = ctx.data::<Auth>()?.clone();
+        let project = auth.project_of_environment(environment_id).await?;
+        match (viewer(ctx), project) {
+            (Viewer::Operator, _) => {}
+            (Viewer::Anonymous, _) => return Err(denied(Denied::Unauthenticated)),
+            (_, Some(project)) => require_project(ctx, project.0, Permission::ViewPreviewEnvironments).await?,
+            (_, None) => return Err(denied(Denied::NotFound(format!("no environment {environment_id} that you can see")))),
+        }
+        let key = project.map_or_else(|| "*".to_string(), |p| p.to_string());
+        let notices = ctx.data::<async_nats::Client>()?.subscribe(ctx.data::<Topology>()?.changes_subject(READ_MODEL, &key)).await?;
+        let open = OpenSubscription::new();
+        let last = std::sync::Arc::new(std::sync::Mutex::new(None::<(Uuid, String, usize)>));
+        let current = {
+            let (auth, last) = (auth.clone(), last.clone());
+            async move { latest_deployment(&auth, environment_id, &last).await }
+        };
+        let live = notices.filter_map(move |message| {
+            let _counted = &open;
+            let (auth, last) = (auth.clone(), last.clone());
+            async move {
+                let change: Change = serde_json::from_slice(&message.payload).ok()?;
+                if change.id != environment_id {
+                    return None;
+                }
+                latest_deployment(&auth, environment_id, &last).await
+            }
+        });
+        Ok(futures::stream::once(current).filter_map(futures::future::ready).chain(live))
+    }
+
+    /// A deployment's test results as they are recorded: each result once (a re-run's results
+    /// come again), starting with those already there.
+    async fn test_results(&self, ctx: &Context<'_>, deployment_id: Uuid) -> Result<impl Stream<Item = TestResult>> {
+        let auth = ctx.data::<Auth>()?.clone();
+        let environment = auth.environment_of_deployment(deployment_id).await?;
+        let project = match environment {
+            Some(environment) => auth.project_of_environment(environment).await?,
+            None => None,
+        };
+        match (viewer(ctx), project, environment) {
+            (Viewer::Anonymous, _, _) => return Err(denied(Denied::Unauthenticated)),
+            (_, _, None) => return Err(denied(Denied::NotFound(format!("no deployment {deployment_id} that you can see")))),
+            (Viewer::Operator, _, _) => {}
+            (_, Some(project), _) => require_project(ctx, project.0, Permission::ViewPreviewEnvironments).await?,
+            (_, None, _) => return Err(denied(Denied::NotFound(format!("no deployment {deployment_id} that you can see")))),
+        }
+        let environment = environment.unwrap_or_default();
+        let key = project.map_or_else(|| "*".to_string(), |p| p.to_string());
+        let notices = ctx.data::<async_nats::Client>()?.subscribe(ctx.data::<Topology>()?.changes_subject(READ_MODEL, &key)).await?;
+        let open = OpenSubscription::new();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::<(String, DateTime<Utc>)>::new()));
+        let read = move |auth: Auth, seen: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, DateTime<Utc>)>>>| async move {
+            let state = auth.store.environments.load(environment).await.ok()?.into_inner();
+            let deployment = state.deployments.into_iter().find(|d| d.id.0 == deployment_id)?;
+            let fresh: Vec<TestResult> = crate::operations::Deployment::from(&deployment)
+                .tests
+                .into_iter()
+                .filter(|t| seen.lock().unwrap_or_else(|p| p.into_inner()).insert((t.name.clone(), t.at)))
+                .collect();
+            Some(futures::stream::iter(fresh))
+        };
+        let first = read(auth.clone(), seen.clone());
+        let live = notices
+            .filter_map(move |message| {
+                let _counted = &open;
+                let (auth, seen) = (auth.clone(), seen.clone());
+                async move {
+                    let change: Change = serde_json::from_slice(&message.payload).ok()?;
+                    if change.id != environment {
+                        return None;
+                    }
+                    read(auth, seen).await
+                }
+            })
+            .flatten();
+        Ok(futures::stream::once(first).filter_map(futures::future::ready).flatten().chain(live))
     }
 
     /// A deployment's log lines as they are written: first every line after `from`, then each
@@ -597,6 +707,24 @@ impl Subscription {
         });
         Ok(pages.flat_map(futures::stream::iter))
     }
+}
+
+/// The environment's current deployment, when it differs from the last one sent (by id,
+/// status and number of test results).
+async fn latest_deployment(
+    auth: &Auth,
+    environment: Uuid,
+    last: &std::sync::Mutex<Option<(Uuid, String, usize)>>,
+) -> Option<crate::operations::Deployment> {
+    let state = auth.store.environments.load(environment).await.ok()?.into_inner();
+    let current = crate::operations::Deployment::from(state.current()?);
+    let key = (current.id, format!("{}{:?}", current.status, current.failure), current.tests.len());
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    if last.as_ref() == Some(&key) {
+        return None;
+    }
+    *last = Some(key);
+    Some(current)
 }
 
 /// One line a build, an app or a test printed.

@@ -347,3 +347,68 @@ fn spec_branch(spec: &understudy_domain::environment::EnvironmentSpec) -> String
         understudy_domain::values::Target::Branch { branch } => branch.to_string(),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_and_test_results_stream_as_they_change() {
+    let app = start().await;
+    let project = ProjectId(Uuid::new_v4());
+    let spec = fixtures::spec(project, 11, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
+    // The read model knows the environment before anyone subscribes to it.
+    eventually(Duration::from_secs(20), "the environment in the read model", || async {
+        sqlx::query_scalar::<_, Uuid>("SELECT environment_id FROM environments WHERE environment_id = $1")
+            .bind(id)
+            .fetch_optional(app.env.pool())
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let mut deployments = graphql_ws::connect(app.addr).await;
+    graphql_ws::subscribe(
+        &mut deployments,
+        "d",
+        "subscription($e: UUID!) { deploymentUpdated(environmentId: $e) { id status } }",
+        json!({ "e": id.to_string() }),
+    )
+    .await;
+    let first = tokio::time::timeout(Duration::from_secs(10), next_json(&mut deployments)).await.expect("the current deployment");
+    assert_eq!(first["payload"]["data"]["deploymentUpdated"]["status"], "Requested", "{first}");
+    let mut tests = graphql_ws::connect(app.addr).await;
+    graphql_ws::subscribe(
+        &mut tests,
+        "t",
+        "subscription($d: UUID!) { testResults(deploymentId: $d) { name outcome } }",
+        json!({ "d": deployment.to_string() }),
+    )
+    .await;
+
+    for command in fixtures::to_ready(deployment) {
+        store.execute(id, command, meta()).await.expect("to ready");
+    }
+    let command = understudy_domain::environment::EnvironmentCommand::RecordTestResult {
+        deployment_id: deployment,
+        test: "smoke".into(),
+        outcome: understudy_domain::environment::TestOutcome::Failed,
+        duration_ms: Some(3),
+        at: chrono::Utc::now(),
+    };
+    store.execute(id, command, meta()).await.expect("test");
+    let result = tokio::time::timeout(Duration::from_secs(20), next_json(&mut tests)).await.expect("a test result");
+    assert_eq!(result["payload"]["data"]["testResults"], json!({ "name": "smoke", "outcome": "Failed" }), "{result}");
+    let ready = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let message = next_json(&mut deployments).await;
+            if message["payload"]["data"]["deploymentUpdated"]["status"] == "Ready" {
+                return message;
+            }
+        }
+    })
+    .await
+    .expect("the deployment to become Ready on the stream");
+    assert_eq!(ready["payload"]["data"]["deploymentUpdated"]["id"], deployment.to_string());
+    app.cancel.cancel();
+}
