@@ -184,10 +184,14 @@ fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid)> {
 /// reaches ten thousand subscribers is read from Postgres once, not ten thousand times.
 #[derive(Clone, Default)]
 pub struct SharedReads {
-    reads: std::sync::Arc<
-        std::sync::Mutex<std::collections::HashMap<(Uuid, i64), std::sync::Arc<tokio::sync::OnceCell<Option<Environment>>>>>,
-    >,
+    reads: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(Uuid, i64), SharedRead>>>,
 }
+
+/// One environment read, done by whichever subscriber gets there first.
+type SharedRead = std::sync::Arc<tokio::sync::OnceCell<Option<Environment>>>;
+
+/// The (test, recorded at) pairs a subscription has sent.
+type SentTests = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, DateTime<Utc>)>>>;
 
 impl SharedReads {
     /// The environment as of (at least) `position`, read once per (environment, position).
@@ -619,8 +623,8 @@ impl Subscription {
         let key = project.map_or_else(|| "*".to_string(), |p| p.to_string());
         let notices = ctx.data::<async_nats::Client>()?.subscribe(ctx.data::<Topology>()?.changes_subject(READ_MODEL, &key)).await?;
         let open = OpenSubscription::new();
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::<(String, DateTime<Utc>)>::new()));
-        let read = move |auth: Auth, seen: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, DateTime<Utc>)>>>| async move {
+        let seen = SentTests::default();
+        let read = move |auth: Auth, seen: SentTests| async move {
             let state = auth.store.environments.load(environment).await.ok()?.into_inner();
             let deployment = state.deployments.into_iter().find(|d| d.id.0 == deployment_id)?;
             let fresh: Vec<TestResult> = crate::operations::Deployment::from(&deployment)
