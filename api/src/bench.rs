@@ -57,6 +57,29 @@ pub enum Bench {
         #[arg(long, default_value = "toolchain/wing")]
         wing_toolchain: std::path::PathBuf,
     },
+    /// graphql-ws subscribers held by one API node, and how long one environment change takes to
+    /// reach all of them, vs core NATS fanning one message out to as many subscriptions. Also the
+    /// latency of the environments query of a project with `environments` environments, vs the
+    /// same SQL run directly.
+    Fanout {
+        #[arg(long, default_value_t = 10_000)]
+        subscribers: usize,
+        /// Changes fanned out, one at a time.
+        #[arg(long, default_value_t = 10)]
+        changes: usize,
+        #[arg(long, default_value_t = 1000)]
+        environments: usize,
+    },
+    /// The subscribers of `fanout`, in a process of their own (file descriptors are per process).
+    #[command(hide = true)]
+    FanoutClients {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        project: Uuid,
+        #[arg(long)]
+        subscribers: usize,
+    },
     /// Event appended → GraphQL subscriber received, at a fixed rate, vs core NATS pub→sub.
     Latency {
         #[arg(long, default_value_t = 500)]
@@ -124,10 +147,17 @@ mod url_lite {
 }
 
 pub async fn run(database_url: &str, nats_url: &str, what: Bench) -> anyhow::Result<()> {
+    if let Bench::FanoutClients { addr, project, subscribers } = what {
+        return crate::bench_fanout::clients(addr, project, subscribers).await;
+    }
     let scratch = Scratch::new(database_url, nats_url).await?;
     let result = match what {
         Bench::Append { writers, cycles } => append(&scratch.runtime, writers, cycles).await,
         Bench::Latency { rate, seconds } => latency(&scratch.runtime, rate, seconds).await,
+        Bench::Fanout { subscribers, changes, environments } => {
+            crate::bench_fanout::fanout(&scratch.runtime, subscribers, changes, environments).await
+        }
+        Bench::FanoutClients { .. } => unreachable!("run above without a scratch database"),
         Bench::Webhooks { deliveries, concurrency } => webhooks(scratch.runtime.clone(), deliveries, concurrency).await,
         Bench::Preview { app, entrypoint, runs, wing_toolchain } => {
             preview(scratch.runtime.clone(), &app, &entrypoint, runs, &wing_toolchain).await
@@ -137,7 +167,7 @@ pub async fn run(database_url: &str, nats_url: &str, what: Bench) -> anyhow::Res
     result
 }
 
-fn spec(project: ProjectId, n: u64) -> EnvironmentSpec {
+pub(crate) fn spec(project: ProjectId, n: u64) -> EnvironmentSpec {
     EnvironmentSpec {
         project_id: project,
         target: Target::PullRequest { number: n, head_branch: BranchName::parse(format!("bench-{n}")).expect("valid branch") },
@@ -145,12 +175,12 @@ fn spec(project: ProjectId, n: u64) -> EnvironmentSpec {
     }
 }
 
-fn meta() -> Metadata {
+pub(crate) fn meta() -> Metadata {
     Metadata::new(Uuid::new_v4(), "system:bench")
 }
 
 /// One deployment cycle: 6 commands, 7 events (the request also creates the environment).
-fn cycle(spec: &EnvironmentSpec) -> Vec<EnvironmentCommand> {
+pub(crate) fn cycle(spec: &EnvironmentSpec) -> Vec<EnvironmentCommand> {
     let deployment = DeploymentId(Uuid::new_v4());
     let at = Utc::now();
     let sha = CommitSha::parse(format!("{:040x}", Uuid::new_v4().as_u128())).expect("40 hex digits");
@@ -276,14 +306,14 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn summary(name: &str, mut samples: Vec<Duration>, sent: usize) -> (Duration, Duration) {
+pub(crate) fn summary(name: &str, mut samples: Vec<Duration>, sent: usize) -> (Duration, Duration) {
     samples.sort();
     let (p50, p99) = (percentile(&samples, 0.50), percentile(&samples, 0.99));
     println!(

@@ -3,6 +3,7 @@
 pub mod accounts;
 pub mod auth;
 pub mod bench;
+pub mod bench_fanout;
 pub mod cli;
 pub mod dashboard;
 pub mod graphql;
