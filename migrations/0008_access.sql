@@ -73,6 +73,8 @@ CREATE TABLE projects (
     active boolean NOT NULL,
     -- Where a project not on GitHub is fetched from.
     git_url text,
+    -- Previews open to anyone with the link.
+    public_previews boolean NOT NULL DEFAULT false,
     created_at timestamptz NOT NULL
 );
 CREATE INDEX projects_account ON projects (account_id);

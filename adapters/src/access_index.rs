@@ -209,6 +209,13 @@ async fn apply_project(c: &mut PgConnection, project_id: Uuid, event: ProjectEve
         ProjectEvent::ProjectDeactivated { .. } => {
             sqlx::query("UPDATE projects SET active = false WHERE project_id = $1").bind(project_id).execute(c).await?;
         }
+        ProjectEvent::VisibilityChanged { public_previews, .. } => {
+            sqlx::query("UPDATE projects SET public_previews = $2 WHERE project_id = $1")
+                .bind(project_id)
+                .bind(public_previews)
+                .execute(c)
+                .await?;
+        }
         ProjectEvent::GitRemoteSet { url, .. } => {
             sqlx::query("UPDATE projects SET git_url = $2 WHERE project_id = $1").bind(project_id).bind(url).execute(c).await?;
         }

@@ -215,6 +215,8 @@ pub struct ProjectSummary {
     pub repository: String,
     pub production_branch: String,
     pub active: bool,
+    /// Whether its previews are open to anyone with the link.
+    pub public_previews: bool,
 }
 
 #[Object]
@@ -258,15 +260,22 @@ impl Account {
     /// The account's projects (View Projects).
     async fn projects(&self, ctx: &Context<'_>) -> Result<Vec<ProjectSummary>> {
         require_account(ctx, self.id, Permission::ViewProjects).await?;
-        let rows: Vec<(Uuid, String, String, String, bool)> = sqlx::query_as(
-            "SELECT project_id, name, repository, production_branch, active FROM projects WHERE account_id = $1 ORDER BY lower(name)",
+        let rows: Vec<(Uuid, String, String, String, bool, bool)> = sqlx::query_as(
+            "SELECT project_id, name, repository, production_branch, active, public_previews FROM projects WHERE account_id = $1 ORDER BY lower(name)",
         )
         .bind(self.id)
         .fetch_all(&auth(ctx)?.store.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, name, repository, production_branch, active)| ProjectSummary { id, name, repository, production_branch, active })
+            .map(|(id, name, repository, production_branch, active, public_previews)| ProjectSummary {
+                id,
+                name,
+                repository,
+                production_branch,
+                active,
+                public_previews,
+            })
             .collect())
     }
 }
@@ -292,12 +301,20 @@ impl ProjectSettings {
     }
 
     async fn summary(&self, ctx: &Context<'_>) -> Result<Option<ProjectSummary>> {
-        let row: Option<(Uuid, String, String, String, bool)> =
-            sqlx::query_as("SELECT project_id, name, repository, production_branch, active FROM projects WHERE project_id = $1")
-                .bind(self.id)
-                .fetch_optional(&auth(ctx)?.store.pool)
-                .await?;
-        Ok(row.map(|(id, name, repository, production_branch, active)| ProjectSummary { id, name, repository, production_branch, active }))
+        let row: Option<(Uuid, String, String, String, bool, bool)> = sqlx::query_as(
+            "SELECT project_id, name, repository, production_branch, active, public_previews FROM projects WHERE project_id = $1",
+        )
+        .bind(self.id)
+        .fetch_optional(&auth(ctx)?.store.pool)
+        .await?;
+        Ok(row.map(|(id, name, repository, production_branch, active, public_previews)| ProjectSummary {
+            id,
+            name,
+            repository,
+            production_branch,
+            active,
+            public_previews,
+        }))
     }
 
     /// Secrets' names, scopes and when they were set; never their values (View Settings).
@@ -512,13 +529,15 @@ impl Mutation {
         Ok(BillingDetails { card: billing.card_display(), holder: billing.holder, email: billing.email })
     }
 
-    /// Changes a project's production branch and name (Manage Projects).
+    /// Changes a project's production branch, name, and whether its previews are open to anyone
+    /// with the link (Manage Projects).
     async fn update_project(
         &self,
         ctx: &Context<'_>,
         project_id: Uuid,
         production_branch: Option<String>,
         name: Option<String>,
+        public_previews: Option<bool>,
     ) -> Result<ProjectSettings> {
         require_project(ctx, project_id, Permission::ManageProjects).await?;
         let store = &auth(ctx)?.store;
@@ -530,7 +549,15 @@ impl Mutation {
         }
         if let Some(name) = name {
             let name = ProjectName::parse(name).map_err(|e| bad_input(e.to_string()))?;
-            store.projects.execute(project_id, ProjectCommand::Rename { name, at: Utc::now() }, meta).await.map_err(command_error)?;
+            store
+                .projects
+                .execute(project_id, ProjectCommand::Rename { name, at: Utc::now() }, meta.clone())
+                .await
+                .map_err(command_error)?;
+        }
+        if let Some(public_previews) = public_previews {
+            let command = ProjectCommand::SetVisibility { public_previews, at: Utc::now() };
+            store.projects.execute(project_id, command, meta).await.map_err(command_error)?;
         }
         Ok(ProjectSettings { id: project_id })
     }

@@ -295,14 +295,20 @@ impl Auth {
         }
     }
 
-    /// The account and repository of a project.
-    pub async fn project_owner(&self, project: ProjectId) -> Result<Option<(AccountId, String, bool)>, sqlx::Error> {
-        let row: Option<(Uuid, String, Option<String>)> =
-            sqlx::query_as("SELECT account_id, repository, git_url FROM projects WHERE project_id = $1")
+    /// The account and repository of a project, whether it is on GitHub, and whether its
+    /// previews are public.
+    pub async fn project_owner(&self, project: ProjectId) -> Result<Option<ProjectOwner>, sqlx::Error> {
+        let row: Option<(Uuid, String, Option<String>, bool)> =
+            sqlx::query_as("SELECT account_id, repository, git_url, public_previews FROM projects WHERE project_id = $1")
                 .bind(project.0)
                 .fetch_optional(self.pool())
                 .await?;
-        Ok(row.map(|(account, repository, git_url)| (AccountId(account), repository, git_url.is_none())))
+        Ok(row.map(|(account, repository, git_url, public_previews)| ProjectOwner {
+            account: AccountId(account),
+            repository,
+            on_github: git_url.is_none(),
+            public_previews,
+        }))
     }
 
     /// The project of an environment.
@@ -341,7 +347,7 @@ impl Auth {
             return Ok(());
         }
         let not_found = || Denied::NotFound(format!("no project {project} that you can see"));
-        let Some((account, repository, on_github)) =
+        let Some(ProjectOwner { account, repository, on_github, public_previews }) =
             self.project_owner(project).await.map_err(|e| Denied::Forbidden(format!("looking the project up failed: {e}")))?
         else {
             return match viewer {
@@ -349,6 +355,9 @@ impl Auth {
                 _ => Err(not_found()),
             };
         };
+        if public_previews && permission == Permission::ViewPreviewEnvironments {
+            return Ok(());
+        }
         let viewing = matches!(
             permission,
             Permission::ViewProjects | Permission::ViewSettings | Permission::ViewPreviewEnvironments | Permission::ViewUsers
@@ -434,6 +443,15 @@ impl Auth {
         HeaderValue::from_str(&format!("{name}={value}; Path=/; Max-Age={max_age}; Secure; SameSite=Lax{http_only}"))
             .unwrap_or_else(|_| HeaderValue::from_static(""))
     }
+}
+
+/// Who owns a project and who may see its previews.
+#[derive(Debug, Clone)]
+pub struct ProjectOwner {
+    pub account: AccountId,
+    pub repository: String,
+    pub on_github: bool,
+    pub public_previews: bool,
 }
 
 /// The associated data a user's GitHub token is sealed with.
@@ -811,6 +829,11 @@ impl Auth {
         uri: &axum::http::Uri,
         headers: &HeaderMap,
     ) -> PreviewAccess {
+        if let Ok(Some(owner)) = self.project_owner(project).await {
+            if owner.public_previews {
+                return PreviewAccess::Allowed;
+            }
+        }
         let Some(signer) = &self.signer else {
             return PreviewAccess::Answer(page(StatusCode::FORBIDDEN, "Previews are not served here", "This node has no signing key."));
         };

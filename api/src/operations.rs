@@ -340,6 +340,16 @@ impl OperationsMutation {
         Ok(change(environment_id, &state, Some(deployment_id)))
     }
 
+    /// Restarts the app of the environment's Ready deployment (Manage Projects): the same build,
+    /// a fresh process, done by the worker serving it.
+    async fn restart_environment(&self, ctx: &Context<'_>, environment_id: Uuid) -> Result<EnvironmentChange> {
+        let state = Self::environment(ctx, environment_id, Permission::ManageProjects).await?;
+        let deployment = state.current().map(|d| d.id).ok_or_else(|| bad_input("this environment has no deployment yet"))?;
+        let command = EnvironmentCommand::RequestRestart { deployment_id: deployment, restart_id: Uuid::new_v4(), at: Utc::now() };
+        let state = Self::execute(ctx, environment_id, command).await?;
+        Ok(change(environment_id, &state, Some(deployment)))
+    }
+
     /// Runs the tests of the environment's Ready deployment again, each in a fresh instance
     /// (anyone who may see it). A run already waiting is joined.
     async fn run_tests(&self, ctx: &Context<'_>, environment_id: Uuid) -> Result<EnvironmentChange> {

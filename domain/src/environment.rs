@@ -133,6 +133,9 @@ pub struct Deployment {
     /// The latest test run asked for on demand, until a worker runs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_run_requested: Option<Uuid>,
+    /// A restart of its app asked for, until the serving worker does it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_requested: Option<Uuid>,
 }
 
 /// The spec of an environment as it was created.
@@ -258,6 +261,18 @@ pub enum EnvironmentCommand {
         run_id: Uuid,
         at: DateTime<Utc>,
     },
+    /// Restart the app of a Ready deployment (same build, a fresh process).
+    RequestRestart {
+        deployment_id: DeploymentId,
+        restart_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    /// The serving worker took the requested restart.
+    StartRestart {
+        deployment_id: DeploymentId,
+        restart_id: Uuid,
+        at: DateTime<Utc>,
+    },
     /// Idle too long: stop it; the next commit or visit brings it back.
     Deactivate {
         at: DateTime<Utc>,
@@ -359,6 +374,16 @@ pub enum EnvironmentEvent {
         run_id: Uuid,
         at: DateTime<Utc>,
     },
+    RestartRequested {
+        deployment_id: DeploymentId,
+        restart_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    RestartStarted {
+        deployment_id: DeploymentId,
+        restart_id: Uuid,
+        at: DateTime<Utc>,
+    },
     EnvironmentDeactivated {
         at: DateTime<Utc>,
     },
@@ -390,6 +415,8 @@ impl DomainEvent for EnvironmentEvent {
             Self::DeploymentHealthy { .. } => "DeploymentHealthy",
             Self::TestRunRequested { .. } => "TestRunRequested",
             Self::TestRunStarted { .. } => "TestRunStarted",
+            Self::RestartRequested { .. } => "RestartRequested",
+            Self::RestartStarted { .. } => "RestartStarted",
             Self::EnvironmentDeactivated { .. } => "EnvironmentDeactivated",
             Self::EnvironmentReactivated { .. } => "EnvironmentReactivated",
             Self::EnvironmentTerminated { .. } => "EnvironmentTerminated",
@@ -414,6 +441,8 @@ impl EnvironmentEvent {
             | Self::DeploymentHealthy { at, .. }
             | Self::TestRunRequested { at, .. }
             | Self::TestRunStarted { at, .. }
+            | Self::RestartRequested { at, .. }
+            | Self::RestartStarted { at, .. }
             | Self::EnvironmentDeactivated { at }
             | Self::EnvironmentReactivated { at }
             | Self::EnvironmentTerminated { at, .. } => *at,
@@ -574,6 +603,24 @@ impl Aggregate for EnvironmentAggregate {
                 }
                 Ok(vec![E::TestRunRequested { deployment_id, run_id, at }])
             }
+            C::RequestRestart { deployment_id, restart_id, at } => {
+                let deployment = reported(state, deployment_id)?;
+                expect_status(deployment, DeploymentStatus::Ready, "restarting its app")?;
+                if state.deactivated {
+                    return Err(DomainError::IllegalEnvironmentTransition { status: "Stale", action: "restarting", expected: "Ready" });
+                }
+                if deployment.restart_requested.is_some() {
+                    return Ok(vec![]); // one is waiting already
+                }
+                Ok(vec![E::RestartRequested { deployment_id, restart_id, at }])
+            }
+            C::StartRestart { deployment_id, restart_id, at } => {
+                let deployment = reported(state, deployment_id)?;
+                if deployment.restart_requested != Some(restart_id) {
+                    return Err(DomainError::NotFound { entity: "restart", id: restart_id.to_string() });
+                }
+                Ok(vec![E::RestartStarted { deployment_id, restart_id, at }])
+            }
             C::StartTestRun { deployment_id, run_id, at } => {
                 let deployment = reported(state, deployment_id)?;
                 if deployment.test_run_requested != Some(run_id) {
@@ -676,6 +723,7 @@ impl Aggregate for EnvironmentAggregate {
                 tests: Vec::new(),
                 unhealthy: None,
                 test_run_requested: None,
+                restart_requested: None,
             }),
             E::DeploymentSuperseded { deployment_id, at, .. } => set(&mut state, *deployment_id, DeploymentStatus::Superseded, *at),
             E::DeploymentApproved { deployment_id, at, .. } => set(&mut state, *deployment_id, DeploymentStatus::Requested, *at),
@@ -728,6 +776,18 @@ impl Aggregate for EnvironmentAggregate {
             E::TestRunStarted { deployment_id, at, .. } => {
                 if let Some(d) = state.deployment_mut(*deployment_id) {
                     d.test_run_requested = None;
+                    d.updated_at = *at;
+                }
+            }
+            E::RestartRequested { deployment_id, restart_id, at } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.restart_requested = Some(*restart_id);
+                    d.updated_at = *at;
+                }
+            }
+            E::RestartStarted { deployment_id, at, .. } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.restart_requested = None;
                     d.updated_at = *at;
                 }
             }
@@ -1155,6 +1215,30 @@ mod tests {
             .then_error(|e| matches!(e, DomainError::AlreadyExists { .. }));
         given::<EnvironmentAggregate>(&[])
             .when(C::Redeploy { deployment_id: dep(9), at: at(40) })
+            .then_error(|e| matches!(e, DomainError::NotFound { .. }));
+    }
+
+    #[test]
+    fn a_ready_app_restarts_once_per_request() {
+        let restart = Uuid::from_u128(77);
+        let request = C::RequestRestart { deployment_id: dep(1), restart_id: restart, at: at(50) };
+        given::<EnvironmentAggregate>(&history_to(S::Building))
+            .when(request.clone())
+            .then_error(|e| matches!(e, DomainError::IllegalTransition { .. }));
+        let requested = E::RestartRequested { deployment_id: dep(1), restart_id: restart, at: at(50) };
+        let state = given::<EnvironmentAggregate>(&history_to(S::Ready)).when(request.clone()).then(std::slice::from_ref(&requested));
+        assert_eq!(state.current().and_then(|d| d.restart_requested), Some(restart));
+        let mut history = history_to(S::Ready);
+        history.push(requested);
+        given::<EnvironmentAggregate>(&history)
+            .when(C::RequestRestart { deployment_id: dep(1), restart_id: Uuid::from_u128(78), at: at(51) })
+            .then(&[]);
+        let started = given::<EnvironmentAggregate>(&history)
+            .when(C::StartRestart { deployment_id: dep(1), restart_id: restart, at: at(52) })
+            .then(&[E::RestartStarted { deployment_id: dep(1), restart_id: restart, at: at(52) }]);
+        assert_eq!(started.current().and_then(|d| d.restart_requested), None);
+        given::<EnvironmentAggregate>(&history_to(S::Ready))
+            .when(C::StartRestart { deployment_id: dep(1), restart_id: restart, at: at(52) })
             .then_error(|e| matches!(e, DomainError::NotFound { .. }));
     }
 }

@@ -57,6 +57,9 @@ pub struct Project {
     /// Where its repository is fetched from when it is not on GitHub (a path or a git URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_url: Option<String>,
+    /// Whether its previews are open to anyone who has the link (signed in or not).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public_previews: bool,
     /// Secrets by name, sealed: the domain never sees a plain value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, ProjectSecret>,
@@ -170,6 +173,12 @@ pub enum ProjectCommand {
     Reactivate {
         at: DateTime<Utc>,
     },
+    /// Opens its previews to anyone with the link, or closes them to those who can read the
+    /// repository (the default).
+    SetVisibility {
+        public_previews: bool,
+        at: DateTime<Utc>,
+    },
     /// Set (or replace) a secret, already sealed.
     SetSecret {
         name: String,
@@ -235,6 +244,10 @@ pub enum ProjectEvent {
     ProjectReactivated {
         at: DateTime<Utc>,
     },
+    VisibilityChanged {
+        public_previews: bool,
+        at: DateTime<Utc>,
+    },
     GitRemoteSet {
         url: String,
         at: DateTime<Utc>,
@@ -274,6 +287,7 @@ impl DomainEvent for ProjectEvent {
             Self::ProjectRenamed { .. } => "ProjectRenamed",
             Self::ProjectDeactivated { .. } => "ProjectDeactivated",
             Self::ProjectReactivated { .. } => "ProjectReactivated",
+            Self::VisibilityChanged { .. } => "VisibilityChanged",
             Self::GitRemoteSet { .. } => "GitRemoteSet",
             Self::SecretSet { .. } => "SecretSet",
             Self::SecretRemoved { .. } => "SecretRemoved",
@@ -321,6 +335,9 @@ impl Aggregate for ProjectAggregate {
             C::Rename { name, at } => unless_already(state.name.as_ref() == Some(&name), E::ProjectRenamed { name, at }),
             C::Deactivate { reason, at } => unless_already(!state.active, E::ProjectDeactivated { reason, at }),
             C::Reactivate { at } => unless_already(state.active, E::ProjectReactivated { at }),
+            C::SetVisibility { public_previews, at } => {
+                unless_already(state.public_previews == public_previews, E::VisibilityChanged { public_previews, at })
+            }
             C::UseGitRemote { url, at } => {
                 let url = url.trim().to_string();
                 let looks_like_git = url.starts_with('/') || url.contains("://") || (url.contains('@') && url.contains(':'));
@@ -376,6 +393,7 @@ impl Aggregate for ProjectAggregate {
             E::ProjectRenamed { name, .. } => state.name = Some(name.clone()),
             E::ProjectDeactivated { .. } => state.active = false,
             E::ProjectReactivated { .. } => state.active = true,
+            E::VisibilityChanged { public_previews, .. } => state.public_previews = *public_previews,
             E::GitRemoteSet { url, .. } => state.git_url = Some(url.clone()),
             E::SecretSet { name, sealed, scope, at } => {
                 state.secrets.insert(name.clone(), ProjectSecret { sealed: sealed.clone(), scope: *scope, updated_at: *at });

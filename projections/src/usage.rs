@@ -104,6 +104,8 @@ impl Projection for Usage {
             E::EnvironmentTerminated { at, .. } => add(conn, tables, environment, *at, "environments_terminated", 1.0).await?,
             E::DeploymentSuperseded { .. }
             | E::DeploymentApproved { .. }
+            | E::RestartRequested { .. }
+            | E::RestartStarted { .. }
             | E::BuildStarted { .. }
             | E::BuildSucceeded { .. }
             | E::DeploymentUnhealthy { .. }

@@ -880,3 +880,60 @@ async fn a_maintainer_lists_their_repositories_and_makes_one_a_project() {
         .expect("row");
     assert!(!active);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_can_open_its_previews_to_anyone_with_the_link() {
+    let app = start().await;
+    app.github.add_person("owen", 1501, None);
+    app.github.add_person("rita", 1502, None);
+    let (_, project) = app.team_with_project(1501).await;
+    let target = Target::Branch { branch: BranchName::parse("demo").expect("branch") };
+    let entrypoint = Entrypoint::parse("main.w").expect("entrypoint");
+    app.env
+        .runtime
+        .store
+        .deploy_commit(project, &target, &entrypoint, &CommitSha::parse("d".repeat(40)).expect("sha"), &meta())
+        .await
+        .expect("deploy");
+    let environment = understudy_domain::ids::EnvironmentId::derive(project, &target, &entrypoint);
+    let host = format!("{}.{DOMAIN}", environment.0.simple());
+    let anonymous = || async {
+        reqwest::Client::new()
+            .get(format!("http://{}/", app.addr))
+            .header("host", host.clone())
+            .send()
+            .await
+            .expect("get")
+            .status()
+            .as_u16()
+    };
+    eventually(Duration::from_secs(20), "the environment in the read model", || async { (anonymous().await == 401).then_some(()) }).await;
+
+    // Owen owns the project (the team's Owner): he opens its previews; Rita, who cannot read the
+    // repository, may then open them too, and so may anyone without signing in.
+    let mut owen = Browser::new(app.addr);
+    owen.sign_in("owen", "/").await;
+    let open = "mutation($p: UUID!, $v: Boolean) { updateProject(projectId: $p, publicPreviews: $v) { summary { publicPreviews } } }";
+    let (_, body) = owen.graphql(open, json!({ "p": project.to_string(), "v": true }), true).await;
+    assert_eq!(body["data"]["updateProject"]["summary"]["publicPreviews"], true, "{body}");
+    assert_eq!(anonymous().await, 503, "open to anyone: the preview is still being built, and says so");
+    let mut rita = Browser::new(app.addr);
+    rita.sign_in("rita", "/").await;
+    let (_, listed) =
+        rita.graphql("query($p: UUID) { environments(projectId: $p) { id } }", json!({ "p": project.to_string() }), true).await;
+    assert_eq!(listed["data"]["environments"][0]["id"], environment.to_string(), "{listed}");
+    let (_, settings) =
+        rita.graphql("query($p: UUID!) { project(id: $p) { secrets { name } } }", json!({ "p": project.to_string() }), true).await;
+    assert_eq!(error_code(&settings).as_deref(), Some("NOT_FOUND"), "public previews do not open the settings: {settings}");
+
+    // Closed again: back to who can read the repository.
+    let (_, body) = owen.graphql(open, json!({ "p": project.to_string(), "v": false }), true).await;
+    assert_eq!(body["data"]["updateProject"]["summary"]["publicPreviews"], false, "{body}");
+    assert_eq!(anonymous().await, 401);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE aggregate_id = $1 AND event_type = 'VisibilityChanged'")
+        .bind(project.0)
+        .fetch_one(app.env.pool())
+        .await
+        .expect("count");
+    assert_eq!(events, 2);
+}

@@ -346,6 +346,34 @@ async fn a_node_app_serves_http_and_upgrades_until_its_environment_is_terminated
     assert_eq!(started, 1);
     assert_eq!(previews.tested(environment, 1).await.3, 1, "one test, its latest result");
 
+    // A restart on request (the GraphQL mutation): the same build in a fresh process, serving again.
+    let restart = serde_json::json!({
+        "query": "mutation($e: UUID!) { restartEnvironment(environmentId: $e) { status } }",
+        "variables": { "e": environment.0.to_string() }
+    });
+    let answer: serde_json::Value = previews
+        .http
+        .post(format!("http://{}/graphql", previews.addr))
+        .json(&restart)
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["data"]["restartEnvironment"]["status"], "Ready", "{answer}");
+    eventually(Duration::from_secs(60), "the restart to be done and the app to answer", || async {
+        let restarted: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE aggregate_id = $1 AND event_type = 'RestartStarted'")
+            .bind(environment.0)
+            .fetch_one(previews.env.pool())
+            .await
+            .expect("count");
+        let (run, _) = previews.log(environment, "run", 0).await;
+        let answers = previews.preview(environment, "/again").send().await.ok()?.text().await.ok()? == "hello from node at /again\n";
+        (restarted == 1 && run.contains("restart requested") && answers).then_some(())
+    })
+    .await;
+
     // An upgraded connection is spliced through both ways.
     let mut stream = tokio::net::TcpStream::connect(previews.addr).await.expect("connect");
     let host = format!("{}.{DOMAIN}", environment.0.simple());

@@ -817,7 +817,18 @@ impl Worker {
                         app.kill().await;
                         return Ok(());
                     }
-                    if let Some(run) = self.test_run_requested(job).await? {
+                    if let Some(restart) = self.requested(job, "restart_requested").await? {
+                        // On demand (the `restartEnvironment` mutation): the same build, a fresh process.
+                        let command = EnvironmentCommand::StartRestart { deployment_id: job.deployment, restart_id: restart, at: Utc::now() };
+                        self.command(job, meta, command).await?;
+                        run_log.line("understudy: restart requested; restarting the app");
+                        app.kill().await;
+                        *app = self.start(&spec, plan, &run_log, stop).await?;
+                        self.report_health(job, meta, true, "restarted on request").await?;
+                        failures = 0;
+                        next_probe = Instant::now() + self.config.health_interval;
+                    }
+                    if let Some(run) = self.requested(job, "test_run_requested").await? {
                         // On demand (`understudy test run`): the tests again, each in a fresh
                         // instance, their results replacing the last ones.
                         let command = EnvironmentCommand::StartTestRun { deployment_id: job.deployment, run_id: run, at: Utc::now() };
@@ -885,14 +896,15 @@ impl Worker {
         self.command(job, meta, command).await
     }
 
-    /// The on-demand test run waiting for this deployment, if any.
-    async fn test_run_requested(&self, job: &Job) -> Result<Option<Uuid>, Stop> {
+    /// What waits for this deployment on demand: `test_run_requested` or `restart_requested`.
+    async fn requested(&self, job: &Job, field: &str) -> Result<Option<Uuid>, Stop> {
         let run: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT d->>'test_run_requested' FROM environments, jsonb_array_elements(state->'deployments') d
+            "SELECT d->>$3 FROM environments, jsonb_array_elements(state->'deployments') d
              WHERE environment_id = $1 AND d->>'id' = $2",
         )
         .bind(job.environment.0)
         .bind(job.deployment.0.to_string())
+        .bind(field)
         .fetch_optional(self.pool())
         .await?;
         Ok(run.flatten().and_then(|id| Uuid::parse_str(&id).ok()))

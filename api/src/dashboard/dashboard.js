@@ -200,7 +200,7 @@ async function accountPage(accountName) {
 }
 
 async function findProject(accountName, projectName) {
-  const { projectByName } = await gql(`query($a: String!, $n: String!) { projectByName(account: $a, name: $n) { id summary { name repository productionBranch } } }`,
+  const { projectByName } = await gql(`query($a: String!, $n: String!) { projectByName(account: $a, name: $n) { id summary { name repository productionBranch publicPreviews } } }`,
     { a: accountName, n: projectName });
   return projectByName;
 }
@@ -262,6 +262,11 @@ async function settingsPage(accountName, projectName) {
       route();
     } catch (error) { event.target.after(failure(error.message)); }
   };
+  const visibility = async (event) => {
+    try {
+      await gql(`mutation($p: UUID!, $v: Boolean) { updateProject(projectId: $p, publicPreviews: $v) { id } }`, { p: found.id, v: event.target.checked });
+    } catch (error) { event.target.closest("form").after(failure(error.message)); event.target.checked = !event.target.checked; }
+  };
   const remove = (name) => async () => {
     await gql(`mutation($p: UUID!, $n: String!) { removeSecret(projectId: $p, name: $n) }`, { p: found.id, n: name });
     route();
@@ -273,6 +278,10 @@ async function settingsPage(accountName, projectName) {
     h("form", { class: "inline", onsubmit: branch },
       h("label", {}, "Branch", h("input", { name: "branch", value: found.summary.productionBranch, required: true })),
       h("button", { type: "submit" }, "Save")),
+    h("h2", {}, "Who can open previews"),
+    h("form", { class: "inline", onsubmit: (e) => e.preventDefault() },
+      h("label", { class: "check" }, h("input", { type: "checkbox", name: "public", checked: found.summary.publicPreviews, onchange: visibility }),
+        "Anyone with the link (otherwise: people who can read the repository on GitHub)")),
     h("h2", {}, "Secrets"),
     h("p", { class: "muted" }, "Values are sealed when set and never shown again; forks' pull requests never get them."),
     project.secrets.length
@@ -339,6 +348,7 @@ async function environmentPage(accountName, projectName, branch) {
   } }, label);
   const drawActions = (e) => actions.replaceChildren(...[
     act("Redeploy", `mutation($e: UUID!) { redeploy(environmentId: $e) { status } }`),
+    e.status === "READY" ? act("Restart", `mutation($e: UUID!) { restartEnvironment(environmentId: $e) { status } }`) : null,
     e.status === "READY" ? act("Run tests", `mutation($e: UUID!) { runTests(environmentId: $e) { status } }`) : null,
     ["READY", "FAILED"].includes(e.status) ? act("Stop", `mutation($e: UUID!) { stopEnvironment(environmentId: $e) { status } }`) : null,
     e.status === "STALE" ? act("Wake", `mutation($e: UUID!) { wakeEnvironment(environmentId: $e) { status } }`) : null,
