@@ -660,57 +660,73 @@ impl Subscription {
         #[graphql(desc = "`build`, `run`, `tests` (every test), or `test:<name>`.", default_with = "\"build\".to_string()")] stream: String,
         #[graphql(desc = "Unix nanoseconds, as a string: only lines after it.")] from: Option<String>,
     ) -> Result<impl Stream<Item = LogLine>> {
-        let stream = match stream.as_str() {
-            "build" | "run" => stream,
-            "tests" => "test*".to_string(),
-            test if test.starts_with("test:") && !test.ends_with('*') => stream,
-            other => return Err(format!("unknown log stream {other:?}: use build, run, tests or test:<name>").into()),
-        };
-        let from: i64 = match from.as_deref() {
-            None => 0,
-            Some(text) => text.parse().map_err(|_| format!("from must be unix nanoseconds, not {text:?}"))?,
-        };
-        if viewer(ctx) != Viewer::Operator {
-            let project = ctx.data::<Auth>()?.project_of_deployment(deployment_id).await?;
-            match (viewer(ctx), project) {
-                (Viewer::Anonymous, _) => return Err(denied(Denied::Unauthenticated)),
-                (_, Some(project)) => require_project(ctx, project.0, Permission::ViewPreviewEnvironments).await?,
-                (_, None) => return Err(denied(Denied::NotFound(format!("no deployment {deployment_id} that you can see")))),
-            }
+        follow_logs(ctx, deployment_id, stream, from).await
+    }
+
+    /// The same as `deploymentLogs`, under the name clients of other preview platforms look for.
+    async fn log_lines(
+        &self,
+        ctx: &Context<'_>,
+        deployment_id: Uuid,
+        #[graphql(desc = "`build`, `run`, `tests` (every test), or `test:<name>`.", default_with = "\"build\".to_string()")] stream: String,
+        #[graphql(desc = "Unix nanoseconds, as a string: only lines after it.")] from: Option<String>,
+    ) -> Result<impl Stream<Item = LogLine>> {
+        follow_logs(ctx, deployment_id, stream, from).await
+    }
+}
+
+/// A deployment's log lines after `from`, then each new one as it is written.
+async fn follow_logs(ctx: &Context<'_>, deployment_id: Uuid, stream: String, from: Option<String>) -> Result<impl Stream<Item = LogLine>> {
+    let stream = match stream.as_str() {
+        "build" | "run" => stream,
+        "tests" => "test*".to_string(),
+        test if test.starts_with("test:") && !test.ends_with('*') => stream,
+        other => return Err(format!("unknown log stream {other:?}: use build, run, tests or test:<name>").into()),
+    };
+    let from: i64 = match from.as_deref() {
+        None => 0,
+        Some(text) => text.parse().map_err(|_| format!("from must be unix nanoseconds, not {text:?}"))?,
+    };
+    if viewer(ctx) != Viewer::Operator {
+        let project = ctx.data::<Auth>()?.project_of_deployment(deployment_id).await?;
+        match (viewer(ctx), project) {
+            (Viewer::Anonymous, _) => return Err(denied(Denied::Unauthenticated)),
+            (_, Some(project)) => require_project(ctx, project.0, Permission::ViewPreviewEnvironments).await?,
+            (_, None) => return Err(denied(Denied::NotFound(format!("no deployment {deployment_id} that you can see")))),
         }
-        let pool = ctx.data::<PgPool>()?.clone();
-        let nats = ctx.data::<async_nats::Client>()?;
-        let topology = ctx.data::<Topology>()?;
-        // Listen first, then read: a line written in between is in one or the other, and `nano`
-        // only grows, so reading after the last one sent never repeats or skips a line.
-        let notices = nats.subscribe(topology.log_subject(deployment_id)).await?;
-        const PAGE: i64 = 1000;
-        let state = (notices, from, true, OpenSubscription::new());
-        let pages = futures::stream::unfold(state, move |(mut notices, from, mut read_now, open)| {
-            let (pool, stream) = (pool.clone(), stream.clone());
-            async move {
-                loop {
-                    if !read_now {
-                        notices.next().await?;
+    }
+    let pool = ctx.data::<PgPool>()?.clone();
+    let nats = ctx.data::<async_nats::Client>()?;
+    let topology = ctx.data::<Topology>()?;
+    // Listen first, then read: a line written in between is in one or the other, and `nano`
+    // only grows, so reading after the last one sent never repeats or skips a line.
+    let notices = nats.subscribe(topology.log_subject(deployment_id)).await?;
+    const PAGE: i64 = 1000;
+    let state = (notices, from, true, OpenSubscription::new());
+    let pages = futures::stream::unfold(state, move |(mut notices, from, mut read_now, open)| {
+        let (pool, stream) = (pool.clone(), stream.clone());
+        async move {
+            loop {
+                if !read_now {
+                    notices.next().await?;
+                }
+                match understudy_adapters::preview::logs::read_after(&pool, deployment_id, &stream, from, PAGE).await {
+                    Ok(lines) if !lines.is_empty() => {
+                        let last = lines.last().map_or(from, |l| l.nano);
+                        let more = lines.len() as i64 == PAGE;
+                        let lines: Vec<LogLine> = lines.into_iter().map(LogLine::from).collect();
+                        return Some((lines, (notices, last, more, open)));
                     }
-                    match understudy_adapters::preview::logs::read_after(&pool, deployment_id, &stream, from, PAGE).await {
-                        Ok(lines) if !lines.is_empty() => {
-                            let last = lines.last().map_or(from, |l| l.nano);
-                            let more = lines.len() as i64 == PAGE;
-                            let lines: Vec<LogLine> = lines.into_iter().map(LogLine::from).collect();
-                            return Some((lines, (notices, last, more, open)));
-                        }
-                        Ok(_) => read_now = false,
-                        Err(error) => {
-                            tracing::warn!(%error, "reading deployment logs failed");
-                            read_now = false;
-                        }
+                    Ok(_) => read_now = false,
+                    Err(error) => {
+                        tracing::warn!(%error, "reading deployment logs failed");
+                        read_now = false;
                     }
                 }
             }
-        });
-        Ok(pages.flat_map(futures::stream::iter))
-    }
+        }
+    });
+    Ok(pages.flat_map(futures::stream::iter))
 }
 
 /// The environment's current deployment, when it differs from the last one sent (by id,

@@ -128,7 +128,14 @@ async fn graphql_ws(
     let mut data = async_graphql::Data::default();
     data.insert(viewer);
     let schema = state.schema;
+    // Small buffers: a subscriber mostly waits, and ten thousand of them must fit one node
+    // (the defaults, 128 KiB to read per socket, made a subscriber cost ~150 KiB). Messages are
+    // capped like GraphQL request bodies.
     upgrade
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_message_size(MAX_GRAPHQL_BODY)
+        .max_frame_size(MAX_GRAPHQL_BODY)
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |stream| GraphQLWebSocket::new(stream, schema, protocol).with_data(data).serve())
 }

@@ -98,6 +98,9 @@ try {
   await page.getByRole("button", { name: "Set secret" }).click();
   await page.getByRole("cell", { name: "API_TOKEN", exact: true }).waitFor();
   if ((await page.content()).includes(context.secret)) throw new Error("the secret's value is on the page");
+  await page.getByLabel(/Paths, comma separated/).fill("main.w, api.main.w");
+  await page.getByRole("form", { name: "Entrypoints" }).getByRole("button", { name: "Save" }).click();
+  await page.getByText("Entrypoints: main.w, api.main.w").waitFor();
   await shot("settings");
 
   // The new-project flow lists the repositories GitHub lets this person reach.

@@ -262,6 +262,14 @@ async function settingsPage(accountName, projectName) {
       route();
     } catch (error) { event.target.after(failure(error.message)); }
   };
+  const entrypoints = async (event) => {
+    event.preventDefault();
+    const list = String(new FormData(event.target).get("entrypoints") || "").split(",").map((e) => e.trim()).filter(Boolean);
+    try {
+      await gql(`mutation($p: UUID!, $e: [String!]!) { setEntrypoints(projectId: $p, entrypoints: $e) { id } }`, { p: found.id, e: list });
+      event.target.after(h("p", { class: "muted", role: "status" }, list.length ? `Entrypoints: ${list.join(", ")}` : "Entrypoints: detected from each commit"));
+    } catch (error) { event.target.after(failure(error.message)); }
+  };
   const visibility = async (event) => {
     try {
       await gql(`mutation($p: UUID!, $v: Boolean) { updateProject(projectId: $p, publicPreviews: $v) { id } }`, { p: found.id, v: event.target.checked });
@@ -277,6 +285,10 @@ async function settingsPage(accountName, projectName) {
     h("h2", {}, "Production branch"),
     h("form", { class: "inline", onsubmit: branch },
       h("label", {}, "Branch", h("input", { name: "branch", value: found.summary.productionBranch, required: true })),
+      h("button", { type: "submit" }, "Save")),
+    h("h2", {}, "Entrypoints"),
+    h("form", { class: "inline", onsubmit: entrypoints, "aria-label": "Entrypoints" },
+      h("label", {}, "Paths, comma separated (empty: main.w and *.main.w, or the detected app)", h("input", { name: "entrypoints", placeholder: "main.w, api.main.w" })),
       h("button", { type: "submit" }, "Save")),
     h("h2", {}, "Who can open previews"),
     h("form", { class: "inline", onsubmit: (e) => e.preventDefault() },
