@@ -28,6 +28,20 @@ async fn start() -> Running {
     Running { env, addr, cancel, _tasks: tasks }
 }
 
+/// A pull request environment (PR `number` of a new project) whose first deployment is Ready.
+async fn ready_environment(app: &Running, number: u64) -> (ProjectId, understudy_domain::environment::EnvironmentSpec, Uuid, DeploymentId) {
+    let project = ProjectId(Uuid::new_v4());
+    let spec = fixtures::spec(project, number, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
+    for command in fixtures::to_ready(deployment) {
+        store.execute(id, command, meta()).await.expect("to ready");
+    }
+    (project, spec, id, deployment)
+}
+
 async fn post(addr: std::net::SocketAddr, body: Value) -> (u16, Value) {
     let response = reqwest::Client::new().post(format!("http://{addr}/graphql")).json(&body).send().await.expect("post");
     let status = response.status().as_u16();
@@ -37,15 +51,7 @@ async fn post(addr: std::net::SocketAddr, body: Value) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_serve_environments_and_history() {
     let app = start().await;
-    let project = ProjectId(Uuid::new_v4());
-    let spec = fixtures::spec(project, 7, "main.w");
-    let id = fixtures::env_id(&spec).0;
-    let deployment = DeploymentId(Uuid::new_v4());
-    let store = &app.env.runtime.store.environments;
-    store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
-    for command in fixtures::to_ready(deployment) {
-        store.execute(id, command, meta()).await.expect("to ready");
-    }
+    let (project, _, id, _) = ready_environment(&app, 7).await;
     let query = json!({
         "query": "query($p: UUID) { environments(projectId: $p) { id status pullRequest entrypoint latestCommit previewUrl position } }",
         "variables": { "p": project.to_string() }
@@ -151,6 +157,7 @@ async fn queries_serve_environments_and_history() {
     let (status, _) = post(app.addr, json!({ "query": huge })).await;
     assert_eq!(status, 413, "an oversized query is refused");
     // Relay-style pages: three more environments, read two at a time.
+    let store = &app.env.runtime.store.environments;
     for pr in 8..11 {
         let spec = fixtures::spec(project, pr, "main.w");
         store.execute(fixtures::env_id(&spec).0, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request");
@@ -290,15 +297,7 @@ async fn the_graphql_ws_npm_client_subscribes_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environments_are_redeployed_stopped_woken_and_retested_through_mutations() {
     let app = start().await;
-    let project = ProjectId(Uuid::new_v4());
-    let spec = fixtures::spec(project, 9, "main.w");
-    let id = fixtures::env_id(&spec).0;
-    let deployment = DeploymentId(Uuid::new_v4());
-    let store = &app.env.runtime.store.environments;
-    store.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
-    for command in fixtures::to_ready(deployment) {
-        store.execute(id, command, meta()).await.expect("to ready");
-    }
+    let (project, spec, id, deployment) = ready_environment(&app, 9).await;
     let mutate = |query: &str| json!({ "query": query, "variables": { "e": id.to_string() } });
 
     let (_, body) = post(app.addr, mutate("mutation($e: UUID!) { runTests(environmentId: $e) { status deployment { id status } } }")).await;
