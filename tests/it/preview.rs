@@ -460,13 +460,15 @@ async fn a_new_commit_cancels_the_build_in_flight_and_the_old_preview_serves_unt
     })
     .await;
     assert!(previews.work_dir(environment, third).exists());
-    let released: Vec<(Uuid, bool)> = sqlx::query_as("SELECT deployment_id, released FROM deployment_leases ORDER BY deployment_id")
-        .fetch_all(previews.env.pool())
-        .await
-        .expect("leases");
-    for (deployment, released) in released {
-        assert_eq!(released, deployment != third.0, "only the serving deployment holds its lease");
-    }
+    // A worker removes a finished deployment's files before it releases its lease: wait for both.
+    eventually(Duration::from_secs(30), "only the serving deployment to hold its lease", || async {
+        let leases: Vec<(Uuid, bool)> = sqlx::query_as("SELECT deployment_id, released FROM deployment_leases ORDER BY deployment_id")
+            .fetch_all(previews.env.pool())
+            .await
+            .expect("leases");
+        leases.iter().all(|(deployment, released)| *released == (*deployment != third.0)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
