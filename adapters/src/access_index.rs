@@ -242,6 +242,13 @@ pub async fn missing(pool: &PgPool) -> sqlx::Result<bool> {
 /// until the new one is complete. Returns how many events were applied.
 pub async fn rebuild(pool: &PgPool) -> sqlx::Result<u64> {
     let mut tx = pool.begin().await?;
+    let applied = rebuild_in(&mut tx).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// The rebuild, inside the caller's transaction.
+async fn rebuild_in(tx: &mut PgConnection) -> sqlx::Result<u64> {
     sqlx::query(&format!("TRUNCATE {}", TABLES.join(", "))).execute(&mut *tx).await?;
     // Every event of these aggregates, numbered or not yet: the TRUNCATE's lock holds back any
     // append that would change the index until this transaction commits, and those appends then
@@ -254,11 +261,51 @@ pub async fn rebuild(pool: &PgPool) -> sqlx::Result<u64> {
     .await?;
     let mut applied = 0u64;
     for (aggregate_type, aggregate_id, payload) in rows {
-        apply(&mut tx, &aggregate_type, aggregate_id, &payload).await?;
+        apply(&mut *tx, &aggregate_type, aggregate_id, &payload).await?;
         applied += 1;
     }
-    tx.commit().await?;
     Ok(applied)
+}
+
+/// Rows of one table of the index that a fresh rebuild does not have (`only_live`), or has
+/// and the live index lacks (`only_replayed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub table: &'static str,
+    pub only_live: Vec<String>,
+    pub only_replayed: Vec<String>,
+}
+
+/// Compares the live index with a rebuild from the log, in a transaction that is rolled back:
+/// the live index is untouched. Appends that change the index wait for the comparison (it
+/// locks the index's tables), so both sides see the same log.
+pub async fn verify(pool: &PgPool) -> sqlx::Result<Vec<Difference>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", TABLES.join(", "))).execute(&mut *tx).await?;
+    let live = snapshot(&mut tx).await?;
+    rebuild_in(&mut tx).await?;
+    let replayed = snapshot(&mut tx).await?;
+    tx.rollback().await?;
+    Ok(TABLES
+        .iter()
+        .zip(live.into_iter().zip(replayed))
+        .filter(|(_, (live, replayed))| live != replayed)
+        .map(|(table, (live, replayed))| Difference {
+            table,
+            only_live: live.difference(&replayed).cloned().collect(),
+            only_replayed: replayed.difference(&live).cloned().collect(),
+        })
+        .collect())
+}
+
+/// Every row of every table of the index, as text, table by table.
+async fn snapshot(tx: &mut PgConnection) -> sqlx::Result<Vec<std::collections::BTreeSet<String>>> {
+    let mut tables = Vec::with_capacity(TABLES.len());
+    for table in TABLES {
+        let rows: Vec<String> = sqlx::query_scalar(&format!("SELECT t::text FROM {table} t")).fetch_all(&mut *tx).await?;
+        tables.push(rows.into_iter().collect());
+    }
+    Ok(tables)
 }
 
 /// Keeps the index in step with the appends of one aggregate type.

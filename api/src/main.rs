@@ -141,7 +141,7 @@ enum Command {
     },
     /// Compare every live read model with a fresh replay of the log; fails on any difference.
     Verify {
-        /// One projection, or `all`.
+        /// One projection (`access` for the access index), or `all`.
         #[arg(long, default_value = "all")]
         projection: String,
     },

@@ -797,6 +797,13 @@ async fn the_access_index_rebuilds_from_the_log_to_the_same_state() {
     assert!(live.iter().any(|r| r.starts_with("account_invitations:") && r.contains("kim")), "{live:#?}");
     assert!(live.iter().any(|r| r.starts_with("api_tokens:")), "{live:#?}");
 
+    assert_eq!(understudy_adapters::access_index::verify(app.env.pool()).await.expect("verify"), vec![], "live equals a rebuild");
+    // A row changed behind the log's back is found, and the live index is left as it was.
+    sqlx::query("UPDATE account_members SET role = 'Owner' WHERE role = 'Admin'").execute(app.env.pool()).await.expect("tamper");
+    let differences = understudy_adapters::access_index::verify(app.env.pool()).await.expect("verify");
+    assert_eq!(differences.len(), 1, "{differences:?}");
+    assert_eq!((differences[0].table, differences[0].only_live.len(), differences[0].only_replayed.len()), ("account_members", 1, 1));
+    assert!(differences[0].only_live[0].contains("Owner") && differences[0].only_replayed[0].contains("Admin"), "{differences:?}");
     let rebuilt = understudy_adapters::access_index::rebuild(app.env.pool()).await.expect("rebuild");
     assert!(rebuilt > 0);
     assert_eq!(access_index(&app).await, live, "a rebuild from the log equals the live index");
