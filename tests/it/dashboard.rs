@@ -136,9 +136,17 @@ async fn a_person_signs_in_and_watches_a_deployment_go_live_in_the_dashboard() {
     tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut errors).await.expect("stderr");
     assert!(driven.is_ok(), "the browser test took more than 90 s:\n{errors}");
     assert!(status.success() && done, "the browser test failed:\n{errors}");
-    for page in
-        ["sign-in", "overview", "project", "environment-building", "environment-refresh-notice", "build-log", "settings", "new-project"]
-    {
+    for page in [
+        "sign-in",
+        "overview",
+        "project",
+        "environment-building",
+        "environment-refresh-notice",
+        "build-log",
+        "settings",
+        "account",
+        "new-project",
+    ] {
         assert!(shots.join(format!("{page}.png")).exists(), "no screenshot of {page}");
     }
     println!("screenshots: {}", shots.display());

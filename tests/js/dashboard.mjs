@@ -32,6 +32,10 @@ try {
   page.setDefaultTimeout(TIMEOUT);
   page.on("pageerror", (error) => errors.push(`page error: ${error.message}`));
   page.on("console", (message) => { if (message.type() === "error") errors.push(`console: ${message.text()}`); });
+  const noMissingValues = async (what) => {
+    const shown = await page.locator("main").innerText();
+    if (/null|undefined|NaN/.test(shown)) throw new Error(`${what} shows a missing value:\n${shown}`);
+  };
   const shot = (name) => page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
 
   // Signed out, the dashboard offers sign-in with GitHub, and comes back signed in.
@@ -65,8 +69,7 @@ try {
   await page.getByRole("link", { name: "Visit preview" }).waitFor();
   await page.getByRole("link", { name: "renders the greeting" }).waitFor();
   await page.locator("pre.log", { hasText: "listening" }).waitFor();
-  const shown = await page.locator("main").innerText();
-  if (/null|undefined|NaN/.test(shown)) throw new Error(`the environment page shows a missing value:\n${shown}`);
+  await noMissingValues("the environment page");
 
   // A newer commit becomes ready while the page is open: it offers a refresh, keeps what it shows.
   const notice = page.getByText("A new version is ready");
@@ -102,6 +105,15 @@ try {
   await page.getByRole("form", { name: "Entrypoints" }).getByRole("button", { name: "Save" }).click();
   await page.getByText("Entrypoints: main.w, api.main.w").waitFor();
   await shot("settings");
+
+  // The team's page: members with their roles (an Owner may change them), and billing.
+  await page.goto(`${base}/dashboard/${encodeURIComponent(context.account)}`);
+  await page.getByRole("heading", { name: context.account, exact: true }).waitFor();
+  const role = page.getByLabel(`Role of ${context.login}`);
+  if ((await role.inputValue()) !== "Owner") throw new Error("the Owner is not shown as Owner");
+  await page.getByText("No billing details.").waitFor();
+  await noMissingValues("the account page");
+  await shot("account");
 
   // The new-project flow lists the repositories GitHub lets this person reach.
   await page.getByRole("link", { name: "New project" }).click();

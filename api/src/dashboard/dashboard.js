@@ -24,7 +24,8 @@ function h(tag, attrs = {}, ...children) {
 const enc = encodeURIComponent;
 const when = (iso) => (iso ? new Date(iso).toISOString().replace("T", " ").slice(0, 16) + " UTC" : "");
 function show(...nodes) {
-  main.replaceChildren(...nodes);
+  // Optional parts are passed as null: they are left out, never drawn as text.
+  main.replaceChildren(...nodes.filter((node) => node !== null && node !== undefined && node !== false));
   const heading = main.querySelector("h1");
   if (heading) document.title = heading.textContent + " · Understudy";
 }
@@ -169,6 +170,19 @@ async function accountPage(accountName) {
   const id = membership.account.id;
   const { account } = await gql(`query($a: UUID!) { account(id: $a) { id name kind members { userId login role }
     invitations { login role } billing { holder card email } projects { id name repository } } }`, { a: id });
+  const manages = account.kind === "team" && ["Owner", "Admin"].includes(membership.role);
+  const changeRole = (member) => async (event) => {
+    try {
+      await gql(`mutation($a: UUID!, $u: UUID!, $r: String!) { changeRole(accountId: $a, userId: $u, role: $r) { role } }`, { a: id, u: member.userId, r: event.target.value });
+    } catch (error) { event.target.value = member.role; main.append(failure(error.message)); }
+  };
+  const removeMember = (member) => async () => {
+    if (!window.confirm(`Remove ${member.login || member.userId} from ${account.name}?`)) return;
+    try {
+      await gql(`mutation($a: UUID!, $u: UUID!) { removeMember(accountId: $a, userId: $u) }`, { a: id, u: member.userId });
+      route();
+    } catch (error) { main.append(failure(error.message)); }
+  };
   const invite = async (event) => {
     event.preventDefault();
     const form = new FormData(event.target);
@@ -185,10 +199,13 @@ async function accountPage(accountName) {
     account.projects.length ? h("ul", {}, account.projects.map((p) => h("li", {}, h("a", { href: `/dashboard/${enc(account.name)}/${enc(p.name)}` }, p.name), " ", h("span", { class: "muted" }, p.repository))))
       : h("p", { class: "empty" }, "No projects yet."),
     h("h2", {}, "Members"),
-    h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Login"), h("th", {}, "Role"))),
-      h("tbody", {}, account.members.map((m) => h("tr", {}, h("td", {}, m.login || m.userId), h("td", {}, m.role)))))),
+    h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Login"), h("th", { scope: "col" }, "Role"), h("th", { scope: "col" }, ""))),
+      h("tbody", {}, account.members.map((m) => h("tr", {}, h("td", {}, m.login || m.userId),
+        h("td", {}, manages ? h("select", { "aria-label": `Role of ${m.login || m.userId}`, onchange: changeRole(m) },
+          ["Owner", "Admin", "Member", "Billing"].map((r) => h("option", { selected: r === m.role }, r))) : m.role),
+        h("td", {}, manages ? h("button", { onclick: removeMember(m) }, "Remove") : "")))))),
     account.invitations.length ? h("p", { class: "muted" }, "Invited: ", account.invitations.map((i) => `${i.login} (${i.role})`).join(", ")) : null,
-    account.kind === "team" && ["Owner", "Admin"].includes(membership.role)
+    manages
       ? h("form", { class: "inline", onsubmit: invite, "aria-label": "Invite a member" },
           h("label", {}, "GitHub login", h("input", { name: "login", required: true, autocomplete: "off" })),
           h("label", {}, "Role", h("select", { name: "role" }, ["Member", "Admin", "Billing", "Owner"].map((r) => h("option", {}, r)))),
@@ -276,6 +293,7 @@ async function settingsPage(accountName, projectName) {
     } catch (error) { event.target.closest("form").after(failure(error.message)); event.target.checked = !event.target.checked; }
   };
   const remove = (name) => async () => {
+    if (!window.confirm(`Remove the secret ${name}? Deployments after this one will not get it.`)) return;
     await gql(`mutation($p: UUID!, $n: String!) { removeSecret(projectId: $p, name: $n) }`, { p: found.id, n: name });
     route();
   };
