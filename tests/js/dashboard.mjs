@@ -14,7 +14,8 @@ const [base, shots, contextJson] = process.argv.slice(2);
 const context = JSON.parse(contextJson);
 const input = readline.createInterface({ input: process.stdin });
 const lines = input[Symbol.asyncIterator]();
-const TIMEOUT = 20000;
+// Generous: the machine is shared, and the first Chromium start on it builds its caches.
+const TIMEOUT = 30000;
 
 async function step(name) {
   console.log(`STEP ${name}`);
