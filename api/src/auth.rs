@@ -346,35 +346,46 @@ impl Auth {
         if *viewer == Viewer::Operator {
             return Ok(());
         }
+        let owner = self.project_owner(project).await.map_err(|e| Denied::Forbidden(format!("looking the project up failed: {e}")))?;
+        self.allow_project(viewer, project, owner.as_ref(), permission).await
+    }
+
+    /// [`Auth::require_project`] for a project already looked up (`None`: there is no such
+    /// project).
+    async fn allow_project(
+        &self,
+        viewer: &Viewer,
+        project: ProjectId,
+        owner: Option<&ProjectOwner>,
+        permission: Permission,
+    ) -> Result<(), Denied> {
         let not_found = || Denied::NotFound(format!("no project {project} that you can see"));
-        let Some(ProjectOwner { account, repository, on_github, public_previews }) =
-            self.project_owner(project).await.map_err(|e| Denied::Forbidden(format!("looking the project up failed: {e}")))?
-        else {
+        let Some(owner) = owner else {
             return match viewer {
                 Viewer::Anonymous => Err(Denied::Unauthenticated),
-                _ => Err(not_found()),
+                Viewer::Operator => Ok(()),
+                Viewer::User { .. } => Err(not_found()),
             };
         };
-        if public_previews && permission == Permission::ViewPreviewEnvironments {
+        if *viewer == Viewer::Operator || (owner.public_previews && permission == Permission::ViewPreviewEnvironments) {
             return Ok(());
+        }
+        let reads_on_github = || async {
+            match viewer {
+                Viewer::User { user_id, .. } if self.can_read_repository(*user_id, &owner.repository).await => Ok(()),
+                _ => Err(not_found()),
+            }
+        };
+        if permission == Permission::ViewPreviewEnvironments && owner.on_github && matches!(viewer, Viewer::User { .. }) {
+            return reads_on_github().await;
         }
         let viewing = matches!(
             permission,
             Permission::ViewProjects | Permission::ViewSettings | Permission::ViewPreviewEnvironments | Permission::ViewUsers
         );
-        if let (Viewer::User { user_id, .. }, Permission::ViewPreviewEnvironments, true) = (viewer, permission, on_github) {
-            return if self.can_read_repository(*user_id, &repository).await { Ok(()) } else { Err(not_found()) };
-        }
-        match self.require_account(viewer, account, permission).await {
+        match self.require_account(viewer, owner.account, permission).await {
             Ok(_) => Ok(()),
-            Err(Denied::NotFound(_)) if viewing && on_github => {
-                let Viewer::User { user_id, .. } = viewer else { return Err(not_found()) };
-                if self.can_read_repository(*user_id, &repository).await {
-                    Ok(())
-                } else {
-                    Err(not_found())
-                }
-            }
+            Err(Denied::NotFound(_)) if viewing && owner.on_github => reads_on_github().await,
             Err(Denied::NotFound(_)) => Err(not_found()),
             Err(other) => Err(other),
         }
@@ -829,10 +840,11 @@ impl Auth {
         uri: &axum::http::Uri,
         headers: &HeaderMap,
     ) -> PreviewAccess {
-        if let Ok(Some(owner)) = self.project_owner(project).await {
-            if owner.public_previews {
-                return PreviewAccess::Allowed;
-            }
+        // One lookup of the project serves every check of this request.
+        let owner = self.project_owner(project).await.ok().flatten();
+        let permission = Permission::ViewPreviewEnvironments;
+        if owner.is_some() && self.allow_project(&Viewer::Anonymous, project, owner.as_ref(), permission).await.is_ok() {
+            return PreviewAccess::Allowed; // public previews
         }
         let Some(signer) = &self.signer else {
             return PreviewAccess::Answer(page(StatusCode::FORBIDDEN, "Previews are not served here", "This node has no signing key."));
@@ -862,7 +874,7 @@ impl Auth {
         let claims: Option<PreviewClaims> = cookie(headers, PREVIEW_COOKIE).and_then(|c| signer.verify_own(&c).ok());
         if let Some(claims) = claims.filter(|c| c.aud == PREVIEW_AUDIENCE && c.env == environment.0 && c.exp > now) {
             if let Some(viewer) = self.live_session(claims.sid, claims.sub).await {
-                if self.require_project(&viewer, project, Permission::ViewPreviewEnvironments).await.is_ok() {
+                if self.allow_project(&viewer, project, owner.as_ref(), permission).await.is_ok() {
                     return PreviewAccess::Allowed;
                 }
                 return PreviewAccess::Answer(page(
