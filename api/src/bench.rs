@@ -306,6 +306,25 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// A graphql-transport-ws connection to the API at `addr`, acknowledged, and subscribed (as
+/// `1`) to `environmentUpdated` of `project` with `fields`.
+pub(crate) async fn follow_environments(
+    addr: std::net::SocketAddr,
+    project: Uuid,
+    fields: &str,
+) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    let mut request = format!("ws://{addr}/graphql").into_client_request()?;
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
+    ws.send(Message::text(r#"{"type":"connection_init"}"#)).await?;
+    ws.next().await.context("no connection_ack")??;
+    let subscribe = serde_json::json!({"id": "1", "type": "subscribe", "payload": {
+        "query": format!("subscription($p: UUID) {{ environmentUpdated(projectId: $p) {{ {fields} }} }}"),
+        "variables": {"p": project.to_string()}}});
+    ws.send(Message::text(subscribe.to_string())).await?;
+    Ok(ws)
+}
+
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -374,15 +393,7 @@ async fn latency(runtime: &Runtime, rate: u64, seconds: u64) -> anyhow::Result<(
         deployments.push((id, deployment));
     }
 
-    let mut request = format!("ws://{addr}/graphql").into_client_request()?;
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
-    ws.send(Message::text(r#"{"type":"connection_init"}"#)).await?;
-    ws.next().await.context("no connection_ack")??;
-    let subscribe = serde_json::json!({"id": "1", "type": "subscribe", "payload": {
-        "query": "subscription($p: UUID) { environmentUpdated(projectId: $p) { id tests { name } } }",
-        "variables": {"p": project.to_string()}}});
-    ws.send(Message::text(subscribe.to_string())).await?;
+    let mut ws = follow_environments(addr, project.0, "id tests { name }").await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // the server subscribes when it first polls
 
     let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();

@@ -10,17 +10,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use chrono::Utc;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use understudy_domain::environment::{EnvironmentCommand, TestOutcome};
 use understudy_domain::ids::{EnvironmentId, ProjectId};
 use uuid::Uuid;
 
-use crate::bench::{cycle, meta, spec, summary};
+use crate::bench::{cycle, follow_environments, meta, spec, summary};
 use crate::runtime::Runtime;
 
 fn unix_nanos() -> u128 {
@@ -102,7 +101,7 @@ pub async fn fanout(runtime: &Runtime, subscribers: usize, changes: usize, envir
     }
 
     // The environments query of a big project: GraphQL over HTTP vs the same SQL.
-    let http = reqwest_client();
+    let http = PostClient;
     let query = serde_json::json!({
         "query": "query($p: UUID) { environments(projectId: $p, first: 500) { id status branch latestCommit tests { name } } }",
         "variables": { "p": project.to_string() }
@@ -259,19 +258,7 @@ pub async fn clients(addr: std::net::SocketAddr, project: Uuid, subscribers: usi
         let (sender, stop, gate, opened) = (sender.clone(), stop.clone(), gate.clone(), opened_tx.clone());
         connections.spawn(async move {
             let permit = gate.acquire_owned().await;
-            let connected = async {
-                let mut request = format!("ws://{addr}/graphql").into_client_request()?;
-                request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
-                let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
-                ws.send(Message::text(r#"{"type":"connection_init"}"#)).await?;
-                ws.next().await.context("no connection_ack")??;
-                let subscribe = serde_json::json!({"id": "1", "type": "subscribe", "payload": {
-                    "query": "subscription($p: UUID) { environmentUpdated(projectId: $p) { tests { name } } }",
-                    "variables": {"p": project.to_string()}}});
-                ws.send(Message::text(subscribe.to_string())).await?;
-                anyhow::Ok(ws)
-            }
-            .await;
+            let connected = follow_environments(addr, project, "tests { name }").await;
             drop(permit);
             let mut ws = match connected {
                 Ok(ws) => {
@@ -336,10 +323,6 @@ pub async fn clients(addr: std::net::SocketAddr, project: Uuid, subscribers: usi
 }
 
 /// A minimal HTTP/1.1 JSON POST client over hyper (no TLS needed on loopback).
-fn reqwest_client() -> PostClient {
-    PostClient
-}
-
 struct PostClient;
 
 impl PostClient {
