@@ -136,6 +136,25 @@ pub struct Deployment {
     /// A restart of its app asked for, until the serving worker does it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_requested: Option<Uuid>,
+    /// Its tests have all reported (the latest run's, for a deployment tested again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tests_completed: bool,
+    /// The deployment of another tier it was promoted from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_from: Option<DeploymentId>,
+    /// The earlier deployment of this environment it rolled back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<DeploymentId>,
+}
+
+impl Deployment {
+    /// Ready, every test reported, none failed: what promotion asks of a commit.
+    pub fn passed(&self) -> bool {
+        self.status == DeploymentStatus::Ready
+            && self.tests_completed
+            && self.unhealthy.is_none()
+            && self.tests.iter().all(|t| t.outcome == TestOutcome::Passed)
+    }
 }
 
 /// The spec of an environment as it was created.
@@ -205,6 +224,31 @@ pub enum EnvironmentCommand {
         commit: CommitSha,
         /// Build nothing until a maintainer approves (a pull request from a fork).
         awaiting_approval: bool,
+        at: DateTime<Utc>,
+    },
+    /// Deploy to a promoted tier's environment a commit whose deployment passed in the tier it
+    /// is promoted from. Promoting the commit already current changes nothing.
+    Promote {
+        environment_id: EnvironmentId,
+        spec: EnvironmentSpec,
+        deployment_id: DeploymentId,
+        commit: CommitSha,
+        from_environment: EnvironmentId,
+        from_deployment: DeploymentId,
+        /// Who promoted: a person, or `system:promoter` for an automatic promotion.
+        by: String,
+        at: DateTime<Utc>,
+    },
+    /// Deploy again the commit of an earlier deployment that was Ready.
+    Rollback {
+        deployment_id: DeploymentId,
+        to: DeploymentId,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    /// Every test of the deployment (or of its latest test run) has reported.
+    CompleteTests {
+        deployment_id: DeploymentId,
         at: DateTime<Utc>,
     },
     /// A maintainer lets a deployment that awaits approval be built.
@@ -316,6 +360,27 @@ pub enum EnvironmentEvent {
         by: String,
         at: DateTime<Utc>,
     },
+    /// Recorded right after the `DeploymentRequested` it explains.
+    DeploymentPromoted {
+        deployment_id: DeploymentId,
+        from_environment: EnvironmentId,
+        from_deployment: DeploymentId,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    /// Recorded right after the `DeploymentRequested` it explains.
+    RolledBack {
+        deployment_id: DeploymentId,
+        to: DeploymentId,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    TestsCompleted {
+        deployment_id: DeploymentId,
+        passed: u32,
+        failed: u32,
+        at: DateTime<Utc>,
+    },
     DeploymentSuperseded {
         deployment_id: DeploymentId,
         by: DeploymentId,
@@ -404,6 +469,9 @@ impl DomainEvent for EnvironmentEvent {
             Self::EnvironmentCreated { .. } => "EnvironmentCreated",
             Self::DeploymentRequested { .. } => "DeploymentRequested",
             Self::DeploymentApproved { .. } => "DeploymentApproved",
+            Self::DeploymentPromoted { .. } => "DeploymentPromoted",
+            Self::RolledBack { .. } => "RolledBack",
+            Self::TestsCompleted { .. } => "TestsCompleted",
             Self::DeploymentSuperseded { .. } => "DeploymentSuperseded",
             Self::BuildStarted { .. } => "BuildStarted",
             Self::BuildSucceeded { .. } => "BuildSucceeded",
@@ -430,6 +498,9 @@ impl EnvironmentEvent {
             Self::EnvironmentCreated { at, .. }
             | Self::DeploymentRequested { at, .. }
             | Self::DeploymentApproved { at, .. }
+            | Self::DeploymentPromoted { at, .. }
+            | Self::RolledBack { at, .. }
+            | Self::TestsCompleted { at, .. }
             | Self::DeploymentSuperseded { at, .. }
             | Self::BuildStarted { at, .. }
             | Self::BuildSucceeded { at, .. }
@@ -451,6 +522,45 @@ impl EnvironmentEvent {
 }
 
 pub struct EnvironmentAggregate;
+
+/// The events of asking for `commit` to be deployed (see [`EnvironmentCommand::RequestDeployment`]).
+fn request(
+    state: &Environment,
+    environment_id: EnvironmentId,
+    spec: EnvironmentSpec,
+    deployment_id: DeploymentId,
+    commit: CommitSha,
+    awaiting_approval: bool,
+    at: DateTime<Utc>,
+) -> Result<Vec<EnvironmentEvent>, DomainError> {
+    use EnvironmentEvent as E;
+    let mut events = Vec::new();
+    match &state.spec {
+        None => events.push(E::EnvironmentCreated { environment_id, spec, at }),
+        Some(existing) if *existing != spec || state.id != Some(environment_id) => {
+            return Err(DomainError::invalid("environment", "this id belongs to another project, target or entrypoint"));
+        }
+        Some(_) => {}
+    }
+    if state.deployment(deployment_id).is_some() {
+        return Err(DomainError::AlreadyExists { entity: "deployment", id: deployment_id.to_string() });
+    }
+    let asleep = state.deactivated || state.terminated;
+    if let Some(current) = state.current() {
+        let same_commit = current.commit == commit && current.status != DeploymentStatus::Failed;
+        if same_commit && !asleep {
+            return Ok(vec![]);
+        }
+        if current.status.in_flight() {
+            events.push(E::DeploymentSuperseded { deployment_id: current.id, by: deployment_id, at });
+        }
+    }
+    if asleep {
+        events.push(E::EnvironmentReactivated { at });
+    }
+    events.push(E::DeploymentRequested { awaiting_approval, deployment_id, commit, at });
+    Ok(events)
+}
 
 fn not_found(id: impl std::fmt::Display) -> DomainError {
     DomainError::NotFound { entity: "deployment", id: id.to_string() }
@@ -499,32 +609,48 @@ impl Aggregate for EnvironmentAggregate {
         use EnvironmentEvent as E;
         match command {
             C::RequestDeployment { environment_id, spec, deployment_id, commit, awaiting_approval, at } => {
-                let mut events = Vec::new();
-                match &state.spec {
-                    None => events.push(E::EnvironmentCreated { environment_id, spec, at }),
-                    Some(existing) if *existing != spec || state.id != Some(environment_id) => {
-                        return Err(DomainError::invalid("environment", "this id belongs to another project, target or entrypoint"));
-                    }
-                    Some(_) => {}
+                request(state, environment_id, spec, deployment_id, commit, awaiting_approval, at)
+            }
+            C::Promote { environment_id, spec, deployment_id, commit, from_environment, from_deployment, by, at } => {
+                if from_environment == environment_id {
+                    return Err(DomainError::invalid("from", "a deployment is promoted from another tier's environment"));
                 }
-                if state.deployment(deployment_id).is_some() {
-                    return Err(DomainError::AlreadyExists { entity: "deployment", id: deployment_id.to_string() });
+                let mut events = request(state, environment_id, spec, deployment_id, commit, false, at)?;
+                if !events.is_empty() {
+                    events.push(E::DeploymentPromoted { deployment_id, from_environment, from_deployment, by, at });
                 }
-                let asleep = state.deactivated || state.terminated;
-                if let Some(current) = state.current() {
-                    let same_commit = current.commit == commit && current.status != DeploymentStatus::Failed;
-                    if same_commit && !asleep {
-                        return Ok(vec![]);
-                    }
-                    if current.status.in_flight() {
-                        events.push(E::DeploymentSuperseded { deployment_id: current.id, by: deployment_id, at });
-                    }
-                }
-                if asleep {
-                    events.push(E::EnvironmentReactivated { at });
-                }
-                events.push(E::DeploymentRequested { awaiting_approval, deployment_id, commit, at });
                 Ok(events)
+            }
+            C::Rollback { deployment_id, to, by, at } => {
+                existing(state)?;
+                if state.terminated {
+                    return Err(DomainError::IllegalEnvironmentTransition {
+                        status: "Terminated",
+                        action: "rolling back",
+                        expected: "not Terminated",
+                    });
+                }
+                let target = state.deployment(to).ok_or_else(|| not_found(to))?;
+                if target.status != DeploymentStatus::Ready {
+                    return Err(DomainError::invalid("to", "roll back to a deployment that was Ready"));
+                }
+                if state.current().map(|d| d.id) == Some(to) {
+                    return Err(DomainError::invalid("to", "that deployment is the current one"));
+                }
+                let (environment_id, spec) =
+                    (state.id.ok_or_else(|| not_found("(none)"))?, state.spec.clone().ok_or_else(|| not_found("(none)"))?);
+                let mut events = request(state, environment_id, spec, deployment_id, target.commit.clone(), false, at)?;
+                if events.is_empty() {
+                    return Err(DomainError::invalid("to", "its commit is the one deployed now"));
+                }
+                events.push(E::RolledBack { deployment_id, to, by, at });
+                Ok(events)
+            }
+            C::CompleteTests { deployment_id, at } => {
+                let deployment = reported(state, deployment_id)?;
+                expect_status(deployment, DeploymentStatus::Ready, "completing its tests")?;
+                let count = |outcome: TestOutcome| deployment.tests.iter().filter(|t| t.outcome == outcome).count() as u32;
+                Ok(vec![E::TestsCompleted { deployment_id, passed: count(TestOutcome::Passed), failed: count(TestOutcome::Failed), at }])
             }
             C::ApproveDeployment { deployment_id, by, at } => {
                 let deployment = reported(state, deployment_id)?;
@@ -724,7 +850,26 @@ impl Aggregate for EnvironmentAggregate {
                 unhealthy: None,
                 test_run_requested: None,
                 restart_requested: None,
+                tests_completed: false,
+                promoted_from: None,
+                rolled_back_to: None,
             }),
+            E::DeploymentPromoted { deployment_id, from_deployment, .. } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.promoted_from = Some(*from_deployment);
+                }
+            }
+            E::RolledBack { deployment_id, to, .. } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.rolled_back_to = Some(*to);
+                }
+            }
+            E::TestsCompleted { deployment_id, at, .. } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.tests_completed = true;
+                    d.updated_at = *at;
+                }
+            }
             E::DeploymentSuperseded { deployment_id, at, .. } => set(&mut state, *deployment_id, DeploymentStatus::Superseded, *at),
             E::DeploymentApproved { deployment_id, at, .. } => set(&mut state, *deployment_id, DeploymentStatus::Requested, *at),
             E::BuildStarted { deployment_id, at } => set(&mut state, *deployment_id, DeploymentStatus::Building, *at),
@@ -776,6 +921,7 @@ impl Aggregate for EnvironmentAggregate {
             E::TestRunStarted { deployment_id, at, .. } => {
                 if let Some(d) = state.deployment_mut(*deployment_id) {
                     d.test_run_requested = None;
+                    d.tests_completed = false;
                     d.updated_at = *at;
                 }
             }
@@ -870,6 +1016,86 @@ mod tests {
             }
         }
         h
+    }
+
+    #[test]
+    fn completed_tests_that_all_passed_make_a_deployment_pass() {
+        let mut h = history_to(S::Ready);
+        h.push(E::TestPassed { deployment_id: dep(1), test: "a".into(), duration_ms: None, at: at(4) });
+        let state = given::<EnvironmentAggregate>(&h)
+            .when(C::CompleteTests { deployment_id: dep(1), at: at(5) })
+            .then(&[E::TestsCompleted { deployment_id: dep(1), passed: 1, failed: 0, at: at(5) }]);
+        assert!(state.current().expect("deployment").passed());
+        h.push(E::TestFailed { deployment_id: dep(1), test: "b".into(), duration_ms: None, at: at(4) });
+        let state = given::<EnvironmentAggregate>(&h)
+            .when(C::CompleteTests { deployment_id: dep(1), at: at(5) })
+            .then(&[E::TestsCompleted { deployment_id: dep(1), passed: 1, failed: 1, at: at(5) }]);
+        assert!(!state.current().expect("deployment").passed(), "a failed test fails the gate");
+        let running = given::<EnvironmentAggregate>(&history_to(S::Ready)).when(C::CompleteTests { deployment_id: dep(1), at: at(5) });
+        assert!(!running.then(&[E::TestsCompleted { deployment_id: dep(1), passed: 0, failed: 0, at: at(5) }]).deployments.is_empty());
+        given::<EnvironmentAggregate>(&history_to(S::Building))
+            .when(C::CompleteTests { deployment_id: dep(1), at: at(5) })
+            .then_error(|e| matches!(e, DomainError::IllegalTransition { .. }));
+        // A new test run opens the gate again until it completes.
+        let mut rerun = h.clone();
+        rerun.push(E::TestsCompleted { deployment_id: dep(1), passed: 1, failed: 1, at: at(5) });
+        rerun.push(E::TestRunStarted { deployment_id: dep(1), run_id: Uuid::from_u128(9), at: at(6) });
+        assert!(!EnvironmentAggregate::replay(&rerun).current().expect("deployment").tests_completed);
+    }
+
+    #[test]
+    fn a_promotion_records_where_the_commit_came_from_and_is_not_repeated() {
+        let promote = |d: u128, c: char| C::Promote {
+            environment_id: env_id(),
+            spec: spec(),
+            deployment_id: dep(d),
+            commit: sha(c),
+            from_environment: EnvironmentId(Uuid::from_u128(99)),
+            from_deployment: dep(50),
+            by: "alice".into(),
+            at: at(1),
+        };
+        let state = given::<EnvironmentAggregate>(&[]).when(promote(1, 'a')).then(&[
+            E::EnvironmentCreated { environment_id: env_id(), spec: spec(), at: at(1) },
+            E::DeploymentRequested { awaiting_approval: false, deployment_id: dep(1), commit: sha('a'), at: at(1) },
+            E::DeploymentPromoted {
+                deployment_id: dep(1),
+                from_environment: EnvironmentId(Uuid::from_u128(99)),
+                from_deployment: dep(50),
+                by: "alice".into(),
+                at: at(1),
+            },
+        ]);
+        assert_eq!(state.current().expect("deployment").promoted_from, Some(dep(50)));
+        // The commit already current: nothing.
+        let events = EnvironmentAggregate::decide(&state, promote(2, 'a')).expect("no-op");
+        assert!(events.is_empty());
+        // From itself: refused.
+        let mut own = promote(3, 'b');
+        if let C::Promote { from_environment, .. } = &mut own {
+            *from_environment = env_id();
+        }
+        given::<EnvironmentAggregate>(&[]).when(own).then_error(|e| matches!(e, DomainError::Invalid { field: "from", .. }));
+    }
+
+    #[test]
+    fn a_rollback_deploys_an_earlier_ready_commit_again() {
+        let mut h = history_to(S::Ready);
+        h.push(requested(2, 'b', 10));
+        h.push(E::BuildStarted { deployment_id: dep(2), at: at(11) });
+        let rollback = |to: u128| C::Rollback { deployment_id: dep(3), to: dep(to), by: "bob".into(), at: at(12) };
+        let state = given::<EnvironmentAggregate>(&h).when(rollback(1)).then(&[
+            E::DeploymentSuperseded { deployment_id: dep(2), by: dep(3), at: at(12) },
+            E::DeploymentRequested { awaiting_approval: false, deployment_id: dep(3), commit: sha('a'), at: at(12) },
+            E::RolledBack { deployment_id: dep(3), to: dep(1), by: "bob".into(), at: at(12) },
+        ]);
+        assert_eq!(state.current().expect("current").rolled_back_to, Some(dep(1)));
+        // Only to a deployment that was Ready, and not to the current one.
+        given::<EnvironmentAggregate>(&h).when(rollback(2)).then_error(|e| matches!(e, DomainError::Invalid { field: "to", .. }));
+        given::<EnvironmentAggregate>(&history_to(S::Ready))
+            .when(rollback(1))
+            .then_error(|e| matches!(e, DomainError::Invalid { field: "to", .. }));
+        given::<EnvironmentAggregate>(&h).when(rollback(77)).then_error(|e| matches!(e, DomainError::NotFound { .. }));
     }
 
     #[test]

@@ -26,7 +26,7 @@ fn spec() -> EnvironmentSpec {
 
 /// A command over a small space of deployments and commits, so that sequences collide often.
 fn environment_command() -> impl Strategy<Value = (u8, u8, u8)> {
-    (0u8..10, 0u8..4, 0u8..3)
+    (0u8..13, 0u8..4, 0u8..3)
 }
 
 fn to_command(kind: u8, deployment: u8, commit: u8, n: u32) -> EnvironmentCommand {
@@ -59,6 +59,23 @@ fn to_command(kind: u8, deployment: u8, commit: u8, n: u32) -> EnvironmentComman
         },
         7 => EnvironmentCommand::Deactivate { at: at(n) },
         8 => EnvironmentCommand::Wake { deployment_id: d, at: at(n) },
+        9 => EnvironmentCommand::Promote {
+            environment_id: EnvironmentId::derive(s.project_id, &s.target, &s.entrypoint),
+            spec: s,
+            deployment_id: d,
+            commit: CommitSha::parse(format!("{commit:040x}")).expect("valid"),
+            from_environment: EnvironmentId(Uuid::from_u128(7)),
+            from_deployment: DeploymentId(Uuid::from_u128(u128::from(commit) + 200)),
+            by: "someone".into(),
+            at: at(n),
+        },
+        10 => EnvironmentCommand::Rollback {
+            deployment_id: d,
+            to: DeploymentId(Uuid::from_u128(u128::from(commit) + 100)),
+            by: "someone".into(),
+            at: at(n),
+        },
+        11 => EnvironmentCommand::CompleteTests { deployment_id: d, at: at(n) },
         _ => EnvironmentCommand::Terminate { reason: "closed".into(), at: at(n) },
     }
 }
@@ -96,6 +113,13 @@ proptest! {
                 names.dedup();
                 prop_assert_eq!(names.len(), d.tests.len());
                 prop_assert!(d.tests.is_empty() || d.url.is_some(), "{:?}", d);
+            }
+            // Only a Ready deployment has its tests completed; a rollback names an earlier deployment.
+            for (i, d) in state.deployments.iter().enumerate() {
+                prop_assert!(!d.tests_completed || d.url.is_some(), "{:?}", d);
+                if let Some(to) = d.rolled_back_to {
+                    prop_assert!(state.deployments[..i].iter().any(|e| e.id == to), "{:?}", state.deployments);
+                }
             }
             // Status is defined exactly when the environment exists.
             prop_assert_eq!(state.status().is_some(), state.spec.is_some());

@@ -12,6 +12,7 @@ pub mod permissions;
 pub mod pr_comment;
 pub mod project;
 pub mod pull_request;
+pub mod tier;
 pub mod user;
 pub mod values;
 

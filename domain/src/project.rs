@@ -6,7 +6,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{AccountId, ProjectId};
-use crate::values::{BranchName, ProjectName, RepoFullName};
+use crate::tier::{Freeze, Tier, TierSpec};
+use crate::values::{BranchName, ProjectName, RepoFullName, Target, TierName};
 use crate::{Aggregate, DomainError, DomainEvent};
 
 /// Which entrypoints a commit gets environments for.
@@ -63,6 +64,30 @@ pub struct Project {
     /// Secrets by name, sealed: the domain never sees a plain value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, ProjectSecret>,
+    /// Its long-lived tiers by name (none: only the production branch deploys on push).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tiers: BTreeMap<TierName, Tier>,
+}
+
+impl Project {
+    /// The tier an environment of `target` belongs to: its branch's tier, or the promoted tier.
+    pub fn tier_of(&self, target: &Target) -> Option<&Tier> {
+        match target {
+            Target::Branch { branch } => crate::tier::tier_for_branch(&self.tiers, branch),
+            Target::Tier { tier } => self.tiers.get(tier),
+            Target::PullRequest { .. } => None,
+        }
+    }
+
+    /// Whether a push to `branch` deploys it: the production branch and every tier's branches.
+    pub fn deploys_branch(&self, branch: &BranchName) -> bool {
+        self.production_branch.as_ref() == Some(branch) || crate::tier::tier_for_branch(&self.tiers, branch).is_some()
+    }
+
+    /// The tiers whose commits come from `tier` by promotion.
+    pub fn promoted_from<'a>(&'a self, tier: &'a TierName) -> impl Iterator<Item = &'a Tier> + 'a {
+        self.tiers.values().filter(move |t| t.promoted_from() == Some(tier))
+    }
 }
 
 /// Which environments a secret is given to.
@@ -96,9 +121,14 @@ impl SecretScope {
         }
     }
 
-    /// Whether an environment of `target` gets the secret, given the production branch.
+    /// Whether an environment of `target` gets the secret, given the production branch. The
+    /// tier named `production` is production too.
     pub fn covers(self, target: &crate::values::Target, production_branch: Option<&BranchName>) -> bool {
-        let production = matches!(target, crate::values::Target::Branch { branch } if Some(branch) == production_branch);
+        let production = match target {
+            crate::values::Target::Branch { branch } => Some(branch) == production_branch,
+            crate::values::Target::Tier { tier } => tier.as_str() == "production",
+            crate::values::Target::PullRequest { .. } => false,
+        };
         match self {
             Self::All => true,
             Self::Production => production,
@@ -211,6 +241,27 @@ pub enum ProjectCommand {
         attempts: u32,
         at: DateTime<Utc>,
     },
+    /// Declare a tier, or change one (its freeze stays as it is).
+    SetTier {
+        tier: TierSpec,
+        at: DateTime<Utc>,
+    },
+    RemoveTier {
+        name: TierName,
+        at: DateTime<Utc>,
+    },
+    /// A code freeze: no automatic deploys or promotions into the tier until it is unfrozen.
+    FreezeTier {
+        name: TierName,
+        by: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    UnfreezeTier {
+        name: TierName,
+        by: String,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -274,6 +325,25 @@ pub enum ProjectEvent {
         attempts: u32,
         at: DateTime<Utc>,
     },
+    TierSet {
+        tier: TierSpec,
+        at: DateTime<Utc>,
+    },
+    TierRemoved {
+        name: TierName,
+        at: DateTime<Utc>,
+    },
+    TierFrozen {
+        name: TierName,
+        by: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    TierUnfrozen {
+        name: TierName,
+        by: String,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -293,6 +363,10 @@ impl DomainEvent for ProjectEvent {
             Self::SecretRemoved { .. } => "SecretRemoved",
             Self::SecretResealed { .. } => "SecretResealed",
             Self::GitHubWriteFailing { .. } => "GitHubWriteFailing",
+            Self::TierSet { .. } => "TierSet",
+            Self::TierRemoved { .. } => "TierRemoved",
+            Self::TierFrozen { .. } => "TierFrozen",
+            Self::TierUnfrozen { .. } => "TierUnfrozen",
         }
     }
 }
@@ -373,6 +447,25 @@ impl Aggregate for ProjectAggregate {
                 unless_already(existing.sealed == sealed, E::SecretResealed { name, sealed, at })
             }
             C::RecordGitHubFailure { what, error, attempts, at } => Ok(vec![E::GitHubWriteFailing { what, error, attempts, at }]),
+            C::SetTier { tier, at } => {
+                crate::tier::validate(&state.tiers, &tier)?;
+                unless_already(state.tiers.get(&tier.name).is_some_and(|t| t.spec == tier), E::TierSet { tier, at })
+            }
+            C::RemoveTier { name, at } => {
+                crate::tier::validate_removal(&state.tiers, &name)?;
+                Ok(vec![E::TierRemoved { name, at }])
+            }
+            C::FreezeTier { name, by, reason, at } => {
+                let tier = state.tiers.get(&name).ok_or_else(|| DomainError::NotFound { entity: "tier", id: name.to_string() })?;
+                if reason.len() > 1000 || reason.chars().any(char::is_control) {
+                    return Err(DomainError::invalid("reason", "at most 1000 characters on one line"));
+                }
+                unless_already(tier.frozen.is_some(), E::TierFrozen { name, by, reason, at })
+            }
+            C::UnfreezeTier { name, by, at } => {
+                let tier = state.tiers.get(&name).ok_or_else(|| DomainError::NotFound { entity: "tier", id: name.to_string() })?;
+                unless_already(tier.frozen.is_none(), E::TierUnfrozen { name, by, at })
+            }
         }
     }
 
@@ -407,6 +500,23 @@ impl Aggregate for ProjectAggregate {
                 }
             }
             E::GitHubWriteFailing { .. } => {}
+            E::TierSet { tier, .. } => {
+                let frozen = state.tiers.remove(&tier.name).and_then(|t| t.frozen);
+                state.tiers.insert(tier.name.clone(), Tier { spec: tier.clone(), frozen });
+            }
+            E::TierRemoved { name, .. } => {
+                state.tiers.remove(name);
+            }
+            E::TierFrozen { name, by, reason, at } => {
+                if let Some(tier) = state.tiers.get_mut(name) {
+                    tier.frozen = Some(Freeze { by: by.clone(), reason: reason.clone(), at: *at });
+                }
+            }
+            E::TierUnfrozen { name, .. } => {
+                if let Some(tier) = state.tiers.get_mut(name) {
+                    tier.frozen = None;
+                }
+            }
         }
         state
     }
@@ -440,6 +550,83 @@ mod tests {
             unreachable!("created() builds ProjectCreated")
         };
         C::Create { project_id, account_id, name, repository, production_branch, entrypoints, at }
+    }
+
+    fn tier(name: &str, source: crate::tier::TierSource) -> TierSpec {
+        TierSpec { name: TierName::parse(name).expect("name"), source, env: BTreeMap::new() }
+    }
+    fn branches(pattern: &str) -> crate::tier::TierSource {
+        crate::tier::TierSource::Branches { pattern: crate::values::BranchPattern::parse(pattern).expect("pattern") }
+    }
+    fn promoted(from: &str) -> crate::tier::TierSource {
+        crate::tier::TierSource::Promotion { from: TierName::parse(from).expect("name"), automatic: true }
+    }
+
+    #[test]
+    fn tiers_route_branches_and_promotions_without_cycles() {
+        let mut state = ProjectAggregate::replay(&[created()]);
+        for spec in [tier("dev", branches("dev-*")), tier("staging", branches("main")), tier("production", promoted("staging"))] {
+            let events = ProjectAggregate::decide(&state, C::SetTier { tier: spec.clone(), at: at() }).expect("valid tier");
+            assert_eq!(events, vec![E::TierSet { tier: spec, at: at() }]);
+            state = events.iter().fold(state, ProjectAggregate::apply);
+        }
+        let branch = |b: &str| BranchName::parse(b).expect("branch");
+        let name_of = |target: Target| state.tier_of(&target).map(|t| t.name().to_string());
+        assert_eq!(name_of(Target::Branch { branch: branch("dev-alice") }).as_deref(), Some("dev"));
+        assert_eq!(name_of(Target::Branch { branch: branch("main") }).as_deref(), Some("staging"));
+        assert_eq!(name_of(Target::Branch { branch: branch("feature") }), None);
+        assert_eq!(name_of(Target::Tier { tier: TierName::parse("production").expect("name") }).as_deref(), Some("production"));
+        assert!(state.deploys_branch(&branch("dev-x")) && state.deploys_branch(&branch("main")) && !state.deploys_branch(&branch("x")));
+        let staging = TierName::parse("staging").expect("name");
+        assert_eq!(state.promoted_from(&staging).map(|t| t.name().to_string()).collect::<Vec<_>>(), ["production"]);
+
+        // Setting the same tier again records nothing; a cycle or a missing source is refused.
+        assert!(ProjectAggregate::decide(&state, C::SetTier { tier: tier("dev", branches("dev-*")), at: at() }).expect("same").is_empty());
+        let cycle = ProjectAggregate::decide(&state, C::SetTier { tier: tier("staging", promoted("production")), at: at() });
+        assert!(matches!(cycle, Err(DomainError::Invalid { field: "from", .. })), "{cycle:?}");
+        let itself = ProjectAggregate::decide(&state, C::SetTier { tier: tier("qa", promoted("qa")), at: at() });
+        assert!(matches!(itself, Err(DomainError::Invalid { field: "from", .. })), "{itself:?}");
+        let missing = ProjectAggregate::decide(&state, C::SetTier { tier: tier("qa", promoted("nope")), at: at() });
+        assert!(matches!(missing, Err(DomainError::Invalid { field: "from", .. })), "{missing:?}");
+        let mut bad_env = tier("qa", branches("qa"));
+        bad_env.env.insert("PATH".into(), "/evil".into());
+        assert!(ProjectAggregate::decide(&state, C::SetTier { tier: bad_env, at: at() }).is_err(), "PATH is Understudy's");
+        // A tier another is promoted from stays until that one changes.
+        let remove = ProjectAggregate::decide(&state, C::RemoveTier { name: staging.clone(), at: at() });
+        assert!(matches!(remove, Err(DomainError::Invalid { field: "tier", .. })), "{remove:?}");
+
+        // A freeze is recorded with who and why, survives a change of the tier, and lifts.
+        let production = TierName::parse("production").expect("name");
+        let freeze = C::FreezeTier { name: production.clone(), by: "alice".into(), reason: "release week".into(), at: at() };
+        let events = ProjectAggregate::decide(&state, freeze.clone()).expect("freeze");
+        state = events.iter().fold(state, ProjectAggregate::apply);
+        assert!(ProjectAggregate::decide(&state, freeze).expect("again").is_empty(), "freezing twice records once");
+        assert!(!state.tiers[&production].promotes_automatically(), "a frozen tier is not promoted into by itself");
+        let mut manual = tier("production", promoted("staging"));
+        manual.env.insert("CACHE".into(), "on".into());
+        let events = ProjectAggregate::decide(&state, C::SetTier { tier: manual, at: at() }).expect("change");
+        state = events.iter().fold(state, ProjectAggregate::apply);
+        assert!(state.tiers[&production].frozen.is_some(), "changing a tier keeps its freeze");
+        let events =
+            ProjectAggregate::decide(&state, C::UnfreezeTier { name: production.clone(), by: "alice".into(), at: at() }).expect("unfreeze");
+        state = events.iter().fold(state, ProjectAggregate::apply);
+        assert!(state.tiers[&production].promotes_automatically());
+        let events = ProjectAggregate::decide(&state, C::RemoveTier { name: production.clone(), at: at() }).expect("remove");
+        state = events.iter().fold(state, ProjectAggregate::apply);
+        assert!(!state.tiers.contains_key(&production));
+    }
+
+    #[test]
+    fn an_exact_branch_beats_a_pattern_and_a_longer_pattern_a_shorter_one() {
+        let mut state = ProjectAggregate::replay(&[created()]);
+        for spec in [tier("all", branches("*")), tier("releases", branches("release-*")), tier("hotfix", branches("release-hotfix"))] {
+            let events = ProjectAggregate::decide(&state, C::SetTier { tier: spec, at: at() }).expect("valid");
+            state = events.iter().fold(state, ProjectAggregate::apply);
+        }
+        let of = |b: &str| state.tier_of(&Target::Branch { branch: BranchName::parse(b).expect("branch") }).map(|t| t.name().to_string());
+        assert_eq!(of("release-hotfix").as_deref(), Some("hotfix"));
+        assert_eq!(of("release-2").as_deref(), Some("releases"));
+        assert_eq!(of("feature").as_deref(), Some("all"));
     }
 
     #[test]

@@ -123,12 +123,81 @@ string_value!(
     }
 );
 
-/// What an environment follows: a branch (production, a tier) or a pull request.
+string_value!(
+    /// A tier's name (`dev`, `staging`, `production`): lowercase letters, digits and '-', at most
+    /// 32 characters, starting with a letter.
+    TierName,
+    "tier",
+    |s| {
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && s.starts_with(|c: char| c.is_ascii_lowercase())
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if ok {
+            Ok(())
+        } else {
+            Err("must be 1 to 32 lowercase letters, digits or '-', starting with a letter".into())
+        }
+    }
+);
+
+string_value!(
+    /// Which branches a tier follows: a branch name in which `*` stands for any run of
+    /// characters (`main`, `dev-*`, `release/*`).
+    BranchPattern,
+    "branches",
+    |s| {
+        if s.is_empty() || s.len() > 255 {
+            return Err("must be 1 to 255 characters".into());
+        }
+        // With each `*` read as one letter, the pattern must be a branch name itself.
+        BranchName::parse(s.replace('*', "x")).map(|_| ()).map_err(|_| "must be a branch name, with `*` for any characters".into())
+    }
+);
+
+impl BranchPattern {
+    /// Whether `branch` is one of the branches the pattern names.
+    pub fn matches(&self, branch: &BranchName) -> bool {
+        glob(self.as_str().as_bytes(), branch.as_str().as_bytes())
+    }
+
+    /// A pattern without `*` names one branch.
+    pub fn is_exact(&self) -> bool {
+        !self.as_str().contains('*')
+    }
+}
+
+/// `*` matches any run of bytes (including `/`); everything else matches itself. Linear in
+/// practice: the greedy star backtracks only to the last star seen.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((star_p, star_t)) = star {
+            p = star_p + 1;
+            t = star_t + 1;
+            star = Some((star_p, star_t + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&b| b == b'*')
+}
+
+/// What an environment follows: a branch (production, a tier's branch), a pull request, or a
+/// tier fed by promotion (one environment per entrypoint, whatever branch its commit came from).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Target {
     Branch { branch: BranchName },
     PullRequest { number: u64, head_branch: BranchName },
+    Tier { tier: TierName },
 }
 
 impl Target {
@@ -137,19 +206,31 @@ impl Target {
         match self {
             Target::Branch { branch } => format!("branch:{branch}"),
             Target::PullRequest { number, .. } => format!("pr:{number}"),
+            Target::Tier { tier } => format!("tier:{tier}"),
         }
     }
 
-    pub fn branch(&self) -> &BranchName {
+    /// The branch it follows; for a promoted tier, the tier's name.
+    pub fn label(&self) -> &str {
         match self {
-            Target::Branch { branch } => branch,
-            Target::PullRequest { head_branch, .. } => head_branch,
+            Target::Branch { branch } => branch.as_str(),
+            Target::PullRequest { head_branch, .. } => head_branch.as_str(),
+            Target::Tier { tier } => tier.as_str(),
+        }
+    }
+
+    /// `branch`, `pull_request` or `tier`, as read models store it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Branch { .. } => "branch",
+            Target::PullRequest { .. } => "pull_request",
+            Target::Tier { .. } => "tier",
         }
     }
 
     pub fn pull_request(&self) -> Option<u64> {
         match self {
-            Target::Branch { .. } => None,
+            Target::Branch { .. } | Target::Tier { .. } => None,
             Target::PullRequest { number, .. } => Some(*number),
         }
     }
@@ -158,6 +239,36 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn branch_patterns_match_whole_names_with_stars_for_any_run() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("main", "main", true),
+            ("main", "main2", false),
+            ("main", "xmain", false),
+            ("dev-*", "dev-alice", true),
+            ("dev-*", "dev-", true),
+            ("dev-*", "dev", false),
+            ("dev-*", "feature/dev-x", false),
+            ("release/*", "release/1.2/hotfix", true),
+            ("*-rc", "v1-rc", true),
+            ("*-rc", "v1-rc-2", false),
+            ("a*b*c", "aXXbYYbZc", true),
+            ("a*b*c", "aXXbYYbZ", false),
+            ("*", "anything/at-all", true),
+        ];
+        for (pattern, branch, expected) in cases {
+            let pattern = BranchPattern::parse(*pattern).expect("valid pattern");
+            assert_eq!(pattern.matches(&BranchName::parse(*branch).expect("branch")), *expected, "{pattern} ~ {branch}");
+        }
+        for bad in ["", "a b", "dev-[x]", "x..y", "/x", "x?"] {
+            assert!(BranchPattern::parse(bad).is_err(), "{bad:?} is no pattern");
+        }
+        assert!(TierName::parse("staging").is_ok());
+        for bad in ["", "Staging", "1st", "a_b", &"x".repeat(33)] {
+            assert!(TierName::parse(bad).is_err(), "{bad:?} is no tier name");
+        }
+    }
 
     #[test]
     fn values_parse_at_the_edge() {

@@ -9,7 +9,6 @@ use sqlx::types::Json;
 use sqlx::PgConnection;
 use understudy_adapters::LoggedEvent;
 use understudy_domain::environment::{Environment, EnvironmentAggregate, TestOutcome};
-use understudy_domain::values::Target;
 use understudy_domain::Aggregate;
 
 use crate::{AnyEvent, Change, Projection, ProjectionError, Tables};
@@ -53,10 +52,7 @@ impl Projection for Environments {
         let tests = current.map(|d| d.tests.clone()).unwrap_or_default();
         let count = |outcome: TestOutcome| tests.iter().filter(|t| t.outcome == outcome).count() as i32;
         let created_at = state.deployments.first().map(|d| d.requested_at).unwrap_or(event.recorded_at);
-        let (target_kind, pull_request) = match &spec.target {
-            Target::Branch { .. } => ("branch", None),
-            Target::PullRequest { number, .. } => ("pull_request", Some(*number as i64)),
-        };
+        let (target_kind, pull_request) = (spec.target.kind(), spec.target.pull_request().map(|n| n as i64));
         sqlx::query(&format!(
             "INSERT INTO {table} (environment_id, project_id, target_kind, branch, pull_request, entrypoint, status,
                  latest_deployment_id, latest_commit, latest_deployment_status, preview_url, failure,
@@ -72,7 +68,7 @@ impl Projection for Environments {
         .bind(event.aggregate_id)
         .bind(spec.project_id.0)
         .bind(target_kind)
-        .bind(spec.target.branch().as_str())
+        .bind(spec.target.label())
         .bind(pull_request)
         .bind(spec.entrypoint.as_str())
         .bind(status.as_str())

@@ -379,15 +379,20 @@ impl OutboxWriter {
             return Err(WriteError::Unwritable(format!("environment {id} does not exist")));
         };
         let (_, repo) = self.repo(spec.project_id).await?;
-        let branch = spec.target.branch().to_string();
-        let production = spec.target.pull_request().is_none() && repo.production_branch.as_deref() == Some(branch.as_str());
+        let branch = spec.target.label().to_string();
+        let production = spec.target.kind() == "branch" && repo.production_branch.as_deref() == Some(branch.as_str());
         let github_environment = match &spec.target {
             Target::PullRequest { .. } => format!("preview/{}", spec.entrypoint),
             Target::Branch { .. } if production => format!("production/{}", spec.entrypoint),
             Target::Branch { branch } => format!("{branch}/{}", spec.entrypoint),
+            Target::Tier { tier } => format!("{tier}/{}", spec.entrypoint),
         };
         let links = EnvironmentLinks::new(&self.public_url, &repo.account, &repo.project, &branch, spec.entrypoint.as_str());
-        let check_name = format!("Understudy: {}", spec.entrypoint);
+        // A promoted commit already carries its source tier's check run: a tier's has its own name.
+        let check_name = match &spec.target {
+            Target::Tier { tier } => format!("Understudy: {} ({tier})", spec.entrypoint),
+            _ => format!("Understudy: {}", spec.entrypoint),
+        };
         for deployment in &environment.deployments {
             let known: Option<WrittenDeployment> = sqlx::query_as(
                 "SELECT github_deployment_id, deployment_state, check_run_id, check_sha256 FROM github_deployments WHERE deployment_id = $1",

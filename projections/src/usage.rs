@@ -104,6 +104,9 @@ impl Projection for Usage {
             E::EnvironmentTerminated { at, .. } => add(conn, tables, environment, *at, "environments_terminated", 1.0).await?,
             E::DeploymentSuperseded { .. }
             | E::DeploymentApproved { .. }
+            | E::DeploymentPromoted { .. }
+            | E::RolledBack { .. }
+            | E::TestsCompleted { .. }
             | E::RestartRequested { .. }
             | E::RestartStarted { .. }
             | E::BuildStarted { .. }

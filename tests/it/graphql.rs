@@ -341,10 +341,7 @@ async fn environments_are_redeployed_stopped_woken_and_retested_through_mutation
 }
 
 fn spec_branch(spec: &understudy_domain::environment::EnvironmentSpec) -> String {
-    match &spec.target {
-        understudy_domain::values::Target::PullRequest { head_branch, .. } => head_branch.to_string(),
-        understudy_domain::values::Target::Branch { branch } => branch.to_string(),
-    }
+    spec.target.label().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,134 @@
+//! Tiers: a project's long-lived environments (`dev`, `staging`, `production`). A tier is fed
+//! either by pushes to the branches its pattern names (one environment per branch and entrypoint)
+//! or by promotion of commits that passed another tier (one environment per entrypoint). Tiers
+//! belong to the Project aggregate; the commands and events are [`crate::project`]'s.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::values::{BranchName, BranchPattern, TierName};
+use crate::DomainError;
+
+/// How many tiers one project may declare.
+pub const MAX_TIERS: usize = 20;
+/// How many configuration variables one tier may set.
+pub const MAX_TIER_VARS: usize = 100;
+
+/// Where a tier's commits come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TierSource {
+    /// Every push to a branch the pattern names deploys that branch's environments.
+    Branches { pattern: BranchPattern },
+    /// Commits whose deployments in tier `from` are Ready with every test passed are promoted
+    /// here: by the promoter when `automatic`, otherwise by someone's `promote`.
+    Promotion { from: TierName, automatic: bool },
+}
+
+/// A tier as declared (through the API, the CLI or the repository file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierSpec {
+    pub name: TierName,
+    pub source: TierSource,
+    /// Plain configuration its environments get as environment variables (`CACHE=off` in dev).
+    /// Never secrets: those are sealed, per project.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A code freeze: no automatic deploys or promotions until it is lifted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freeze {
+    pub by: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tier {
+    pub spec: TierSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<Freeze>,
+}
+
+impl Tier {
+    pub fn name(&self) -> &TierName {
+        &self.spec.name
+    }
+
+    /// The pattern of a push-fed tier.
+    pub fn pattern(&self) -> Option<&BranchPattern> {
+        match &self.spec.source {
+            TierSource::Branches { pattern } => Some(pattern),
+            TierSource::Promotion { .. } => None,
+        }
+    }
+
+    /// The tier a promotion-fed tier takes its commits from.
+    pub fn promoted_from(&self) -> Option<&TierName> {
+        match &self.spec.source {
+            TierSource::Branches { .. } => None,
+            TierSource::Promotion { from, .. } => Some(from),
+        }
+    }
+
+    /// Whether the promoter promotes into it by itself (not while frozen).
+    pub fn promotes_automatically(&self) -> bool {
+        matches!(self.spec.source, TierSource::Promotion { automatic: true, .. }) && self.frozen.is_none()
+    }
+}
+
+/// The tier whose pattern names `branch`: an exact name beats a pattern, a longer pattern a
+/// shorter one, and the first name in order breaks a tie.
+pub fn tier_for_branch<'a>(tiers: &'a BTreeMap<TierName, Tier>, branch: &BranchName) -> Option<&'a Tier> {
+    tiers
+        .values()
+        .filter_map(|tier| tier.pattern().filter(|p| p.matches(branch)).map(|p| (tier, p)))
+        .min_by_key(|(tier, pattern)| (!pattern.is_exact(), std::cmp::Reverse(pattern.as_str().len()), tier.name().clone()))
+        .map(|(tier, _)| tier)
+}
+
+/// Checks `spec` against the other tiers of its project: a promotion source must exist and not
+/// lead back to the tier itself, and the variables must be names an app can read.
+pub fn validate(tiers: &BTreeMap<TierName, Tier>, spec: &TierSpec) -> Result<(), DomainError> {
+    if !tiers.contains_key(&spec.name) && tiers.len() >= MAX_TIERS {
+        return Err(DomainError::invalid("tiers", format!("a project has at most {MAX_TIERS} tiers")));
+    }
+    if let TierSource::Promotion { from, .. } = &spec.source {
+        let mut seen = vec![spec.name.clone()];
+        let mut next = Some(from.clone());
+        while let Some(source) = next {
+            if seen.contains(&source) {
+                return Err(DomainError::invalid("from", format!("promoting {} from {from} would go round in a circle", spec.name)));
+            }
+            let Some(tier) = tiers.get(&source) else {
+                return Err(DomainError::invalid("from", format!("there is no tier {source:?} to promote from")));
+            };
+            seen.push(source);
+            next = tier.promoted_from().cloned();
+        }
+    }
+    if spec.env.len() > MAX_TIER_VARS {
+        return Err(DomainError::invalid("env", format!("a tier sets at most {MAX_TIER_VARS} variables")));
+    }
+    for (name, value) in &spec.env {
+        crate::project::validate_secret_name(name)?;
+        if value.len() > 4096 || value.contains('\0') {
+            return Err(DomainError::invalid("env", format!("{name}: a value is at most 4096 bytes, without NUL")));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to remove a tier another one is promoted from.
+pub fn validate_removal(tiers: &BTreeMap<TierName, Tier>, name: &TierName) -> Result<(), DomainError> {
+    if !tiers.contains_key(name) {
+        return Err(DomainError::NotFound { entity: "tier", id: name.to_string() });
+    }
+    if let Some(fed) = tiers.values().find(|t| t.promoted_from() == Some(name)) {
+        return Err(DomainError::invalid("tier", format!("{} is promoted from {name}: change or remove it first", fed.name())));
+    }
+    Ok(())
+}
