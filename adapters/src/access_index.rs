@@ -222,6 +222,48 @@ async fn apply_project(c: &mut PgConnection, project_id: Uuid, event: ProjectEve
         ProjectEvent::ProjectReactivated { .. } => {
             sqlx::query("UPDATE projects SET active = true WHERE project_id = $1").bind(project_id).execute(c).await?;
         }
+        // Tiers as the aggregate keeps them ({name: {spec, frozen?}}): the promoter finds the
+        // projects it has work in, and the API lists them, without loading every project.
+        ProjectEvent::TierSet { tier, .. } => {
+            let spec = serde_json::to_value(&tier).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            sqlx::query(
+                "UPDATE projects SET tiers = tiers || jsonb_build_object($2::text,
+                     jsonb_strip_nulls(jsonb_build_object('spec', $3::jsonb, 'frozen', tiers->$2->'frozen')))
+                 WHERE project_id = $1",
+            )
+            .bind(project_id)
+            .bind(tier.name.as_str())
+            .bind(spec)
+            .execute(c)
+            .await?;
+        }
+        ProjectEvent::TierRemoved { name, .. } => {
+            sqlx::query("UPDATE projects SET tiers = tiers - $2::text WHERE project_id = $1")
+                .bind(project_id)
+                .bind(name.as_str())
+                .execute(c)
+                .await?;
+        }
+        ProjectEvent::TierFrozen { name, by, reason, at } => {
+            let freeze = serde_json::to_value(understudy_domain::tier::Freeze { by, reason, at })
+                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            sqlx::query(
+                "UPDATE projects SET tiers = jsonb_set(tiers, ARRAY[$2::text, 'frozen'], $3::jsonb)
+                 WHERE project_id = $1 AND tiers ? $2::text",
+            )
+            .bind(project_id)
+            .bind(name.as_str())
+            .bind(freeze)
+            .execute(c)
+            .await?;
+        }
+        ProjectEvent::TierUnfrozen { name, .. } => {
+            sqlx::query("UPDATE projects SET tiers = tiers #- ARRAY[$2::text, 'frozen'] WHERE project_id = $1")
+                .bind(project_id)
+                .bind(name.as_str())
+                .execute(c)
+                .await?;
+        }
         _ => {}
     }
     Ok(())

@@ -11,6 +11,7 @@ pub mod global_log;
 pub mod metrics;
 pub mod nats;
 pub mod preview;
+pub mod promoter;
 pub mod relay;
 pub mod secrets;
 pub mod telemetry;

@@ -213,8 +213,8 @@ impl Runtime {
         });
     }
 
-    /// The scheduler: the stale sweep every minute, and the git poller of projects with a git
-    /// remote every `poll` interval.
+    /// The scheduler: the stale sweep every minute, the promoter every second, and the git poller
+    /// of projects with a git remote every `poll` interval.
     pub fn spawn_scheduler(
         &self,
         idle: std::time::Duration,
@@ -228,7 +228,13 @@ impl Runtime {
             sweeper.run(stop).await;
             Ok(())
         });
+        tasks.spawn(self.promoter().run(cancel.clone()).map(Ok));
         tasks.spawn(self.git_poller(poll).run(cancel).map(Ok));
+    }
+
+    /// Promotes commits that passed a tier into the tiers promoted from it automatically.
+    pub fn promoter(&self) -> understudy_adapters::promoter::Promoter {
+        understudy_adapters::promoter::Promoter { store: self.store.clone(), every: std::time::Duration::from_secs(1) }
     }
 
     /// The poller of projects with a git remote (mirrors under the preview data dir).

@@ -295,19 +295,22 @@ impl Ingest {
                 let Some(branch) = p.git_ref.strip_prefix("refs/heads/") else {
                     return Ok(Outcome::Ignored(format!("{} is not a branch", p.git_ref)));
                 };
-                if project.production_branch.as_ref().map(BranchName::as_str) != Some(branch) || !project.active {
-                    return Ok(Outcome::Ignored(format!("{branch} is not the production branch of an active project")));
-                }
                 let branch = BranchName::parse(branch)?;
+                if !project.active || !project.deploys_branch(&branch) {
+                    return Ok(Outcome::Ignored(format!("{branch} is neither the production branch nor a tier's branch of an active project")));
+                }
                 let project_id = super::project_id(p.repository.id);
                 if p.deleted {
                     let n = self.terminate_branch(project_id, &branch, "the branch was deleted", &meta).await?;
                     return Ok(Outcome::Applied(format!("{branch} deleted: {n} environments terminated")));
                 }
                 let sha = CommitSha::parse(p.after.as_str())?;
+                let target = Target::Branch { branch: branch.clone() };
+                if let Some(tier) = project.tier_of(&target).filter(|tier| tier.frozen.is_some()) {
+                    return Ok(Outcome::Ignored(format!("tier {} is frozen: {branch} at {sha} is not deployed", tier.name())));
+                }
                 let rule = project.entrypoints.clone().unwrap_or(EntrypointRule::Detect);
                 let entrypoints = self.entrypoints(&rule, installation, &p.repository.full_name, sha.as_str()).await?;
-                let target = Target::Branch { branch: branch.clone() };
                 for entrypoint in &entrypoints {
                     self.store.deploy_commit(project_id, &target, entrypoint, &sha, &meta).await?;
                 }

@@ -116,6 +116,10 @@ impl Poller {
         for (branch, sha) in &heads {
             let Ok(branch) = BranchName::parse(branch.as_str()) else { continue };
             let target = Target::Branch { branch };
+            if project.tier_of(&target).is_some_and(|tier| tier.frozen.is_some()) {
+                // A code freeze: the branch keeps what it runs; the poll after the thaw deploys.
+                continue;
+            }
             let files = self.root_files(id, sha).await?;
             let config = if files.iter().any(|f| f == super::stack::CONFIG_FILE) {
                 git(&self.mirror(id), &["show", &format!("{}:{}", sha.as_str(), super::stack::CONFIG_FILE)]).await.ok()

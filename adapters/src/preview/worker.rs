@@ -59,6 +59,8 @@ struct Job {
     redactor: Redactor,
     /// The project's secrets this deployment gets, as environment variables.
     secrets: Vec<(String, String)>,
+    /// Its tier's configuration (and `UNDERSTUDY_TIER`), when its environment belongs to one.
+    tier_env: Vec<(String, String)>,
 }
 
 /// Why a pipeline step stopped.
@@ -188,6 +190,7 @@ impl Worker {
                     attempts,
                     redactor: Redactor::default(),
                     secrets: Vec::new(),
+                    tier_env: Vec::new(),
                 });
             }
         }
@@ -384,7 +387,15 @@ impl Worker {
         let restart = deployment.status == DeploymentStatus::Ready;
         let (secrets, secrets_note) = self.secrets_for(job, &project, state.spec.as_ref()).await?;
         let redactor = Redactor::new(secrets.iter().map(|(_, value)| value.clone()));
-        let job = &Job { redactor, secrets, ..job.clone() };
+        let tier = state.spec.as_ref().and_then(|spec| project.tier_of(&spec.target));
+        let tier_env = tier
+            .map(|tier| {
+                let mut vars = vec![("UNDERSTUDY_TIER".to_string(), tier.name().to_string())];
+                vars.extend(tier.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+                vars
+            })
+            .unwrap_or_default();
+        let job = &Job { redactor, secrets, tier_env, ..job.clone() };
         if deployment.status == DeploymentStatus::Requested {
             self.command(job, meta, EnvironmentCommand::StartBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
         }
@@ -406,7 +417,8 @@ impl Worker {
         let result = self.build_and_start(job, meta, &repository, project.git_url.as_deref(), restart, &work).await;
         watcher.abort();
         let (mut app, plan, plan_env) = result?;
-        if !restart {
+        // A restart after a worker died mid-tests runs them again: promotion waits for them.
+        if !deployment.tests_completed {
             let tests_started = Instant::now();
             self.run_tests(job, meta, &plan, &plan_env, stop).await?;
             if plan.tests != Tests::None {
@@ -503,7 +515,9 @@ impl Worker {
             Err(error) => return Err(Stop::User(FailedStage::Build, error.to_string())),
         };
         build_log.line(format!("understudy: stack {}", plan.stack.as_str()));
+        // The repository file's variables, then the tier's, then secrets: each may override the last.
         let mut plan_env: Vec<(String, String)> = plan.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        plan_env.extend(job.tier_env.iter().cloned());
         plan_env.extend(job.secrets.iter().cloned());
 
         // Build (a restart too: its work dir was lost with the worker that ran it).
@@ -711,7 +725,7 @@ impl Worker {
         stop: &CancellationToken,
     ) -> Result<(), Stop> {
         let results = match &plan.tests {
-            Tests::None => return Ok(()),
+            Tests::None => vec![],
             Tests::Command(line) => {
                 let log = self.logs.stream(job.deployment.0, format!("test:{line}"), job.redactor.clone());
                 let spec = self.sandbox(job, "test", false, plan_env);
@@ -732,7 +746,7 @@ impl Worker {
                 EnvironmentCommand::RecordTestResult { deployment_id: job.deployment, test, outcome, duration_ms, at: Utc::now() };
             self.command(job, meta, command).await?;
         }
-        Ok(())
+        self.command(job, meta, EnvironmentCommand::CompleteTests { deployment_id: job.deployment, at: Utc::now() }).await
     }
 
     /// `wing test`: every test in a fresh simulator; results and per-test traces from its JSON.
