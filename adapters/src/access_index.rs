@@ -245,8 +245,8 @@ async fn apply_project(c: &mut PgConnection, project_id: Uuid, event: ProjectEve
                 .await?;
         }
         ProjectEvent::TierFrozen { name, by, reason, at } => {
-            let freeze = serde_json::to_value(understudy_domain::tier::Freeze { by, reason, at })
-                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            let freeze =
+                serde_json::to_value(understudy_domain::tier::Freeze { by, reason, at }).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
             sqlx::query(
                 "UPDATE projects SET tiers = jsonb_set(tiers, ARRAY[$2::text, 'frozen'], $3::jsonb)
                  WHERE project_id = $1 AND tiers ? $2::text",

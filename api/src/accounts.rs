@@ -317,6 +317,11 @@ impl ProjectSettings {
         }))
     }
 
+    /// Its tiers (dev, staging, production…), in name order.
+    async fn tiers(&self, ctx: &Context<'_>) -> Result<Vec<crate::tiers::Tier>> {
+        crate::tiers::tiers_of(ctx, self.id).await
+    }
+
     /// Secrets' names, scopes and when they were set; never their values (View Settings).
     async fn secrets(&self, ctx: &Context<'_>) -> Result<Vec<SecretName>> {
         require_project(ctx, self.id, Permission::ViewSettings).await?;

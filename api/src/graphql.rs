@@ -18,9 +18,10 @@ use understudy_domain::permissions::Permission;
 
 pub type AppSchema = Schema<QueryRoot, MutationRoot, Subscription>;
 
-/// Every mutation: people and settings ([`Mutation`]) and environments ([`OperationsMutation`]).
+/// Every mutation: people and settings ([`Mutation`]), environments ([`OperationsMutation`]) and
+/// tiers ([`crate::tiers::TiersMutation`]).
 #[derive(MergedObject, Default)]
-pub struct MutationRoot(Mutation, OperationsMutation);
+pub struct MutationRoot(Mutation, OperationsMutation, crate::tiers::TiersMutation);
 
 /// Every query: environments, logs and history ([`Query`]) and people and settings
 /// ([`AccountQuery`]).

@@ -14,4 +14,5 @@ pub mod operations;
 pub mod proxy;
 pub mod runtime;
 pub mod telemetry;
+pub mod tiers;
 pub mod webhooks;

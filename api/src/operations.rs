@@ -30,6 +30,12 @@ pub struct Deployment {
     pub url: Option<String>,
     pub failure: Option<String>,
     pub tests: Vec<crate::graphql::TestResult>,
+    /// Every test has reported (what promotion waits for, with none failed).
+    pub tests_completed: bool,
+    /// The deployment of another tier it was promoted from.
+    pub promoted_from: Option<Uuid>,
+    /// The earlier deployment of this environment it rolled back to.
+    pub rolled_back_to: Option<Uuid>,
 }
 
 impl From<&understudy_domain::environment::Deployment> for Deployment {
@@ -55,6 +61,9 @@ impl From<&understudy_domain::environment::Deployment> for Deployment {
                     at: t.at,
                 })
                 .collect(),
+            tests_completed: d.tests_completed,
+            promoted_from: d.promoted_from.map(|id| id.0),
+            rolled_back_to: d.rolled_back_to.map(|id| id.0),
         }
     }
 }
@@ -79,7 +88,7 @@ pub struct EnvironmentChange {
     pub deployment: Option<Deployment>,
 }
 
-fn change(environment_id: Uuid, state: &EnvironmentState, deployment: Option<DeploymentId>) -> EnvironmentChange {
+pub(crate) fn change(environment_id: Uuid, state: &EnvironmentState, deployment: Option<DeploymentId>) -> EnvironmentChange {
     let deployment = match deployment {
         Some(id) => state.deployments.iter().find(|d| d.id == id),
         None => state.current(),

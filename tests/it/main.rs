@@ -12,3 +12,4 @@ mod projector;
 mod relay;
 mod replay;
 mod store;
+mod tiers;

@@ -24,25 +24,25 @@ use understudy_tests::repos::{self, root};
 use understudy_tests::{eventually, understudy_bin, TestEnv};
 use uuid::Uuid;
 
-const DOMAIN: &str = "preview.localhost";
+pub(crate) const DOMAIN: &str = "preview.localhost";
 
 /// One test's preview world: the spine, a worker, the API with its proxy, and git repositories
 /// on disk standing in for GitHub's.
-struct Previews {
-    env: TestEnv,
-    tmp: tempfile::TempDir,
-    addr: std::net::SocketAddr,
-    cancel: CancellationToken,
-    tasks: JoinSet<anyhow::Result<()>>,
-    http: reqwest::Client,
+pub(crate) struct Previews {
+    pub(crate) env: TestEnv,
+    pub(crate) tmp: tempfile::TempDir,
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tasks: JoinSet<anyhow::Result<()>>,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Previews {
-    async fn start() -> Previews {
+    pub(crate) async fn start() -> Previews {
         Self::start_with(true).await
     }
 
-    async fn start_with(worker: bool) -> Previews {
+    pub(crate) async fn start_with(worker: bool) -> Previews {
         let tmp = tempfile::tempdir().expect("temp dir");
         let mut env = TestEnv::new().await;
         let mut config = PreviewConfig::new(tmp.path().join("previews"), DOMAIN.into());
@@ -68,7 +68,7 @@ impl Previews {
     }
 
     /// With a worker whose configuration `change` adjusted.
-    async fn start_configured(change: impl FnOnce(&mut PreviewConfig)) -> Previews {
+    pub(crate) async fn start_configured(change: impl FnOnce(&mut PreviewConfig)) -> Previews {
         let mut previews = Self::start_with(false).await;
         let mut config = (*previews.env.runtime.preview).clone();
         change(&mut config);
@@ -77,22 +77,22 @@ impl Previews {
         previews
     }
 
-    fn spawn_worker(&mut self, id: &str) {
+    pub(crate) fn spawn_worker(&mut self, id: &str) {
         self.env.runtime.spawn_worker(id.into(), self.cancel.clone(), &mut self.tasks);
     }
 
     /// Pushes `example` as the only commit of repository `full_name`; returns the commit.
-    fn push(&self, example: &str, full_name: &str) -> CommitSha {
+    pub(crate) fn push(&self, example: &str, full_name: &str) -> CommitSha {
         repos::push_example(self.tmp.path(), example, full_name)
     }
 
     /// Commits `files` on top of `full_name`'s main branch; returns the new commit.
-    fn push_change(&self, full_name: &str, files: &[(&str, &str)]) -> CommitSha {
+    pub(crate) fn push_change(&self, full_name: &str, files: &[(&str, &str)]) -> CommitSha {
         repos::push_change(self.tmp.path(), full_name, files)
     }
 
     /// A new deployment of `commit` for an existing environment.
-    async fn redeploy(&self, environment: EnvironmentId, commit: CommitSha) -> DeploymentId {
+    pub(crate) async fn redeploy(&self, environment: EnvironmentId, commit: CommitSha) -> DeploymentId {
         let state = self.env.runtime.store.environments.load(environment.0).await.expect("load").into_inner();
         let deployment = DeploymentId(Uuid::new_v4());
         let command = EnvironmentCommand::RequestDeployment {
@@ -109,7 +109,7 @@ impl Previews {
 
     /// A repository of node-hello plus `files` (an app of the test's own, started as
     /// `understudy.toml` says), deployed as pull request 1; waits until it is Ready.
-    async fn deploy_app(&self, full_name: &str, files: &[(&str, &str)]) -> (EnvironmentId, ProjectId) {
+    pub(crate) async fn deploy_app(&self, full_name: &str, files: &[(&str, &str)]) -> (EnvironmentId, ProjectId) {
         self.push("node-hello", full_name);
         let commit = self.push_change(full_name, files);
         let project = self.project(full_name).await;
@@ -130,11 +130,11 @@ impl Previews {
         (environment, project)
     }
 
-    fn work_dir(&self, environment: EnvironmentId, deployment: DeploymentId) -> PathBuf {
+    pub(crate) fn work_dir(&self, environment: EnvironmentId, deployment: DeploymentId) -> PathBuf {
         self.tmp.path().join("previews").join(environment.0.simple().to_string()).join(deployment.0.simple().to_string())
     }
 
-    async fn project(&self, full_name: &str) -> ProjectId {
+    pub(crate) async fn project(&self, full_name: &str) -> ProjectId {
         let project = ProjectId(Uuid::new_v4());
         let command = ProjectCommand::Create {
             project_id: project,
@@ -150,7 +150,7 @@ impl Previews {
     }
 
     /// Pushes `example` and asks for a deployment of `entrypoint` of pull request 1.
-    async fn deploy(&self, example: &str, entrypoint: &str) -> (EnvironmentId, DeploymentId) {
+    pub(crate) async fn deploy(&self, example: &str, entrypoint: &str) -> (EnvironmentId, DeploymentId) {
         let full_name = format!("octo/{example}");
         let commit = self.push(example, &full_name);
         let project = self.project(&full_name).await;
@@ -171,7 +171,7 @@ impl Previews {
 
     /// Waits until the environment's status is one of `statuses`; returns its read-model row.
     /// On timeout, prints every log line the deployment wrote, to show where it stuck.
-    async fn settled(&self, environment: EnvironmentId, statuses: &[&str]) -> Row {
+    pub(crate) async fn settled(&self, environment: EnvironmentId, statuses: &[&str]) -> Row {
         let deadline = std::time::Instant::now() + Duration::from_secs(180);
         loop {
             let row: Option<Row> = sqlx::query_as(
@@ -199,7 +199,7 @@ impl Previews {
     }
 
     /// Waits for `count` test results.
-    async fn tested(&self, environment: EnvironmentId, count: i32) -> Row {
+    pub(crate) async fn tested(&self, environment: EnvironmentId, count: i32) -> Row {
         eventually(Duration::from_secs(180), "the test results", || async {
             let row: Row = sqlx::query_as(
                 "SELECT status, preview_url, failure, tests_passed, tests_failed FROM environments WHERE environment_id = $1",
@@ -213,12 +213,12 @@ impl Previews {
         .await
     }
 
-    fn preview(&self, environment: EnvironmentId, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn preview(&self, environment: EnvironmentId, path: &str) -> reqwest::RequestBuilder {
         let host = format!("{}.{DOMAIN}", environment.0.simple());
         self.http.get(format!("http://{}{path}", self.addr)).header("host", host)
     }
 
-    async fn log(&self, environment: EnvironmentId, kind: &str, from: i64) -> (String, i64) {
+    pub(crate) async fn log(&self, environment: EnvironmentId, kind: &str, from: i64) -> (String, i64) {
         let response = self
             .http
             .get(format!("http://{}/environments/{}/logs/{kind}?from={from}", self.addr, environment.0))
@@ -237,7 +237,7 @@ impl Drop for Previews {
     }
 }
 
-type Row = (String, Option<String>, Option<String>, i32, i32);
+pub(crate) type Row = (String, Option<String>, Option<String>, i32, i32);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wing_app_goes_live_behind_the_proxy_with_its_tests_and_logs() {

@@ -297,7 +297,9 @@ impl Ingest {
                 };
                 let branch = BranchName::parse(branch)?;
                 if !project.active || !project.deploys_branch(&branch) {
-                    return Ok(Outcome::Ignored(format!("{branch} is neither the production branch nor a tier's branch of an active project")));
+                    return Ok(Outcome::Ignored(format!(
+                        "{branch} is neither the production branch nor a tier's branch of an active project"
+                    )));
                 }
                 let project_id = super::project_id(p.repository.id);
                 if p.deleted {

@@ -1,0 +1,238 @@
+//! GraphQL for tiers: declaring them (Manage Settings), freezing them, promoting into them and
+//! rolling an environment back (Manage Projects). Each appends events; promotion goes through
+//! the same [`Promoter`] the scheduler runs, so a person's promotion and an automatic one obey
+//! one rule.
+
+use std::collections::BTreeMap;
+
+use async_graphql::{Context, ErrorExtensions, InputObject, Object, Result, SimpleObject};
+use chrono::{DateTime, Utc};
+use understudy_adapters::promoter::{PromoteError, Promoter};
+use understudy_domain::environment::EnvironmentCommand;
+use understudy_domain::ids::{DeploymentId, ProjectId};
+use understudy_domain::permissions::Permission;
+use understudy_domain::project::ProjectCommand;
+use understudy_domain::tier::{TierSource, TierSpec};
+use understudy_domain::values::{BranchPattern, CommitSha, TierName};
+use understudy_domain::Metadata;
+use uuid::Uuid;
+
+use crate::accounts::{auth, bad_input, command_error, denied, require_project, viewer};
+use crate::auth::{Denied, Viewer};
+use crate::operations::{change, EnvironmentChange};
+
+/// A tier as the API shows it.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Tier {
+    pub name: String,
+    /// The branches whose pushes deploy it (`main`, `dev-*`); null for a promoted tier.
+    pub branches: Option<String>,
+    /// The tier whose passed commits are promoted into it; null for a tier fed by pushes.
+    pub promoted_from: Option<String>,
+    /// Whether passed commits are promoted into it without anyone asking.
+    pub automatic: bool,
+    /// Configuration its environments get as environment variables.
+    pub env: Vec<TierVariable>,
+    pub frozen: Option<TierFreeze>,
+}
+
+#[derive(SimpleObject, InputObject, Clone, Debug)]
+#[graphql(input_name = "TierVariableInput")]
+pub struct TierVariable {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct TierFreeze {
+    pub by: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A tier to declare: exactly one of `branches` and `promotedFrom`.
+#[derive(InputObject, Clone, Debug)]
+pub struct TierInput {
+    pub name: String,
+    pub branches: Option<String>,
+    pub promoted_from: Option<String>,
+    /// For a promoted tier: promote passed commits without anyone asking (default true).
+    #[graphql(default = true)]
+    pub automatic: bool,
+    #[graphql(default)]
+    pub env: Vec<TierVariable>,
+}
+
+/// What a promotion did.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Promotion {
+    pub tier: String,
+    pub commit: String,
+    /// How many deployments it asked for (0: the commit was there already).
+    pub requested: i32,
+    /// The promoted tier's environments, one per entrypoint.
+    pub environments: Vec<EnvironmentChange>,
+}
+
+impl From<&understudy_domain::tier::Tier> for Tier {
+    fn from(tier: &understudy_domain::tier::Tier) -> Self {
+        let (branches, promoted_from, automatic) = match &tier.spec.source {
+            TierSource::Branches { pattern } => (Some(pattern.to_string()), None, false),
+            TierSource::Promotion { from, automatic } => (None, Some(from.to_string()), *automatic),
+        };
+        Self {
+            name: tier.name().to_string(),
+            branches,
+            promoted_from,
+            automatic,
+            env: tier.spec.env.iter().map(|(name, value)| TierVariable { name: name.clone(), value: value.clone() }).collect(),
+            frozen: tier.frozen.as_ref().map(|f| TierFreeze { by: f.by.clone(), reason: f.reason.clone(), at: f.at }),
+        }
+    }
+}
+
+impl TierInput {
+    fn into_spec(self) -> Result<TierSpec> {
+        let name = TierName::parse(self.name).map_err(|e| bad_input(e.to_string()))?;
+        let source = match (self.branches, self.promoted_from) {
+            (Some(pattern), None) => TierSource::Branches { pattern: BranchPattern::parse(pattern).map_err(|e| bad_input(e.to_string()))? },
+            (None, Some(from)) => {
+                TierSource::Promotion { from: TierName::parse(from).map_err(|e| bad_input(e.to_string()))?, automatic: self.automatic }
+            }
+            _ => return Err(bad_input("a tier is fed either by `branches` or by promotion (`promotedFrom`), not both or neither")),
+        };
+        let mut env = BTreeMap::new();
+        for variable in self.env {
+            if env.insert(variable.name.clone(), variable.value).is_some() {
+                return Err(bad_input(format!("variable {} is set twice", variable.name)));
+            }
+        }
+        Ok(TierSpec { name, source, env })
+    }
+}
+
+/// The project's tiers, from the index (View Projects, checked by the caller).
+pub async fn tiers_of(ctx: &Context<'_>, project: Uuid) -> Result<Vec<Tier>> {
+    let state = auth(ctx)?.store.projects.load(project).await?.into_inner();
+    Ok(state.tiers.values().map(Tier::from).collect())
+}
+
+/// How events name a person: their login, or `operator` on an open node.
+fn who(viewer: &Viewer) -> String {
+    match viewer {
+        Viewer::User { login, .. } => login.clone(),
+        Viewer::Operator => "operator".into(),
+        Viewer::Anonymous => "anonymous".into(),
+    }
+}
+
+fn tier_name(name: String) -> Result<TierName> {
+    TierName::parse(name).map_err(|e| bad_input(e.to_string()))
+}
+
+fn promote_error(error: PromoteError) -> async_graphql::Error {
+    let code = match error {
+        PromoteError::Command(error) => return command_error(error),
+        PromoteError::NoProject(_) | PromoteError::NoTier(_) => "NOT_FOUND",
+        PromoteError::Frozen { .. } => "FROZEN",
+        PromoteError::NotPromoted(_) | PromoteError::NothingPassed(_) => "BAD_USER_INPUT",
+        PromoteError::Db(_) => "INTERNAL",
+    };
+    async_graphql::Error::new(error.to_string()).extend_with(|_, e| e.set("code", code))
+}
+
+#[derive(Default)]
+pub struct TiersMutation;
+
+#[Object]
+impl TiersMutation {
+    /// Declares a tier or changes one (Manage Settings). A tier fed by `branches` deploys every
+    /// push to a branch the pattern names; a tier with `promotedFrom` gets the commits that passed
+    /// there (Ready, healthy, every test passed), by itself when `automatic`.
+    async fn set_tier(&self, ctx: &Context<'_>, project_id: Uuid, tier: TierInput) -> Result<Tier> {
+        require_project(ctx, project_id, Permission::ManageSettings).await?;
+        let spec = tier.into_spec()?;
+        let name = spec.name.clone();
+        let command = ProjectCommand::SetTier { tier: spec, at: Utc::now() };
+        let done = execute_project(ctx, project_id, command).await?;
+        done.tiers.get(&name).map(Tier::from).ok_or_else(|| bad_input("the tier was not kept"))
+    }
+
+    /// Removes a tier (Manage Settings); its environments stay until their branches go.
+    async fn remove_tier(&self, ctx: &Context<'_>, project_id: Uuid, name: String) -> Result<bool> {
+        require_project(ctx, project_id, Permission::ManageSettings).await?;
+        execute_project(ctx, project_id, ProjectCommand::RemoveTier { name: tier_name(name)?, at: Utc::now() }).await?;
+        Ok(true)
+    }
+
+    /// A code freeze (Manage Projects): no automatic deploys or promotions into the tier, and
+    /// no promotions by anyone, until it is unfrozen. Rollbacks stay possible.
+    async fn freeze_tier(&self, ctx: &Context<'_>, project_id: Uuid, name: String, reason: String) -> Result<Tier> {
+        require_project(ctx, project_id, Permission::ManageProjects).await?;
+        let name = tier_name(name)?;
+        let command = ProjectCommand::FreezeTier { name: name.clone(), by: who(&viewer(ctx)), reason, at: Utc::now() };
+        let done = execute_project(ctx, project_id, command).await?;
+        done.tiers.get(&name).map(Tier::from).ok_or_else(|| bad_input("no such tier"))
+    }
+
+    async fn unfreeze_tier(&self, ctx: &Context<'_>, project_id: Uuid, name: String) -> Result<Tier> {
+        require_project(ctx, project_id, Permission::ManageProjects).await?;
+        let name = tier_name(name)?;
+        let command = ProjectCommand::UnfreezeTier { name: name.clone(), by: who(&viewer(ctx)), at: Utc::now() };
+        let done = execute_project(ctx, project_id, command).await?;
+        done.tiers.get(&name).map(Tier::from).ok_or_else(|| bad_input("no such tier"))
+    }
+
+    /// Promotes into `tier` the newest commit that passed in the tier it is promoted from, or
+    /// `commit` (Manage Projects). The tier's running deployment serves until the new one is
+    /// Ready. Recorded with who promoted.
+    async fn promote(&self, ctx: &Context<'_>, project_id: Uuid, tier: String, commit: Option<String>) -> Result<Promotion> {
+        require_project(ctx, project_id, Permission::ManageProjects).await?;
+        let tier = tier_name(tier)?;
+        let commit = commit.map(CommitSha::parse).transpose().map_err(|e| bad_input(e.to_string()))?;
+        let auth = auth(ctx)?;
+        let promoter = Promoter { store: auth.store.clone(), every: std::time::Duration::from_secs(1) };
+        let viewer = viewer(ctx);
+        let meta = Metadata::new(Uuid::new_v4(), viewer.actor());
+        let promotion =
+            promoter.promote(ProjectId(project_id), &tier, commit.as_ref(), &who(&viewer), &meta).await.map_err(promote_error)?;
+        let mut environments = Vec::new();
+        for (environment, deployment) in &promotion.environments {
+            let state = auth.store.environments.load(environment.0).await?.into_inner();
+            environments.push(change(environment.0, &state, Some(*deployment)));
+        }
+        Ok(Promotion {
+            tier: promotion.tier.to_string(),
+            commit: promotion.commit.to_string(),
+            requested: promotion.requested as i32,
+            environments,
+        })
+    }
+
+    /// Deploys again the commit of an earlier deployment of this environment that was Ready
+    /// (Manage Projects), in one step; the running one serves until it is Ready.
+    async fn rollback(&self, ctx: &Context<'_>, environment_id: Uuid, deployment_id: Uuid) -> Result<EnvironmentChange> {
+        let auth = auth(ctx)?;
+        let state = auth.store.environments.load(environment_id).await?.into_inner();
+        let not_found = || denied(Denied::NotFound(format!("no environment {environment_id} that you can see")));
+        let project = state.spec.as_ref().ok_or_else(not_found)?.project_id;
+        match auth.require_project(&viewer(ctx), project, Permission::ManageProjects).await {
+            Ok(()) => {}
+            Err(Denied::NotFound(_)) => return Err(not_found()),
+            Err(other) => return Err(denied(other)),
+        }
+        let viewer = viewer(ctx);
+        let new = DeploymentId(Uuid::new_v4());
+        let command =
+            EnvironmentCommand::Rollback { deployment_id: new, to: DeploymentId(deployment_id), by: who(&viewer), at: Utc::now() };
+        let meta = Metadata::new(Uuid::new_v4(), viewer.actor());
+        let done = auth.store.environments.execute(environment_id, command, meta).await.map_err(command_error)?;
+        Ok(change(environment_id, &done.state, Some(new)))
+    }
+}
+
+async fn execute_project(ctx: &Context<'_>, project_id: Uuid, command: ProjectCommand) -> Result<understudy_domain::project::Project> {
+    let meta = Metadata::new(Uuid::new_v4(), viewer(ctx).actor());
+    let done = auth(ctx)?.store.projects.execute(project_id, command, meta).await.map_err(command_error)?;
+    Ok(done.state)
+}

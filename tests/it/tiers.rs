@@ -1,0 +1,236 @@
+//! Tiers end to end, on a repository on disk: each tier's branches deploy with the tier's
+//! variables, only commits that passed staging reach production (automatically, or by a
+//! person's `promote`), production serves its old deployment until the new one is Ready, a
+//! rollback stays rolled back, and a freeze holds until it is lifted.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use understudy_adapters::preview::local_git;
+use understudy_domain::ids::EnvironmentId;
+use understudy_domain::values::{BranchName, CommitSha, Entrypoint, Target, TierName};
+use understudy_tests::eventually;
+use understudy_tests::repos;
+
+use crate::preview::Previews;
+
+/// An app that says which tier it runs in, its `CACHE` variable and its version.
+fn server(version: &str) -> String {
+    format!(
+        r#"const http = require("http");
+http.createServer((req, res) => {{
+  res.writeHead(200, {{ "content-type": "text/plain" }});
+  res.end(`${{process.env.UNDERSTUDY_TIER || "-"}}:${{process.env.CACHE || "-"}}:{version}\n`);
+}}).listen(Number(process.env.PORT), "127.0.0.1");
+"#
+    )
+}
+const PASSING: &str = "console.log('all good');\n";
+const FAILING: &str = "console.error('a real failure'); process.exit(1);\n";
+
+impl Previews {
+    async fn graphql(&self, query: &str, variables: Value) -> Value {
+        let body = json!({ "query": query, "variables": variables });
+        let response = self.http.post(format!("http://{}/graphql", self.addr)).json(&body).send().await.expect("post");
+        response.json().await.expect("a JSON answer")
+    }
+
+    /// What the environment's preview answers, if it answers 200.
+    async fn body(&self, environment: EnvironmentId) -> Option<String> {
+        let response = self.preview(environment, "/").send().await.ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        response.text().await.ok()
+    }
+
+    /// Waits until the environment's current deployment of `commit` is Ready with its tests
+    /// completed; whether they all passed.
+    async fn tested_at(&self, environment: EnvironmentId, commit: &CommitSha) -> bool {
+        eventually(Duration::from_secs(180), "the deployment's tests to complete", || async {
+            let state = self.env.runtime.store.environments.load(environment.0).await.ok()?.into_inner();
+            let current = state.current()?;
+            assert_ne!(current.status.as_str(), "Failed", "the deployment failed: {:?}", current.failure);
+            (current.commit == *commit && current.tests_completed).then(|| current.passed())
+        })
+        .await
+    }
+
+    /// Whether the environment exists in the read model.
+    async fn exists(&self, environment: EnvironmentId) -> bool {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM environments WHERE environment_id = $1")
+            .bind(environment.0)
+            .fetch_one(self.env.pool())
+            .await
+            .expect("count")
+            > 0
+    }
+}
+
+fn code(answer: &Value) -> &str {
+    answer["errors"][0]["extensions"]["code"].as_str().unwrap_or_else(|| panic!("an error was expected: {answer}"))
+}
+
+const SET_TIER: &str =
+    "mutation($p: UUID!, $t: TierInput!) { setTier(projectId: $p, tier: $t) { name branches promotedFrom automatic env { name value } } }";
+const PROMOTE: &str = "mutation($p: UUID!, $t: String!) { promote(projectId: $p, tier: $t) { tier commit requested environments { environmentId deployment { commit promotedFrom } } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tiers_deploy_their_branches_promote_what_passed_roll_back_and_freeze() {
+    let previews = Previews::start().await;
+    previews.push("node-hello", "local/app");
+    let v1 = previews.push_change("local/app", &[("server.js", &server("v1")), ("test.js", PASSING)]);
+    let bare = previews.tmp.path().join("git/local/app.git");
+    let work = previews.tmp.path().join("work/local/app");
+    let store = &previews.env.runtime.store;
+    let project = local_git::add_project(store, bare.to_str().expect("utf-8"), "main", None).await.expect("add").id.expect("id");
+    let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
+    let promoter = previews.env.runtime.promoter();
+    let p = json!(project.to_string());
+    let entrypoint = Entrypoint::parse(".").expect("entrypoint");
+    let branch_env =
+        |b: &str| EnvironmentId::derive(project, &Target::Branch { branch: BranchName::parse(b).expect("branch") }, &entrypoint);
+    let tier_env = |t: &str| EnvironmentId::derive(project, &Target::Tier { tier: TierName::parse(t).expect("tier") }, &entrypoint);
+
+    // Declaring the tiers: dev per `dev-*` branch, staging on main, production by promotion.
+    let dev = json!({ "name": "dev", "branches": "dev-*", "env": [{ "name": "CACHE", "value": "off" }] });
+    let staging = json!({ "name": "staging", "branches": "main", "env": [{ "name": "CACHE", "value": "on" }] });
+    let production = json!({ "name": "production", "promotedFrom": "staging" });
+    for tier in [&dev, &staging, &production] {
+        let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": tier })).await;
+        assert_eq!(answer["data"]["setTier"]["name"], tier["name"], "{answer}");
+    }
+    let answer =
+        previews.graphql("query($p: UUID!) { project(id: $p) { tiers { name promotedFrom automatic } } }", json!({ "p": p })).await;
+    assert_eq!(
+        answer["data"]["project"]["tiers"],
+        json!([
+            { "name": "dev", "promotedFrom": null, "automatic": false },
+            { "name": "production", "promotedFrom": "staging", "automatic": true },
+            { "name": "staging", "promotedFrom": null, "automatic": false },
+        ])
+    );
+    // Bad declarations are refused with a reason, and change nothing.
+    for bad in [
+        json!({ "name": "qa", "promotedFrom": "nowhere" }),
+        json!({ "name": "qa", "branches": "qa", "promotedFrom": "staging" }),
+        json!({ "name": "staging", "promotedFrom": "production" }),
+        json!({ "name": "Bad Name", "branches": "x" }),
+        json!({ "name": "qa", "branches": "has space" }),
+        json!({ "name": "qa", "branches": "qa", "env": [{ "name": "PORT", "value": "1" }] }),
+    ] {
+        let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": bad })).await;
+        assert_eq!(code(&answer), "BAD_USER_INPUT", "{bad}: {answer}");
+    }
+
+    // Main deploys staging with staging's variables; its commit passed, so production gets it.
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    assert!(previews.tested_at(branch_env("main"), &v1).await, "v1's tests pass");
+    assert_eq!(previews.body(branch_env("main")).await.as_deref(), Some("staging:on:v1\n"));
+    assert_eq!(promoter.pass().await.expect("pass"), 1, "v1 is promoted to production");
+    assert_eq!(promoter.pass().await.expect("pass"), 0, "and only once");
+    let production_env = tier_env("production");
+    assert_eq!(previews.settled(production_env, &["Ready", "Failed"]).await.0, "Ready");
+    assert_eq!(previews.body(production_env).await.as_deref(), Some("production:-:v1\n"), "production runs v1 with its own variables");
+
+    // A dev branch gets an environment of its own, with dev's variables; nothing is promoted
+    // from dev.
+    repos::git(&work, &["push", "--quiet", bare.to_str().expect("utf-8"), "HEAD:refs/heads/dev-alice"]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    assert_eq!(previews.settled(branch_env("dev-alice"), &["Ready", "Failed"]).await.0, "Ready");
+    assert_eq!(previews.body(branch_env("dev-alice")).await.as_deref(), Some("dev:off:v1\n"));
+
+    // A commit whose tests fail stays in staging, and nobody can promote it.
+    let v2 = previews.push_change("local/app", &[("server.js", &server("v2")), ("test.js", FAILING)]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    assert!(!previews.tested_at(branch_env("main"), &v2).await, "v2's test fails");
+    assert_eq!(promoter.pass().await.expect("pass"), 0, "a failed test holds the commit back");
+    let answer = previews.graphql(PROMOTE, json!({ "p": p, "t": "production" })).await;
+    assert_eq!(code(&answer), "BAD_USER_INPUT", "{answer}");
+    assert!(answer["errors"][0]["message"].as_str().expect("message").contains("no commit has passed in staging"), "{answer}");
+    assert_eq!(previews.body(production_env).await.as_deref(), Some("production:-:v1\n"));
+
+    // The fix passes and is promoted; production serves v1 until v3 is Ready, without a gap.
+    let v3 = previews.push_change("local/app", &[("server.js", &server("v3")), ("test.js", PASSING)]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    assert!(previews.tested_at(branch_env("main"), &v3).await);
+    assert_eq!(promoter.pass().await.expect("pass"), 1);
+    let mut served = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while served.last().is_none_or(|b: &Option<String>| b.as_deref() != Some("production:-:v3\n")) {
+        assert!(std::time::Instant::now() < deadline, "production never served v3: {served:?}");
+        served.push(previews.body(production_env).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        served.iter().all(|b| matches!(b.as_deref(), Some("production:-:v1\n" | "production:-:v3\n"))),
+        "production answered something else during the promotion: {served:?}"
+    );
+
+    // Rolling production back to v1 is one step, and the promoter leaves it there.
+    let state = store.environments.load(production_env.0).await.expect("load").into_inner();
+    let first = state.deployments.first().expect("v1's deployment").id;
+    let answer = previews
+        .graphql(
+            "mutation($e: UUID!, $d: UUID!) { rollback(environmentId: $e, deploymentId: $d) { deployment { commit rolledBackTo } } }",
+            json!({ "e": production_env.0.to_string(), "d": first.0.to_string() }),
+        )
+        .await;
+    assert_eq!(answer["data"]["rollback"]["deployment"]["commit"], json!(v1.to_string()), "{answer}");
+    assert_eq!(answer["data"]["rollback"]["deployment"]["rolledBackTo"], json!(first.0.to_string()));
+    eventually(Duration::from_secs(180), "production to serve v1 again", || async {
+        (previews.body(production_env).await.as_deref() == Some("production:-:v1\n")).then_some(())
+    })
+    .await;
+    assert_eq!(promoter.pass().await.expect("pass"), 0, "a rollback stays rolled back");
+
+    // A freeze holds automatic promotion and refuses a person's; lifting it lets v4 through.
+    let answer = previews
+        .graphql(
+            "mutation($p: UUID!) { freezeTier(projectId: $p, name: \"production\", reason: \"release week\") { frozen { by reason } } }",
+            json!({ "p": p }),
+        )
+        .await;
+    assert_eq!(answer["data"]["freezeTier"]["frozen"], json!({ "by": "operator", "reason": "release week" }), "{answer}");
+    let v4 = previews.push_change("local/app", &[("server.js", &server("v4"))]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 1, "staging is not frozen");
+    assert!(previews.tested_at(branch_env("main"), &v4).await);
+    assert_eq!(promoter.pass().await.expect("pass"), 0, "frozen");
+    let answer = previews.graphql(PROMOTE, json!({ "p": p, "t": "production" })).await;
+    assert_eq!(code(&answer), "FROZEN", "{answer}");
+    previews.graphql("mutation($p: UUID!) { unfreezeTier(projectId: $p, name: \"production\") { name } }", json!({ "p": p })).await;
+    assert_eq!(promoter.pass().await.expect("pass"), 1, "thawed: v4 goes through");
+    eventually(Duration::from_secs(180), "production to serve v4", || async {
+        (previews.body(production_env).await.as_deref() == Some("production:-:v4\n")).then_some(())
+    })
+    .await;
+
+    // A person can promote a commit that passed even after a rollback: v4 again is a no-op.
+    let answer = previews.graphql(PROMOTE, json!({ "p": p, "t": "production" })).await;
+    assert_eq!(answer["data"]["promote"]["commit"], json!(v4.to_string()), "{answer}");
+    assert_eq!(answer["data"]["promote"]["requested"], 0, "v4 is already there");
+
+    // A frozen dev tier deploys no new branch; a branch deleted still goes.
+    previews.graphql("mutation($p: UUID!) { freezeTier(projectId: $p, name: \"dev\", reason: \"x\") { name } }", json!({ "p": p })).await;
+    repos::git(&work, &["push", "--quiet", bare.to_str().expect("utf-8"), "HEAD:refs/heads/dev-bob"]);
+    repos::git(&work, &["push", "--quiet", bare.to_str().expect("utf-8"), ":refs/heads/dev-alice"]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 0);
+    assert!(!previews.exists(branch_env("dev-bob")).await, "a frozen tier gets no new environment");
+    assert_eq!(previews.settled(branch_env("dev-alice"), &["Terminated"]).await.0, "Terminated");
+
+    // The log says who promoted, from where, and who rolled back.
+    let events: Vec<(String, String, Value)> =
+        sqlx::query_as("SELECT event_type, actor, payload FROM event_log WHERE aggregate_id = $1 ORDER BY aggregate_version")
+            .bind(production_env.0)
+            .fetch_all(previews.env.pool())
+            .await
+            .expect("history");
+    let promoted: Vec<&Value> = events.iter().filter(|(t, ..)| t == "DeploymentPromoted").map(|(_, _, p)| p).collect();
+    assert_eq!(promoted.len(), 3, "v1, v3 and v4: {events:?}");
+    assert!(promoted.iter().all(|p| p["by"] == "system:promoter"), "{promoted:?}");
+    assert!(promoted.iter().all(|p| p["from_environment"] == json!(branch_env("main").0.to_string())));
+    let rolled: Vec<&(String, String, Value)> = events.iter().filter(|(t, ..)| t == "RolledBack").collect();
+    assert_eq!(rolled.len(), 1);
+    assert_eq!(rolled[0].2["by"], "operator");
+    assert_eq!(rolled[0].1, "operator:open");
+}
