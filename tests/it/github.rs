@@ -495,6 +495,87 @@ async fn pushes_to_the_production_branch_deploy_it_and_uninstalling_deactivates(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_to_a_tiers_branches_deploy_them_unless_the_tier_is_frozen_and_deleting_one_tears_it_down() {
+    use understudy_domain::project::ProjectCommand;
+    use understudy_domain::tier::{TierSource, TierSpec};
+    use understudy_domain::values::{BranchPattern, TierName};
+
+    let app = App::start().await;
+    let push = fixture("push");
+    let (repo, repo_id) = repo_of(&push);
+    let production = push["ref"].as_str().expect("ref").trim_start_matches("refs/heads/").to_string();
+    app.github.set_repo(&repo, repo_id, &production, &["main.w"]);
+    app.deliver("installation", "t-install", &fixture("installation.created")).await;
+    assert_eq!(app.processed("t-install").await, "done");
+    let project = understudy_adapters::github::project_id(repo_id);
+    let store = &app.env.runtime.store;
+    let dev = TierName::parse("dev").expect("tier");
+    let tier = TierSpec {
+        name: dev.clone(),
+        source: TierSource::Branches { pattern: BranchPattern::parse("dev-*").expect("pattern") },
+        env: Default::default(),
+    };
+    store.projects.execute(project.0, ProjectCommand::SetTier { tier, at: chrono::Utc::now() }, meta()).await.expect("tier");
+
+    // The real push payload, to other branches and commits.
+    let to = |branch: &str, after: char, deleted: bool| {
+        let mut p = push.clone();
+        p["ref"] = json!(format!("refs/heads/{branch}"));
+        p["after"] = json!(after.to_string().repeat(40));
+        p["deleted"] = json!(deleted);
+        p
+    };
+    let environment = |branch: &str| {
+        EnvironmentId::derive(
+            project,
+            &Target::Branch { branch: BranchName::parse(branch).expect("branch") },
+            &Entrypoint::parse("main.w").expect("valid"),
+        )
+    };
+    let commit_of = |branch: &'static str| async move {
+        let state = store.environments.load(environment(branch).0).await.expect("load").into_inner();
+        (state.current().map(|d| d.commit.to_string()), state.terminated)
+    };
+    assert_eq!(app.deliver("push", "t-feature", &to("feature-x", 'a', false)).await.0, 202);
+    assert_eq!(app.processed("t-feature").await, "ignored", "no tier has feature-x, and pull requests cover it");
+    assert_eq!(app.deliver("push", "t-dev-1", &to("dev-alice", 'a', false)).await.0, 202);
+    assert_eq!(app.processed("t-dev-1").await, "done");
+    assert_eq!(commit_of("dev-alice").await, (Some("a".repeat(40)), false));
+
+    // Frozen: the push is acknowledged and not deployed; thawed, the next one is.
+    let freeze = ProjectCommand::FreezeTier { name: dev.clone(), by: "alice".into(), reason: "demo day".into(), at: chrono::Utc::now() };
+    store.projects.execute(project.0, freeze, meta()).await.expect("freeze");
+    assert_eq!(app.deliver("push", "t-dev-2", &to("dev-alice", 'b', false)).await.0, 202);
+    assert_eq!(app.processed("t-dev-2").await, "ignored");
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM webhook_deliveries WHERE delivery_id = 't-dev-2'")
+        .fetch_one(app.env.pool())
+        .await
+        .expect("outcome");
+    assert!(outcome.contains("tier dev is frozen"), "{outcome}");
+    assert_eq!(commit_of("dev-alice").await, (Some("a".repeat(40)), false));
+    let thaw = ProjectCommand::UnfreezeTier { name: dev, by: "alice".into(), at: chrono::Utc::now() };
+    store.projects.execute(project.0, thaw, meta()).await.expect("thaw");
+    assert_eq!(app.deliver("push", "t-dev-3", &to("dev-alice", 'c', false)).await.0, 202);
+    assert_eq!(app.processed("t-dev-3").await, "done");
+    assert_eq!(commit_of("dev-alice").await, (Some("c".repeat(40)), false));
+
+    // Deleting the branch tears its environment down.
+    eventually(Duration::from_secs(20), "the environment in the read model", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM environments WHERE environment_id = $1")
+            .bind(environment("dev-alice").0)
+            .fetch_one(app.env.pool())
+            .await
+            .ok()
+            .filter(|n| *n == 1)
+    })
+    .await;
+    assert_eq!(app.deliver("push", "t-dev-4", &to("dev-alice", '0', true)).await.0, 202);
+    assert_eq!(app.processed("t-dev-4").await, "done");
+    assert!(commit_of("dev-alice").await.1, "terminated");
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_keeps_failing_is_recorded_in_the_project_history() {
     let app = App::start().await;
     let opened = fixture("pull_request.opened");

@@ -233,4 +233,19 @@ async fn tiers_deploy_their_branches_promote_what_passed_roll_back_and_freeze() 
     assert_eq!(rolled.len(), 1);
     assert_eq!(rolled[0].2["by"], "operator");
     assert_eq!(rolled[0].1, "operator:open");
+
+    // The tiers in the project index, and every read model, equal a fresh replay of the log.
+    let tiers: Value = sqlx::query_scalar("SELECT tiers FROM projects WHERE project_id = $1")
+        .bind(project.0)
+        .fetch_one(previews.env.pool())
+        .await
+        .expect("tiers");
+    assert_eq!(tiers["dev"]["frozen"]["reason"], "x", "{tiers}");
+    assert_eq!(tiers["production"].get("frozen"), None, "thawed: {tiers}");
+    assert_eq!(tiers["production"]["spec"]["source"], json!({ "kind": "promotion", "from": "staging", "automatic": true }));
+    assert_eq!(understudy_adapters::access_index::verify(previews.env.pool()).await.expect("verify"), vec![]);
+    for projection in understudy_projections::all() {
+        let report = understudy_projections::replay::verify(previews.env.pool(), projection.as_ref()).await.expect("verify");
+        assert!(report.differences.is_empty(), "{report:#?}");
+    }
 }
