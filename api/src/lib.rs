@@ -14,5 +14,6 @@ pub mod operations;
 pub mod proxy;
 pub mod runtime;
 pub mod telemetry;
+pub mod tier_cli;
 pub mod tiers;
 pub mod webhooks;

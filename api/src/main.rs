@@ -172,6 +172,11 @@ enum Command {
         #[command(subcommand)]
         what: TestCommand,
     },
+    /// A project's tiers (dev → staging → production): declare, freeze, promote, roll back.
+    Tier {
+        #[command(subcommand)]
+        what: understudy_api::tier_cli::TierCommand,
+    },
     /// A project's secrets: encrypted at rest, injected into its previews, never shown again.
     Secret {
         #[command(subcommand)]
@@ -569,6 +574,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Secret { what } => return secret(&config, what).await,
+        Command::Tier { what } => {
+            let store = understudy_adapters::EventStore::new(connect_db(&config, 2).await?).await?;
+            return understudy_api::tier_cli::run(&store, what, &mut std::io::stdout()).await;
+        }
         Command::Test { what: TestCommand::Run { environment } } => {
             let store = understudy_adapters::EventStore::new(connect_db(&config, 2).await?).await?;
             let state = store.environments.load(environment).await?.into_inner();

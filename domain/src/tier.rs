@@ -104,7 +104,7 @@ pub fn validate(tiers: &BTreeMap<TierName, Tier>, spec: &TierSpec) -> Result<(),
                 return Err(DomainError::invalid("from", format!("promoting {} from {from} would go round in a circle", spec.name)));
             }
             let Some(tier) = tiers.get(&source) else {
-                return Err(DomainError::invalid("from", format!("there is no tier {source:?} to promote from")));
+                return Err(DomainError::invalid("from", format!("there is no tier \"{source}\" to promote from")));
             };
             seen.push(source);
             next = tier.promoted_from().cloned();

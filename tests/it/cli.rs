@@ -30,6 +30,9 @@ fn every_subcommand_has_help() {
         vec!["bench", "latency", "--help"],
         vec!["bench", "webhooks", "--help"],
         vec!["github", "app-manifest", "--help"],
+        vec!["tier", "set", "--help"],
+        vec!["tier", "promote", "--help"],
+        vec!["tier", "rollback", "--help"],
     ] {
         let output = Command::new(understudy_bin()).args(&args).output().expect("run");
         assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
@@ -188,4 +191,58 @@ fn the_app_manifest_names_our_webhook_and_permissions() {
     assert_eq!(manifest["hook_attributes"]["url"], "https://previews.example.com/webhooks/github");
     assert_eq!(manifest["default_permissions"]["pull_requests"], "write");
     assert!(manifest["default_events"].as_array().expect("events").iter().any(|e| e == "pull_request"));
+}
+
+#[tokio::test]
+async fn tiers_are_declared_listed_frozen_and_refused_with_reasons_from_the_command_line() {
+    use understudy_domain::project::{EntrypointRule, ProjectCommand};
+    use understudy_domain::values::{BranchName, ProjectName, RepoFullName};
+
+    let env = TestEnv::new().await;
+    let project = ProjectId(Uuid::new_v4());
+    let create = ProjectCommand::Create {
+        project_id: project,
+        account_id: understudy_domain::ids::AccountId(Uuid::new_v4()),
+        name: ProjectName::parse("app").expect("name"),
+        repository: RepoFullName::parse("octo/app").expect("repo"),
+        production_branch: BranchName::parse("main").expect("branch"),
+        entrypoints: EntrypointRule::Detect,
+        at: chrono::Utc::now(),
+    };
+    env.runtime.store.projects.execute(project.0, create, meta()).await.expect("project");
+    let id = project.0.to_string();
+    let run = |args: &[&str]| {
+        let output = Command::new(understudy_bin()).arg("tier").args(args).env("DATABASE_URL", &env.database_url).output().expect("run");
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr))
+    };
+    for args in [
+        vec!["set", "--project", &id, "staging", "--branches", "main", "--env", "CACHE=on"],
+        vec!["set", "--project", &id, "production", "--from", "staging", "--manual"],
+        vec!["freeze", "--project", &id, "production", "--reason", "release week"],
+    ] {
+        let (ok, out) = run(&args);
+        assert!(ok, "{args:?}: {out}");
+    }
+    let (ok, listed) = run(&["list", "--project", &id]);
+    assert!(ok, "{listed}");
+    let lines: Vec<&str> = listed.lines().collect();
+    assert!(lines[0].starts_with("production") && lines[0].contains("promoted from staging, by hand"), "{listed}");
+    assert!(lines[0].contains("FROZEN by operator") && lines[0].contains("release week"), "{listed}");
+    assert!(lines[1].starts_with("staging") && lines[1].contains("branches main") && lines[1].contains("[CACHE=on]"), "{listed}");
+
+    // Refusals say why, and change nothing.
+    for (args, reason) in [
+        (vec!["set", "--project", &id, "qa", "--from", "nowhere"], "no tier \"nowhere\""),
+        (vec!["set", "--project", &id, "staging", "--from", "production"], "circle"),
+        (vec!["set", "--project", &id, "qa", "--branches", "a b"], "branch name"),
+        (vec!["set", "--project", &id, "qa", "--branches", "qa", "--env", "NOEQUALS"], "NAME=value"),
+        (vec!["promote", "--project", &id, "production"], "frozen by operator: release week"),
+        (vec!["promote", "--project", &id, "staging"], "fed by pushes"),
+    ] {
+        let (ok, out) = run(&args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(out.contains(reason), "{args:?}: {out}");
+    }
+    let (_, again) = run(&["list", "--project", &id]);
+    assert_eq!(again, listed);
 }
