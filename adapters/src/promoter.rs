@@ -18,7 +18,7 @@ use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId};
 use understudy_domain::project::Project;
 use understudy_domain::tier::{Tier, TierSource};
 use understudy_domain::values::{BranchName, CommitSha, Entrypoint, Target, TierName};
-use understudy_domain::Metadata;
+use understudy_domain::{DomainError, Metadata};
 use uuid::Uuid;
 
 use crate::{CommandError, EventStore};
@@ -181,10 +181,17 @@ impl Promoter {
                 by: by.to_string(),
                 at: Utc::now(),
             };
-            let done = self.store.environments.execute(environment_id.0, command, meta.clone()).await?;
-            let current = done.state.current().map(|d| d.id).unwrap_or(deployment_id);
-            promotion.requested += usize::from(!done.events.is_empty());
-            promotion.environments.push((environment_id, current));
+            match self.store.environments.execute(environment_id.0, command, meta.clone()).await {
+                Ok(done) => {
+                    promotion.requested += usize::from(!done.events.is_empty());
+                    promotion.environments.push((environment_id, done.state.current().map(|d| d.id).unwrap_or(deployment_id)));
+                }
+                // Another promoter (a second scheduler) promoted it a moment ago.
+                Err(CommandError::Domain(DomainError::AlreadyExists { entity: "deployment", .. })) => {
+                    promotion.environments.push((environment_id, deployment_id));
+                }
+                Err(error) => return Err(error.into()),
+            }
         }
         Ok(promotion)
     }
