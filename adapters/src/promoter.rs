@@ -79,6 +79,41 @@ pub struct Promotion {
     pub requested: usize,
 }
 
+/// The live (not Terminated, not Stale) environments of a tier: `(environment, branch, entrypoint)`.
+/// A branch tier's are the branch environments whose branch the tier takes (not another tier
+/// with a better matching pattern); a promoted tier's are its own.
+pub async fn tier_environments(
+    pool: &sqlx::PgPool,
+    project_id: ProjectId,
+    project: &Project,
+    tier: &Tier,
+) -> Result<Vec<(Uuid, String, String)>, sqlx::Error> {
+    let (kind, branch) = match &tier.spec.source {
+        TierSource::Branches { .. } => ("branch", None),
+        TierSource::Promotion { .. } => ("tier", Some(tier.name().as_str())),
+    };
+    let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT environment_id, branch, entrypoint FROM environments
+         WHERE project_id = $1 AND target_kind = $2 AND ($3::text IS NULL OR branch = $3) AND status NOT IN ('Terminated', 'Stale')
+         ORDER BY branch, entrypoint",
+    )
+    .bind(project_id.0)
+    .bind(kind)
+    .bind(branch)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, branch, _)| match &tier.spec.source {
+            TierSource::Branches { .. } => BranchName::parse(branch.as_str())
+                .ok()
+                .and_then(|b| project.tier_of(&Target::Branch { branch: b }))
+                .is_some_and(|t| t.name() == tier.name()),
+            TierSource::Promotion { .. } => true,
+        })
+        .collect())
+}
+
 impl Promoter {
     pub async fn run(self, cancel: CancellationToken) {
         loop {
@@ -204,40 +239,10 @@ impl Promoter {
         tier: &Tier,
         commit: Option<&CommitSha>,
     ) -> Result<Option<Passed>, PromoteError> {
-        let rows: Vec<(Uuid, String, String)> = match &tier.spec.source {
-            TierSource::Branches { .. } => {
-                sqlx::query_as(
-                    "SELECT environment_id, branch, entrypoint FROM environments
-                     WHERE project_id = $1 AND target_kind = 'branch' AND status NOT IN ('Terminated', 'Stale')",
-                )
-                .bind(project_id.0)
-                .fetch_all(&self.store.pool)
-                .await?
-            }
-            TierSource::Promotion { .. } => {
-                sqlx::query_as(
-                    "SELECT environment_id, branch, entrypoint FROM environments
-                     WHERE project_id = $1 AND target_kind = 'tier' AND branch = $2 AND status NOT IN ('Terminated', 'Stale')",
-                )
-                .bind(project_id.0)
-                .bind(tier.name().as_str())
-                .fetch_all(&self.store.pool)
-                .await?
-            }
-        };
         // One group per branch of the tier: its environments, one per entrypoint.
         let mut groups: std::collections::BTreeMap<String, Vec<(Uuid, String)>> = Default::default();
-        for (environment, branch, entrypoint) in rows {
-            let in_tier = match &tier.spec.source {
-                TierSource::Branches { .. } => BranchName::parse(branch.as_str())
-                    .ok()
-                    .and_then(|b| project.tier_of(&Target::Branch { branch: b }))
-                    .is_some_and(|t| t.name() == tier.name()),
-                TierSource::Promotion { .. } => true,
-            };
-            if in_tier {
-                groups.entry(branch).or_default().push((environment, entrypoint));
-            }
+        for (environment, branch, entrypoint) in tier_environments(&self.store.pool, project_id, project, tier).await? {
+            groups.entry(branch).or_default().push((environment, entrypoint));
         }
         let mut best: Option<Passed> = None;
         'groups: for (on, environments) in groups {

@@ -16,4 +16,5 @@ pub mod runtime;
 pub mod telemetry;
 pub mod tier_cli;
 pub mod tiers;
+pub mod triggers;
 pub mod webhooks;

@@ -34,6 +34,26 @@ pub struct Tier {
     /// Configuration its environments get as environment variables.
     pub env: Vec<TierVariable>,
     pub frozen: Option<TierFreeze>,
+    /// Its rebuild triggers (their tokens are shown once, when created).
+    pub triggers: Vec<TriggerInfo>,
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct TriggerInfo {
+    pub id: Uuid,
+    pub by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A trigger just created: the only time its token is shown.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct CreatedTrigger {
+    pub id: Uuid,
+    pub tier: String,
+    /// Send it in `X-Trigger-Token` (or as `?token=`); it is not kept, only its hash.
+    pub token: String,
+    /// `POST` here to redeploy the tier (with an `Idempotency-Key` to make retries safe).
+    pub url: String,
 }
 
 #[derive(SimpleObject, InputObject, Clone, Debug)]
@@ -74,6 +94,20 @@ pub struct Promotion {
     pub environments: Vec<EnvironmentChange>,
 }
 
+impl Tier {
+    /// The tier as `project` has it, with its triggers.
+    fn of(project: &understudy_domain::project::Project, tier: &understudy_domain::tier::Tier) -> Self {
+        let mut view = Self::from(tier);
+        view.triggers = project
+            .triggers
+            .iter()
+            .filter(|(_, t)| t.tier == *tier.name())
+            .map(|(id, t)| TriggerInfo { id: *id, by: t.by.clone(), created_at: t.created_at })
+            .collect();
+        view
+    }
+}
+
 impl From<&understudy_domain::tier::Tier> for Tier {
     fn from(tier: &understudy_domain::tier::Tier) -> Self {
         let (branches, promoted_from, automatic) = match &tier.spec.source {
@@ -87,6 +121,7 @@ impl From<&understudy_domain::tier::Tier> for Tier {
             automatic,
             env: tier.spec.env.iter().map(|(name, value)| TierVariable { name: name.clone(), value: value.clone() }).collect(),
             frozen: tier.frozen.as_ref().map(|f| TierFreeze { by: f.by.clone(), reason: f.reason.clone(), at: f.at }),
+            triggers: vec![],
         }
     }
 }
@@ -114,7 +149,7 @@ impl TierInput {
 /// The project's tiers, from the index (View Projects, checked by the caller).
 pub async fn tiers_of(ctx: &Context<'_>, project: Uuid) -> Result<Vec<Tier>> {
     let state = auth(ctx)?.store.projects.load(project).await?.into_inner();
-    Ok(state.tiers.values().map(Tier::from).collect())
+    Ok(state.tiers.values().map(|tier| Tier::of(&state, tier)).collect())
 }
 
 /// How events name a person: their login, or `operator` on an open node.
@@ -155,7 +190,7 @@ impl TiersMutation {
         let name = spec.name.clone();
         let command = ProjectCommand::SetTier { tier: spec, at: Utc::now() };
         let done = execute_project(ctx, project_id, command).await?;
-        done.tiers.get(&name).map(Tier::from).ok_or_else(|| bad_input("the tier was not kept"))
+        done.tiers.get(&name).map(|tier| Tier::of(&done, tier)).ok_or_else(|| bad_input("the tier was not kept"))
     }
 
     /// Removes a tier (Manage Settings); its environments stay until their branches go.
@@ -172,7 +207,7 @@ impl TiersMutation {
         let name = tier_name(name)?;
         let command = ProjectCommand::FreezeTier { name: name.clone(), by: who(&viewer(ctx)), reason, at: Utc::now() };
         let done = execute_project(ctx, project_id, command).await?;
-        done.tiers.get(&name).map(Tier::from).ok_or_else(|| bad_input("no such tier"))
+        done.tiers.get(&name).map(|tier| Tier::of(&done, tier)).ok_or_else(|| bad_input("no such tier"))
     }
 
     async fn unfreeze_tier(&self, ctx: &Context<'_>, project_id: Uuid, name: String) -> Result<Tier> {
@@ -180,7 +215,7 @@ impl TiersMutation {
         let name = tier_name(name)?;
         let command = ProjectCommand::UnfreezeTier { name: name.clone(), by: who(&viewer(ctx)), at: Utc::now() };
         let done = execute_project(ctx, project_id, command).await?;
-        done.tiers.get(&name).map(Tier::from).ok_or_else(|| bad_input("no such tier"))
+        done.tiers.get(&name).map(|tier| Tier::of(&done, tier)).ok_or_else(|| bad_input("no such tier"))
     }
 
     /// Promotes into `tier` the newest commit that passed in the tier it is promoted from, or
@@ -207,6 +242,31 @@ impl TiersMutation {
             requested: promotion.requested as i32,
             environments,
         })
+    }
+
+    /// A rebuild trigger for a tier (Manage Settings): whoever holds its token may redeploy the
+    /// tier's environments at their current commits with `POST /hooks/{project}/{tier}/rebuild`.
+    async fn create_trigger(&self, ctx: &Context<'_>, project_id: Uuid, tier: String) -> Result<CreatedTrigger> {
+        require_project(ctx, project_id, Permission::ManageSettings).await?;
+        let tier = tier_name(tier)?;
+        let token = crate::triggers::new_token();
+        let id = Uuid::new_v4();
+        let command = ProjectCommand::CreateTrigger {
+            trigger_id: id,
+            tier: tier.clone(),
+            token_sha256: crate::auth::hash_token(&token),
+            by: who(&viewer(ctx)),
+            at: Utc::now(),
+        };
+        execute_project(ctx, project_id, command).await?;
+        let url = format!("{}/hooks/{project_id}/{tier}/rebuild", auth(ctx)?.public_url.trim_end_matches('/'));
+        Ok(CreatedTrigger { id, tier: tier.to_string(), token, url })
+    }
+
+    async fn revoke_trigger(&self, ctx: &Context<'_>, project_id: Uuid, id: Uuid) -> Result<bool> {
+        require_project(ctx, project_id, Permission::ManageSettings).await?;
+        execute_project(ctx, project_id, ProjectCommand::RevokeTrigger { trigger_id: id, at: Utc::now() }).await?;
+        Ok(true)
     }
 
     /// Deploys again the commit of an earlier deployment of this environment that was Ready

@@ -67,7 +67,23 @@ pub struct Project {
     /// Its long-lived tiers by name (none: only the production branch deploys on push).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tiers: BTreeMap<TierName, Tier>,
+    /// Rebuild triggers by id: a secret URL token that redeploys one tier (a CMS, a database).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub triggers: BTreeMap<uuid::Uuid, Trigger>,
 }
+
+/// A rebuild trigger: whoever holds its token may redeploy its tier. Only the token's SHA-256
+/// is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub tier: TierName,
+    pub token_sha256: String,
+    pub by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// How many rebuild triggers one project may have.
+pub const MAX_TRIGGERS: usize = 50;
 
 impl Project {
     /// The tier an environment of `target` belongs to: its branch's tier, or the promoted tier.
@@ -262,6 +278,18 @@ pub enum ProjectCommand {
         by: String,
         at: DateTime<Utc>,
     },
+    /// A rebuild trigger for `tier`; the token itself never reaches the log.
+    CreateTrigger {
+        trigger_id: uuid::Uuid,
+        tier: TierName,
+        token_sha256: String,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    RevokeTrigger {
+        trigger_id: uuid::Uuid,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -344,6 +372,17 @@ pub enum ProjectEvent {
         by: String,
         at: DateTime<Utc>,
     },
+    TriggerCreated {
+        trigger_id: uuid::Uuid,
+        tier: TierName,
+        token_sha256: String,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    TriggerRevoked {
+        trigger_id: uuid::Uuid,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -367,6 +406,8 @@ impl DomainEvent for ProjectEvent {
             Self::TierRemoved { .. } => "TierRemoved",
             Self::TierFrozen { .. } => "TierFrozen",
             Self::TierUnfrozen { .. } => "TierUnfrozen",
+            Self::TriggerCreated { .. } => "TriggerCreated",
+            Self::TriggerRevoked { .. } => "TriggerRevoked",
         }
     }
 }
@@ -462,6 +503,27 @@ impl Aggregate for ProjectAggregate {
                 }
                 unless_already(tier.frozen.is_some(), E::TierFrozen { name, by, reason, at })
             }
+            C::CreateTrigger { trigger_id, tier, token_sha256, by, at } => {
+                if !state.tiers.contains_key(&tier) {
+                    return Err(DomainError::NotFound { entity: "tier", id: tier.to_string() });
+                }
+                if token_sha256.len() != 64 || !token_sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                    return Err(DomainError::invalid("token_sha256", "a trigger keeps its token's SHA-256, in lowercase hex"));
+                }
+                if state.triggers.contains_key(&trigger_id) {
+                    return Err(DomainError::AlreadyExists { entity: "trigger", id: trigger_id.to_string() });
+                }
+                if state.triggers.len() >= MAX_TRIGGERS {
+                    return Err(DomainError::invalid("triggers", format!("a project has at most {MAX_TRIGGERS} triggers")));
+                }
+                Ok(vec![E::TriggerCreated { trigger_id, tier, token_sha256, by, at }])
+            }
+            C::RevokeTrigger { trigger_id, at } => {
+                if !state.triggers.contains_key(&trigger_id) {
+                    return Err(DomainError::NotFound { entity: "trigger", id: trigger_id.to_string() });
+                }
+                Ok(vec![E::TriggerRevoked { trigger_id, at }])
+            }
             C::UnfreezeTier { name, by, at } => {
                 let tier = state.tiers.get(&name).ok_or_else(|| DomainError::NotFound { entity: "tier", id: name.to_string() })?;
                 unless_already(tier.frozen.is_none(), E::TierUnfrozen { name, by, at })
@@ -506,6 +568,15 @@ impl Aggregate for ProjectAggregate {
             }
             E::TierRemoved { name, .. } => {
                 state.tiers.remove(name);
+                // A removed tier's triggers go with it.
+                state.triggers.retain(|_, trigger| trigger.tier != *name);
+            }
+            E::TriggerCreated { trigger_id, tier, token_sha256, by, at } => {
+                let trigger = Trigger { tier: tier.clone(), token_sha256: token_sha256.clone(), by: by.clone(), created_at: *at };
+                state.triggers.insert(*trigger_id, trigger);
+            }
+            E::TriggerRevoked { trigger_id, .. } => {
+                state.triggers.remove(trigger_id);
             }
             E::TierFrozen { name, by, reason, at } => {
                 if let Some(tier) = state.tiers.get_mut(name) {
@@ -614,6 +685,33 @@ mod tests {
         let events = ProjectAggregate::decide(&state, C::RemoveTier { name: production.clone(), at: at() }).expect("remove");
         state = events.iter().fold(state, ProjectAggregate::apply);
         assert!(!state.tiers.contains_key(&production));
+    }
+
+    #[test]
+    fn triggers_name_an_existing_tier_keep_only_a_hash_and_go_with_their_tier() {
+        let mut state = ProjectAggregate::replay(&[created()]);
+        let events = ProjectAggregate::decide(&state, C::SetTier { tier: tier("staging", branches("main")), at: at() }).expect("tier");
+        state = events.iter().fold(state, ProjectAggregate::apply);
+        let create = |tier: &str, hash: &str| C::CreateTrigger {
+            trigger_id: Uuid::from_u128(5),
+            tier: TierName::parse(tier).expect("name"),
+            token_sha256: hash.into(),
+            by: "alice".into(),
+            at: at(),
+        };
+        let hash = "ab".repeat(32);
+        assert!(matches!(ProjectAggregate::decide(&state, create("nope", &hash)), Err(DomainError::NotFound { .. })));
+        assert!(matches!(ProjectAggregate::decide(&state, create("staging", "not-a-hash")), Err(DomainError::Invalid { .. })));
+        let events = ProjectAggregate::decide(&state, create("staging", &hash)).expect("trigger");
+        state = events.iter().fold(state, ProjectAggregate::apply);
+        assert_eq!(state.triggers[&Uuid::from_u128(5)].token_sha256, hash);
+        assert!(matches!(ProjectAggregate::decide(&state, create("staging", &hash)), Err(DomainError::AlreadyExists { .. })));
+        let events =
+            ProjectAggregate::decide(&state, C::RemoveTier { name: TierName::parse("staging").expect("name"), at: at() }).expect("remove");
+        state = events.iter().fold(state, ProjectAggregate::apply);
+        assert!(state.triggers.is_empty(), "a removed tier's triggers go with it");
+        let revoke = C::RevokeTrigger { trigger_id: Uuid::from_u128(5), at: at() };
+        assert!(matches!(ProjectAggregate::decide(&state, revoke), Err(DomainError::NotFound { .. })));
     }
 
     #[test]

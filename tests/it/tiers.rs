@@ -252,3 +252,120 @@ async fn tiers_deploy_their_branches_promote_what_passed_roll_back_and_freeze() 
         assert!(report.differences.is_empty(), "{report:#?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_trigger_redeploys_its_tier_once_per_idempotency_key_and_only_for_its_token() {
+    let previews = Previews::start().await;
+    previews.push("node-hello", "local/cms");
+    let bare = previews.tmp.path().join("git/local/cms.git");
+    let store = &previews.env.runtime.store;
+    let project = local_git::add_project(store, bare.to_str().expect("utf-8"), "main", None).await.expect("add").id.expect("id");
+    let p = json!(project.to_string());
+    for tier in [json!({ "name": "staging", "branches": "main" }), json!({ "name": "dev", "branches": "dev-*" })] {
+        let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": tier })).await;
+        assert!(answer["errors"].is_null(), "{answer}");
+    }
+    assert_eq!(previews.env.runtime.git_poller(Duration::from_secs(60)).poll_all().await.expect("poll"), 1);
+    let staging = EnvironmentId::derive(
+        project,
+        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    );
+    assert_eq!(previews.settled(staging, &["Ready", "Failed"]).await.0, "Ready");
+
+    let create = "mutation($p: UUID!, $t: String!) { createTrigger(projectId: $p, tier: $t) { id tier token url } }";
+    let answer = previews.graphql(create, json!({ "p": p, "t": "staging" })).await;
+    let trigger = &answer["data"]["createTrigger"];
+    let token = trigger["token"].as_str().unwrap_or_else(|| panic!("{answer}")).to_string();
+    let url = trigger["url"].as_str().expect("url").to_string();
+    assert!(url.ends_with(&format!("/hooks/{project}/staging/rebuild")), "{url}");
+    let dev_token = previews.graphql(create, json!({ "p": p, "t": "dev" })).await["data"]["createTrigger"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let answer = previews.graphql(create, json!({ "p": p, "t": "nowhere" })).await;
+    assert_eq!(code(&answer), "NOT_FOUND", "{answer}");
+
+    let hook = |project: String, tier: &str| format!("http://{}/hooks/{project}/{tier}/rebuild", previews.addr);
+    let post = |url: String, token: Option<&str>, key: Option<&str>| {
+        let mut request = previews.http.post(url);
+        if let Some(token) = token {
+            request = request.header("x-trigger-token", token);
+        }
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        async move {
+            let response = request.send().await.expect("post");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let deployments = || async { store.environments.load(staging.0).await.expect("load").into_inner().deployments.len() };
+    let before = deployments().await;
+
+    // Without the right token, for this tier and project, nothing happens, and nothing tells
+    // which part was wrong.
+    let other_project = uuid::Uuid::new_v4().to_string();
+    for (url, token) in [
+        (hook(project.to_string(), "staging"), None),
+        (hook(project.to_string(), "staging"), Some("ust_0000")),
+        (hook(project.to_string(), "staging"), Some(dev_token.as_str())),
+        (hook(project.to_string(), "nowhere"), Some(token.as_str())),
+        (hook(other_project, "staging"), Some(token.as_str())),
+        (hook("not-a-uuid".into(), "staging"), Some(token.as_str())),
+    ] {
+        let (status, body) = post(url.clone(), token, Some("k0")).await;
+        assert_eq!(status, 401, "{url} {token:?}: {body}");
+    }
+    assert_eq!(deployments().await, before);
+    let (status, _) = post(hook(project.to_string(), "staging"), Some(&token), Some(&"k".repeat(201))).await;
+    assert_eq!(status, 400, "an oversized idempotency key");
+
+    // The right token redeploys the tier's environment once per idempotency key.
+    let (status, body) = post(hook(project.to_string(), "staging"), Some(&token), Some("cms-publish-1")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["deployments"][0]["duplicate"], false, "{body}");
+    assert_eq!(body["deployments"][0]["environment"], json!(staging.0.to_string()));
+    let (status, again) = post(hook(project.to_string(), "staging"), Some(&token), Some("cms-publish-1")).await;
+    assert_eq!(status, 202);
+    assert_eq!(again["deployments"][0]["duplicate"], true, "a retry is a no-op: {again}");
+    assert_eq!(again["deployments"][0]["deployment"], body["deployments"][0]["deployment"]);
+    assert_eq!(deployments().await, before + 1);
+    let query = format!("{}?token={token}", hook(project.to_string(), "staging"));
+    let (status, body) = post(query, None, Some("cms-publish-2")).await;
+    assert_eq!(status, 202, "the token may come in the URL: {body}");
+    assert_eq!(deployments().await, before + 2);
+    assert_eq!(previews.settled(staging, &["Ready", "Failed"]).await.0, "Ready");
+
+    // A frozen tier refuses; a revoked trigger is unknown.
+    previews
+        .graphql("mutation($p: UUID!) { freezeTier(projectId: $p, name: \"staging\", reason: \"launch\") { name } }", json!({ "p": p }))
+        .await;
+    let (status, body) = post(hook(project.to_string(), "staging"), Some(&token), Some("k3")).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("FROZEN")), "{body}");
+    previews.graphql("mutation($p: UUID!) { unfreezeTier(projectId: $p, name: \"staging\") { name } }", json!({ "p": p })).await;
+    let id = trigger["id"].as_str().expect("id");
+    let answer =
+        previews.graphql("mutation($p: UUID!, $id: UUID!) { revokeTrigger(projectId: $p, id: $id) }", json!({ "p": p, "id": id })).await;
+    assert_eq!(answer["data"]["revokeTrigger"], true, "{answer}");
+    let (status, _) = post(hook(project.to_string(), "staging"), Some(&token), Some("k4")).await;
+    assert_eq!(status, 401);
+    assert_eq!(deployments().await, before + 2);
+
+    // The log names the trigger as the actor and never holds its token.
+    let actors: Vec<String> = sqlx::query_scalar(
+        "SELECT actor FROM event_log WHERE aggregate_id = $1 AND event_type = 'DeploymentRequested' ORDER BY aggregate_version",
+    )
+    .bind(staging.0)
+    .fetch_all(previews.env.pool())
+    .await
+    .expect("actors");
+    assert_eq!(actors[1..], [format!("trigger:{id}"), format!("trigger:{id}")], "{actors:?}");
+    let leaks: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE payload::text LIKE '%' || $1 || '%'")
+        .bind(&token[4..])
+        .fetch_one(previews.env.pool())
+        .await
+        .expect("scan");
+    assert_eq!(leaks, 0, "the token is never in the log");
+}
