@@ -6,6 +6,9 @@
 //! `?from=<unix nanos>` returns the lines after `from` (at most `limit`, default 1000) and the
 //! header `X-Last-Log-Nano`, the `from` of the next page: a poller never sees a line twice.
 //! `?download=1` returns the whole log as a file.
+//!
+//! A smoke test's artifacts (screenshots, logs) are under the same guard:
+//! `GET /deployments/{id}/artifacts` lists them (JSON), `…/artifacts/{name}` serves one.
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -37,6 +40,8 @@ pub fn router(pool: PgPool, auth: crate::auth::Auth) -> Router {
         .route("/deployments/{id}/logs/tests/{test}", get(deployment_test_log))
         .route("/environments/{id}/logs/{kind}", get(environment_log))
         .route("/environments/{id}/logs/tests/{test}", get(environment_test_log))
+        .route("/deployments/{id}/artifacts", get(artifacts))
+        .route("/deployments/{id}/artifacts/{name}", get(artifact))
         .route_layer(axum::middleware::from_fn_with_state(auth, guard))
         .with_state(pool)
 }
@@ -114,6 +119,59 @@ async fn latest_deployment(pool: &PgPool, environment: Uuid) -> Result<Option<Uu
         .await
         .map(Option::flatten)
         .map_err(unavailable)
+}
+
+async fn artifacts(State(pool): State<PgPool>, Path(id): Path<Uuid>) -> Response {
+    let rows: Result<Vec<(String, i32, chrono::DateTime<chrono::Utc>)>, _> =
+        sqlx::query_as("SELECT name, length(content), created_at FROM deployment_artifacts WHERE deployment_id = $1 ORDER BY name")
+            .bind(id)
+            .fetch_all(&pool)
+            .await;
+    match rows {
+        Ok(rows) => {
+            let list: Vec<serde_json::Value> = rows
+                .into_iter()
+                .map(|(name, size, at)| serde_json::json!({ "name": name, "size": size, "createdAt": at, "url": format!("/deployments/{id}/artifacts/{name}") }))
+                .collect();
+            axum::Json(list).into_response()
+        }
+        Err(error) => unavailable(error),
+    }
+}
+
+/// One artifact. It is the app's own output, so it is never rendered as a page of ours:
+/// images as images, everything else as plain text or a download, under a sandboxing CSP.
+async fn artifact(State(pool): State<PgPool>, Path((id, name)): Path<(Uuid, String)>) -> Response {
+    let content: Option<Vec<u8>> =
+        match sqlx::query_scalar("SELECT content FROM deployment_artifacts WHERE deployment_id = $1 AND name = $2")
+            .bind(id)
+            .bind(&name)
+            .fetch_optional(&pool)
+            .await
+        {
+            Ok(content) => content,
+            Err(error) => return unavailable(error),
+        };
+    let Some(content) = content else {
+        return (StatusCode::NOT_FOUND, format!("no artifact {name:?} of deployment {id}\n")).into_response();
+    };
+    let lower = name.to_ascii_lowercase();
+    let content_type = if lower.ends_with(".png") {
+        "image/png"
+    } else if lower.ends_with(".jpg") || lower.ends_with(".jpeg") {
+        "image/jpeg"
+    } else if std::str::from_utf8(&content).is_ok() {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    };
+    let mut response = (StatusCode::OK, content).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox; default-src 'none'"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 fn not_found(kind: &str) -> Response {

@@ -98,6 +98,10 @@ enum Command {
         socket: PathBuf,
         #[arg(long)]
         port: u16,
+        /// Listen on the port and connect to the socket (a smoke test's sandbox), instead of
+        /// listening on the socket and connecting to the app's port.
+        #[arg(long)]
+        reverse: bool,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -508,8 +512,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay => connect(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
         Command::Worker => connect(&config).await?.spawn_worker(worker_id(), cancel.clone(), &mut tasks),
         Command::Scheduler => connect(&config).await?.spawn_scheduler(stale_after(&config), git_poll(&config), cancel.clone(), &mut tasks),
-        Command::SandboxBridge { socket, port, command } => {
-            let code = understudy_adapters::preview::bridge::run(&socket, port, &command).await?;
+        Command::SandboxBridge { socket, port, reverse, command } => {
+            let code = if reverse {
+                understudy_adapters::preview::bridge::run_reverse(&socket, port, &command).await?
+            } else {
+                understudy_adapters::preview::bridge::run(&socket, port, &command).await?
+            };
             std::process::exit(code);
         }
         Command::Projector { projection } => {

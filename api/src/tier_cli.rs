@@ -42,6 +42,10 @@ pub enum TierCommand {
         /// `NAME=value`, given to the tier's environments; repeat for more.
         #[arg(long = "env", value_name = "NAME=VALUE")]
         env: Vec<String>,
+        /// A smoke test run against each new deployment after its tests (a shell line; it
+        /// reaches the app at $UNDERSTUDY_TARGET_URL and keeps files in $UNDERSTUDY_ARTIFACTS).
+        #[arg(long)]
+        smoke: Option<String>,
     },
     /// Remove a tier; its environments stay until their branches go.
     Rm {
@@ -103,7 +107,8 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                     TierSource::Promotion { from, automatic: true } => format!("promoted from {from}, automatically"),
                     TierSource::Promotion { from, automatic: false } => format!("promoted from {from}, by hand"),
                 };
-                let vars: Vec<String> = tier.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let mut vars: Vec<String> = tier.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                vars.extend(tier.spec.smoke.as_ref().map(|s| format!("smoke: {s}")));
                 let frozen =
                     tier.frozen.as_ref().map(|f| format!("  FROZEN by {} since {}: {}", f.by, f.at.format("%Y-%m-%d %H:%M UTC"), f.reason));
                 writeln!(
@@ -115,7 +120,7 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 )?;
             }
         }
-        TierCommand::Set { project, name, branches, from, manual, env } => {
+        TierCommand::Set { project, name, branches, from, manual, env, smoke } => {
             project_of(project).await?;
             let source = match (branches, from) {
                 (Some(pattern), None) => TierSource::Branches { pattern: BranchPattern::parse(pattern)? },
@@ -127,7 +132,7 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 let (k, v) = pair.split_once('=').with_context(|| format!("--env {pair:?}: expected NAME=value"))?;
                 vars.insert(k.to_string(), v.to_string());
             }
-            let tier = TierSpec { name: TierName::parse(name)?, source, env: vars };
+            let tier = TierSpec { name: TierName::parse(name)?, source, env: vars, smoke };
             let done = store.projects.execute(project, ProjectCommand::SetTier { tier: tier.clone(), at: Utc::now() }, meta).await?;
             writeln!(out, "tier {} {}", tier.name, if done.events.is_empty() { "unchanged" } else { "set" })?;
         }

@@ -34,6 +34,8 @@ pub struct Tier {
     /// Configuration its environments get as environment variables.
     pub env: Vec<TierVariable>,
     pub frozen: Option<TierFreeze>,
+    /// Its smoke test, if it has one.
+    pub smoke: Option<String>,
     /// Its rebuild triggers (their tokens are shown once, when created).
     pub triggers: Vec<TriggerInfo>,
 }
@@ -81,6 +83,10 @@ pub struct TierInput {
     pub automatic: bool,
     #[graphql(default)]
     pub env: Vec<TierVariable>,
+    /// A smoke test run against each new deployment after its tests (one shell line): it
+    /// reaches the app at `$UNDERSTUDY_TARGET_URL`, keeps files in `$UNDERSTUDY_ARTIFACTS`, and
+    /// holds the commit back from promotion when it fails.
+    pub smoke: Option<String>,
 }
 
 /// What a promotion did.
@@ -121,6 +127,7 @@ impl From<&understudy_domain::tier::Tier> for Tier {
             automatic,
             env: tier.spec.env.iter().map(|(name, value)| TierVariable { name: name.clone(), value: value.clone() }).collect(),
             frozen: tier.frozen.as_ref().map(|f| TierFreeze { by: f.by.clone(), reason: f.reason.clone(), at: f.at }),
+            smoke: tier.spec.smoke.clone(),
             triggers: vec![],
         }
     }
@@ -142,7 +149,7 @@ impl TierInput {
                 return Err(bad_input(format!("variable {} is set twice", variable.name)));
             }
         }
-        Ok(TierSpec { name, source, env })
+        Ok(TierSpec { name, source, env, smoke: self.smoke.filter(|s| !s.trim().is_empty()) })
     }
 }
 

@@ -36,6 +36,13 @@ pub struct TierSpec {
     /// Never secrets: those are sealed, per project.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// A smoke test: a shell line run, after the tests, against each new deployment of the tier
+    /// (at `$UNDERSTUDY_TARGET_URL`, from a sandbox that only reaches that app). Its result is
+    /// the deployment's test `smoke`, so a failed smoke test holds the commit back from
+    /// promotion; what it writes to `$UNDERSTUDY_ARTIFACTS` (screenshots, logs) is kept with
+    /// the deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smoke: Option<String>,
 }
 
 /// A code freeze: no automatic deploys or promotions until it is lifted.
@@ -108,6 +115,11 @@ pub fn validate(tiers: &BTreeMap<TierName, Tier>, spec: &TierSpec) -> Result<(),
             };
             seen.push(source);
             next = tier.promoted_from().cloned();
+        }
+    }
+    if let Some(smoke) = &spec.smoke {
+        if smoke.trim().is_empty() || smoke.len() > 4096 || smoke.contains('\0') {
+            return Err(DomainError::invalid("smoke", "a smoke test is one shell line of at most 4096 bytes"));
         }
     }
     if spec.env.len() > MAX_TIER_VARS {

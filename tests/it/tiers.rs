@@ -369,3 +369,116 @@ async fn a_rebuild_trigger_redeploys_its_tier_once_per_idempotency_key_and_only_
         .expect("scan");
     assert_eq!(leaks, 0, "the token is never in the log");
 }
+
+/// A smoke test: fetches the app through `$UNDERSTUDY_TARGET_URL`, keeps the page, checks that
+/// the control plane's Postgres is out of reach, and fails unless the page says it may ship.
+const SMOKE: &str = r#"const fs = require("fs");
+const http = require("http");
+const net = require("net");
+const out = process.env.UNDERSTUDY_ARTIFACTS;
+const probe = net.connect(5432, "127.0.0.1");
+probe.on("connect", () => { fs.writeFileSync(out + "/isolation.txt", "reached postgres"); probe.destroy(); });
+probe.on("error", (e) => fs.writeFileSync(out + "/isolation.txt", "no route: " + e.code));
+http.get(process.env.UNDERSTUDY_TARGET_URL + "/", (res) => {
+  let body = "";
+  res.on("data", (c) => (body += c));
+  res.on("end", () => {
+    fs.writeFileSync(out + "/page.txt", body);
+    setTimeout(() => process.exit(body.includes("ok-to-ship") ? 0 : 1), 200);
+  });
+}).on("error", (e) => { console.error("smoke: " + e.message); process.exit(2); });
+"#;
+
+/// The smoke script, then a real headless browser's screenshot of the page, pass or fail.
+const SMOKE_LINE: &str = "node smoke.js; code=$?; chromium --headless --no-sandbox --disable-gpu --no-zygote --window-size=800,600 \
+     --screenshot=$UNDERSTUDY_ARTIFACTS/screenshot.png $UNDERSTUDY_TARGET_URL/ >/dev/null 2>&1; exit $code";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
+    let previews = Previews::start().await;
+    previews.push("node-hello", "local/smoked");
+    let v1 = previews.push_change("local/smoked", &[("server.js", &server("ok-to-ship v1")), ("test.js", PASSING), ("smoke.js", SMOKE)]);
+    let bare = previews.tmp.path().join("git/local/smoked.git");
+    let project = local_git::add_project(&previews.env.runtime.store, bare.to_str().expect("utf-8"), "main", None)
+        .await
+        .expect("add")
+        .id
+        .expect("id");
+    let p = json!(project.to_string());
+    for tier in [
+        json!({ "name": "staging", "branches": "main", "smoke": SMOKE_LINE }),
+        json!({ "name": "production", "promotedFrom": "staging" }),
+    ] {
+        let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": tier })).await;
+        assert!(answer["errors"].is_null(), "{answer}");
+    }
+    let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
+    let promoter = previews.env.runtime.promoter();
+    let staging = EnvironmentId::derive(
+        project,
+        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    );
+    let previews = &previews;
+    let artifact = |deployment: uuid::Uuid, name: &'static str| {
+        let url = format!("http://{}/deployments/{deployment}/artifacts/{name}", previews.addr);
+        async move {
+            let response = previews.http.get(url).send().await.expect("artifact");
+            assert_eq!(response.status(), 200, "{name}");
+            assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+            response.text().await.expect("text")
+        }
+    };
+    let current = || async {
+        previews.env.runtime.store.environments.load(staging.0).await.expect("load").into_inner().current().cloned().expect("current")
+    };
+
+    // v1 passes its tests and its smoke test: promoted.
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    assert!(previews.tested_at(staging, &v1).await, "v1 passes: {:?}", current().await.tests);
+    let tests: Vec<(String, String)> = current().await.tests.iter().map(|t| (t.name.clone(), format!("{:?}", t.outcome))).collect();
+    assert_eq!(tests, [("npm test".to_string(), "Passed".to_string()), ("smoke".to_string(), "Passed".to_string())]);
+    let first = current().await.id.0;
+    assert_eq!(artifact(first, "page.txt").await, "staging:-:ok-to-ship v1\n");
+    assert!(artifact(first, "isolation.txt").await.starts_with("no route"), "the smoke test reached the host's Postgres");
+    assert_eq!(promoter.pass().await.expect("pass"), 1);
+
+    // v2's unit tests pass but its smoke test fails: it keeps what it saw, and stays in staging.
+    let v2 = previews.push_change("local/smoked", &[("server.js", &server("broken v2"))]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    assert!(!previews.tested_at(staging, &v2).await, "v2's smoke test fails");
+    let deployment = current().await;
+    let outcome = |name: &str| deployment.tests.iter().find(|t| t.name == name).map(|t| format!("{:?}", t.outcome));
+    assert_eq!((outcome("npm test").as_deref(), outcome("smoke").as_deref()), (Some("Passed"), Some("Failed")));
+    assert_eq!(artifact(deployment.id.0, "page.txt").await, "staging:-:broken v2\n", "the failed smoke test's page is kept");
+    let listed: Value = previews
+        .http
+        .get(format!("http://{}/deployments/{}/artifacts", previews.addr, deployment.id.0))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let names: Vec<&str> = listed.as_array().expect("list").iter().filter_map(|a| a["name"].as_str()).collect();
+    assert_eq!(names, ["isolation.txt", "page.txt", "screenshot.png"]);
+    let screenshot = previews
+        .http
+        .get(format!("http://{}/deployments/{}/artifacts/screenshot.png", previews.addr, deployment.id.0))
+        .send()
+        .await
+        .expect("screenshot");
+    assert_eq!(screenshot.headers()["content-type"], "image/png");
+    let png = screenshot.bytes().await.expect("bytes");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 1000, "a real screenshot: {} bytes", png.len());
+    let (log, _) = previews.log(staging, "tests/smoke", 0).await;
+    assert!(log.contains("$ node smoke.js") && log.contains("exited with"), "{log}");
+    assert_eq!(promoter.pass().await.expect("pass"), 0, "a failed smoke test holds the commit back");
+    let production = EnvironmentId::derive(
+        project,
+        &Target::Tier { tier: TierName::parse("production").expect("tier") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    );
+    assert_eq!(previews.settled(production, &["Ready"]).await.0, "Ready");
+    assert_eq!(previews.body(production).await.as_deref(), Some("production:-:ok-to-ship v1\n"));
+}

@@ -66,6 +66,9 @@ const SYSTEM_FILES: &[&str] = &[
     "/etc/alternatives",
     "/etc/localtime",
     "/etc/ld.so.cache",
+    // For headless browsers in tests and smoke tests (Debian's chromium reads both).
+    "/etc/fonts",
+    "/etc/chromium.d",
 ];
 
 /// The user id the sandboxed processes run as (mapped to the worker's own user outside).

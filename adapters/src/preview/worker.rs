@@ -32,6 +32,11 @@ use crate::{CommandError, EventStore};
 /// The port every app listens on inside its sandbox (each sandbox has its own loopback).
 const APP_PORT: u16 = 8080;
 const SOCKET: &str = "http.sock";
+/// Where a smoke test reaches the app, on its own sandbox's loopback.
+const SMOKE_PORT: u16 = 8079;
+/// What a smoke test may keep: this many files, each at most this big.
+const MAX_ARTIFACTS: usize = 20;
+const MAX_ARTIFACT_BYTES: u64 = 5 << 20;
 
 pub struct Worker {
     /// Unique per process: leases and routes name it.
@@ -61,6 +66,8 @@ struct Job {
     secrets: Vec<(String, String)>,
     /// Its tier's configuration (and `UNDERSTUDY_TIER`), when its environment belongs to one.
     tier_env: Vec<(String, String)>,
+    /// Its tier's smoke test.
+    smoke: Option<String>,
 }
 
 /// Why a pipeline step stopped.
@@ -191,6 +198,7 @@ impl Worker {
                     redactor: Redactor::default(),
                     secrets: Vec::new(),
                     tier_env: Vec::new(),
+                    smoke: None,
                 });
             }
         }
@@ -395,7 +403,8 @@ impl Worker {
                 vars
             })
             .unwrap_or_default();
-        let job = &Job { redactor, secrets, tier_env, ..job.clone() };
+        let smoke = tier.and_then(|tier| tier.spec.smoke.clone());
+        let job = &Job { redactor, secrets, tier_env, smoke, ..job.clone() };
         if deployment.status == DeploymentStatus::Requested {
             self.command(job, meta, EnvironmentCommand::StartBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
         }
@@ -634,9 +643,22 @@ impl Worker {
         timeout: Duration,
         stop: &CancellationToken,
     ) -> Result<(), StepError> {
+        self.step_with(spec, line, &["/bin/sh".into(), "-c".into(), line.into()], log, timeout, stop).await
+    }
+
+    /// [`Self::step`], running `argv` (which runs `line`).
+    async fn step_with(
+        &self,
+        spec: &SandboxSpec,
+        line: &str,
+        argv: &[String],
+        log: &LogStream,
+        timeout: Duration,
+        stop: &CancellationToken,
+    ) -> Result<(), StepError> {
         log.line(format!("$ {line}"));
         let started = Instant::now();
-        let mut sandboxed = spec.spawn(&["/bin/sh".into(), "-c".into(), line.into()]).map_err(|e| StepError::Infra(e.to_string()))?;
+        let mut sandboxed = spec.spawn(argv).map_err(|e| StepError::Infra(e.to_string()))?;
         let status = run_to_end(&mut sandboxed, log, timeout, stop).await?;
         log.line(format!("understudy: exited with {} after {:.1}s", describe(status), started.elapsed().as_secs_f64()));
         if status.success() {
@@ -746,7 +768,93 @@ impl Worker {
                 EnvironmentCommand::RecordTestResult { deployment_id: job.deployment, test, outcome, duration_ms, at: Utc::now() };
             self.command(job, meta, command).await?;
         }
+        if let Some(line) = &job.smoke {
+            let started = Instant::now();
+            let outcome = self.smoke(job, line, plan_env, stop).await?;
+            let duration_ms = Some(started.elapsed().as_millis() as u64);
+            let command = EnvironmentCommand::RecordTestResult {
+                deployment_id: job.deployment,
+                test: "smoke".into(),
+                outcome,
+                duration_ms,
+                at: Utc::now(),
+            };
+            self.command(job, meta, command).await?;
+        }
         self.command(job, meta, EnvironmentCommand::CompleteTests { deployment_id: job.deployment, at: Utc::now() }).await
+    }
+
+    /// The tier's smoke test against the running app: a fresh sandbox whose only way out is a
+    /// bridge from its own loopback to the app's socket. What it leaves in
+    /// `$UNDERSTUDY_ARTIFACTS` is kept with the deployment, passed or not.
+    async fn smoke(&self, job: &Job, line: &str, plan_env: &[(String, String)], stop: &CancellationToken) -> Result<TestOutcome, Stop> {
+        let log = self.logs.stream(job.deployment.0, "test:smoke", job.redactor.clone());
+        let mut spec = self.sandbox(job, "smoke", false, plan_env);
+        let (deployment_dir, _) = self.dirs(job);
+        spec.read_only.push((deployment_dir.join("run-app"), "/run/target".into()));
+        spec.env.push(("UNDERSTUDY_TARGET_URL".into(), format!("http://127.0.0.1:{SMOKE_PORT}")));
+        spec.env.push(("UNDERSTUDY_ARTIFACTS".into(), "/run/understudy/artifacts".into()));
+        let artifacts = spec.run_dir.join("artifacts");
+        let _ = std::fs::remove_dir_all(&artifacts);
+        std::fs::create_dir_all(&artifacts).map_err(|e| Stop::Infra(format!("the smoke test's artifacts dir: {e}")))?;
+        let argv: Vec<String> = [
+            "/opt/understudy/understudy",
+            "sandbox-bridge",
+            "--reverse",
+            "--socket",
+            &format!("/run/target/{SOCKET}"),
+            "--port",
+            &SMOKE_PORT.to_string(),
+            "--",
+            "/bin/sh",
+            "-c",
+            line,
+        ]
+        .map(String::from)
+        .to_vec();
+        let outcome = match self.step_with(&spec, line, &argv, &log, self.config.test_timeout, stop).await {
+            Ok(()) => TestOutcome::Passed,
+            Err(StepError::Stopped) => return Err(self.why_stopped(stop)),
+            Err(StepError::Infra(reason)) => return Err(Stop::Infra(reason)),
+            Err(StepError::Failed(_)) => TestOutcome::Failed,
+        };
+        let kept = self.keep_artifacts(job, &artifacts).await?;
+        if !kept.is_empty() {
+            log.line(format!("understudy: kept {}", kept.join(", ")));
+        }
+        Ok(outcome)
+    }
+
+    /// Stores the files a smoke test left (the first [`MAX_ARTIFACTS`], each at most
+    /// [`MAX_ARTIFACT_BYTES`]; subdirectories and links are skipped); their names.
+    async fn keep_artifacts(&self, job: &Job, dir: &std::path::Path) -> Result<Vec<String>, Stop> {
+        let mut files: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                    .filter(|e| e.metadata().is_ok_and(|m| m.len() <= MAX_ARTIFACT_BYTES))
+                    .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files.truncate(MAX_ARTIFACTS);
+        let mut kept = Vec::new();
+        for (name, path) in files {
+            let Ok(content) = std::fs::read(&path) else { continue };
+            sqlx::query(
+                "INSERT INTO deployment_artifacts (deployment_id, name, content) VALUES ($1, $2, $3)
+                 ON CONFLICT (deployment_id, name) DO UPDATE SET content = EXCLUDED.content, created_at = now()",
+            )
+            .bind(job.deployment.0)
+            .bind(&name)
+            .bind(content)
+            .execute(self.pool())
+            .await?;
+            kept.push(name);
+        }
+        Ok(kept)
     }
 
     /// `wing test`: every test in a fresh simulator; results and per-test traces from its JSON.
