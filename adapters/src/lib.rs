@@ -13,6 +13,7 @@ pub mod nats;
 pub mod preview;
 pub mod promoter;
 pub mod relay;
+pub mod schedules;
 pub mod secrets;
 pub mod telemetry;
 pub mod worker;

@@ -1,6 +1,7 @@
 //! Deployment logs over HTTP, page by page:
 //!
 //! - `GET /deployments/{id}/logs/{build|run|tests}` and `/deployments/{id}/logs/tests/{test}`
+//! - `GET /deployments/{id}/logs/jobs/{job}`: a tier's scheduled job's runs
 //! - `GET /environments/{id}/logs/…`: the same for the environment's latest deployment
 //!
 //! `?from=<unix nanos>` returns the lines after `from` (at most `limit`, default 1000) and the
@@ -40,6 +41,8 @@ pub fn router(pool: PgPool, auth: crate::auth::Auth) -> Router {
         .route("/deployments/{id}/logs/tests/{test}", get(deployment_test_log))
         .route("/environments/{id}/logs/{kind}", get(environment_log))
         .route("/environments/{id}/logs/tests/{test}", get(environment_test_log))
+        .route("/deployments/{id}/logs/jobs/{job}", get(deployment_job_log))
+        .route("/environments/{id}/logs/jobs/{job}", get(environment_job_log))
         .route("/deployments/{id}/artifacts", get(artifacts))
         .route("/deployments/{id}/artifacts/{name}", get(artifact))
         .route_layer(axum::middleware::from_fn_with_state(auth, guard))
@@ -93,6 +96,19 @@ async fn deployment_log(State(pool): State<PgPool>, Path((id, kind)): Path<(Uuid
 
 async fn deployment_test_log(State(pool): State<PgPool>, Path((id, test)): Path<(Uuid, String)>, Query(q): Query<LogQuery>) -> Response {
     serve(&pool, id, &format!("test:{test}"), q).await
+}
+
+async fn deployment_job_log(State(pool): State<PgPool>, Path((id, job)): Path<(Uuid, String)>, Query(q): Query<LogQuery>) -> Response {
+    serve(&pool, id, &format!("job:{job}"), q).await
+}
+
+/// A scheduled job's runs in the environment's latest deployment.
+async fn environment_job_log(State(pool): State<PgPool>, Path((id, job)): Path<(Uuid, String)>, Query(q): Query<LogQuery>) -> Response {
+    match latest_deployment(&pool, id).await {
+        Ok(Some(deployment)) => serve(&pool, deployment, &format!("job:{job}"), q).await,
+        Ok(None) => (StatusCode::NOT_FOUND, "no such environment, or it has no deployment yet\n").into_response(),
+        Err(response) => response,
+    }
 }
 
 async fn environment_log(State(pool): State<PgPool>, Path((id, kind)): Path<(Uuid, String)>, Query(q): Query<LogQuery>) -> Response {

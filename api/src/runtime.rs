@@ -213,8 +213,8 @@ impl Runtime {
         });
     }
 
-    /// The scheduler: the stale sweep every minute, the promoter every second, and the git poller
-    /// of projects with a git remote every `poll` interval.
+    /// The scheduler: the stale sweep every minute, the promoter and the tiers' scheduled jobs
+    /// every second, and the git poller of projects with a git remote every `poll` interval.
     pub fn spawn_scheduler(
         &self,
         idle: std::time::Duration,
@@ -229,7 +229,13 @@ impl Runtime {
             Ok(())
         });
         tasks.spawn(self.promoter().run(cancel.clone()).map(Ok));
+        tasks.spawn(self.job_scheduler().run(cancel.clone()).map(Ok));
         tasks.spawn(self.git_poller(poll).run(cancel).map(Ok));
+    }
+
+    /// Asks for the runs of tiers' scheduled jobs as they fall due.
+    pub fn job_scheduler(&self) -> understudy_adapters::schedules::JobScheduler {
+        understudy_adapters::schedules::JobScheduler { store: self.store.clone(), every: std::time::Duration::from_secs(1) }
     }
 
     /// Promotes commits that passed a tier into the tiers promoted from it automatically.

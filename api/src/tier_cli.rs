@@ -11,7 +11,7 @@ use understudy_adapters::EventStore;
 use understudy_domain::environment::EnvironmentCommand;
 use understudy_domain::ids::{DeploymentId, ProjectId};
 use understudy_domain::project::ProjectCommand;
-use understudy_domain::tier::{TierSource, TierSpec};
+use understudy_domain::tier::{ScheduledJob, TierSource, TierSpec};
 use understudy_domain::values::{BranchPattern, CommitSha, TierName};
 use understudy_domain::Metadata;
 use uuid::Uuid;
@@ -46,6 +46,10 @@ pub enum TierCommand {
         /// reaches the app at $UNDERSTUDY_TARGET_URL and keeps files in $UNDERSTUDY_ARTIFACTS).
         #[arg(long)]
         smoke: Option<String>,
+        /// A scheduled job, `NAME|SCHEDULE|COMMAND` (cron, UTC: `nightly|0 3 * * *|node cleanup.js`);
+        /// repeat for more. Without any, the tier keeps the jobs it has.
+        #[arg(long = "job", value_name = "NAME|SCHEDULE|COMMAND")]
+        jobs: Vec<String>,
     },
     /// Remove a tier; its environments stay until their branches go.
     Rm {
@@ -109,6 +113,7 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 };
                 let mut vars: Vec<String> = tier.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 vars.extend(tier.spec.smoke.as_ref().map(|s| format!("smoke: {s}")));
+                vars.extend(tier.spec.jobs.iter().map(|j| format!("job {}: {} {}", j.name, j.schedule, j.command)));
                 let frozen =
                     tier.frozen.as_ref().map(|f| format!("  FROZEN by {} since {}: {}", f.by, f.at.format("%Y-%m-%d %H:%M UTC"), f.reason));
                 writeln!(
@@ -120,8 +125,25 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 )?;
             }
         }
-        TierCommand::Set { project, name, branches, from, manual, env, smoke } => {
-            project_of(project).await?;
+        TierCommand::Set { project, name, branches, from, manual, env, smoke, jobs } => {
+            let state = project_of(project).await?;
+            let existing_jobs = if jobs.is_empty() {
+                TierName::parse(name.as_str()).ok().and_then(|n| state.tiers.get(&n)).map(|t| t.spec.jobs.clone()).unwrap_or_default()
+            } else {
+                let mut parsed = Vec::new();
+                for job in jobs {
+                    let mut parts = job.splitn(3, '|');
+                    let (Some(name), Some(schedule), Some(command)) = (parts.next(), parts.next(), parts.next()) else {
+                        anyhow::bail!("--job {job:?}: expected NAME|SCHEDULE|COMMAND");
+                    };
+                    parsed.push(ScheduledJob {
+                        name: name.trim().into(),
+                        schedule: schedule.trim().into(),
+                        command: command.trim().into(),
+                    });
+                }
+                parsed
+            };
             let source = match (branches, from) {
                 (Some(pattern), None) => TierSource::Branches { pattern: BranchPattern::parse(pattern)? },
                 (None, Some(from)) => TierSource::Promotion { from: TierName::parse(from)?, automatic: !manual },
@@ -132,7 +154,7 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 let (k, v) = pair.split_once('=').with_context(|| format!("--env {pair:?}: expected NAME=value"))?;
                 vars.insert(k.to_string(), v.to_string());
             }
-            let tier = TierSpec { name: TierName::parse(name)?, source, env: vars, smoke };
+            let tier = TierSpec { name: TierName::parse(name)?, source, env: vars, smoke, jobs: existing_jobs };
             let done = store.projects.execute(project, ProjectCommand::SetTier { tier: tier.clone(), at: Utc::now() }, meta).await?;
             writeln!(out, "tier {} {}", tier.name, if done.events.is_empty() { "unchanged" } else { "set" })?;
         }

@@ -36,6 +36,7 @@ pub struct Tier {
     pub frozen: Option<TierFreeze>,
     /// Its smoke test, if it has one.
     pub smoke: Option<String>,
+    pub jobs: Vec<ScheduledJob>,
     /// Its rebuild triggers (their tokens are shown once, when created).
     pub triggers: Vec<TriggerInfo>,
 }
@@ -87,6 +88,19 @@ pub struct TierInput {
     /// reaches the app at `$UNDERSTUDY_TARGET_URL`, keeps files in `$UNDERSTUDY_ARTIFACTS`, and
     /// holds the commit back from promotion when it fails.
     pub smoke: Option<String>,
+    /// Scheduled jobs (replacing the tier's).
+    #[graphql(default)]
+    pub jobs: Vec<ScheduledJob>,
+}
+
+/// A command run on a cron schedule (UTC; five fields, or six with seconds first) in each of
+/// the tier's Ready environments, never two runs of one job at once, a missed run once.
+#[derive(SimpleObject, InputObject, Clone, Debug)]
+#[graphql(input_name = "ScheduledJobInput")]
+pub struct ScheduledJob {
+    pub name: String,
+    pub schedule: String,
+    pub command: String,
 }
 
 /// What a promotion did.
@@ -128,6 +142,12 @@ impl From<&understudy_domain::tier::Tier> for Tier {
             env: tier.spec.env.iter().map(|(name, value)| TierVariable { name: name.clone(), value: value.clone() }).collect(),
             frozen: tier.frozen.as_ref().map(|f| TierFreeze { by: f.by.clone(), reason: f.reason.clone(), at: f.at }),
             smoke: tier.spec.smoke.clone(),
+            jobs: tier
+                .spec
+                .jobs
+                .iter()
+                .map(|j| ScheduledJob { name: j.name.clone(), schedule: j.schedule.clone(), command: j.command.clone() })
+                .collect(),
             triggers: vec![],
         }
     }
@@ -149,7 +169,12 @@ impl TierInput {
                 return Err(bad_input(format!("variable {} is set twice", variable.name)));
             }
         }
-        Ok(TierSpec { name, source, env, smoke: self.smoke.filter(|s| !s.trim().is_empty()) })
+        let jobs = self
+            .jobs
+            .into_iter()
+            .map(|j| understudy_domain::tier::ScheduledJob { name: j.name, schedule: j.schedule, command: j.command })
+            .collect();
+        Ok(TierSpec { name, source, env, smoke: self.smoke.filter(|s| !s.trim().is_empty()), jobs })
     }
 }
 

@@ -174,6 +174,22 @@ pub struct Environment {
     /// Every deployment, oldest first; the last one is the current one.
     pub deployments: Vec<Deployment>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// Its tier's scheduled jobs, by name: where each one's schedule has got to.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub jobs: std::collections::BTreeMap<String, JobState>,
+}
+
+/// One scheduled job in one environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobState {
+    /// The latest schedule slot dealt with (run or skipped).
+    pub last_slot: Option<DateTime<Utc>>,
+    /// A run asked for, until the serving worker starts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested: Option<Uuid>,
+    /// The run going now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<Uuid>,
 }
 
 impl Environment {
@@ -244,6 +260,28 @@ pub enum EnvironmentCommand {
         deployment_id: DeploymentId,
         to: DeploymentId,
         by: String,
+        at: DateTime<Utc>,
+    },
+    /// The schedule of job `job` reached `slot`: run it, unless its last run is still going (then
+    /// the slot is skipped: two runs of one job never overlap). A slot dealt with changes nothing.
+    RequestJobRun {
+        job: String,
+        slot: DateTime<Utc>,
+        run_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    /// The serving worker started the requested run.
+    StartJobRun {
+        job: String,
+        run_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    /// The run ended: `succeeded`, or why not.
+    FinishJobRun {
+        job: String,
+        run_id: Uuid,
+        succeeded: bool,
+        detail: String,
         at: DateTime<Utc>,
     },
     /// Every test of the deployment (or of its latest test run) has reported.
@@ -381,6 +419,30 @@ pub enum EnvironmentEvent {
         failed: u32,
         at: DateTime<Utc>,
     },
+    JobRunRequested {
+        job: String,
+        slot: DateTime<Utc>,
+        run_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    JobRunSkipped {
+        job: String,
+        slot: DateTime<Utc>,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    JobRunStarted {
+        job: String,
+        run_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    JobRunFinished {
+        job: String,
+        run_id: Uuid,
+        succeeded: bool,
+        detail: String,
+        at: DateTime<Utc>,
+    },
     DeploymentSuperseded {
         deployment_id: DeploymentId,
         by: DeploymentId,
@@ -472,6 +534,10 @@ impl DomainEvent for EnvironmentEvent {
             Self::DeploymentPromoted { .. } => "DeploymentPromoted",
             Self::RolledBack { .. } => "RolledBack",
             Self::TestsCompleted { .. } => "TestsCompleted",
+            Self::JobRunRequested { .. } => "JobRunRequested",
+            Self::JobRunSkipped { .. } => "JobRunSkipped",
+            Self::JobRunStarted { .. } => "JobRunStarted",
+            Self::JobRunFinished { .. } => "JobRunFinished",
             Self::DeploymentSuperseded { .. } => "DeploymentSuperseded",
             Self::BuildStarted { .. } => "BuildStarted",
             Self::BuildSucceeded { .. } => "BuildSucceeded",
@@ -501,6 +567,10 @@ impl EnvironmentEvent {
             | Self::DeploymentPromoted { at, .. }
             | Self::RolledBack { at, .. }
             | Self::TestsCompleted { at, .. }
+            | Self::JobRunRequested { at, .. }
+            | Self::JobRunSkipped { at, .. }
+            | Self::JobRunStarted { at, .. }
+            | Self::JobRunFinished { at, .. }
             | Self::DeploymentSuperseded { at, .. }
             | Self::BuildStarted { at, .. }
             | Self::BuildSucceeded { at, .. }
@@ -522,6 +592,14 @@ impl EnvironmentEvent {
 }
 
 pub struct EnvironmentAggregate;
+
+/// The app went away: no job run of it is waiting or going any more.
+fn end_job_runs(state: &mut Environment) {
+    for job in state.jobs.values_mut() {
+        job.requested = None;
+        job.running = None;
+    }
+}
 
 /// The events of asking for `commit` to be deployed (see [`EnvironmentCommand::RequestDeployment`]).
 fn request(
@@ -645,6 +723,35 @@ impl Aggregate for EnvironmentAggregate {
                 }
                 events.push(E::RolledBack { deployment_id, to, by, at });
                 Ok(events)
+            }
+            C::RequestJobRun { job, slot, run_id, at } => {
+                existing(state)?;
+                if state.status() != Some(EnvironmentStatus::Ready) {
+                    let status = state.status().map_or("unknown", EnvironmentStatus::as_str);
+                    return Err(DomainError::IllegalEnvironmentTransition { status, action: "running a scheduled job", expected: "Ready" });
+                }
+                let current = state.jobs.get(&job).cloned().unwrap_or_default();
+                if current.last_slot.is_some_and(|last| slot <= last) {
+                    return Ok(vec![]);
+                }
+                if current.requested.is_some() || current.running.is_some() {
+                    let reason = "the previous run is still going".to_string();
+                    return Ok(vec![E::JobRunSkipped { job, slot, reason, at }]);
+                }
+                Ok(vec![E::JobRunRequested { job, slot, run_id, at }])
+            }
+            C::StartJobRun { job, run_id, at } => {
+                if state.jobs.get(&job).and_then(|j| j.requested) != Some(run_id) {
+                    return Err(DomainError::NotFound { entity: "job run", id: run_id.to_string() });
+                }
+                Ok(vec![E::JobRunStarted { job, run_id, at }])
+            }
+            C::FinishJobRun { job, run_id, succeeded, detail, at } => {
+                let current = state.jobs.get(&job);
+                if current.and_then(|j| j.running.or(j.requested)) != Some(run_id) {
+                    return Err(DomainError::NotFound { entity: "job run", id: run_id.to_string() });
+                }
+                Ok(vec![E::JobRunFinished { job, run_id, succeeded, detail, at }])
             }
             C::CompleteTests { deployment_id, at } => {
                 let deployment = reported(state, deployment_id)?;
@@ -864,6 +971,22 @@ impl Aggregate for EnvironmentAggregate {
                     d.rolled_back_to = Some(*to);
                 }
             }
+            E::JobRunRequested { job, slot, run_id, .. } => {
+                let state = state.jobs.entry(job.clone()).or_default();
+                state.last_slot = Some(*slot);
+                state.requested = Some(*run_id);
+            }
+            E::JobRunSkipped { job, slot, .. } => state.jobs.entry(job.clone()).or_default().last_slot = Some(*slot),
+            E::JobRunStarted { job, run_id, .. } => {
+                let state = state.jobs.entry(job.clone()).or_default();
+                state.requested = None;
+                state.running = Some(*run_id);
+            }
+            E::JobRunFinished { job, .. } => {
+                let state = state.jobs.entry(job.clone()).or_default();
+                state.requested = None;
+                state.running = None;
+            }
             E::TestsCompleted { deployment_id, at, .. } => {
                 if let Some(d) = state.deployment_mut(*deployment_id) {
                     d.tests_completed = true;
@@ -876,6 +999,8 @@ impl Aggregate for EnvironmentAggregate {
             E::BuildSucceeded { deployment_id, at } => set(&mut state, *deployment_id, DeploymentStatus::Starting, *at),
             E::DeploymentReady { deployment_id, url, at } => {
                 set(&mut state, *deployment_id, DeploymentStatus::Ready, *at);
+                // The worker of the deployment it replaces stops, and its job runs with it.
+                end_job_runs(&mut state);
                 if let Some(d) = state.deployment_mut(*deployment_id) {
                     d.url = Some(url.clone());
                 }
@@ -937,12 +1062,18 @@ impl Aggregate for EnvironmentAggregate {
                     d.updated_at = *at;
                 }
             }
-            E::EnvironmentDeactivated { .. } => state.deactivated = true,
+            E::EnvironmentDeactivated { .. } => {
+                state.deactivated = true;
+                end_job_runs(&mut state);
+            }
             E::EnvironmentReactivated { .. } => {
                 state.deactivated = false;
                 state.terminated = false;
             }
-            E::EnvironmentTerminated { .. } => state.terminated = true,
+            E::EnvironmentTerminated { .. } => {
+                state.terminated = true;
+                end_job_runs(&mut state);
+            }
         }
         state
     }
@@ -1076,6 +1207,49 @@ mod tests {
             *from_environment = env_id();
         }
         given::<EnvironmentAggregate>(&[]).when(own).then_error(|e| matches!(e, DomainError::Invalid { field: "from", .. }));
+    }
+
+    #[test]
+    fn scheduled_runs_never_overlap_and_a_slot_is_dealt_with_once() {
+        let run = |n: u128| Uuid::from_u128(n);
+        let request = |slot: u32, n: u128| C::RequestJobRun { job: "report".into(), slot: at(slot), run_id: run(n), at: at(slot) };
+        let ready = history_to(S::Ready);
+        given::<EnvironmentAggregate>(&history_to(S::Building))
+            .when(request(10, 1))
+            .then_error(|e| matches!(e, DomainError::IllegalEnvironmentTransition { .. }));
+        let state = given::<EnvironmentAggregate>(&ready).when(request(10, 1)).then(&[E::JobRunRequested {
+            job: "report".into(),
+            slot: at(10),
+            run_id: run(1),
+            at: at(10),
+        }]);
+        assert!(EnvironmentAggregate::decide(&state, request(10, 9)).expect("same slot").is_empty(), "a slot is dealt with once");
+        let mut h = ready.clone();
+        h.push(E::JobRunRequested { job: "report".into(), slot: at(10), run_id: run(1), at: at(10) });
+        h.push(E::JobRunStarted { job: "report".into(), run_id: run(1), at: at(11) });
+        let running = given::<EnvironmentAggregate>(&h).when(request(20, 2)).then(&[E::JobRunSkipped {
+            job: "report".into(),
+            slot: at(20),
+            reason: "the previous run is still going".into(),
+            at: at(20),
+        }]);
+        assert_eq!(running.jobs["report"].running, Some(run(1)));
+        let finish = |n: u128| C::FinishJobRun { job: "report".into(), run_id: run(n), succeeded: true, detail: "ok".into(), at: at(30) };
+        given::<EnvironmentAggregate>(&h).when(finish(2)).then_error(|e| matches!(e, DomainError::NotFound { .. }));
+        let done = given::<EnvironmentAggregate>(&h).when(finish(1)).then(&[E::JobRunFinished {
+            job: "report".into(),
+            run_id: run(1),
+            succeeded: true,
+            detail: "ok".into(),
+            at: at(30),
+        }]);
+        assert_eq!((done.jobs["report"].running, done.jobs["report"].last_slot), (None, Some(at(10))));
+        // A new deployment going Ready ends the old one's run.
+        h.push(requested(2, 'b', 40));
+        h.push(E::BuildStarted { deployment_id: dep(2), at: at(41) });
+        h.push(E::BuildSucceeded { deployment_id: dep(2), at: at(42) });
+        h.push(E::DeploymentReady { deployment_id: dep(2), url: "http://p/2".into(), at: at(43) });
+        assert_eq!(EnvironmentAggregate::replay(&h).jobs["report"].running, None);
     }
 
     #[test]

@@ -26,7 +26,7 @@ fn spec() -> EnvironmentSpec {
 
 /// A command over a small space of deployments and commits, so that sequences collide often.
 fn environment_command() -> impl Strategy<Value = (u8, u8, u8)> {
-    (0u8..13, 0u8..4, 0u8..3)
+    (0u8..16, 0u8..4, 0u8..3)
 }
 
 fn to_command(kind: u8, deployment: u8, commit: u8, n: u32) -> EnvironmentCommand {
@@ -76,6 +76,20 @@ fn to_command(kind: u8, deployment: u8, commit: u8, n: u32) -> EnvironmentComman
             at: at(n),
         },
         11 => EnvironmentCommand::CompleteTests { deployment_id: d, at: at(n) },
+        12 => EnvironmentCommand::RequestJobRun {
+            job: "j".into(),
+            slot: at(u32::from(commit) * 10 + n / 4),
+            run_id: Uuid::from_u128(u128::from(deployment) + 300),
+            at: at(n),
+        },
+        13 => EnvironmentCommand::StartJobRun { job: "j".into(), run_id: Uuid::from_u128(u128::from(deployment) + 300), at: at(n) },
+        14 => EnvironmentCommand::FinishJobRun {
+            job: "j".into(),
+            run_id: Uuid::from_u128(u128::from(deployment) + 300),
+            succeeded: commit == 0,
+            detail: String::new(),
+            at: at(n),
+        },
         _ => EnvironmentCommand::Terminate { reason: "closed".into(), at: at(n) },
     }
 }
@@ -120,6 +134,13 @@ proptest! {
                 if let Some(to) = d.rolled_back_to {
                     prop_assert!(state.deployments[..i].iter().any(|e| e.id == to), "{:?}", state.deployments);
                 }
+            }
+            // A job has one run at most, waiting or going; its slots only move forward.
+            for job in state.jobs.values() {
+                prop_assert!(job.requested.is_none() || job.running.is_none(), "{:?}", job);
+            }
+            if let (Some(b), Some(a)) = (before.jobs.get("j").and_then(|j| j.last_slot), state.jobs.get("j").and_then(|j| j.last_slot)) {
+                prop_assert!(a >= b);
             }
             // Status is defined exactly when the environment exists.
             prop_assert_eq!(state.status().is_some(), state.spec.is_some());

@@ -624,7 +624,7 @@ mod tests {
     }
 
     fn tier(name: &str, source: crate::tier::TierSource) -> TierSpec {
-        TierSpec { name: TierName::parse(name).expect("name"), source, env: BTreeMap::new(), smoke: None }
+        TierSpec { name: TierName::parse(name).expect("name"), source, env: BTreeMap::new(), smoke: None, jobs: vec![] }
     }
     fn branches(pattern: &str) -> crate::tier::TierSource {
         crate::tier::TierSource::Branches { pattern: crate::values::BranchPattern::parse(pattern).expect("pattern") }

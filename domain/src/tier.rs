@@ -43,6 +43,40 @@ pub struct TierSpec {
     /// the deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smoke: Option<String>,
+    /// Commands run on a schedule in each of the tier's Ready environments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<ScheduledJob>,
+}
+
+/// How many scheduled jobs one tier may have.
+pub const MAX_JOBS: usize = 10;
+
+/// A command run on a cron schedule in a tier's environments: a fresh sandbox with the
+/// environment's checkout, variables and secrets, reaching its app at `$UNDERSTUDY_TARGET_URL`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledJob {
+    /// Lowercase letters, digits and '-'.
+    pub name: String,
+    /// Cron: five fields (minute hour day month weekday), or six with seconds first; UTC.
+    pub schedule: String,
+    pub command: String,
+}
+
+impl ScheduledJob {
+    fn cron(&self) -> Result<croner::Cron, DomainError> {
+        croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .build()
+            .parse(&self.schedule)
+            .map_err(|e| DomainError::invalid("schedule", format!("{}: {:?}: {e}", self.name, self.schedule)))
+    }
+
+    /// The latest moment the schedule names in `(after, now]`: the one run owed now, however
+    /// many were missed (a scheduler that was down catches up once, not once per missed slot).
+    pub fn due(&self, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let slot = self.cron().ok()?.find_previous_occurrence(&now, true).ok()?;
+        (slot > after).then_some(slot)
+    }
 }
 
 /// A code freeze: no automatic deploys or promotions until it is lifted.
@@ -122,6 +156,24 @@ pub fn validate(tiers: &BTreeMap<TierName, Tier>, spec: &TierSpec) -> Result<(),
             return Err(DomainError::invalid("smoke", "a smoke test is one shell line of at most 4096 bytes"));
         }
     }
+    if spec.jobs.len() > MAX_JOBS {
+        return Err(DomainError::invalid("jobs", format!("a tier has at most {MAX_JOBS} scheduled jobs")));
+    }
+    for (i, job) in spec.jobs.iter().enumerate() {
+        let ok_name = !job.name.is_empty()
+            && job.name.len() <= 40
+            && job.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok_name {
+            return Err(DomainError::invalid("jobs", format!("{:?}: a job's name is 1 to 40 lowercase letters, digits or '-'", job.name)));
+        }
+        if spec.jobs[..i].iter().any(|other| other.name == job.name) {
+            return Err(DomainError::invalid("jobs", format!("two jobs are named {}", job.name)));
+        }
+        if job.command.trim().is_empty() || job.command.len() > 4096 || job.command.contains('\0') {
+            return Err(DomainError::invalid("jobs", format!("{}: the command is one shell line of at most 4096 bytes", job.name)));
+        }
+        job.cron()?;
+    }
     if spec.env.len() > MAX_TIER_VARS {
         return Err(DomainError::invalid("env", format!("a tier sets at most {MAX_TIER_VARS} variables")));
     }
@@ -143,4 +195,32 @@ pub fn validate_removal(tiers: &BTreeMap<TierName, Tier>, name: &TierName) -> Re
         return Err(DomainError::invalid("tier", format!("{} is promoted from {name}: change or remove it first", fed.name())));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn a_job_is_due_once_for_the_latest_slot_however_many_were_missed() {
+        let at = |h: u32, m: u32| Utc.with_ymd_and_hms(2026, 12, 2, h, m, 0).single().expect("valid");
+        let job = ScheduledJob { name: "report".into(), schedule: "*/5 * * * *".into(), command: "true".into() };
+        assert_eq!(job.due(at(10, 0), at(10, 4)), None, "nothing since 10:00");
+        assert_eq!(job.due(at(10, 0), at(10, 5)), Some(at(10, 5)));
+        assert_eq!(job.due(at(10, 0), at(12, 33)), Some(at(12, 30)), "down for hours: the latest slot only");
+        let seconds = ScheduledJob { schedule: "*/10 * * * * *".into(), ..job.clone() };
+        assert_eq!(seconds.due(at(10, 0), at(10, 0) + chrono::Duration::seconds(25)), Some(at(10, 0) + chrono::Duration::seconds(20)));
+        let spec = |schedule: &str| TierSpec {
+            name: TierName::parse("staging").expect("name"),
+            source: TierSource::Branches { pattern: BranchPattern::parse("main").expect("pattern") },
+            env: BTreeMap::new(),
+            smoke: None,
+            jobs: vec![ScheduledJob { schedule: schedule.into(), ..job.clone() }],
+        };
+        assert!(validate(&BTreeMap::new(), &spec("0 3 * * *")).is_ok());
+        for bad in ["every tuesday", "61 * * * *", "* * *", ""] {
+            assert!(validate(&BTreeMap::new(), &spec(bad)).is_err(), "{bad:?}");
+        }
+    }
 }

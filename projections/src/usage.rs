@@ -107,6 +107,10 @@ impl Projection for Usage {
             | E::DeploymentPromoted { .. }
             | E::RolledBack { .. }
             | E::TestsCompleted { .. }
+            | E::JobRunRequested { .. }
+            | E::JobRunSkipped { .. }
+            | E::JobRunStarted { .. }
+            | E::JobRunFinished { .. }
             | E::RestartRequested { .. }
             | E::RestartStarted { .. }
             | E::BuildStarted { .. }

@@ -515,6 +515,7 @@ async fn pushes_to_a_tiers_branches_deploy_them_unless_the_tier_is_frozen_and_de
         source: TierSource::Branches { pattern: BranchPattern::parse("dev-*").expect("pattern") },
         env: Default::default(),
         smoke: None,
+        jobs: vec![],
     };
     store.projects.execute(project.0, ProjectCommand::SetTier { tier, at: chrono::Utc::now() }, meta()).await.expect("tier");
 

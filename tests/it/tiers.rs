@@ -405,10 +405,9 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
         .id
         .expect("id");
     let p = json!(project.to_string());
-    for tier in [
-        json!({ "name": "staging", "branches": "main", "smoke": SMOKE_LINE }),
-        json!({ "name": "production", "promotedFrom": "staging" }),
-    ] {
+    for tier in
+        [json!({ "name": "staging", "branches": "main", "smoke": SMOKE_LINE }), json!({ "name": "production", "promotedFrom": "staging" })]
+    {
         let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": tier })).await;
         assert!(answer["errors"].is_null(), "{answer}");
     }
@@ -481,4 +480,77 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
     );
     assert_eq!(previews.settled(production, &["Ready"]).await.0, "Ready");
     assert_eq!(previews.body(production).await.as_deref(), Some("production:-:ok-to-ship v1\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scheduled_jobs_run_beside_the_app_never_overlap_and_catch_up_once() {
+    let previews = Previews::start().await;
+    previews.push("node-hello", "local/jobs");
+    let bare = previews.tmp.path().join("git/local/jobs.git");
+    let store = &previews.env.runtime.store;
+    let project = local_git::add_project(store, bare.to_str().expect("utf-8"), "main", None).await.expect("add").id.expect("id");
+    let p = json!(project.to_string());
+    let bad =
+        json!({ "name": "staging", "branches": "main", "jobs": [{ "name": "report", "schedule": "every tuesday", "command": "true" }] });
+    let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": bad })).await;
+    assert_eq!(code(&answer), "BAD_USER_INPUT", "{answer}");
+    let command = "echo \"report in $UNDERSTUDY_TIER\"; node -e \"require('http').get(process.env.UNDERSTUDY_TARGET_URL, r => r.pipe(process.stdout))\"; sleep 3";
+    let tier =
+        json!({ "name": "staging", "branches": "main", "jobs": [{ "name": "report", "schedule": "*/10 * * * * *", "command": command }] });
+    let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": tier })).await;
+    assert!(answer["errors"].is_null(), "{answer}");
+    assert_eq!(previews.env.runtime.git_poller(Duration::from_secs(60)).poll_all().await.expect("poll"), 1);
+    let staging = EnvironmentId::derive(
+        project,
+        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    );
+    assert_eq!(previews.settled(staging, &["Ready", "Failed"]).await.0, "Ready");
+    let state = || async { store.environments.load(staging.0).await.expect("load").into_inner() };
+    let created = state().await.deployments[0].requested_at;
+    let pool = previews.env.pool();
+    let scheduler = previews.env.runtime.job_scheduler();
+
+    // The first slot after the environment came up: one run, asked for once.
+    let t = created + chrono::Duration::seconds(10);
+    assert_eq!(scheduler.pass(t).await.expect("pass"), 1);
+    assert_eq!(scheduler.pass(t).await.expect("pass"), 0, "a slot is run once");
+    eventually(Duration::from_secs(60), "the run to start", || async {
+        (!events(pool, staging, "JobRunStarted").await.is_empty()).then_some(())
+    })
+    .await;
+
+    // The next slot comes while it runs (it sleeps 3 s): skipped, not run beside it.
+    assert_eq!(scheduler.pass(t + chrono::Duration::seconds(10)).await.expect("pass"), 0);
+    assert_eq!(events(pool, staging, "JobRunSkipped").await.len(), 1);
+    assert_eq!(events(pool, staging, "JobRunSkipped").await[0]["reason"], "the previous run is still going");
+    eventually(Duration::from_secs(60), "the first run to finish", || async {
+        (events(pool, staging, "JobRunFinished").await.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(events(pool, staging, "JobRunFinished").await[0]["succeeded"], true, "{:?}", events(pool, staging, "JobRunFinished").await);
+
+    // Down for a minute (five slots missed): one run catches up, not five.
+    assert_eq!(scheduler.pass(t + chrono::Duration::seconds(70)).await.expect("pass"), 1);
+    assert_eq!(scheduler.pass(t + chrono::Duration::seconds(75)).await.expect("pass"), 0);
+    eventually(Duration::from_secs(60), "the catch-up run to finish", || async {
+        (events(pool, staging, "JobRunFinished").await.len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(events(pool, staging, "JobRunRequested").await.len(), 2);
+
+    // Each run's output is its log: the tier's variables, and the app it ran beside.
+    let (log, _) = previews.log(staging, "jobs/report", 0).await;
+    assert_eq!(log.matches("report in staging").count(), 2, "{log}");
+    assert_eq!(log.matches("hello from node at /").count(), 2, "{log}");
+}
+
+/// The payloads of an environment's events of one type, in order.
+async fn events(pool: &sqlx::PgPool, environment: EnvironmentId, kind: &str) -> Vec<Value> {
+    sqlx::query_scalar("SELECT payload FROM event_log WHERE aggregate_id = $1 AND event_type = $2 ORDER BY aggregate_version")
+        .bind(environment.0)
+        .bind(kind)
+        .fetch_all(pool)
+        .await
+        .expect("events")
 }

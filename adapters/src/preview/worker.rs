@@ -426,6 +426,17 @@ impl Worker {
         let result = self.build_and_start(job, meta, &repository, project.git_url.as_deref(), restart, &work).await;
         watcher.abort();
         let (mut app, plan, plan_env) = result?;
+        if restart {
+            // The worker that ran this deployment died: its job runs died with it.
+            for (name, runs) in &state.jobs {
+                if let Some(run) = runs.running.or(runs.requested) {
+                    let detail = "interrupted: its worker stopped".to_string();
+                    let command =
+                        EnvironmentCommand::FinishJobRun { job: name.clone(), run_id: run, succeeded: false, detail, at: Utc::now() };
+                    let _ = self.command(job, meta, command).await;
+                }
+            }
+        }
         // A restart after a worker died mid-tests runs them again: promotion waits for them.
         if !deployment.tests_completed {
             let tests_started = Instant::now();
@@ -789,30 +800,11 @@ impl Worker {
     /// `$UNDERSTUDY_ARTIFACTS` is kept with the deployment, passed or not.
     async fn smoke(&self, job: &Job, line: &str, plan_env: &[(String, String)], stop: &CancellationToken) -> Result<TestOutcome, Stop> {
         let log = self.logs.stream(job.deployment.0, "test:smoke", job.redactor.clone());
-        let mut spec = self.sandbox(job, "smoke", false, plan_env);
-        let (deployment_dir, _) = self.dirs(job);
-        spec.read_only.push((deployment_dir.join("run-app"), "/run/target".into()));
-        spec.env.push(("UNDERSTUDY_TARGET_URL".into(), format!("http://127.0.0.1:{SMOKE_PORT}")));
-        spec.env.push(("UNDERSTUDY_ARTIFACTS".into(), "/run/understudy/artifacts".into()));
+        let spec = self.beside_the_app(job, "smoke", plan_env);
         let artifacts = spec.run_dir.join("artifacts");
         let _ = std::fs::remove_dir_all(&artifacts);
         std::fs::create_dir_all(&artifacts).map_err(|e| Stop::Infra(format!("the smoke test's artifacts dir: {e}")))?;
-        let argv: Vec<String> = [
-            "/opt/understudy/understudy",
-            "sandbox-bridge",
-            "--reverse",
-            "--socket",
-            &format!("/run/target/{SOCKET}"),
-            "--port",
-            &SMOKE_PORT.to_string(),
-            "--",
-            "/bin/sh",
-            "-c",
-            line,
-        ]
-        .map(String::from)
-        .to_vec();
-        let outcome = match self.step_with(&spec, line, &argv, &log, self.config.test_timeout, stop).await {
+        let outcome = match self.step_with(&spec, line, &reaching_the_app(line), &log, self.config.test_timeout, stop).await {
             Ok(()) => TestOutcome::Passed,
             Err(StepError::Stopped) => return Err(self.why_stopped(stop)),
             Err(StepError::Infra(reason)) => return Err(Stop::Infra(reason)),
@@ -823,6 +815,68 @@ impl Worker {
             log.line(format!("understudy: kept {}", kept.join(", ")));
         }
         Ok(outcome)
+    }
+
+    /// A fresh sandbox whose one way out is `$UNDERSTUDY_TARGET_URL`, the running app (through
+    /// [`reaching_the_app`]); `$UNDERSTUDY_ARTIFACTS` is a directory the host reads afterwards.
+    fn beside_the_app(&self, job: &Job, name: &str, plan_env: &[(String, String)]) -> SandboxSpec {
+        let mut spec = self.sandbox(job, name, false, plan_env);
+        let (deployment_dir, _) = self.dirs(job);
+        spec.read_only.push((deployment_dir.join("run-app"), "/run/target".into()));
+        spec.env.push(("UNDERSTUDY_TARGET_URL".into(), format!("http://127.0.0.1:{SMOKE_PORT}")));
+        spec.env.push(("UNDERSTUDY_ARTIFACTS".into(), "/run/understudy/artifacts".into()));
+        spec
+    }
+
+    /// Runs the tier's scheduled job `name` (run `run`) beside the serving app, its output in the
+    /// log `job:{name}`, and records how it ended.
+    async fn run_scheduled_job(
+        &self,
+        job: &Job,
+        meta: &Metadata,
+        name: &str,
+        run: Uuid,
+        plan_env: &[(String, String)],
+        stop: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let started = EnvironmentCommand::StartJobRun { job: name.to_string(), run_id: run, at: Utc::now() };
+        self.command(job, meta, started).await?;
+        let log = self.logs.stream(job.deployment.0, format!("job:{name}"), job.redactor.clone());
+        log.line(format!("understudy: scheduled run {run} of {name}"));
+        let project = self.store.projects.load(job.project).await.map_err(|e| Stop::Infra(e.to_string()))?.into_inner();
+        let environment = self.store.environments.load(job.environment.0).await.map_err(|e| Stop::Infra(e.to_string()))?.into_inner();
+        let declared = environment
+            .spec
+            .as_ref()
+            .and_then(|spec| project.tier_of(&spec.target))
+            .and_then(|tier| tier.spec.jobs.iter().find(|j| j.name == name).cloned());
+        let (succeeded, detail) = match declared {
+            None => (false, "the job is no longer declared".to_string()),
+            Some(declared) => {
+                let spec = self.beside_the_app(job, &format!("job-{name}"), plan_env);
+                let line = declared.command.as_str();
+                match self.step_with(&spec, line, &reaching_the_app(line), &log, self.config.test_timeout, stop).await {
+                    Ok(()) => (true, "exited with 0".to_string()),
+                    Err(StepError::Stopped) => return Err(self.why_stopped(stop)),
+                    Err(StepError::Infra(reason)) => (false, format!("infrastructure: {reason}")),
+                    Err(StepError::Failed(reason)) => (false, reason),
+                }
+            }
+        };
+        let finished = EnvironmentCommand::FinishJobRun { job: name.to_string(), run_id: run, succeeded, detail, at: Utc::now() };
+        self.command(job, meta, finished).await
+    }
+
+    /// A scheduled job run waiting for this environment's serving worker: `(job, run)`.
+    async fn job_requested(&self, job: &Job) -> Result<Option<(String, Uuid)>, Stop> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT j.key, j.value->>'requested' FROM environments, jsonb_each(state->'jobs') j
+             WHERE environment_id = $1 AND j.value->>'requested' IS NOT NULL ORDER BY j.key LIMIT 1",
+        )
+        .bind(job.environment.0)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.and_then(|(name, run)| Some((name, Uuid::parse_str(&run).ok()?))))
     }
 
     /// Stores the files a smoke test left (the first [`MAX_ARTIFACTS`], each at most
@@ -959,6 +1013,10 @@ impl Worker {
                         let started = Instant::now();
                         self.run_tests(job, meta, plan, plan_env, stop).await?;
                         METRICS.preview_test_seconds.observe(started.elapsed());
+                    }
+                    if let Some((name, run)) = self.job_requested(job).await? {
+                        // The tier's schedule: one run at a time, beside the app.
+                        self.run_scheduled_job(job, meta, &name, run, plan_env, stop).await?;
                     }
                     if Instant::now() < next_probe {
                         continue;
@@ -1142,6 +1200,25 @@ impl StepError {
             StepError::Stopped => Stop::Quiet("stopped"),
         }
     }
+}
+
+/// `line` run under the reversed bridge: `$UNDERSTUDY_TARGET_URL` reaches the app's socket.
+fn reaching_the_app(line: &str) -> Vec<String> {
+    [
+        "/opt/understudy/understudy",
+        "sandbox-bridge",
+        "--reverse",
+        "--socket",
+        &format!("/run/target/{SOCKET}"),
+        "--port",
+        &SMOKE_PORT.to_string(),
+        "--",
+        "/bin/sh",
+        "-c",
+        line,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn pipe_output(sandboxed: &mut Sandboxed, log: &LogStream) {
