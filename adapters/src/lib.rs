@@ -10,6 +10,7 @@ pub mod github;
 pub mod global_log;
 pub mod metrics;
 pub mod nats;
+pub mod notify;
 pub mod preview;
 pub mod promoter;
 pub mod relay;

@@ -317,6 +317,22 @@ impl ProjectSettings {
         }))
     }
 
+    /// Where its notifications go (View Settings).
+    async fn notification_targets(&self, ctx: &Context<'_>) -> Result<Vec<crate::tiers::NotificationTarget>> {
+        require_project(ctx, self.id, Permission::ViewSettings).await?;
+        crate::tiers::notification_targets(ctx, self.id).await
+    }
+
+    /// Its latest notifications and how their delivery went, newest first (View Settings).
+    async fn notification_deliveries(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 50)] first: i32,
+    ) -> Result<Vec<crate::tiers::NotificationDelivery>> {
+        require_project(ctx, self.id, Permission::ViewSettings).await?;
+        crate::tiers::notification_deliveries(ctx, self.id, first).await
+    }
+
     /// Its tiers (dev, staging, production…), in name order.
     async fn tiers(&self, ctx: &Context<'_>) -> Result<Vec<crate::tiers::Tier>> {
         crate::tiers::tiers_of(ctx, self.id).await

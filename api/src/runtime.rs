@@ -213,8 +213,8 @@ impl Runtime {
         });
     }
 
-    /// The scheduler: the stale sweep every minute, the promoter and the tiers' scheduled jobs
-    /// every second, and the git poller of projects with a git remote every `poll` interval.
+    /// The scheduler: the stale sweep every minute; the promoter, the tiers' scheduled jobs and
+    /// notifications every second; the git poller of projects with a git remote every `poll`.
     pub fn spawn_scheduler(
         &self,
         idle: std::time::Duration,
@@ -230,7 +230,14 @@ impl Runtime {
         });
         tasks.spawn(self.promoter().run(cancel.clone()).map(Ok));
         tasks.spawn(self.job_scheduler().run(cancel.clone()).map(Ok));
+        tasks.spawn(self.notifier().run(cancel.clone()).map(Ok));
         tasks.spawn(self.git_poller(poll).run(cancel).map(Ok));
+    }
+
+    /// Sends projects' notifications (outgoing webhooks) about their long-lived environments.
+    pub fn notifier(&self) -> understudy_adapters::notify::Notifier {
+        let key = self.preview.secret_key.clone().map(Arc::new);
+        understudy_adapters::notify::Notifier::new(self.store.clone(), key, self.github.public_url.clone())
     }
 
     /// Asks for the runs of tiers' scheduled jobs as they fall due.

@@ -103,6 +103,67 @@ pub struct ScheduledJob {
     pub command: String,
 }
 
+/// Where a project's notifications go.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct NotificationTarget {
+    pub id: Uuid,
+    pub url: String,
+    /// `failed`, `recovered`, `promoted`, `rolled_back`.
+    pub events: Vec<String>,
+    pub by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A target just added: the only time its signing secret is shown.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct CreatedNotificationTarget {
+    pub target: NotificationTarget,
+    /// Check `X-Understudy-Signature-256` (`sha256=` HMAC-SHA256 of the body) with it.
+    pub secret: String,
+}
+
+/// One notification and how its delivery went.
+#[derive(SimpleObject, Clone, Debug, sqlx::FromRow)]
+pub struct NotificationDelivery {
+    pub delivery_id: Uuid,
+    pub target_id: Uuid,
+    pub kind: String,
+    /// `pending`, `delivered` or `failed` (given up).
+    pub state: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A project's notification targets (View Settings, checked by the caller).
+pub async fn notification_targets(ctx: &Context<'_>, project: Uuid) -> Result<Vec<NotificationTarget>> {
+    let state = auth(ctx)?.store.projects.load(project).await?.into_inner();
+    Ok(state.notifications.iter().map(|(id, t)| target_view(*id, t)).collect())
+}
+
+/// The project's latest notifications, newest first (View Settings, checked by the caller).
+pub async fn notification_deliveries(ctx: &Context<'_>, project: Uuid, first: i32) -> Result<Vec<NotificationDelivery>> {
+    Ok(sqlx::query_as(
+        "SELECT delivery_id, target_id, kind, state, attempts, last_error, delivered_at, created_at
+         FROM notification_deliveries WHERE project_id = $1 ORDER BY created_at DESC, delivery_id LIMIT $2",
+    )
+    .bind(project)
+    .bind(i64::from(first.clamp(1, 500)))
+    .fetch_all(&auth(ctx)?.store.pool)
+    .await?)
+}
+
+fn target_view(id: Uuid, target: &understudy_domain::project::NotificationTarget) -> NotificationTarget {
+    NotificationTarget {
+        id,
+        url: target.url.clone(),
+        events: target.events.iter().map(|k| k.as_str().to_string()).collect(),
+        by: target.by.clone(),
+        created_at: target.created_at,
+    }
+}
+
 /// What a promotion did.
 #[derive(SimpleObject, Clone, Debug)]
 pub struct Promotion {
@@ -293,6 +354,43 @@ impl TiersMutation {
         execute_project(ctx, project_id, command).await?;
         let url = format!("{}/hooks/{project_id}/{tier}/rebuild", auth(ctx)?.public_url.trim_end_matches('/'));
         Ok(CreatedTrigger { id, tier: tier.to_string(), token, url })
+    }
+
+    /// Sends news of the project's long-lived environments to `url` (Manage Settings): JSON
+    /// POSTs, signed, retried. `events` picks kinds (`failed`, `recovered`, `promoted`,
+    /// `rolled_back`); all when empty.
+    async fn add_notification_target(
+        &self,
+        ctx: &Context<'_>,
+        project_id: Uuid,
+        url: String,
+        #[graphql(default)] events: Vec<String>,
+    ) -> Result<CreatedNotificationTarget> {
+        use understudy_domain::project::NotificationKind;
+        require_project(ctx, project_id, Permission::ManageSettings).await?;
+        let events =
+            events.iter().map(|e| NotificationKind::parse(e)).collect::<Result<Vec<_>, _>>().map_err(|e| bad_input(e.to_string()))?;
+        let auth = auth(ctx)?;
+        let key = auth
+            .key
+            .as_ref()
+            .ok_or_else(|| bad_input("this node has no secret key to seal the signing secret with (UNDERSTUDY_SECRET_KEY)"))?;
+        let id = Uuid::new_v4();
+        let secret = format!("whsec_{}", crate::auth::new_api_token().trim_start_matches(crate::auth::API_TOKEN_PREFIX));
+        let sealed = key
+            .seal(ProjectId(project_id), &understudy_adapters::notify::secret_name(id), &secret)
+            .map_err(|e| bad_input(e.to_string()))?;
+        let command =
+            ProjectCommand::AddNotificationTarget { target_id: id, url, secret: sealed, events, by: who(&viewer(ctx)), at: Utc::now() };
+        let done = execute_project(ctx, project_id, command).await?;
+        let target = done.notifications.get(&id).map(|t| target_view(id, t)).ok_or_else(|| bad_input("the target was not kept"))?;
+        Ok(CreatedNotificationTarget { target, secret })
+    }
+
+    async fn remove_notification_target(&self, ctx: &Context<'_>, project_id: Uuid, id: Uuid) -> Result<bool> {
+        require_project(ctx, project_id, Permission::ManageSettings).await?;
+        execute_project(ctx, project_id, ProjectCommand::RemoveNotificationTarget { target_id: id, at: Utc::now() }).await?;
+        Ok(true)
     }
 
     async fn revoke_trigger(&self, ctx: &Context<'_>, project_id: Uuid, id: Uuid) -> Result<bool> {

@@ -70,7 +70,56 @@ pub struct Project {
     /// Rebuild triggers by id: a secret URL token that redeploys one tier (a CMS, a database).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub triggers: BTreeMap<uuid::Uuid, Trigger>,
+    /// Where news of its long-lived environments goes (outgoing webhooks), by id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub notifications: BTreeMap<uuid::Uuid, NotificationTarget>,
 }
+
+/// What a notification is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotificationKind {
+    /// A deployment failed: to build, to start, or its tests.
+    Failed,
+    /// A deployment passed after the one before it failed.
+    Recovered,
+    Promoted,
+    RolledBack,
+}
+
+impl NotificationKind {
+    pub const ALL: [NotificationKind; 4] = [Self::Failed, Self::Recovered, Self::Promoted, Self::RolledBack];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Failed => "failed",
+            Self::Recovered => "recovered",
+            Self::Promoted => "promoted",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, DomainError> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == text)
+            .ok_or_else(|| DomainError::invalid("events", format!("{text:?}: one of failed, recovered, promoted, rolled_back")))
+    }
+}
+
+/// An outgoing webhook: JSON POSTed to `url`, signed with HMAC-SHA256 under a secret that is
+/// kept sealed (it must be opened to sign).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationTarget {
+    pub url: String,
+    pub secret: SealedValue,
+    pub events: Vec<NotificationKind>,
+    pub by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// How many notification targets one project may have.
+pub const MAX_NOTIFICATION_TARGETS: usize = 10;
 
 /// A rebuild trigger: whoever holds its token may redeploy its tier. Only the token's SHA-256
 /// is kept.
@@ -290,6 +339,18 @@ pub enum ProjectCommand {
         trigger_id: uuid::Uuid,
         at: DateTime<Utc>,
     },
+    AddNotificationTarget {
+        target_id: uuid::Uuid,
+        url: String,
+        secret: SealedValue,
+        events: Vec<NotificationKind>,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    RemoveNotificationTarget {
+        target_id: uuid::Uuid,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -383,6 +444,18 @@ pub enum ProjectEvent {
         trigger_id: uuid::Uuid,
         at: DateTime<Utc>,
     },
+    NotificationTargetAdded {
+        target_id: uuid::Uuid,
+        url: String,
+        secret: SealedValue,
+        events: Vec<NotificationKind>,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    NotificationTargetRemoved {
+        target_id: uuid::Uuid,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -408,6 +481,8 @@ impl DomainEvent for ProjectEvent {
             Self::TierUnfrozen { .. } => "TierUnfrozen",
             Self::TriggerCreated { .. } => "TriggerCreated",
             Self::TriggerRevoked { .. } => "TriggerRevoked",
+            Self::NotificationTargetAdded { .. } => "NotificationTargetAdded",
+            Self::NotificationTargetRemoved { .. } => "NotificationTargetRemoved",
         }
     }
 }
@@ -518,6 +593,37 @@ impl Aggregate for ProjectAggregate {
                 }
                 Ok(vec![E::TriggerCreated { trigger_id, tier, token_sha256, by, at }])
             }
+            C::AddNotificationTarget { target_id, url, secret, mut events, by, at } => {
+                let url = url.trim().to_string();
+                let web = url.starts_with("https://") || url.starts_with("http://");
+                if !web || url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(DomainError::invalid("url", "an http:// or https:// URL of at most 2048 characters"));
+                }
+                if secret.ciphertext.is_empty() || secret.nonce.is_empty() || secret.key_id.is_empty() {
+                    return Err(DomainError::invalid("secret", "a notification's signing secret is stored sealed"));
+                }
+                events.sort();
+                events.dedup();
+                if events.is_empty() {
+                    events = NotificationKind::ALL.to_vec();
+                }
+                if state.notifications.contains_key(&target_id) {
+                    return Err(DomainError::AlreadyExists { entity: "notification target", id: target_id.to_string() });
+                }
+                if state.notifications.len() >= MAX_NOTIFICATION_TARGETS {
+                    return Err(DomainError::invalid(
+                        "url",
+                        format!("a project has at most {MAX_NOTIFICATION_TARGETS} notification targets"),
+                    ));
+                }
+                Ok(vec![E::NotificationTargetAdded { target_id, url, secret, events, by, at }])
+            }
+            C::RemoveNotificationTarget { target_id, at } => {
+                if !state.notifications.contains_key(&target_id) {
+                    return Err(DomainError::NotFound { entity: "notification target", id: target_id.to_string() });
+                }
+                Ok(vec![E::NotificationTargetRemoved { target_id, at }])
+            }
             C::RevokeTrigger { trigger_id, at } => {
                 if !state.triggers.contains_key(&trigger_id) {
                     return Err(DomainError::NotFound { entity: "trigger", id: trigger_id.to_string() });
@@ -577,6 +683,19 @@ impl Aggregate for ProjectAggregate {
             }
             E::TriggerRevoked { trigger_id, .. } => {
                 state.triggers.remove(trigger_id);
+            }
+            E::NotificationTargetAdded { target_id, url, secret, events, by, at } => {
+                let target = NotificationTarget {
+                    url: url.clone(),
+                    secret: secret.clone(),
+                    events: events.clone(),
+                    by: by.clone(),
+                    created_at: *at,
+                };
+                state.notifications.insert(*target_id, target);
+            }
+            E::NotificationTargetRemoved { target_id, .. } => {
+                state.notifications.remove(target_id);
             }
             E::TierFrozen { name, by, reason, at } => {
                 if let Some(tier) = state.tiers.get_mut(name) {

@@ -43,6 +43,11 @@ impl Previews {
     }
 
     pub(crate) async fn start_with(worker: bool) -> Previews {
+        Self::start_sealing(worker, None).await
+    }
+
+    /// With `key` sealing and opening secrets in the API, the worker and the scheduler's roles.
+    pub(crate) async fn start_sealing(worker: bool, key: Option<understudy_adapters::secrets::SecretKey>) -> Previews {
         let tmp = tempfile::tempdir().expect("temp dir");
         let mut env = TestEnv::new().await;
         let mut config = PreviewConfig::new(tmp.path().join("previews"), DOMAIN.into());
@@ -54,6 +59,7 @@ impl Previews {
         config.signer = Some(Arc::new(understudy_adapters::preview::token::PreviewSigner::generate("http://understudy.test")));
         config.start_timeout = Duration::from_secs(60);
         config.limits = Limits { memory_bytes: 1 << 30, pids: 512, cpu_millicores: 2000 };
+        config.secret_key = key;
         env.runtime.preview = Arc::new(config);
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();

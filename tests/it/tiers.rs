@@ -554,3 +554,149 @@ async fn events(pool: &sqlx::PgPool, environment: EnvironmentId, kind: &str) -> 
         .await
         .expect("events")
 }
+
+/// A receiver of notifications: answers 500 to its first `fail_first` requests, 200 after;
+/// keeps what it accepted: (kind, delivery id, signature, body).
+async fn receiver(fail_first: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Vec<u8>)>>>) {
+    use axum::http::{HeaderMap, StatusCode};
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (kept, count) = (accepted.clone(), seen.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (kept, count) = (kept.clone(), count.clone());
+            async move {
+                if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail_first {
+                    return StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+                kept.lock().expect("lock").push((
+                    header("x-understudy-event"),
+                    header("x-understudy-delivery"),
+                    header("x-understudy-signature-256"),
+                    body.to_vec(),
+                ));
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notifications_are_signed_retried_sent_once_each_and_a_dead_endpoint_blocks_nothing() {
+    let key = understudy_adapters::secrets::SecretKey::from_base64(&understudy_adapters::secrets::SecretKey::generate()).expect("key");
+    let previews = Previews::start_sealing(true, Some(key)).await;
+    previews.push("node-hello", "local/notified");
+    let v1 = previews.push_change("local/notified", &[("server.js", &server("v1")), ("test.js", PASSING)]);
+    let bare = previews.tmp.path().join("git/local/notified.git");
+    let store = &previews.env.runtime.store;
+    let project = local_git::add_project(store, bare.to_str().expect("utf-8"), "main", None).await.expect("add").id.expect("id");
+    let p = json!(project.to_string());
+    for tier in [json!({ "name": "staging", "branches": "main" }), json!({ "name": "production", "promotedFrom": "staging" })] {
+        assert!(previews.graphql(SET_TIER, json!({ "p": p, "t": tier })).await["errors"].is_null());
+    }
+    let (url, accepted) = receiver(2).await;
+    let add = "mutation($p: UUID!, $u: String!, $e: [String!]) { addNotificationTarget(projectId: $p, url: $u, events: $e) { secret target { id events } } }";
+    let answer = previews.graphql(add, json!({ "p": p, "u": url, "e": [] })).await;
+    let secret = answer["data"]["addNotificationTarget"]["secret"].as_str().unwrap_or_else(|| panic!("{answer}")).to_string();
+    assert_eq!(answer["data"]["addNotificationTarget"]["target"]["events"], json!(["failed", "recovered", "promoted", "rolled_back"]));
+    let dead = previews.graphql(add, json!({ "p": p, "u": "http://127.0.0.1:1/never", "e": ["failed"] })).await;
+    assert!(dead["errors"].is_null(), "{dead}");
+    let refused = previews.graphql(add, json!({ "p": p, "u": "ftp://example.com/x", "e": [] })).await;
+    assert_eq!(code(&refused), "BAD_USER_INPUT", "{refused}");
+    let refused = previews.graphql(add, json!({ "p": p, "u": url, "e": ["everything"] })).await;
+    assert_eq!(code(&refused), "BAD_USER_INPUT", "{refused}");
+
+    let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
+    let promoter = previews.env.runtime.promoter();
+    let mut notifier = previews.env.runtime.notifier();
+    notifier.retry_base = Duration::from_millis(50);
+    let main = EnvironmentId::derive(
+        project,
+        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    );
+    let production = EnvironmentId::derive(
+        project,
+        &Target::Tier { tier: TierName::parse("production").expect("tier") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    );
+
+    // v1 passes and is promoted; v2 fails its tests; v3 recovers and is promoted; production
+    // is rolled back to v1.
+    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    assert!(previews.tested_at(main, &v1).await);
+    assert_eq!(promoter.pass().await.expect("pass"), 1);
+    assert_eq!(previews.settled(production, &["Ready", "Failed"]).await.0, "Ready");
+    let v2 = previews.push_change("local/notified", &[("test.js", FAILING)]);
+    poller.poll_all().await.expect("poll");
+    assert!(!previews.tested_at(main, &v2).await);
+    let v3 = previews.push_change("local/notified", &[("server.js", &server("v3")), ("test.js", PASSING)]);
+    poller.poll_all().await.expect("poll");
+    assert!(previews.tested_at(main, &v3).await);
+    assert_eq!(promoter.pass().await.expect("pass"), 1);
+    eventually(Duration::from_secs(120), "production at v3", || async {
+        (previews.body(production).await.as_deref() == Some("production:-:v3\n")).then_some(())
+    })
+    .await;
+    let first = store.environments.load(production.0).await.expect("load").into_inner().deployments[0].id;
+    let answer = previews
+        .graphql(
+            "mutation($e: UUID!, $d: UUID!) { rollback(environmentId: $e, deploymentId: $d) { status } }",
+            json!({ "e": production.0.to_string(), "d": first.0.to_string() }),
+        )
+        .await;
+    assert!(answer["errors"].is_null(), "{answer}");
+
+    // The notifier, pass after pass, as the scheduler runs it.
+    let expected = ["failed", "promoted", "promoted", "recovered", "rolled_back"];
+    eventually(Duration::from_secs(60), "every notification to arrive", || async {
+        notifier.pass().await.expect("pass");
+        let mut kinds: Vec<String> = accepted.lock().expect("lock").iter().map(|(kind, ..)| kind.clone()).collect();
+        kinds.sort();
+        (kinds == expected).then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        notifier.pass().await.expect("pass");
+    }
+    let accepted = accepted.lock().expect("lock").clone();
+    assert_eq!(accepted.len(), expected.len(), "each notification once: {:?}", accepted.iter().map(|a| &a.0).collect::<Vec<_>>());
+    let mut ids: Vec<&String> = accepted.iter().map(|(_, id, ..)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), expected.len(), "one delivery id per notification");
+    for (kind, _, signature, body) in &accepted {
+        assert_eq!(signature, &understudy_adapters::notify::signature(&secret, body), "{kind} is signed with the target's secret");
+        let body: Value = serde_json::from_slice(body).expect("JSON");
+        assert_eq!(body["kind"], json!(kind));
+        assert_eq!(body["project"]["id"], json!(project.0.to_string()));
+    }
+    let failed = accepted.iter().find(|(kind, ..)| kind == "failed").expect("failed");
+    let failed: Value = serde_json::from_slice(&failed.3).expect("JSON");
+    assert_eq!((failed["deployment"]["commit"].as_str(), failed["environment"]["tier"].as_str()), (Some(v2.as_str()), Some("staging")));
+    assert_eq!(failed["deployment"]["testsFailed"], 1);
+    let rolled = accepted.iter().find(|(kind, ..)| kind == "rolled_back").expect("rolled back");
+    let rolled: Value = serde_json::from_slice(&rolled.3).expect("JSON");
+    assert_eq!((rolled["deployment"]["commit"].as_str(), rolled["by"].as_str()), (Some(v1.as_str()), Some("operator:open")));
+
+    // The receiver's two 500s were retried; the dead endpoint keeps failing on its own.
+    let deliveries = previews
+        .graphql(
+            "query($p: UUID!) { project(id: $p) { notificationDeliveries(first: 50) { kind state attempts lastError } } }",
+            json!({ "p": p }),
+        )
+        .await;
+    let rows = deliveries["data"]["project"]["notificationDeliveries"].as_array().unwrap_or_else(|| panic!("{deliveries}")).clone();
+    assert_eq!(rows.len(), expected.len() + 1, "five to the receiver, the failure to the dead endpoint too: {rows:?}");
+    let retried: i64 = rows.iter().filter(|r| r["state"] == "delivered").map(|r| r["attempts"].as_i64().unwrap_or(0) - 1).sum();
+    assert_eq!(retried, 2, "two answers of 500, each retried: {rows:?}");
+    let dead_row = rows.iter().find(|r| r["state"] == "pending").unwrap_or_else(|| panic!("{rows:?}"));
+    assert!(dead_row["attempts"].as_i64().unwrap_or(0) >= 1, "{dead_row}");
+    assert!(dead_row["lastError"].as_str().unwrap_or_default().contains("127.0.0.1:1"), "{dead_row}");
+}
