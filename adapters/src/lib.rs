@@ -14,6 +14,7 @@ pub mod notify;
 pub mod preview;
 pub mod promoter;
 pub mod relay;
+pub mod repo_tiers;
 pub mod schedules;
 pub mod secrets;
 pub mod telemetry;

@@ -154,7 +154,7 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 let (k, v) = pair.split_once('=').with_context(|| format!("--env {pair:?}: expected NAME=value"))?;
                 vars.insert(k.to_string(), v.to_string());
             }
-            let tier = TierSpec { name: TierName::parse(name)?, source, env: vars, smoke, jobs: existing_jobs };
+            let tier = TierSpec { name: TierName::parse(name)?, source, env: vars, smoke, jobs: existing_jobs, from_file: false };
             let done = store.projects.execute(project, ProjectCommand::SetTier { tier: tier.clone(), at: Utc::now() }, meta).await?;
             writeln!(out, "tier {} {}", tier.name, if done.events.is_empty() { "unchanged" } else { "set" })?;
         }

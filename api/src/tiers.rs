@@ -235,7 +235,7 @@ impl TierInput {
             .into_iter()
             .map(|j| understudy_domain::tier::ScheduledJob { name: j.name, schedule: j.schedule, command: j.command })
             .collect();
-        Ok(TierSpec { name, source, env, smoke: self.smoke.filter(|s| !s.trim().is_empty()), jobs })
+        Ok(TierSpec { name, source, env, smoke: self.smoke.filter(|s| !s.trim().is_empty()), jobs, from_file: false })
     }
 }
 

@@ -46,6 +46,10 @@ pub struct TierSpec {
     /// Commands run on a schedule in each of the tier's Ready environments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<ScheduledJob>,
+    /// Declared by the repository file (`[tiers.NAME]` in `understudy.toml` on the production
+    /// branch), which then manages it: it goes when the file stops declaring it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_file: bool,
 }
 
 /// How many scheduled jobs one tier may have.
@@ -76,6 +80,16 @@ impl ScheduledJob {
     pub fn due(&self, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let slot = self.cron().ok()?.find_previous_occurrence(&now, true).ok()?;
         (slot > after).then_some(slot)
+    }
+}
+
+impl TierSpec {
+    /// Its branch pattern or the tier it is promoted from, as written.
+    pub fn source_name(&self) -> &str {
+        match &self.source {
+            TierSource::Branches { pattern } => pattern.as_str(),
+            TierSource::Promotion { from, .. } => from.as_str(),
+        }
     }
 }
 
@@ -186,6 +200,32 @@ pub fn validate(tiers: &BTreeMap<TierName, Tier>, spec: &TierSpec) -> Result<(),
     Ok(())
 }
 
+/// Checks a whole set of tiers as one (the repository file's): each against the others, in an
+/// order where every promotion source comes before the tiers promoted from it. That order.
+pub fn validate_all(specs: Vec<TierSpec>) -> Result<Vec<TierSpec>, DomainError> {
+    let mut ordered: Vec<TierSpec> = Vec::new();
+    let mut rest = specs;
+    let mut known: BTreeMap<TierName, Tier> = BTreeMap::new();
+    while !rest.is_empty() {
+        let ready = rest.iter().position(|spec| match &spec.source {
+            TierSource::Branches { .. } => true,
+            TierSource::Promotion { from, .. } => known.contains_key(from),
+        });
+        let Some(index) = ready else {
+            let names: Vec<String> = rest.iter().map(|s| format!("{} (from {})", s.name, s.source_name())).collect();
+            return Err(DomainError::invalid(
+                "from",
+                format!("{}: promoted from a tier that is not declared, or round in a circle", names.join(", ")),
+            ));
+        };
+        let spec = rest.remove(index);
+        validate(&known, &spec)?;
+        known.insert(spec.name.clone(), Tier { spec: spec.clone(), frozen: None });
+        ordered.push(spec);
+    }
+    Ok(ordered)
+}
+
 /// Refuses to remove a tier another one is promoted from.
 pub fn validate_removal(tiers: &BTreeMap<TierName, Tier>, name: &TierName) -> Result<(), DomainError> {
     if !tiers.contains_key(name) {
@@ -217,6 +257,7 @@ mod tests {
             env: BTreeMap::new(),
             smoke: None,
             jobs: vec![ScheduledJob { schedule: schedule.into(), ..job.clone() }],
+            from_file: false,
         };
         assert!(validate(&BTreeMap::new(), &spec("0 3 * * *")).is_ok());
         for bad in ["every tuesday", "61 * * * *", "* * *", ""] {

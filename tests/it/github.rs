@@ -497,8 +497,7 @@ async fn pushes_to_the_production_branch_deploy_it_and_uninstalling_deactivates(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_to_a_tiers_branches_deploy_them_unless_the_tier_is_frozen_and_deleting_one_tears_it_down() {
     use understudy_domain::project::ProjectCommand;
-    use understudy_domain::tier::{TierSource, TierSpec};
-    use understudy_domain::values::{BranchPattern, TierName};
+    use understudy_domain::values::TierName;
 
     let app = App::start().await;
     let push = fixture("push");
@@ -510,14 +509,16 @@ async fn pushes_to_a_tiers_branches_deploy_them_unless_the_tier_is_frozen_and_de
     let project = understudy_adapters::github::project_id(repo_id);
     let store = &app.env.runtime.store;
     let dev = TierName::parse("dev").expect("tier");
-    let tier = TierSpec {
-        name: dev.clone(),
-        source: TierSource::Branches { pattern: BranchPattern::parse("dev-*").expect("pattern") },
-        env: Default::default(),
-        smoke: None,
-        jobs: vec![],
-    };
-    store.projects.execute(project.0, ProjectCommand::SetTier { tier, at: chrono::Utc::now() }, meta()).await.expect("tier");
+
+    // The production branch's repository file declares the dev tier, read through the
+    // contents API when the production branch is pushed.
+    let head = push["after"].as_str().expect("after");
+    app.github.set_root_files_at(&repo, head, &["main.w", "understudy.toml"]);
+    app.github.set_file_at(&repo, head, "understudy.toml", "[tiers.dev]\nbranches = \"dev-*\"\nenv = { CACHE = \"off\" }\n");
+    assert_eq!(app.deliver("push", "t-production", &push).await.0, 202);
+    assert_eq!(app.processed("t-production").await, "done");
+    let state = store.projects.load(project.0).await.expect("load").into_inner();
+    assert!(state.tiers.get(&dev).is_some_and(|t| t.spec.from_file && t.spec.env["CACHE"] == "off"), "{:?}", state.tiers);
 
     // The real push payload, to other branches and commits.
     let to = |branch: &str, after: char, deleted: bool| {

@@ -700,3 +700,57 @@ async fn notifications_are_signed_retried_sent_once_each_and_a_dead_endpoint_blo
     assert!(dead_row["attempts"].as_i64().unwrap_or(0) >= 1, "{dead_row}");
     assert!(dead_row["lastError"].as_str().unwrap_or_default().contains("127.0.0.1:1"), "{dead_row}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_repository_file_declares_tiers_and_manages_only_its_own() {
+    let previews = Previews::start().await;
+    previews.push("node-hello", "local/declared");
+    let file = |production: &str| {
+        format!(
+            "[tiers.dev]\nbranches = \"dev-*\"\nenv = {{ CACHE = \"off\" }}\n\n[tiers.staging]\nbranches = \"main\"\n\n[tiers.production]\n{production}\n"
+        )
+    };
+    previews.push_change("local/declared", &[("understudy.toml", &file("from = \"staging\""))]);
+    let bare = previews.tmp.path().join("git/local/declared.git");
+    let store = &previews.env.runtime.store;
+    let project = local_git::add_project(store, bare.to_str().expect("utf-8"), "main", None).await.expect("add").id.expect("id");
+    let p = json!(project.to_string());
+    assert!(previews.graphql(SET_TIER, json!({ "p": p, "t": { "name": "qa", "branches": "qa" } })).await["errors"].is_null());
+    let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
+    let tiers = || async {
+        let state = store.projects.load(project.0).await.expect("load").into_inner();
+        state.tiers.values().map(|t| (t.name().to_string(), t.spec.from_file, t.promotes_automatically())).collect::<Vec<_>>()
+    };
+
+    poller.poll_all().await.expect("poll");
+    let s = |n: &str| n.to_string();
+    assert_eq!(
+        tiers().await,
+        [(s("dev"), true, false), (s("production"), true, true), (s("qa"), false, false), (s("staging"), true, false)]
+    );
+    let main = EnvironmentId::derive(
+        project,
+        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    );
+    assert_eq!(previews.settled(main, &["Ready", "Failed"]).await.0, "Ready");
+
+    // The file drops dev and makes production manual: so does the project; qa stays.
+    previews.push_change(
+        "local/declared",
+        &[(
+            "understudy.toml",
+            &file("from = \"staging\"\nautomatic = false").replace("[tiers.dev]\nbranches = \"dev-*\"\nenv = { CACHE = \"off\" }\n\n", ""),
+        )],
+    );
+    poller.poll_all().await.expect("poll");
+    assert_eq!(tiers().await, [(s("production"), true, false), (s("qa"), false, false), (s("staging"), true, false)]);
+
+    // Tiers that do not hold together change nothing, and the build says why, with the line.
+    previews.push_change("local/declared", &[("understudy.toml", &file("from = \"nowhere\""))]);
+    poller.poll_all().await.expect("poll");
+    assert_eq!(tiers().await, [(s("production"), true, false), (s("qa"), false, false), (s("staging"), true, false)]);
+    let row = previews.settled(main, &["Failed"]).await;
+    let failure = row.2.expect("a reason");
+    assert!(failure.contains("understudy.toml, line") && failure.contains("nowhere"), "{failure}");
+}

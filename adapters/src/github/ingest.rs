@@ -296,12 +296,22 @@ impl Ingest {
                     return Ok(Outcome::Ignored(format!("{} is not a branch", p.git_ref)));
                 };
                 let branch = BranchName::parse(branch)?;
+                let project_id = super::project_id(p.repository.id);
+                let mut project = project;
+                if project.active && project.production_branch.as_ref() == Some(&branch) && !p.deleted {
+                    // The production branch's repository file declares tiers: apply it first.
+                    if let Some(github) = &self.github {
+                        let file = github.file_at(installation, &p.repository.full_name, p.after.as_str(), CONFIG_FILE).await?;
+                        if crate::repo_tiers::apply(&self.store, project_id, file.as_deref(), &meta).await? > 0 {
+                            project = self.store.projects.load(project_id.0).await.map_err(CommandError::from)?.into_inner();
+                        }
+                    }
+                }
                 if !project.active || !project.deploys_branch(&branch) {
                     return Ok(Outcome::Ignored(format!(
                         "{branch} is neither the production branch nor a tier's branch of an active project"
                     )));
                 }
-                let project_id = super::project_id(p.repository.id);
                 if p.deleted {
                     let n = self.terminate_branch(project_id, &branch, "the branch was deleted", &meta).await?;
                     return Ok(Outcome::Applied(format!("{branch} deleted: {n} environments terminated")));

@@ -112,6 +112,23 @@ impl Poller {
         let rule = project.entrypoints.clone().unwrap_or(EntrypointRule::Detect);
         let heads = self.fetch(id, &url).await?;
         let meta = Metadata::new(Uuid::new_v4(), "system:git-poll");
+        // The production branch's repository file declares tiers: before anything is routed.
+        let production = project.production_branch.as_ref().and_then(|b| heads.get(b.as_str()));
+        let project = match production {
+            Some(sha) => {
+                let file = if self.root_files(id, sha).await?.iter().any(|f| f == super::stack::CONFIG_FILE) {
+                    Some(git(&self.mirror(id), &["show", &format!("{}:{}", sha.as_str(), super::stack::CONFIG_FILE)]).await?)
+                } else {
+                    None
+                };
+                if crate::repo_tiers::apply(&self.store, id, file.as_deref(), &meta).await? > 0 {
+                    self.store.projects.load(id.0).await?.into_inner()
+                } else {
+                    project
+                }
+            }
+            None => project,
+        };
         let mut requested = 0;
         for (branch, sha) in &heads {
             let Ok(branch) = BranchName::parse(branch.as_str()) else { continue };

@@ -10,6 +10,14 @@
 //! health = "/healthz"         # Ready once this answers 2xx/3xx (default "/")
 //! [env]
 //! NODE_ENV = "production"
+//!
+//! # Tiers, read from the production branch's file (see docs/tiers.md):
+//! [tiers.staging]
+//! branches = "main"
+//! smoke = "node smoke.js"
+//! jobs = [{ name = "report", schedule = "0 * * * *", command = "node report.js" }]
+//! [tiers.production]
+//! from = "staging"            # promoted automatically unless `automatic = false`
 //! ```
 
 use std::collections::BTreeMap;
@@ -17,7 +25,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 use understudy_domain::project::EntrypointRule;
-use understudy_domain::values::Entrypoint;
+use understudy_domain::tier::{ScheduledJob, TierSource, TierSpec};
+use understudy_domain::values::{BranchPattern, Entrypoint, TierName};
 
 /// The name of the optional repository file.
 pub const CONFIG_FILE: &str = "understudy.toml";
@@ -94,6 +103,56 @@ struct Config {
     health: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    tiers: Option<BTreeMap<String, TierConfig>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierConfig {
+    branches: Option<String>,
+    from: Option<String>,
+    automatic: Option<bool>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    smoke: Option<String>,
+    #[serde(default)]
+    jobs: Vec<JobConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobConfig {
+    name: String,
+    schedule: String,
+    command: String,
+}
+
+/// The tiers a repository file declares, checked as a whole and ordered so that every
+/// promotion source comes first: `Ok(None)` when it declares none.
+pub fn configured_tiers(text: &str) -> Result<Option<Vec<TierSpec>>, PlanError> {
+    let Some(tiers) = parse_config(text)?.tiers else { return Ok(None) };
+    let line_of = |name: &str| text.lines().position(|l| l.trim_start().starts_with(&format!("[tiers.{name}]"))).map_or(1, |i| i + 1);
+    let mut specs = Vec::new();
+    for (name, tier) in tiers {
+        let invalid = |reason: String| PlanError::Config { line: line_of(&name), reason: format!("tier {name}: {reason}") };
+        let tier_name = TierName::parse(name.as_str()).map_err(|e| invalid(e.to_string()))?;
+        let source = match (tier.branches, tier.from) {
+            (Some(pattern), None) if tier.automatic.is_none() => {
+                TierSource::Branches { pattern: BranchPattern::parse(pattern).map_err(|e| invalid(e.to_string()))? }
+            }
+            (None, Some(from)) => TierSource::Promotion {
+                from: TierName::parse(from).map_err(|e| invalid(e.to_string()))?,
+                automatic: tier.automatic.unwrap_or(true),
+            },
+            _ => return Err(invalid("either `branches`, or `from` (and `automatic`)".into())),
+        };
+        let jobs = tier.jobs.into_iter().map(|j| ScheduledJob { name: j.name, schedule: j.schedule, command: j.command }).collect();
+        specs.push(TierSpec { name: tier_name, source, env: tier.env, smoke: tier.smoke, jobs, from_file: true });
+    }
+    understudy_domain::tier::validate_all(specs).map(Some).map_err(|e| PlanError::Config {
+        line: text.lines().position(|l| l.trim_start().starts_with("[tiers")).map_or(1, |i| i + 1),
+        reason: e.to_string(),
+    })
 }
 
 fn parse_config(text: &str) -> Result<Config, PlanError> {
@@ -115,7 +174,7 @@ struct PackageJson {
 
 /// Whether `text` is a valid `understudy.toml`, with the line and reason when it is not.
 pub fn check_config(text: &str) -> Result<(), PlanError> {
-    parse_config(text).map(|_| ())
+    configured_tiers(text).map(|_| ())
 }
 
 /// The entrypoints an `understudy.toml` lists, when it lists valid ones. A file that does not
@@ -159,7 +218,11 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
     }
     let read = |name: &str| std::fs::read_to_string(root.join(name)).ok();
     let config = match read(CONFIG_FILE) {
-        Some(text) => Some(parse_config(&text)?),
+        Some(text) => {
+            // Tiers that do not hold together fail every build of the commit, with the reason.
+            configured_tiers(&text)?;
+            Some(parse_config(&text)?)
+        }
         None => None,
     };
     let package = match read("package.json") {
@@ -426,6 +489,32 @@ mod tests {
         assert_eq!(app_dir("web/"), "web");
         assert_eq!(app_dir("api.main.w"), ".");
         assert!(matches!(super::plan(dir.path(), "missing"), Err(PlanError::Nothing(_))));
+    }
+
+    #[test]
+    fn the_repository_file_declares_tiers_in_promotion_order_or_says_what_is_wrong() {
+        let file = "start = \"node server.js\"\n[tiers.production]\nfrom = \"staging\"\n[tiers.staging]\nbranches = \"main\"\nsmoke = \"node smoke.js\"\njobs = [{ name = \"report\", schedule = \"0 * * * *\", command = \"node report.js\" }]\n";
+        let tiers = configured_tiers(file).expect("valid").expect("declared");
+        let names: Vec<&str> = tiers.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["staging", "production"], "a source before the tiers promoted from it");
+        assert!(tiers.iter().all(|t| t.from_file));
+        assert_eq!(tiers[0].jobs[0].name, "report");
+        assert_eq!(configured_tiers("start = \"x\"\n").expect("valid"), None);
+        for (bad, line, says) in [
+            ("[tiers.production]\nfrom = \"nowhere\"\n", 1, "not declared"),
+            ("start = \"x\"\n\n[tiers.qa]\nbranches = \"qa\"\nfrom = \"qa\"\n", 3, "either"),
+            ("[tiers.qa]\nbranches = \"has space\"\n", 1, "branch name"),
+            ("[tiers.qa]\nbranches = \"qa\"\nbogus = 1\n", 3, "unknown field"),
+            ("[tiers.qa]\nbranches = \"qa\"\njobs = [{ name = \"x\", schedule = \"never\", command = \"true\" }]\n", 1, "never"),
+        ] {
+            match configured_tiers(bad) {
+                Err(PlanError::Config { line: l, reason }) => {
+                    assert_eq!(l, line, "{bad}: {reason}");
+                    assert!(reason.contains(says), "{bad}: {reason}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]
