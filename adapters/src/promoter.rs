@@ -90,7 +90,7 @@ pub async fn tier_environments(
 ) -> Result<Vec<(Uuid, String, String)>, sqlx::Error> {
     let (kind, branch) = match &tier.spec.source {
         TierSource::Branches { .. } => ("branch", None),
-        TierSource::Promotion { .. } => ("tier", Some(tier.name().as_str())),
+        TierSource::Promotion { .. } | TierSource::Tags { .. } => ("tier", Some(tier.name().as_str())),
     };
     let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
         "SELECT environment_id, branch, entrypoint FROM environments
@@ -109,7 +109,7 @@ pub async fn tier_environments(
                 .ok()
                 .and_then(|b| project.tier_of(&Target::Branch { branch: b }))
                 .is_some_and(|t| t.name() == tier.name()),
-            TierSource::Promotion { .. } => true,
+            TierSource::Promotion { .. } | TierSource::Tags { .. } => true,
         })
         .collect())
 }

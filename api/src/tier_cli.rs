@@ -32,9 +32,12 @@ pub enum TierCommand {
         #[arg(long)]
         project: Uuid,
         name: String,
-        #[arg(long, conflicts_with = "from")]
+        #[arg(long, conflicts_with_all = ["from", "tags"])]
         branches: Option<String>,
-        #[arg(long, required_unless_present = "branches")]
+        /// Fed by new tags the pattern names (`v*`: releases), at the tagged commit.
+        #[arg(long, conflicts_with = "from")]
+        tags: Option<String>,
+        #[arg(long, required_unless_present_any = ["branches", "tags"])]
         from: Option<String>,
         /// Promote only when someone runs `understudy tier promote` (or the `promote` mutation).
         #[arg(long, requires = "from")]
@@ -108,6 +111,7 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
             for tier in state.tiers.values() {
                 let source = match &tier.spec.source {
                     TierSource::Branches { pattern } => format!("branches {pattern}"),
+                    TierSource::Tags { pattern } => format!("tags {pattern}"),
                     TierSource::Promotion { from, automatic: true } => format!("promoted from {from}, automatically"),
                     TierSource::Promotion { from, automatic: false } => format!("promoted from {from}, by hand"),
                 };
@@ -125,7 +129,7 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 )?;
             }
         }
-        TierCommand::Set { project, name, branches, from, manual, env, smoke, jobs } => {
+        TierCommand::Set { project, name, branches, tags, from, manual, env, smoke, jobs } => {
             let state = project_of(project).await?;
             let existing_jobs = if jobs.is_empty() {
                 TierName::parse(name.as_str()).ok().and_then(|n| state.tiers.get(&n)).map(|t| t.spec.jobs.clone()).unwrap_or_default()
@@ -144,10 +148,11 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 }
                 parsed
             };
-            let source = match (branches, from) {
-                (Some(pattern), None) => TierSource::Branches { pattern: BranchPattern::parse(pattern)? },
-                (None, Some(from)) => TierSource::Promotion { from: TierName::parse(from)?, automatic: !manual },
-                _ => anyhow::bail!("give either --branches or --from"),
+            let source = match (branches, tags, from) {
+                (Some(pattern), None, None) => TierSource::Branches { pattern: BranchPattern::parse(pattern)? },
+                (None, Some(pattern), None) => TierSource::Tags { pattern: BranchPattern::parse(pattern)? },
+                (None, None, Some(from)) => TierSource::Promotion { from: TierName::parse(from)?, automatic: !manual },
+                _ => anyhow::bail!("give one of --branches, --tags or --from"),
             };
             let mut vars = BTreeMap::new();
             for pair in env {

@@ -27,6 +27,8 @@ pub struct Tier {
     pub name: String,
     /// The branches whose pushes deploy it (`main`, `dev-*`); null for a promoted tier.
     pub branches: Option<String>,
+    /// The tags whose creation deploys it (`v*`: releases).
+    pub tags: Option<String>,
     /// The tier whose passed commits are promoted into it; null for a tier fed by pushes.
     pub promoted_from: Option<String>,
     /// Whether passed commits are promoted into it without anyone asking.
@@ -73,11 +75,12 @@ pub struct TierFreeze {
     pub at: DateTime<Utc>,
 }
 
-/// A tier to declare: exactly one of `branches` and `promotedFrom`.
+/// A tier to declare: exactly one of `branches`, `tags` and `promotedFrom`.
 #[derive(InputObject, Clone, Debug)]
 pub struct TierInput {
     pub name: String,
     pub branches: Option<String>,
+    pub tags: Option<String>,
     pub promoted_from: Option<String>,
     /// For a promoted tier: promote passed commits without anyone asking (default true).
     #[graphql(default = true)]
@@ -191,13 +194,15 @@ impl Tier {
 
 impl From<&understudy_domain::tier::Tier> for Tier {
     fn from(tier: &understudy_domain::tier::Tier) -> Self {
-        let (branches, promoted_from, automatic) = match &tier.spec.source {
-            TierSource::Branches { pattern } => (Some(pattern.to_string()), None, false),
-            TierSource::Promotion { from, automatic } => (None, Some(from.to_string()), *automatic),
+        let (branches, tags, promoted_from, automatic) = match &tier.spec.source {
+            TierSource::Branches { pattern } => (Some(pattern.to_string()), None, None, false),
+            TierSource::Tags { pattern } => (None, Some(pattern.to_string()), None, false),
+            TierSource::Promotion { from, automatic } => (None, None, Some(from.to_string()), *automatic),
         };
         Self {
             name: tier.name().to_string(),
             branches,
+            tags,
             promoted_from,
             automatic,
             env: tier.spec.env.iter().map(|(name, value)| TierVariable { name: name.clone(), value: value.clone() }).collect(),
@@ -217,12 +222,17 @@ impl From<&understudy_domain::tier::Tier> for Tier {
 impl TierInput {
     fn into_spec(self) -> Result<TierSpec> {
         let name = TierName::parse(self.name).map_err(|e| bad_input(e.to_string()))?;
-        let source = match (self.branches, self.promoted_from) {
-            (Some(pattern), None) => TierSource::Branches { pattern: BranchPattern::parse(pattern).map_err(|e| bad_input(e.to_string()))? },
-            (None, Some(from)) => {
+        let source = match (self.branches, self.promoted_from, self.tags) {
+            (Some(pattern), None, None) => {
+                TierSource::Branches { pattern: BranchPattern::parse(pattern).map_err(|e| bad_input(e.to_string()))? }
+            }
+            (None, None, Some(pattern)) => {
+                TierSource::Tags { pattern: BranchPattern::parse(pattern).map_err(|e| bad_input(e.to_string()))? }
+            }
+            (None, Some(from), None) => {
                 TierSource::Promotion { from: TierName::parse(from).map_err(|e| bad_input(e.to_string()))?, automatic: self.automatic }
             }
-            _ => return Err(bad_input("a tier is fed either by `branches` or by promotion (`promotedFrom`), not both or neither")),
+            _ => return Err(bad_input("a tier is fed by one of `branches`, `tags` or promotion (`promotedFrom`)")),
         };
         let mut env = BTreeMap::new();
         for variable in self.env {

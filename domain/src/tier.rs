@@ -22,6 +22,9 @@ pub const MAX_TIER_VARS: usize = 100;
 pub enum TierSource {
     /// Every push to a branch the pattern names deploys that branch's environments.
     Branches { pattern: BranchPattern },
+    /// A new tag the pattern names (`v*`: a release) deploys its commit to the tier's
+    /// environments (one per entrypoint, whatever the tag).
+    Tags { pattern: BranchPattern },
     /// Commits whose deployments in tier `from` are Ready with every test passed are promoted
     /// here: by the promoter when `automatic`, otherwise by someone's `promote`.
     Promotion { from: TierName, automatic: bool },
@@ -87,7 +90,7 @@ impl TierSpec {
     /// Its branch pattern or the tier it is promoted from, as written.
     pub fn source_name(&self) -> &str {
         match &self.source {
-            TierSource::Branches { pattern } => pattern.as_str(),
+            TierSource::Branches { pattern } | TierSource::Tags { pattern } => pattern.as_str(),
             TierSource::Promotion { from, .. } => from.as_str(),
         }
     }
@@ -117,14 +120,14 @@ impl Tier {
     pub fn pattern(&self) -> Option<&BranchPattern> {
         match &self.spec.source {
             TierSource::Branches { pattern } => Some(pattern),
-            TierSource::Promotion { .. } => None,
+            TierSource::Tags { .. } | TierSource::Promotion { .. } => None,
         }
     }
 
     /// The tier a promotion-fed tier takes its commits from.
     pub fn promoted_from(&self) -> Option<&TierName> {
         match &self.spec.source {
-            TierSource::Branches { .. } => None,
+            TierSource::Branches { .. } | TierSource::Tags { .. } => None,
             TierSource::Promotion { from, .. } => Some(from),
         }
     }
@@ -141,6 +144,18 @@ pub fn tier_for_branch<'a>(tiers: &'a BTreeMap<TierName, Tier>, branch: &BranchN
     tiers
         .values()
         .filter_map(|tier| tier.pattern().filter(|p| p.matches(branch)).map(|p| (tier, p)))
+        .min_by_key(|(tier, pattern)| (!pattern.is_exact(), std::cmp::Reverse(pattern.as_str().len()), tier.name().clone()))
+        .map(|(tier, _)| tier)
+}
+
+/// The tier a new tag `tag` deploys, by the same rules as [`tier_for_branch`].
+pub fn tier_for_tag<'a>(tiers: &'a BTreeMap<TierName, Tier>, tag: &BranchName) -> Option<&'a Tier> {
+    tiers
+        .values()
+        .filter_map(|tier| match &tier.spec.source {
+            TierSource::Tags { pattern } if pattern.matches(tag) => Some((tier, pattern)),
+            _ => None,
+        })
         .min_by_key(|(tier, pattern)| (!pattern.is_exact(), std::cmp::Reverse(pattern.as_str().len()), tier.name().clone()))
         .map(|(tier, _)| tier)
 }
@@ -208,7 +223,7 @@ pub fn validate_all(specs: Vec<TierSpec>) -> Result<Vec<TierSpec>, DomainError> 
     let mut known: BTreeMap<TierName, Tier> = BTreeMap::new();
     while !rest.is_empty() {
         let ready = rest.iter().position(|spec| match &spec.source {
-            TierSource::Branches { .. } => true,
+            TierSource::Branches { .. } | TierSource::Tags { .. } => true,
             TierSource::Promotion { from, .. } => known.contains_key(from),
         });
         let Some(index) = ready else {

@@ -562,6 +562,45 @@ async fn pushes_to_a_tiers_branches_deploy_them_unless_the_tier_is_frozen_and_de
     assert_eq!(app.processed("t-dev-3").await, "done");
     assert_eq!(commit_of("dev-alice").await, (Some("c".repeat(40)), false));
 
+    // A release tier takes tags: an annotated tag's push names the tag object in `after` and
+    // the commit in `head_commit`; the commit is what deploys.
+    store
+        .projects
+        .execute(
+            project.0,
+            ProjectCommand::SetTier {
+                tier: understudy_domain::tier::TierSpec {
+                    name: TierName::parse("release").expect("tier"),
+                    source: understudy_domain::tier::TierSource::Tags {
+                        pattern: understudy_domain::values::BranchPattern::parse("v*").expect("pattern"),
+                    },
+                    env: Default::default(),
+                    smoke: None,
+                    jobs: vec![],
+                    from_file: false,
+                },
+                at: chrono::Utc::now(),
+            },
+            meta(),
+        )
+        .await
+        .expect("release tier");
+    let mut tag = to("unused", 'd', false);
+    tag["ref"] = json!("refs/tags/v1.2.0");
+    tag["head_commit"] = json!({ "id": "e".repeat(40) });
+    assert_eq!(app.deliver("push", "t-tag", &tag).await.0, 202);
+    assert_eq!(app.processed("t-tag").await, "done");
+    let release = EnvironmentId::derive(
+        project,
+        &Target::Tier { tier: TierName::parse("release").expect("tier") },
+        &Entrypoint::parse("main.w").expect("valid"),
+    );
+    let state = store.environments.load(release.0).await.expect("load").into_inner();
+    assert_eq!(state.current().map(|d| d.commit.to_string()), Some("e".repeat(40)), "the tagged commit, not the tag object");
+    tag["ref"] = json!("refs/tags/nightly");
+    assert_eq!(app.deliver("push", "t-tag-2", &tag).await.0, 202);
+    assert_eq!(app.processed("t-tag-2").await, "ignored", "no tier takes it");
+
     // Deleting the branch tears its environment down.
     eventually(Duration::from_secs(20), "the environment in the read model", || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM environments WHERE environment_id = $1")

@@ -754,3 +754,49 @@ async fn the_repository_file_declares_tiers_and_manages_only_its_own() {
     let failure = row.2.expect("a reason");
     assert!(failure.contains("understudy.toml, line") && failure.contains("nowhere"), "{failure}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tier_fed_by_tags_runs_the_newest_release() {
+    let previews = Previews::start().await;
+    previews.push("node-hello", "local/released");
+    let v1 = previews.push_change("local/released", &[("server.js", &server("v1"))]);
+    let bare = previews.tmp.path().join("git/local/released.git");
+    let work = previews.tmp.path().join("work/local/released");
+    let store = &previews.env.runtime.store;
+    let project = local_git::add_project(store, bare.to_str().expect("utf-8"), "main", None).await.expect("add").id.expect("id");
+    let p = json!(project.to_string());
+    let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": { "name": "release", "tags": "v*" } })).await;
+    assert_eq!(answer["data"]["setTier"]["name"], "release", "{answer}");
+    let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
+    let release = EnvironmentId::derive(
+        project,
+        &Target::Tier { tier: TierName::parse("release").expect("tier") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    );
+    let push_tag = |args: &[&str]| {
+        repos::git(&work, args);
+        repos::git(&work, &["push", "--quiet", "--tags", bare.to_str().expect("utf-8")]);
+    };
+    poller.poll_all().await.expect("poll");
+    assert!(!previews.exists(release).await, "no release yet");
+
+    // An annotated tag deploys the commit it points at.
+    push_tag(&["tag", "-a", "v1.0", "-m", "the first release"]);
+    poller.poll_all().await.expect("poll");
+    assert_eq!(previews.settled(release, &["Ready", "Failed"]).await.0, "Ready");
+    let current = || async { store.environments.load(release.0).await.expect("load").into_inner().current().map(|d| d.commit.clone()) };
+    assert_eq!(current().await, Some(v1));
+    assert_eq!(previews.body(release).await.as_deref(), Some("release:-:v1\n"));
+
+    // A newer tag (lightweight) moves the release; a tag no tier takes does not.
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // tags sort by creation, to the second
+    let v2 = previews.push_change("local/released", &[("server.js", &server("v2"))]);
+    push_tag(&["tag", "v1.1"]);
+    poller.poll_all().await.expect("poll");
+    assert_eq!(current().await, Some(v2.clone()));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    previews.push_change("local/released", &[("server.js", &server("v3"))]);
+    push_tag(&["tag", "nightly"]);
+    assert_eq!(poller.poll_all().await.expect("poll"), 1, "main's head only: the tag is no release");
+    assert_eq!(current().await, Some(v2));
+}

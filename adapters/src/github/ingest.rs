@@ -292,6 +292,9 @@ impl Ingest {
                 let Some(project) = self.project_for(&p.repository).await? else {
                     return Ok(Outcome::Ignored(format!("{} is not a project", p.repository.full_name)));
                 };
+                if let Some(tag) = p.git_ref.strip_prefix("refs/tags/") {
+                    return self.tag_pushed(&project, installation, &p, tag, &meta).await;
+                }
                 let Some(branch) = p.git_ref.strip_prefix("refs/heads/") else {
                     return Ok(Outcome::Ignored(format!("{} is not a branch", p.git_ref)));
                 };
@@ -532,6 +535,36 @@ impl Ingest {
             self.store.deploy(project, &target, entrypoint, sha, after.from_fork, meta).await?;
         }
         Ok(format!("{} environments at {sha}", after.entrypoints.len()))
+    }
+
+    /// A tag was pushed: a tier fed by tags it matches deploys the tagged commit. A deleted tag
+    /// changes nothing (the release keeps running until the next one).
+    async fn tag_pushed(
+        &self,
+        project: &Project,
+        installation: u64,
+        p: &super::webhook::PushPayload,
+        tag: &str,
+        meta: &Metadata,
+    ) -> Result<Outcome, IngestError> {
+        let Ok(name) = BranchName::parse(tag) else {
+            return Ok(Outcome::Ignored(format!("tag {tag:?} is not a name a tier can match")));
+        };
+        let Some(tier) = understudy_domain::tier::tier_for_tag(&project.tiers, &name).filter(|_| project.active && !p.deleted) else {
+            return Ok(Outcome::Ignored(format!("no tier of an active project takes tag {tag}")));
+        };
+        if tier.frozen.is_some() {
+            return Ok(Outcome::Ignored(format!("tier {} is frozen: tag {tag} is not deployed", tier.name())));
+        }
+        let sha = CommitSha::parse(p.head_commit.as_ref().map_or(p.after.as_str(), |c| c.id.as_str()))?;
+        let project_id = super::project_id(p.repository.id);
+        let rule = project.entrypoints.clone().unwrap_or(EntrypointRule::Detect);
+        let entrypoints = self.entrypoints(&rule, installation, &p.repository.full_name, sha.as_str()).await?;
+        let target = Target::Tier { tier: tier.name().clone() };
+        for entrypoint in &entrypoints {
+            self.store.deploy_commit(project_id, &target, entrypoint, &sha, meta).await?;
+        }
+        Ok(Outcome::Applied(format!("tag {tag} at {sha}: tier {}, {} environments deployed", tier.name(), entrypoints.len())))
     }
 
     /// Terminates every environment that follows `branch` (as the read model knows them).

@@ -109,9 +109,17 @@ pub struct PushPayload {
     pub after: String,
     #[serde(default)]
     pub deleted: bool,
+    /// For a tag, the commit it points at (`after` is the tag object of an annotated tag).
+    #[serde(default)]
+    pub head_commit: Option<HeadCommit>,
     pub repository: Repository,
     pub installation: Option<InstallationRef>,
     pub sender: Sender,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct HeadCommit {
+    pub id: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use understudy_domain::environment::EnvironmentCommand;
 use understudy_domain::ids::{AccountId, ProjectId};
 use understudy_domain::project::{EntrypointRule, Project, ProjectCommand};
+use understudy_domain::tier::TierSource;
 use understudy_domain::values::{BranchName, CommitSha, ProjectName, RepoFullName, Target};
 use understudy_domain::{DomainError, Metadata};
 use uuid::Uuid;
@@ -147,6 +148,32 @@ impl Poller {
                 requested += usize::from(self.store.deploy_commit(id, &target, &entrypoint, sha, &meta).await?);
             }
         }
+        // Tiers fed by tags: the newest tag each one takes deploys its commit.
+        let tags = git(
+            &self.mirror(id),
+            &["for-each-ref", "--sort=-creatordate", "--format=%(refname:short) %(objectname) %(*objectname)", "refs/tags"],
+        )
+        .await?;
+        for tier in project.tiers.values().filter(|t| matches!(t.spec.source, TierSource::Tags { .. }) && t.frozen.is_none()) {
+            let newest = tags.lines().find_map(|line| {
+                let mut parts = line.split(' ');
+                let (name, object, peeled) = (parts.next()?, parts.next()?, parts.next().unwrap_or_default());
+                let name = BranchName::parse(name).ok()?;
+                let takes = understudy_domain::tier::tier_for_tag(&project.tiers, &name).is_some_and(|t| t.name() == tier.name());
+                takes.then(|| CommitSha::parse(if peeled.is_empty() { object } else { peeled }).ok()).flatten()
+            });
+            let Some(sha) = newest else { continue };
+            let files = self.root_files(id, &sha).await?;
+            let config = if files.iter().any(|f| f == super::stack::CONFIG_FILE) {
+                git(&self.mirror(id), &["show", &format!("{}:{}", sha.as_str(), super::stack::CONFIG_FILE)]).await.ok()
+            } else {
+                None
+            };
+            let target = Target::Tier { tier: tier.name().clone() };
+            for entrypoint in super::stack::select_entrypoints(&rule, &files, config.as_deref()) {
+                requested += usize::from(self.store.deploy_commit(id, &target, &entrypoint, &sha, &meta).await?);
+            }
+        }
         // Branches that are gone: their environments end.
         let live: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT environment_id, branch FROM environments WHERE project_id = $1 AND target_kind = 'branch' AND status <> 'Terminated'",
@@ -177,7 +204,7 @@ impl Poller {
             std::fs::create_dir_all(&mirror)?;
             git(&mirror, &["init", "--quiet", "--bare"]).await?;
         }
-        git(&mirror, &["fetch", "--quiet", "--prune", "--no-tags", url, "+refs/heads/*:refs/heads/*"]).await?;
+        git(&mirror, &["fetch", "--quiet", "--prune", "--no-tags", url, "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"]).await?;
         let listing = git(&mirror, &["for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads"]).await?;
         let mut heads = BTreeMap::new();
         for line in listing.lines() {

@@ -110,6 +110,7 @@ struct Config {
 #[serde(deny_unknown_fields)]
 struct TierConfig {
     branches: Option<String>,
+    tags: Option<String>,
     from: Option<String>,
     automatic: Option<bool>,
     #[serde(default)]
@@ -136,15 +137,18 @@ pub fn configured_tiers(text: &str) -> Result<Option<Vec<TierSpec>>, PlanError> 
     for (name, tier) in tiers {
         let invalid = |reason: String| PlanError::Config { line: line_of(&name), reason: format!("tier {name}: {reason}") };
         let tier_name = TierName::parse(name.as_str()).map_err(|e| invalid(e.to_string()))?;
-        let source = match (tier.branches, tier.from) {
-            (Some(pattern), None) if tier.automatic.is_none() => {
+        let source = match (tier.branches, tier.from, tier.tags) {
+            (Some(pattern), None, None) if tier.automatic.is_none() => {
                 TierSource::Branches { pattern: BranchPattern::parse(pattern).map_err(|e| invalid(e.to_string()))? }
             }
-            (None, Some(from)) => TierSource::Promotion {
+            (None, None, Some(pattern)) if tier.automatic.is_none() => {
+                TierSource::Tags { pattern: BranchPattern::parse(pattern).map_err(|e| invalid(e.to_string()))? }
+            }
+            (None, Some(from), None) => TierSource::Promotion {
                 from: TierName::parse(from).map_err(|e| invalid(e.to_string()))?,
                 automatic: tier.automatic.unwrap_or(true),
             },
-            _ => return Err(invalid("either `branches`, or `from` (and `automatic`)".into())),
+            _ => return Err(invalid("one of `branches`, `tags`, or `from` (and `automatic`)".into())),
         };
         let jobs = tier.jobs.into_iter().map(|j| ScheduledJob { name: j.name, schedule: j.schedule, command: j.command }).collect();
         specs.push(TierSpec { name: tier_name, source, env: tier.env, smoke: tier.smoke, jobs, from_file: true });
