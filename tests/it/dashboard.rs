@@ -63,6 +63,7 @@ impl Worker<'_> {
             at: chrono::Utc::now(),
         };
         self.run(branch, test).await;
+        self.run(branch, EnvironmentCommand::CompleteTests { deployment_id: deployment, at: chrono::Utc::now() }).await;
     }
 }
 
@@ -77,6 +78,29 @@ async fn a_person_signs_in_and_watches_a_deployment_go_live_in_the_dashboard() {
         project,
         logs: LogSink::spawn(app.env.pool().clone(), app.env.runtime.nats.clone(), app.env.runtime.topology.clone()),
     };
+    // Staging on main, production promoted from it by hand.
+    for tier in
+        [json!({ "name": "staging", "branches": "main" }), json!({ "name": "production", "promotedFrom": "staging", "automatic": false })]
+    {
+        let spec = understudy_domain::tier::TierSpec {
+            name: understudy_domain::values::TierName::parse(tier["name"].as_str().expect("name")).expect("tier"),
+            source: match tier["branches"].as_str() {
+                Some(pattern) => understudy_domain::tier::TierSource::Branches {
+                    pattern: understudy_domain::values::BranchPattern::parse(pattern).expect("pattern"),
+                },
+                None => understudy_domain::tier::TierSource::Promotion {
+                    from: understudy_domain::values::TierName::parse("staging").expect("tier"),
+                    automatic: false,
+                },
+            },
+            env: Default::default(),
+            smoke: None,
+            jobs: vec![],
+            from_file: false,
+        };
+        let command = understudy_domain::project::ProjectCommand::SetTier { tier: spec, at: chrono::Utc::now() };
+        app.env.runtime.store.projects.execute(project.0, command, meta()).await.expect("tier");
+    }
     // Production is already live.
     let production = worker.push("main", &CommitSha::parse("1".repeat(40)).expect("sha")).await;
     worker.build("main", production, "compiling main.w").await;
@@ -144,6 +168,7 @@ async fn a_person_signs_in_and_watches_a_deployment_go_live_in_the_dashboard() {
         "environment-refresh-notice",
         "build-log",
         "settings",
+        "tiers",
         "account",
         "new-project",
     ] {

@@ -107,6 +107,18 @@ try {
   await page.getByText("Entrypoints: main.w, api.main.w").waitFor();
   await shot("settings");
 
+  // Tiers: production is promoted from staging by hand, from the project page, then frozen.
+  await page.goto(`${base}/dashboard/${encodeURIComponent(context.account)}/${encodeURIComponent(context.project)}`);
+  await page.getByRole("heading", { name: "Tiers" }).waitFor();
+  await page.locator('tr[data-tier="production"]', { hasText: "promotion from staging, by hand" }).waitFor();
+  await page.getByRole("button", { name: "Promote to production" }).click();
+  await page.locator("tr", { hasText: "production" }).locator('[data-status="REQUESTED"]').waitFor();
+  page.once("dialog", (dialog) => dialog.accept("release week"));
+  await page.getByRole("button", { name: "Freeze production" }).click();
+  await page.locator('tr[data-tier="production"]', { hasText: "Frozen by ada: release week" }).waitFor();
+  if (await page.getByRole("button", { name: "Promote to production" }).count()) throw new Error("a frozen tier offers promotion");
+  await shot("tiers");
+
   // The team's page: members with their roles (an Owner may change them), and billing.
   await page.goto(`${base}/dashboard/${encodeURIComponent(context.account)}`);
   await page.getByRole("heading", { name: context.account, exact: true }).waitFor();

@@ -25,7 +25,7 @@ const enc = encodeURIComponent;
 const when = (iso) => (iso ? new Date(iso).toISOString().replace("T", " ").slice(0, 16) + " UTC" : "");
 function show(...nodes) {
   // Optional parts are passed as null: they are left out, never drawn as text.
-  main.replaceChildren(...nodes.filter((node) => node !== null && node !== undefined && node !== false));
+  main.replaceChildren(...nodes.flat().filter((node) => node !== null && node !== undefined && node !== false));
   const heading = main.querySelector("h1");
   if (heading) document.title = heading.textContent + " · Understudy";
 }
@@ -222,9 +222,54 @@ async function findProject(accountName, projectName) {
   return projectByName;
 }
 
+/** The project's tiers: where each one's commits come from, its freeze, and its actions. */
+function tiersSection(projectId, tiers) {
+  if (!tiers.length) return null;
+  const status = h("div", { role: "status" });
+  // After an action the page is drawn again from the API: the new state is what it shows.
+  const act = (work) => async () => {
+    try {
+      if (await work()) route();
+    } catch (error) { status.replaceChildren(failure(error.message)); }
+  };
+  const promote = (tier) => act(async () => {
+    await gql(`mutation($p: UUID!, $t: String!) { promote(projectId: $p, tier: $t) { commit requested } }`, { p: projectId, t: tier.name });
+    return true;
+  });
+  const freeze = (tier) => act(async () => {
+    const reason = window.prompt(`Why freeze ${tier.name}? Nothing is deployed or promoted into it automatically until it is unfrozen.`);
+    if (!reason) return false;
+    await gql(`mutation($p: UUID!, $n: String!, $r: String!) { freezeTier(projectId: $p, name: $n, reason: $r) { name } }`, { p: projectId, n: tier.name, r: reason });
+    return true;
+  });
+  const unfreeze = (tier) => act(async () => {
+    await gql(`mutation($p: UUID!, $n: String!) { unfreezeTier(projectId: $p, name: $n) { name } }`, { p: projectId, n: tier.name });
+    return true;
+  });
+  const source = (tier) => tier.branches ? `pushes to ${tier.branches}`
+    : tier.tags ? `tags ${tier.tags}`
+    : `promotion from ${tier.promotedFrom}${tier.automatic ? ", automatic" : ", by hand"}`;
+  return [
+    h("h2", {}, "Tiers"),
+    h("div", { class: "table-wrap" }, h("table", {},
+      h("thead", {}, h("tr", {}, ["Tier", "Fed by", "State", ""].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, tiers.map((tier) => h("tr", { dataset: { tier: tier.name } },
+        h("td", {}, tier.name),
+        h("td", {}, source(tier), tier.smoke ? h("span", { class: "muted" }, " · smoke test") : null),
+        h("td", {}, tier.frozen ? `Frozen by ${tier.frozen.by}: ${tier.frozen.reason}` : "—"),
+        h("td", { class: "row-actions" },
+          tier.promotedFrom && !tier.frozen ? h("button", { onclick: promote(tier), "aria-label": `Promote to ${tier.name}` }, "Promote") : null,
+          tier.frozen
+            ? h("button", { onclick: unfreeze(tier), "aria-label": `Unfreeze ${tier.name}` }, "Unfreeze")
+            : h("button", { onclick: freeze(tier), "aria-label": `Freeze ${tier.name}` }, "Freeze"))))))),
+    status,
+  ];
+}
+
 async function projectPage(accountName, projectName) {
   const project = await findProject(accountName, projectName);
   const { environments } = await gql(`query($p: UUID) { environments(projectId: $p, first: 500) { ${ENVIRONMENT_FIELDS} } }`, { p: project.id });
+  const { project: settings } = await gql(`query($p: UUID!) { project(id: $p) { tiers { name branches tags promotedFrom automatic smoke frozen { by reason } } } }`, { p: project.id });
   const rows = new Map();
   const tbody = h("tbody");
   let position = 0;
@@ -250,6 +295,7 @@ async function projectPage(accountName, projectName) {
     h("h1", {}, projectName),
     h("p", { class: "muted" }, `${project.summary.repository} · production branch ${project.summary.productionBranch} · `,
       h("a", { href: `/dashboard/${enc(accountName)}/${enc(projectName)}/-/settings` }, "Settings")),
+    tiersSection(project.id, settings.tiers),
     h("h2", {}, "Environments"),
     empty,
     h("div", { class: "table-wrap" }, h("table", {},
