@@ -384,6 +384,8 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
         None => understudy_adapters::preview::detect_rust_toolchain(),
     };
     preview.secret_key = secret_key(config, false)?;
+    let addon = std::env::var("UNDERSTUDY_ADDON_DATABASE_URL").ok().filter(|u| !u.is_empty()).or_else(|| config.database_url.clone());
+    preview.addon_database = addon.map(|url| understudy_adapters::preview::addon::AddonServer::new(&url)).transpose()?;
     preview.max_parallel = config.worker_parallel.max(1);
     preview.lease_ttl = std::time::Duration::from_secs(config.lease_seconds.max(3));
     preview.limits.memory_bytes = config.sandbox_memory_mb.max(64) << 20;

@@ -231,6 +231,23 @@ impl Runtime {
         tasks.spawn(self.promoter().run(cancel.clone()).map(Ok));
         tasks.spawn(self.job_scheduler().run(cancel.clone()).map(Ok));
         tasks.spawn(self.notifier().run(cancel.clone()).map(Ok));
+        if let Some(server) = self.preview.addon_database.clone() {
+            // Terminated environments' add-on databases go.
+            let (pool, stop) = (self.pool.clone(), cancel.clone());
+            tasks.spawn(async move {
+                loop {
+                    match server.drop_terminated(&pool).await {
+                        Ok(0) => {}
+                        Ok(dropped) => tracing::info!(dropped, "add-on databases of terminated environments dropped"),
+                        Err(error) => tracing::warn!(%error, "dropping add-on databases failed; retrying"),
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+                    }
+                }
+            });
+        }
         tasks.spawn(self.git_poller(poll).run(cancel).map(Ok));
     }
 

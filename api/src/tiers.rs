@@ -403,6 +403,16 @@ impl TiersMutation {
         Ok(true)
     }
 
+    /// The database add-on (Manage Settings): every environment of the project gets a Postgres
+    /// database of its own as `$DATABASE_URL`, seeded once by `seed` when given, dropped when
+    /// the environment is terminated. `enabled: false` stops creating them.
+    async fn set_database_addon(&self, ctx: &Context<'_>, project_id: Uuid, enabled: bool, seed: Option<String>) -> Result<bool> {
+        require_project(ctx, project_id, Permission::ManageSettings).await?;
+        let database = enabled.then(|| understudy_domain::project::DatabaseAddon { seed: seed.filter(|s| !s.trim().is_empty()) });
+        execute_project(ctx, project_id, ProjectCommand::SetDatabaseAddon { database, at: Utc::now() }).await?;
+        Ok(enabled)
+    }
+
     async fn revoke_trigger(&self, ctx: &Context<'_>, project_id: Uuid, id: Uuid) -> Result<bool> {
         require_project(ctx, project_id, Permission::ManageSettings).await?;
         execute_project(ctx, project_id, ProjectCommand::RevokeTrigger { trigger_id: id, at: Utc::now() }).await?;

@@ -73,6 +73,18 @@ pub struct Project {
     /// Where news of its long-lived environments goes (outgoing webhooks), by id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub notifications: BTreeMap<uuid::Uuid, NotificationTarget>,
+    /// The database add-on: each environment gets a Postgres database of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseAddon>,
+}
+
+/// A Postgres database per environment, reachable only by that environment (as
+/// `$DATABASE_URL`), created on its first deployment and dropped when it is terminated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseAddon {
+    /// Run once, after the first build that finds the database new (or never seeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
 }
 
 /// What a notification is about.
@@ -351,6 +363,11 @@ pub enum ProjectCommand {
         target_id: uuid::Uuid,
         at: DateTime<Utc>,
     },
+    /// Turn the database add-on on (with its seed command) or off (`None`).
+    SetDatabaseAddon {
+        database: Option<DatabaseAddon>,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -456,6 +473,10 @@ pub enum ProjectEvent {
         target_id: uuid::Uuid,
         at: DateTime<Utc>,
     },
+    DatabaseAddonSet {
+        database: Option<DatabaseAddon>,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -483,6 +504,7 @@ impl DomainEvent for ProjectEvent {
             Self::TriggerRevoked { .. } => "TriggerRevoked",
             Self::NotificationTargetAdded { .. } => "NotificationTargetAdded",
             Self::NotificationTargetRemoved { .. } => "NotificationTargetRemoved",
+            Self::DatabaseAddonSet { .. } => "DatabaseAddonSet",
         }
     }
 }
@@ -618,6 +640,14 @@ impl Aggregate for ProjectAggregate {
                 }
                 Ok(vec![E::NotificationTargetAdded { target_id, url, secret, events, by, at }])
             }
+            C::SetDatabaseAddon { database, at } => {
+                if let Some(seed) = database.as_ref().and_then(|d| d.seed.as_ref()) {
+                    if seed.trim().is_empty() || seed.len() > 4096 || seed.contains('\0') {
+                        return Err(DomainError::invalid("seed", "a seed command is one shell line of at most 4096 bytes"));
+                    }
+                }
+                unless_already(state.database == database, E::DatabaseAddonSet { database, at })
+            }
             C::RemoveNotificationTarget { target_id, at } => {
                 if !state.notifications.contains_key(&target_id) {
                     return Err(DomainError::NotFound { entity: "notification target", id: target_id.to_string() });
@@ -697,6 +727,7 @@ impl Aggregate for ProjectAggregate {
             E::NotificationTargetRemoved { target_id, .. } => {
                 state.notifications.remove(target_id);
             }
+            E::DatabaseAddonSet { database, .. } => state.database = database.clone(),
             E::TierFrozen { name, by, reason, at } => {
                 if let Some(tier) = state.tiers.get_mut(name) {
                     tier.frozen = Some(Freeze { by: by.clone(), reason: reason.clone(), at: *at });

@@ -60,6 +60,9 @@ impl Previews {
         config.start_timeout = Duration::from_secs(60);
         config.limits = Limits { memory_bytes: 1 << 30, pids: 512, cpu_millicores: 2000 };
         config.secret_key = key;
+        config.addon_database = Some(
+            understudy_adapters::preview::addon::AddonServer::new(&understudy_tests::admin_database_url()).expect("the add-on server"),
+        );
         env.runtime.preview = Arc::new(config);
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -905,6 +908,7 @@ fn sandbox(tmp: &Path, name: &str, limits: Limits) -> SandboxSpec {
         env: vec![("PATH".into(), "/usr/bin:/bin".into()), ("HOME".into(), "/tmp".into())],
         network: false,
         limits,
+        wrap: vec![],
     }
 }
 

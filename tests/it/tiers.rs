@@ -800,3 +800,108 @@ async fn a_tier_fed_by_tags_runs_the_newest_release() {
     assert_eq!(poller.poll_all().await.expect("poll"), 1, "main's head only: the tag is no release");
     assert_eq!(current().await, Some(v2));
 }
+
+/// An app that answers with what its own database holds, or what opening another one says.
+const DATABASE_APP: &str = r#"const http = require("http");
+const { execFileSync } = require("child_process");
+const sql = (url, query) => {
+  try {
+    return execFileSync("psql", [url, "-Atc", query], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] }).trim();
+  } catch (e) {
+    return "error: " + String(e.stderr || e.message).trim();
+  }
+};
+http.createServer((req, res) => {
+  const u = new URL(req.url, "http://app");
+  let body = "ok";
+  if (u.pathname === "/notes") body = sql(process.env.DATABASE_URL, "select string_agg(note, ',' order by note) from notes");
+  if (u.pathname === "/other") {
+    const other = new URL(process.env.DATABASE_URL);
+    other.pathname = "/" + u.searchParams.get("db");
+    body = sql(other.toString(), "select 1");
+  }
+  res.end(body + "\n");
+}).listen(Number(process.env.PORT), "127.0.0.1");
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_environment_gets_its_own_database_seeded_once_that_no_other_can_open() {
+    let previews = Previews::start().await;
+    previews.push("node-hello", "local/db");
+    let seed = "psql \"$DATABASE_URL\" -c \"create table notes (note text); insert into notes values ('seeded')\"";
+    previews.push_change("local/db", &[("server.js", DATABASE_APP)]);
+    let bare = previews.tmp.path().join("git/local/db.git");
+    let work = previews.tmp.path().join("work/local/db");
+    let store = &previews.env.runtime.store;
+    let project = local_git::add_project(store, bare.to_str().expect("utf-8"), "main", None).await.expect("add").id.expect("id");
+    let answer = previews
+        .graphql(
+            "mutation($p: UUID!, $s: String) { setDatabaseAddon(projectId: $p, enabled: true, seed: $s) }",
+            json!({ "p": project.to_string(), "s": seed }),
+        )
+        .await;
+    assert_eq!(answer["data"]["setDatabaseAddon"], true, "{answer}");
+    repos::git(&work, &["push", "--quiet", bare.to_str().expect("utf-8"), "HEAD:refs/heads/feature"]);
+    let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
+    assert_eq!(poller.poll_all().await.expect("poll"), 2);
+    let environment = |b: &str| {
+        EnvironmentId::derive(
+            project,
+            &Target::Branch { branch: BranchName::parse(b).expect("branch") },
+            &Entrypoint::parse(".").expect("e"),
+        )
+    };
+    let (main, feature) = (environment("main"), environment("feature"));
+    for env in [main, feature] {
+        let row = previews.settled(env, &["Ready", "Failed"]).await;
+        assert_eq!(row.0, "Ready", "{row:?}");
+    }
+    let previews = &previews;
+    let get = |env: EnvironmentId, path: String| async move {
+        previews.preview(env, &path).send().await.expect("preview").text().await.expect("text").trim().to_string()
+    };
+    // Each environment's app reads its own database, seeded on its first deployment.
+    assert_eq!(get(main, "/notes".into()).await, "seeded");
+    assert_eq!(get(feature, "/notes".into()).await, "seeded");
+
+    // A new commit keeps the data: the seed ran once.
+    previews.push_change("local/db", &[("README.md", "a change\n")]);
+    let v2 = CommitSha::parse(repos::git(&work, &["rev-parse", "HEAD"])).expect("sha");
+    poller.poll_all().await.expect("poll");
+    eventually(Duration::from_secs(120), "main at the second commit", || async {
+        let state = store.environments.load(main.0).await.ok()?.into_inner();
+        state.current().filter(|d| d.commit == v2 && d.status.as_str() == "Ready").map(|_| ())
+    })
+    .await;
+    assert_eq!(get(main, "/notes".into()).await, "seeded", "seeded once, not twice");
+
+    // With its own credentials, main cannot open feature's database.
+    let other = understudy_adapters::preview::addon::database_name(feature);
+    let refused = get(main, format!("/other?db={other}")).await;
+    assert!(refused.contains("permission denied for database"), "{refused}");
+
+    // The password is in no log, and a terminated environment's database is dropped.
+    let password = understudy_adapters::preview::addon::password(previews.env.runtime.preview.signer.as_ref().expect("signer"), main);
+    let leaks: i64 = sqlx::query_scalar("SELECT count(*) FROM deployment_logs WHERE line LIKE '%' || $1 || '%'")
+        .bind(&password)
+        .fetch_one(previews.env.pool())
+        .await
+        .expect("scan");
+    assert_eq!(leaks, 0);
+    repos::git(&work, &["push", "--quiet", bare.to_str().expect("utf-8"), ":refs/heads/feature"]);
+    poller.poll_all().await.expect("poll");
+    assert_eq!(previews.settled(feature, &["Terminated"]).await.0, "Terminated");
+    let server = previews.env.runtime.preview.addon_database.clone().expect("server");
+    assert!(server.drop_terminated(previews.env.pool()).await.expect("drop") >= 1);
+    let admin = sqlx::PgPool::connect(&understudy_tests::admin_database_url()).await.expect("admin");
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1").bind(&other).fetch_one(&admin).await.expect("count");
+    assert_eq!(left, 0, "feature's database is gone");
+    let main_db = understudy_adapters::preview::addon::database_name(main);
+    let kept: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1").bind(&main_db).fetch_one(&admin).await.expect("count");
+    assert_eq!(kept, 1, "main's stays");
+    // This test's own databases go with it.
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{main_db}\" WITH (FORCE)")).execute(&admin).await.expect("drop");
+    sqlx::query(&format!("DROP ROLE IF EXISTS \"{main_db}\"")).execute(&admin).await.expect("drop role");
+}

@@ -2,6 +2,7 @@
 //! bubblewrap sandbox, check its health, run its tests and keep it serving, reporting every step
 //! as a command on the environment aggregate (so the PR comment, the API and the dashboard follow).
 
+pub mod addon;
 pub mod bridge;
 pub mod git;
 pub mod local_git;
@@ -36,6 +37,9 @@ pub struct PreviewConfig {
     pub signer: Option<std::sync::Arc<token::PreviewSigner>>,
     /// Opens the projects' secrets to inject them; none: a project with secrets fails to build.
     pub secret_key: Option<crate::secrets::SecretKey>,
+    /// The database add-on's server (`UNDERSTUDY_ADDON_DATABASE_URL`, by default the control
+    /// plane's Postgres); without it, projects asking for the add-on fail their builds.
+    pub addon_database: Option<addon::AddonServer>,
     /// `http` or `https`, for the URLs handed out.
     pub preview_scheme: String,
     /// The directory holding the Wing toolchain (`node_modules/.bin/wing`), shown read-only at
@@ -73,6 +77,7 @@ impl PreviewConfig {
             preview_domain,
             public: true,
             secret_key: None,
+            addon_database: None,
             signer: None,
             preview_scheme: "http".into(),
             wing_toolchain: None,

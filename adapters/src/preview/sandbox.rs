@@ -50,6 +50,8 @@ pub struct SandboxSpec {
     /// Share the host's network (dependency fetch only).
     pub network: bool,
     pub limits: Limits,
+    /// Runs before the command inside the sandbox (a bridge that wraps it), when not empty.
+    pub wrap: Vec<String>,
 }
 
 /// Host directories every sandbox sees read-only, when they exist. `/etc` is not shown whole: it
@@ -127,7 +129,7 @@ impl SandboxSpec {
         command.env_clear().current_dir("/").arg("-c").arg(script).arg("sandbox");
         let dirs = cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default();
         command.arg(dirs.len().to_string()).args(&dirs);
-        command.arg(bwrap_path()).args(self.bwrap_args()).args(argv);
+        command.arg(bwrap_path()).args(self.bwrap_args()).args(&self.wrap).args(argv);
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         let child = command.spawn()?;
         crate::metrics::METRICS.sandboxes_running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

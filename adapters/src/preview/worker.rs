@@ -68,6 +68,10 @@ struct Job {
     tier_env: Vec<(String, String)>,
     /// Its tier's smoke test.
     smoke: Option<String>,
+    /// Its add-on database's name and password, when the project asks for one.
+    database: Option<(String, String)>,
+    /// The seed command, when the add-on database still wants it.
+    seed: Option<String>,
 }
 
 /// Why a pipeline step stopped.
@@ -199,6 +203,8 @@ impl Worker {
                     secrets: Vec::new(),
                     tier_env: Vec::new(),
                     smoke: None,
+                    database: None,
+                    seed: None,
                 });
             }
         }
@@ -333,9 +339,36 @@ impl Worker {
         (environment.join(job.deployment.0.simple().to_string()), environment.join("cache"))
     }
 
+    /// Where the worker forwards the deployment's add-on database (outside its work dir, which a
+    /// new attempt empties).
+    fn database_socket(&self, job: &Job) -> PathBuf {
+        self.config.data_dir.join(job.environment.0.simple().to_string()).join(format!("db-{}", job.deployment.0.simple())).join("db.sock")
+    }
+
     fn sandbox(&self, job: &Job, name: &str, network: bool, plan_env: &[(String, String)]) -> SandboxSpec {
         let (deployment_dir, cache_dir) = self.dirs(job);
         let mut read_only = vec![(self.config.bridge_bin.clone(), "/opt/understudy/understudy".to_string())];
+        // The add-on database, for every step without the host's network: a reversed bridge on
+        // the sandbox's own 127.0.0.1:5432 to the worker's forwarder.
+        let mut wrap = Vec::new();
+        if job.database.is_some() && !network {
+            let socket = self.database_socket(job);
+            if let Some(dir) = socket.parent() {
+                read_only.push((dir.to_path_buf(), super::addon::SANDBOX_DIR.to_string()));
+            }
+            wrap = [
+                "/opt/understudy/understudy",
+                "sandbox-bridge",
+                "--reverse",
+                "--socket",
+                &format!("{}/db.sock", super::addon::SANDBOX_DIR),
+                "--port",
+                &super::addon::SANDBOX_PORT.to_string(),
+                "--",
+            ]
+            .map(String::from)
+            .to_vec();
+        }
         // A Python app's virtualenv (in the cache) comes first, then the toolchains.
         let mut path = "/usr/local/bin:/usr/bin:/bin".to_string();
         if let Some(rust) = &self.config.rust_toolchain {
@@ -377,6 +410,7 @@ impl Worker {
             env,
             network,
             limits: self.config.limits,
+            wrap,
         }
     }
 
@@ -404,7 +438,31 @@ impl Worker {
             })
             .unwrap_or_default();
         let smoke = tier.and_then(|tier| tier.spec.smoke.clone());
-        let job = &Job { redactor, secrets, tier_env, smoke, ..job.clone() };
+        // The database add-on: the environment's own database, reached through a forwarder that
+        // lives as long as this pipeline.
+        let (database, seed, _forward) = match &project.database {
+            None => (None, None, None),
+            Some(addon) => {
+                let (Some(server), Some(signer)) = (&self.config.addon_database, &self.config.signer) else {
+                    return Err(Stop::User(
+                        FailedStage::Build,
+                        "the project asks for a database, and this installation has no add-on server (UNDERSTUDY_ADDON_DATABASE_URL)"
+                            .into(),
+                    ));
+                };
+                let name = super::addon::database_name(job.environment);
+                let password = super::addon::password(signer, job.environment);
+                let unseeded = server.ensure(&name, &password).await.map_err(|e| Stop::Infra(format!("the add-on database: {e}")))?;
+                let forward =
+                    server.forward(&self.database_socket(job)).map_err(|e| Stop::Infra(format!("the add-on database's socket: {e}")))?;
+                (Some((name, password)), addon.seed.clone().filter(|_| unseeded), Some(forward))
+            }
+        };
+        let mut redactor = redactor;
+        if let Some((_, password)) = &database {
+            redactor = Redactor::new(secrets.iter().map(|(_, value)| value.clone()).chain([password.clone()]));
+        }
+        let job = &Job { redactor, secrets, tier_env, smoke, database, seed, ..job.clone() };
         if deployment.status == DeploymentStatus::Requested {
             self.command(job, meta, EnvironmentCommand::StartBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
         }
@@ -539,6 +597,10 @@ impl Worker {
         let mut plan_env: Vec<(String, String)> = plan.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         plan_env.extend(job.tier_env.iter().cloned());
         plan_env.extend(job.secrets.iter().cloned());
+        // The environment's own database wins over any secret of that name.
+        if let Some((name, password)) = &job.database {
+            plan_env.push(("DATABASE_URL".into(), super::addon::sandbox_url(name, password)));
+        }
 
         // Build (a restart too: its work dir was lost with the worker that ran it).
         if let Some(install) = &plan.install {
@@ -548,6 +610,14 @@ impl Worker {
         if let Some(build) = &plan.build {
             let spec = self.sandbox(job, "build", false, &plan_env);
             self.step(&spec, build, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("build"))?;
+        }
+        if let (Some(seed), Some((name, _))) = (&job.seed, &job.database) {
+            // The add-on database's seed: once, after the first build that finds it unseeded.
+            let spec = self.sandbox(job, "seed", false, &plan_env);
+            self.step(&spec, seed, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("seed"))?;
+            if let Some(server) = &self.config.addon_database {
+                server.mark_seeded(name).await.map_err(|e| Stop::Infra(format!("the add-on database: {e}")))?;
+            }
         }
         METRICS.preview_build_seconds.observe(build_started.elapsed());
         if self.status(job).await? == Some(DeploymentStatus::Building) {
