@@ -49,6 +49,9 @@ pub enum TierCommand {
         /// reaches the app at $UNDERSTUDY_TARGET_URL and keeps files in $UNDERSTUDY_ARTIFACTS).
         #[arg(long)]
         smoke: Option<String>,
+        /// Push each commit that passed here (tests and smoke test) to this branch.
+        #[arg(long)]
+        push_to: Option<String>,
         /// A scheduled job, `NAME|SCHEDULE|COMMAND` (cron, UTC: `nightly|0 3 * * *|node cleanup.js`);
         /// repeat for more. Without any, the tier keeps the jobs it has.
         #[arg(long = "job", value_name = "NAME|SCHEDULE|COMMAND")]
@@ -129,7 +132,7 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 )?;
             }
         }
-        TierCommand::Set { project, name, branches, tags, from, manual, env, smoke, jobs } => {
+        TierCommand::Set { project, name, branches, tags, from, manual, env, smoke, push_to, jobs } => {
             let state = project_of(project).await?;
             let existing_jobs = if jobs.is_empty() {
                 TierName::parse(name.as_str()).ok().and_then(|n| state.tiers.get(&n)).map(|t| t.spec.jobs.clone()).unwrap_or_default()
@@ -159,7 +162,15 @@ pub async fn run(store: &EventStore, what: TierCommand, out: &mut impl std::io::
                 let (k, v) = pair.split_once('=').with_context(|| format!("--env {pair:?}: expected NAME=value"))?;
                 vars.insert(k.to_string(), v.to_string());
             }
-            let tier = TierSpec { name: TierName::parse(name)?, source, env: vars, smoke, jobs: existing_jobs, from_file: false };
+            let tier = TierSpec {
+                name: TierName::parse(name)?,
+                source,
+                env: vars,
+                smoke,
+                jobs: existing_jobs,
+                push_to: push_to.map(understudy_domain::values::BranchName::parse).transpose()?,
+                from_file: false,
+            };
             let done = store.projects.execute(project, ProjectCommand::SetTier { tier: tier.clone(), at: Utc::now() }, meta).await?;
             writeln!(out, "tier {} {}", tier.name, if done.events.is_empty() { "unchanged" } else { "set" })?;
         }

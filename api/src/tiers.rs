@@ -38,6 +38,8 @@ pub struct Tier {
     pub frozen: Option<TierFreeze>,
     /// Its smoke test, if it has one.
     pub smoke: Option<String>,
+    /// Where commits that passed here are pushed.
+    pub push_to: Option<String>,
     pub jobs: Vec<ScheduledJob>,
     /// Its rebuild triggers (their tokens are shown once, when created).
     pub triggers: Vec<TriggerInfo>,
@@ -94,6 +96,8 @@ pub struct TierInput {
     /// Scheduled jobs (replacing the tier's).
     #[graphql(default)]
     pub jobs: Vec<ScheduledJob>,
+    /// Push each commit that passed here (tests and smoke test) to this branch.
+    pub push_to: Option<String>,
 }
 
 /// A command run on a cron schedule (UTC; five fields, or six with seconds first) in each of
@@ -208,6 +212,7 @@ impl From<&understudy_domain::tier::Tier> for Tier {
             env: tier.spec.env.iter().map(|(name, value)| TierVariable { name: name.clone(), value: value.clone() }).collect(),
             frozen: tier.frozen.as_ref().map(|f| TierFreeze { by: f.by.clone(), reason: f.reason.clone(), at: f.at }),
             smoke: tier.spec.smoke.clone(),
+            push_to: tier.spec.push_to.as_ref().map(|b| b.to_string()),
             jobs: tier
                 .spec
                 .jobs
@@ -245,7 +250,13 @@ impl TierInput {
             .into_iter()
             .map(|j| understudy_domain::tier::ScheduledJob { name: j.name, schedule: j.schedule, command: j.command })
             .collect();
-        Ok(TierSpec { name, source, env, smoke: self.smoke.filter(|s| !s.trim().is_empty()), jobs, from_file: false })
+        let push_to = self
+            .push_to
+            .filter(|b| !b.trim().is_empty())
+            .map(understudy_domain::values::BranchName::parse)
+            .transpose()
+            .map_err(|e| bad_input(e.to_string()))?;
+        Ok(TierSpec { name, source, env, smoke: self.smoke.filter(|s| !s.trim().is_empty()), jobs, push_to, from_file: false })
     }
 }
 

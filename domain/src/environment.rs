@@ -145,6 +145,9 @@ pub struct Deployment {
     /// The earlier deployment of this environment it rolled back to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_to: Option<DeploymentId>,
+    /// The branch its commit was pushed to once it passed (its tier's `push_to`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_to: Option<String>,
 }
 
 impl Deployment {
@@ -284,6 +287,12 @@ pub enum EnvironmentCommand {
         detail: String,
         at: DateTime<Utc>,
     },
+    /// The deployment passed and its commit was pushed to `branch` (its tier's `push_to`).
+    RecordPush {
+        deployment_id: DeploymentId,
+        branch: String,
+        at: DateTime<Utc>,
+    },
     /// Every test of the deployment (or of its latest test run) has reported.
     CompleteTests {
         deployment_id: DeploymentId,
@@ -419,6 +428,11 @@ pub enum EnvironmentEvent {
         failed: u32,
         at: DateTime<Utc>,
     },
+    CommitPushed {
+        deployment_id: DeploymentId,
+        branch: String,
+        at: DateTime<Utc>,
+    },
     JobRunRequested {
         job: String,
         slot: DateTime<Utc>,
@@ -534,6 +548,7 @@ impl DomainEvent for EnvironmentEvent {
             Self::DeploymentPromoted { .. } => "DeploymentPromoted",
             Self::RolledBack { .. } => "RolledBack",
             Self::TestsCompleted { .. } => "TestsCompleted",
+            Self::CommitPushed { .. } => "CommitPushed",
             Self::JobRunRequested { .. } => "JobRunRequested",
             Self::JobRunSkipped { .. } => "JobRunSkipped",
             Self::JobRunStarted { .. } => "JobRunStarted",
@@ -567,6 +582,7 @@ impl EnvironmentEvent {
             | Self::DeploymentPromoted { at, .. }
             | Self::RolledBack { at, .. }
             | Self::TestsCompleted { at, .. }
+            | Self::CommitPushed { at, .. }
             | Self::JobRunRequested { at, .. }
             | Self::JobRunSkipped { at, .. }
             | Self::JobRunStarted { at, .. }
@@ -723,6 +739,16 @@ impl Aggregate for EnvironmentAggregate {
                 }
                 events.push(E::RolledBack { deployment_id, to, by, at });
                 Ok(events)
+            }
+            C::RecordPush { deployment_id, branch, at } => {
+                let deployment = reported(state, deployment_id)?;
+                if !deployment.passed() {
+                    return Err(DomainError::invalid("deployment", "only a deployment that passed is pushed on"));
+                }
+                if deployment.pushed_to.as_deref() == Some(branch.as_str()) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::CommitPushed { deployment_id, branch, at }])
             }
             C::RequestJobRun { job, slot, run_id, at } => {
                 existing(state)?;
@@ -960,7 +986,13 @@ impl Aggregate for EnvironmentAggregate {
                 tests_completed: false,
                 promoted_from: None,
                 rolled_back_to: None,
+                pushed_to: None,
             }),
+            E::CommitPushed { deployment_id, branch, .. } => {
+                if let Some(d) = state.deployment_mut(*deployment_id) {
+                    d.pushed_to = Some(branch.clone());
+                }
+            }
             E::DeploymentPromoted { deployment_id, from_deployment, .. } => {
                 if let Some(d) = state.deployment_mut(*deployment_id) {
                     d.promoted_from = Some(*from_deployment);

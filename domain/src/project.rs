@@ -774,7 +774,15 @@ mod tests {
     }
 
     fn tier(name: &str, source: crate::tier::TierSource) -> TierSpec {
-        TierSpec { name: TierName::parse(name).expect("name"), source, env: BTreeMap::new(), smoke: None, jobs: vec![], from_file: false }
+        TierSpec {
+            name: TierName::parse(name).expect("name"),
+            source,
+            env: BTreeMap::new(),
+            smoke: None,
+            jobs: vec![],
+            push_to: None,
+            from_file: false,
+        }
     }
     fn branches(pattern: &str) -> crate::tier::TierSource {
         crate::tier::TierSource::Branches { pattern: crate::values::BranchPattern::parse(pattern).expect("pattern") }

@@ -49,6 +49,10 @@ pub struct TierSpec {
     /// Commands run on a schedule in each of the tier's Ready environments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<ScheduledJob>,
+    /// Where a commit that passed here (every test and the smoke test) is pushed: a branch of
+    /// the repository that another tier (or another system) takes from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_to: Option<BranchName>,
     /// Declared by the repository file (`[tiers.NAME]` in `understudy.toml` on the production
     /// branch), which then manages it: it goes when the file stops declaring it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -185,6 +189,11 @@ pub fn validate(tiers: &BTreeMap<TierName, Tier>, spec: &TierSpec) -> Result<(),
             return Err(DomainError::invalid("smoke", "a smoke test is one shell line of at most 4096 bytes"));
         }
     }
+    if let (Some(target), TierSource::Branches { pattern }) = (&spec.push_to, &spec.source) {
+        if pattern.matches(target) {
+            return Err(DomainError::invalid("push_to", format!("{target} feeds {} itself: pushing there would go round", spec.name)));
+        }
+    }
     if spec.jobs.len() > MAX_JOBS {
         return Err(DomainError::invalid("jobs", format!("a tier has at most {MAX_JOBS} scheduled jobs")));
     }
@@ -272,6 +281,7 @@ mod tests {
             env: BTreeMap::new(),
             smoke: None,
             jobs: vec![ScheduledJob { schedule: schedule.into(), ..job.clone() }],
+            push_to: None,
             from_file: false,
         };
         assert!(validate(&BTreeMap::new(), &spec("0 3 * * *")).is_ok());

@@ -107,6 +107,7 @@ impl Projection for Usage {
             | E::DeploymentPromoted { .. }
             | E::RolledBack { .. }
             | E::TestsCompleted { .. }
+            | E::CommitPushed { .. }
             | E::JobRunRequested { .. }
             | E::JobRunSkipped { .. }
             | E::JobRunStarted { .. }

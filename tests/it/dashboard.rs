@@ -96,6 +96,7 @@ async fn a_person_signs_in_and_watches_a_deployment_go_live_in_the_dashboard() {
             env: Default::default(),
             smoke: None,
             jobs: vec![],
+            push_to: None,
             from_file: false,
         };
         let command = understudy_domain::project::ProjectCommand::SetTier { tier: spec, at: chrono::Utc::now() };

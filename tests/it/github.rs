@@ -577,6 +577,7 @@ async fn pushes_to_a_tiers_branches_deploy_them_unless_the_tier_is_frozen_and_de
                     env: Default::default(),
                     smoke: None,
                     jobs: vec![],
+                    push_to: None,
                     from_file: false,
                 },
                 at: chrono::Utc::now(),

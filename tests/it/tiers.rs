@@ -405,9 +405,10 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
         .id
         .expect("id");
     let p = json!(project.to_string());
-    for tier in
-        [json!({ "name": "staging", "branches": "main", "smoke": SMOKE_LINE }), json!({ "name": "production", "promotedFrom": "staging" })]
-    {
+    for tier in [
+        json!({ "name": "staging", "branches": "main", "smoke": SMOKE_LINE, "pushTo": "verified" }),
+        json!({ "name": "production", "promotedFrom": "staging" }),
+    ] {
         let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": tier })).await;
         assert!(answer["errors"].is_null(), "{answer}");
     }
@@ -441,10 +442,15 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
     assert_eq!(artifact(first, "page.txt").await, "staging:-:ok-to-ship v1\n");
     assert!(artifact(first, "isolation.txt").await.starts_with("no route"), "the smoke test reached the host's Postgres");
     assert_eq!(promoter.pass().await.expect("pass"), 1);
+    // What passed is pushed to the tier's `pushTo` branch, once.
+    let verified = || repos::git(&bare, &["rev-parse", "--verify", "--quiet", "refs/heads/verified"]);
+    eventually(Duration::from_secs(60), "v1 pushed to verified", || async { (verified() == v1.as_str()).then_some(()) }).await;
+    assert_eq!(current().await.pushed_to.as_deref(), Some("verified"));
 
     // v2's unit tests pass but its smoke test fails: it keeps what it saw, and stays in staging.
     let v2 = previews.push_change("local/smoked", &[("server.js", &server("broken v2"))]);
-    assert_eq!(poller.poll_all().await.expect("poll"), 1);
+    // main at v2, and the pushed `verified` branch (a repository on disk deploys every branch).
+    assert_eq!(poller.poll_all().await.expect("poll"), 2);
     assert!(!previews.tested_at(staging, &v2).await, "v2's smoke test fails");
     let deployment = current().await;
     let outcome = |name: &str| deployment.tests.iter().find(|t| t.name == name).map(|t| format!("{:?}", t.outcome));
@@ -473,6 +479,7 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
     let (log, _) = previews.log(staging, "tests/smoke", 0).await;
     assert!(log.contains("$ node smoke.js") && log.contains("exited with"), "{log}");
     assert_eq!(promoter.pass().await.expect("pass"), 0, "a failed smoke test holds the commit back");
+    assert_eq!(verified(), v1.as_str(), "and is not pushed");
     let production = EnvironmentId::derive(
         project,
         &Target::Tier { tier: TierName::parse("production").expect("tier") },

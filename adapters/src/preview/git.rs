@@ -32,56 +32,80 @@ pub async fn fetch(remote: &Remote, commit: &str, dir: &Path, log: &LogStream, t
         ["fetch", "--quiet", "--no-tags", "--depth", "1", &remote.url, commit].map(String::from).to_vec(),
         vec!["checkout".into(), "--quiet".into(), "--detach".into(), "FETCH_HEAD".into()],
     ];
-    // Configuration through the environment, not arguments: a token in argv is visible to every
-    // process of the host that lists processes.
-    let mut config = vec![("uploadpack.allowAnySHA1InWant".to_string(), "true".to_string())];
-    if let Some(token) = &remote.token {
-        use base64::Engine;
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
-        config.push(("http.extraHeader".into(), format!("Authorization: Basic {basic}")));
-    }
     for args in steps {
-        let mut command = Command::new("git");
-        command
-            .args(&args)
-            .current_dir(dir)
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("GIT_CONFIG_COUNT", config.len().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        // Fetching by commit id from a repository on disk needs the serving side to allow it.
-        for (i, (key, value)) in config.iter().enumerate() {
-            command.env(format!("GIT_CONFIG_KEY_{i}"), key).env(format!("GIT_CONFIG_VALUE_{i}"), value);
-        }
-        let mut child = command.spawn().map_err(|e| FetchError::Infra(format!("cannot run git: {e}")))?;
-        let (out, err) = (child.stdout.take(), child.stderr.take());
-        let pipes = async {
-            if let Some(out) = out {
-                log.pipe(out).await;
-            }
-        };
-        let pipes_err = async {
-            if let Some(err) = err {
-                log.pipe(err).await;
-            }
-        };
-        let run = async {
-            let (_, _, status) = tokio::join!(pipes, pipes_err, child.wait());
-            status
-        };
-        let status = match tokio::time::timeout(timeout, run).await {
-            Err(_) => return Err(FetchError::Infra(format!("git {} timed out after {}s", args[0], timeout.as_secs()))),
-            Ok(Err(e)) => return Err(FetchError::Infra(format!("git {}: {e}", args[0]))),
-            Ok(Ok(status)) => status,
-        };
+        let status = git(remote, &args, dir, log, timeout).await?;
         if !status.success() {
             let what = if args.iter().any(|a| a == "fetch") { "fetch" } else { args[0].as_str() };
             return Err(FetchError::Failed(format!("git {what} of {commit} failed ({status}); see the build log")));
         }
     }
     Ok(())
+}
+
+/// Pushes `commit` (which the remote has: it came from there) to `branch` of the remote, from
+/// the checkout in `dir`; not forced, so a branch that moved elsewhere refuses.
+pub async fn push(remote: &Remote, commit: &str, branch: &str, dir: &Path, log: &LogStream, timeout: Duration) -> Result<(), FetchError> {
+    log.line(format!("$ git push {} {commit}:refs/heads/{branch}", remote.url));
+    let args = ["push", "--quiet", &remote.url, &format!("{commit}:refs/heads/{branch}")].map(String::from);
+    let status = git(remote, &args, dir, log, timeout).await?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(FetchError::Failed(format!("git push of {commit} to {branch} failed ({status}); see the log")))
+    }
+}
+
+/// Runs one git command in `dir`, its output into `log`. Configuration goes through the
+/// environment, not arguments: a token in argv is visible to every process of the host that
+/// lists processes.
+async fn git(
+    remote: &Remote,
+    args: &[String],
+    dir: &Path,
+    log: &LogStream,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus, FetchError> {
+    // Fetching by commit id from a repository on disk needs the serving side to allow it.
+    let mut config = vec![("uploadpack.allowAnySHA1InWant".to_string(), "true".to_string())];
+    if let Some(token) = &remote.token {
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+        config.push(("http.extraHeader".into(), format!("Authorization: Basic {basic}")));
+    }
+    let mut command = Command::new("git");
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_COUNT", config.len().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (i, (key, value)) in config.iter().enumerate() {
+        command.env(format!("GIT_CONFIG_KEY_{i}"), key).env(format!("GIT_CONFIG_VALUE_{i}"), value);
+    }
+    let mut child = command.spawn().map_err(|e| FetchError::Infra(format!("cannot run git: {e}")))?;
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let pipes = async {
+        if let Some(out) = out {
+            log.pipe(out).await;
+        }
+    };
+    let pipes_err = async {
+        if let Some(err) = err {
+            log.pipe(err).await;
+        }
+    };
+    let run = async {
+        let (_, _, status) = tokio::join!(pipes, pipes_err, child.wait());
+        status
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Err(_) => Err(FetchError::Infra(format!("git {} timed out after {}s", args[0], timeout.as_secs()))),
+        Ok(Err(e)) => Err(FetchError::Infra(format!("git {}: {e}", args[0]))),
+        Ok(Ok(status)) => Ok(status),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

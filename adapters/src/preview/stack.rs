@@ -26,7 +26,7 @@ use std::path::Path;
 use serde::Deserialize;
 use understudy_domain::project::EntrypointRule;
 use understudy_domain::tier::{ScheduledJob, TierSource, TierSpec};
-use understudy_domain::values::{BranchPattern, Entrypoint, TierName};
+use understudy_domain::values::{BranchName, BranchPattern, Entrypoint, TierName};
 
 /// The name of the optional repository file.
 pub const CONFIG_FILE: &str = "understudy.toml";
@@ -118,6 +118,7 @@ struct TierConfig {
     smoke: Option<String>,
     #[serde(default)]
     jobs: Vec<JobConfig>,
+    push_to: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,7 +152,8 @@ pub fn configured_tiers(text: &str) -> Result<Option<Vec<TierSpec>>, PlanError> 
             _ => return Err(invalid("one of `branches`, `tags`, or `from` (and `automatic`)".into())),
         };
         let jobs = tier.jobs.into_iter().map(|j| ScheduledJob { name: j.name, schedule: j.schedule, command: j.command }).collect();
-        specs.push(TierSpec { name: tier_name, source, env: tier.env, smoke: tier.smoke, jobs, from_file: true });
+        let push_to = tier.push_to.map(BranchName::parse).transpose().map_err(|e| invalid(e.to_string()))?;
+        specs.push(TierSpec { name: tier_name, source, env: tier.env, smoke: tier.smoke, jobs, push_to, from_file: true });
     }
     understudy_domain::tier::validate_all(specs).map(Some).map_err(|e| PlanError::Config {
         line: text.lines().position(|l| l.trim_start().starts_with("[tiers")).map_or(1, |i| i + 1),

@@ -68,6 +68,8 @@ struct Job {
     tier_env: Vec<(String, String)>,
     /// Its tier's smoke test.
     smoke: Option<String>,
+    /// Its tier's `push_to`: where the commit goes once it passed.
+    push_to: Option<String>,
     /// Its add-on database's name and password, when the project asks for one.
     database: Option<(String, String)>,
     /// The seed command, when the add-on database still wants it.
@@ -203,6 +205,7 @@ impl Worker {
                     secrets: Vec::new(),
                     tier_env: Vec::new(),
                     smoke: None,
+                    push_to: None,
                     database: None,
                     seed: None,
                 });
@@ -438,6 +441,7 @@ impl Worker {
             })
             .unwrap_or_default();
         let smoke = tier.and_then(|tier| tier.spec.smoke.clone());
+        let push_to = tier.and_then(|tier| tier.spec.push_to.as_ref().map(|b| b.to_string()));
         // The database add-on: the environment's own database, reached through a forwarder that
         // lives as long as this pipeline.
         let (database, seed, _forward) = match &project.database {
@@ -462,7 +466,7 @@ impl Worker {
         if let Some((_, password)) = &database {
             redactor = Redactor::new(secrets.iter().map(|(_, value)| value.clone()).chain([password.clone()]));
         }
-        let job = &Job { redactor, secrets, tier_env, smoke, database, seed, ..job.clone() };
+        let job = &Job { redactor, secrets, tier_env, smoke, push_to, database, seed, ..job.clone() };
         if deployment.status == DeploymentStatus::Requested {
             self.command(job, meta, EnvironmentCommand::StartBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
         }
@@ -862,7 +866,40 @@ impl Worker {
             };
             self.command(job, meta, command).await?;
         }
-        self.command(job, meta, EnvironmentCommand::CompleteTests { deployment_id: job.deployment, at: Utc::now() }).await
+        self.command(job, meta, EnvironmentCommand::CompleteTests { deployment_id: job.deployment, at: Utc::now() }).await?;
+        if let Some(branch) = &job.push_to {
+            self.push_passed(job, meta, branch).await?;
+        }
+        Ok(())
+    }
+
+    /// Pushes the commit to the tier's `push_to` branch if the deployment passed, once. A push
+    /// the remote refuses is written to the test log; it does not fail the deployment.
+    async fn push_passed(&self, job: &Job, meta: &Metadata, branch: &str) -> Result<(), Stop> {
+        let state = self.store.environments.load(job.environment.0).await.map_err(|e| Stop::Infra(e.to_string()))?.into_inner();
+        let Some(deployment) = state.deployment(job.deployment) else { return Ok(()) };
+        if !deployment.passed() || deployment.pushed_to.as_deref() == Some(branch) {
+            return Ok(());
+        }
+        let log = self.logs.stream(job.deployment.0, "test:push", job.redactor.clone());
+        let project = self.store.projects.load(job.project).await.map_err(|e| Stop::Infra(e.to_string()))?.into_inner();
+        let Some(repository) = project.repository.clone() else { return Ok(()) };
+        let remote = match project.git_url.as_deref() {
+            Some(url) => git::Remote { url: url.to_string(), token: None },
+            None => git::github_remote(&self.config.git_base, repository.as_str(), self.clone_token(job).await?),
+        };
+        let (deployment_dir, _) = self.dirs(job);
+        match git::push(&remote, &job.commit, branch, &deployment_dir.join("src"), &log, self.config.fetch_timeout).await {
+            Ok(()) => {
+                log.line(format!("understudy: pushed {} to {branch}", &job.commit[..12.min(job.commit.len())]));
+                let command = EnvironmentCommand::RecordPush { deployment_id: job.deployment, branch: branch.to_string(), at: Utc::now() };
+                self.command(job, meta, command).await
+            }
+            Err(error) => {
+                log.line(format!("understudy: not pushed to {branch}: {error}"));
+                Ok(())
+            }
+        }
     }
 
     /// The tier's smoke test against the running app: a fresh sandbox whose only way out is a
