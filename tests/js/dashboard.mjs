@@ -110,6 +110,7 @@ try {
   // Tiers: production is promoted from staging by hand, from the project page, then frozen.
   await page.goto(`${base}/dashboard/${encodeURIComponent(context.account)}/${encodeURIComponent(context.project)}`);
   await page.getByRole("heading", { name: "Tiers" }).waitFor();
+  await page.getByLabel("Usage, last 30 days").getByText(/\d+ deployments \(\d+ ready, \d+ failed\)/).waitFor();
   await page.locator('tr[data-tier="production"]', { hasText: "promotion from staging, by hand" }).waitFor();
   await page.getByRole("button", { name: "Promote to production" }).click();
   await page.locator("tr", { hasText: "production" }).locator('[data-status="REQUESTED"]').waitFor();

@@ -508,7 +508,7 @@ mod tests {
         assert_eq!(configured_tiers("start = \"x\"\n").expect("valid"), None);
         for (bad, line, says) in [
             ("[tiers.production]\nfrom = \"nowhere\"\n", 1, "not declared"),
-            ("start = \"x\"\n\n[tiers.qa]\nbranches = \"qa\"\nfrom = \"qa\"\n", 3, "either"),
+            ("start = \"x\"\n\n[tiers.qa]\nbranches = \"qa\"\nfrom = \"qa\"\n", 3, "one of"),
             ("[tiers.qa]\nbranches = \"has space\"\n", 1, "branch name"),
             ("[tiers.qa]\nbranches = \"qa\"\nbogus = 1\n", 3, "unknown field"),
             ("[tiers.qa]\nbranches = \"qa\"\njobs = [{ name = \"x\", schedule = \"never\", command = \"true\" }]\n", 1, "never"),

@@ -266,6 +266,20 @@ function tiersSection(projectId, tiers) {
   ];
 }
 
+/** The last 30 days of the project's previews, in one line (counts and durations only). */
+async function usageLine(projectId) {
+  const from = new Date(Date.now() - 29 * 86400000).toISOString().slice(0, 10);
+  const { usage } = await gql(`query($p: UUID, $f: NaiveDate) { usage(projectId: $p, from: $f) { deploymentsRequested deploymentsReady deploymentsFailed meanSecondsToReady testsPassed testsFailed environmentsCreated } }`,
+    { p: projectId, f: from });
+  const sum = (key) => usage.reduce((total, day) => total + day[key], 0);
+  const ready = sum("deploymentsReady");
+  const seconds = usage.reduce((total, day) => total + (day.meanSecondsToReady || 0) * day.deploymentsReady, 0);
+  return h("p", { class: "muted", "aria-label": "Usage, last 30 days" },
+    `Last 30 days: ${sum("deploymentsRequested")} deployments (${ready} ready, ${sum("deploymentsFailed")} failed)`,
+    ready ? ` · ${Math.round(seconds / ready)} s to ready on average` : "",
+    ` · ${sum("testsPassed")} tests passed, ${sum("testsFailed")} failed · ${sum("environmentsCreated")} environments created`);
+}
+
 async function projectPage(accountName, projectName) {
   const project = await findProject(accountName, projectName);
   const { environments } = await gql(`query($p: UUID) { environments(projectId: $p, first: 500) { ${ENVIRONMENT_FIELDS} } }`, { p: project.id });
@@ -295,6 +309,7 @@ async function projectPage(accountName, projectName) {
     h("h1", {}, projectName),
     h("p", { class: "muted" }, `${project.summary.repository} · production branch ${project.summary.productionBranch} · `,
       h("a", { href: `/dashboard/${enc(accountName)}/${enc(projectName)}/-/settings` }, "Settings")),
+    await usageLine(project.id),
     tiersSection(project.id, settings.tiers),
     h("h2", {}, "Environments"),
     empty,
