@@ -63,15 +63,7 @@ impl Notifier {
     }
 
     pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            if let Err(error) = self.pass().await {
-                tracing::warn!(%error, "notifications pass failed; retrying");
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.every) => {}
-            }
-        }
+        crate::worker::every("notifications pass", self.every, cancel, || self.pass()).await
     }
 
     /// Enqueues what the log has news of, then sends what is due: `(enqueued, delivered)`.

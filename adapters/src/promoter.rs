@@ -116,15 +116,7 @@ pub async fn tier_environments(
 
 impl Promoter {
     pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            if let Err(error) = self.pass().await {
-                tracing::warn!(%error, "promotion pass failed; retrying");
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.every) => {}
-            }
-        }
+        crate::worker::every("promotion pass", self.every, cancel, || self.pass()).await
     }
 
     /// One pass over every active project with a tier promoted into automatically; returns how

@@ -27,15 +27,7 @@ pub struct JobScheduler {
 
 impl JobScheduler {
     pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            if let Err(error) = self.pass(Utc::now()).await {
-                tracing::warn!(%error, "scheduled jobs pass failed; retrying");
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.every) => {}
-            }
-        }
+        crate::worker::every("scheduled jobs pass", self.every, cancel, || self.pass(Utc::now())).await
     }
 
     /// One pass as of `now`: asks for every run that is due; returns how many it asked for.

@@ -1,5 +1,6 @@
-//! The loop every queue-draining role runs: take one item, again and again while there is work;
-//! when there is none, wait for a wake-up or a poll interval; stop when cancelled.
+//! The loops the roles run: a queue-draining role takes one item, again and again while there is
+//! work, and when there is none waits for a wake-up or a poll interval ([`drain`]); a
+//! reconciler makes one pass every so often ([`every`]). Both stop when cancelled.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +33,24 @@ where
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(idle) => {}
             }
+        }
+    }
+}
+
+/// Runs `pass` every `period` until `cancel`; a failed pass is logged and tried again at the next.
+pub async fn every<F, Fut, T, E>(what: &'static str, period: Duration, cancel: CancellationToken, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    loop {
+        if let Err(error) = pass().await {
+            tracing::warn!(%error, "{what} failed; retrying");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
         }
     }
 }

@@ -234,19 +234,18 @@ impl Runtime {
         if let Some(server) = self.preview.addon_database.clone() {
             // Terminated environments' add-on databases go.
             let (pool, stop) = (self.pool.clone(), cancel.clone());
-            tasks.spawn(async move {
-                loop {
-                    match server.drop_terminated(&pool).await {
-                        Ok(0) => {}
-                        Ok(dropped) => tracing::info!(dropped, "add-on databases of terminated environments dropped"),
-                        Err(error) => tracing::warn!(%error, "dropping add-on databases failed; retrying"),
+            let janitor = move || {
+                let (server, pool) = (server.clone(), pool.clone());
+                async move {
+                    let dropped = server.drop_terminated(&pool).await?;
+                    if dropped > 0 {
+                        tracing::info!(dropped, "add-on databases of terminated environments dropped");
                     }
-                    tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
-                    }
+                    Ok::<_, sqlx::Error>(())
                 }
-            });
+            };
+            let period = std::time::Duration::from_secs(10);
+            tasks.spawn(understudy_adapters::worker::every("dropping add-on databases", period, stop, janitor).map(Ok));
         }
         tasks.spawn(self.git_poller(poll).run(cancel).map(Ok));
     }

@@ -87,10 +87,8 @@ async fn tiers_deploy_their_branches_promote_what_passed_roll_back_and_freeze() 
     let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
     let promoter = previews.env.runtime.promoter();
     let p = json!(project.to_string());
-    let entrypoint = Entrypoint::parse(".").expect("entrypoint");
-    let branch_env =
-        |b: &str| EnvironmentId::derive(project, &Target::Branch { branch: BranchName::parse(b).expect("branch") }, &entrypoint);
-    let tier_env = |t: &str| EnvironmentId::derive(project, &Target::Tier { tier: TierName::parse(t).expect("tier") }, &entrypoint);
+    let branch_env = |b: &str| on_branch(project, b);
+    let tier_env = |t: &str| of_tier(project, t);
 
     // Declaring the tiers: dev per `dev-*` branch, staging on main, production by promotion.
     let dev = json!({ "name": "dev", "branches": "dev-*", "env": [{ "name": "CACHE", "value": "off" }] });
@@ -266,11 +264,7 @@ async fn a_rebuild_trigger_redeploys_its_tier_once_per_idempotency_key_and_only_
         assert!(answer["errors"].is_null(), "{answer}");
     }
     assert_eq!(previews.env.runtime.git_poller(Duration::from_secs(60)).poll_all().await.expect("poll"), 1);
-    let staging = EnvironmentId::derive(
-        project,
-        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
-        &Entrypoint::parse(".").expect("entrypoint"),
-    );
+    let staging = on_branch(project, "main");
     assert_eq!(previews.settled(staging, &["Ready", "Failed"]).await.0, "Ready");
 
     let create = "mutation($p: UUID!, $t: String!) { createTrigger(projectId: $p, tier: $t) { id tier token url } }";
@@ -414,11 +408,7 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
     }
     let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
     let promoter = previews.env.runtime.promoter();
-    let staging = EnvironmentId::derive(
-        project,
-        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
-        &Entrypoint::parse(".").expect("entrypoint"),
-    );
+    let staging = on_branch(project, "main");
     let previews = &previews;
     let artifact = |deployment: uuid::Uuid, name: &'static str| {
         let url = format!("http://{}/deployments/{deployment}/artifacts/{name}", previews.addr);
@@ -480,11 +470,7 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
     assert!(log.contains("$ node smoke.js") && log.contains("exited with"), "{log}");
     assert_eq!(promoter.pass().await.expect("pass"), 0, "a failed smoke test holds the commit back");
     assert_eq!(verified(), v1.as_str(), "and is not pushed");
-    let production = EnvironmentId::derive(
-        project,
-        &Target::Tier { tier: TierName::parse("production").expect("tier") },
-        &Entrypoint::parse(".").expect("entrypoint"),
-    );
+    let production = of_tier(project, "production");
     assert_eq!(previews.settled(production, &["Ready"]).await.0, "Ready");
     assert_eq!(previews.body(production).await.as_deref(), Some("production:-:ok-to-ship v1\n"));
 }
@@ -507,11 +493,7 @@ async fn scheduled_jobs_run_beside_the_app_never_overlap_and_catch_up_once() {
     let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": tier })).await;
     assert!(answer["errors"].is_null(), "{answer}");
     assert_eq!(previews.env.runtime.git_poller(Duration::from_secs(60)).poll_all().await.expect("poll"), 1);
-    let staging = EnvironmentId::derive(
-        project,
-        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
-        &Entrypoint::parse(".").expect("entrypoint"),
-    );
+    let staging = on_branch(project, "main");
     assert_eq!(previews.settled(staging, &["Ready", "Failed"]).await.0, "Ready");
     let state = || async { store.environments.load(staging.0).await.expect("load").into_inner() };
     let created = state().await.deployments[0].requested_at;
@@ -623,16 +605,8 @@ async fn notifications_are_signed_retried_sent_once_each_and_a_dead_endpoint_blo
     let promoter = previews.env.runtime.promoter();
     let mut notifier = previews.env.runtime.notifier();
     notifier.retry_base = Duration::from_millis(50);
-    let main = EnvironmentId::derive(
-        project,
-        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
-        &Entrypoint::parse(".").expect("entrypoint"),
-    );
-    let production = EnvironmentId::derive(
-        project,
-        &Target::Tier { tier: TierName::parse("production").expect("tier") },
-        &Entrypoint::parse(".").expect("entrypoint"),
-    );
+    let main = on_branch(project, "main");
+    let production = of_tier(project, "production");
 
     // v1 passes and is promoted; v2 fails its tests; v3 recovers and is promoted; production
     // is rolled back to v1.
@@ -735,11 +709,7 @@ async fn the_repository_file_declares_tiers_and_manages_only_its_own() {
         tiers().await,
         [(s("dev"), true, false), (s("production"), true, true), (s("qa"), false, false), (s("staging"), true, false)]
     );
-    let main = EnvironmentId::derive(
-        project,
-        &Target::Branch { branch: BranchName::parse("main").expect("branch") },
-        &Entrypoint::parse(".").expect("entrypoint"),
-    );
+    let main = on_branch(project, "main");
     assert_eq!(previews.settled(main, &["Ready", "Failed"]).await.0, "Ready");
 
     // The file drops dev and makes production manual: so does the project; qa stays.
@@ -775,11 +745,7 @@ async fn a_tier_fed_by_tags_runs_the_newest_release() {
     let answer = previews.graphql(SET_TIER, json!({ "p": p, "t": { "name": "release", "tags": "v*" } })).await;
     assert_eq!(answer["data"]["setTier"]["name"], "release", "{answer}");
     let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
-    let release = EnvironmentId::derive(
-        project,
-        &Target::Tier { tier: TierName::parse("release").expect("tier") },
-        &Entrypoint::parse(".").expect("entrypoint"),
-    );
+    let release = of_tier(project, "release");
     let push_tag = |args: &[&str]| {
         repos::git(&work, args);
         repos::git(&work, &["push", "--quiet", "--tags", bare.to_str().expect("utf-8")]);
@@ -851,13 +817,7 @@ async fn every_environment_gets_its_own_database_seeded_once_that_no_other_can_o
     repos::git(&work, &["push", "--quiet", bare.to_str().expect("utf-8"), "HEAD:refs/heads/feature"]);
     let poller = previews.env.runtime.git_poller(Duration::from_secs(60));
     assert_eq!(poller.poll_all().await.expect("poll"), 2);
-    let environment = |b: &str| {
-        EnvironmentId::derive(
-            project,
-            &Target::Branch { branch: BranchName::parse(b).expect("branch") },
-            &Entrypoint::parse(".").expect("e"),
-        )
-    };
+    let environment = |b: &str| on_branch(project, b);
     let (main, feature) = (environment("main"), environment("feature"));
     for env in [main, feature] {
         let row = previews.settled(env, &["Ready", "Failed"]).await;
@@ -911,4 +871,19 @@ async fn every_environment_gets_its_own_database_seeded_once_that_no_other_can_o
     // This test's own databases go with it.
     sqlx::query(&format!("DROP DATABASE IF EXISTS \"{main_db}\" WITH (FORCE)")).execute(&admin).await.expect("drop");
     sqlx::query(&format!("DROP ROLE IF EXISTS \"{main_db}\"")).execute(&admin).await.expect("drop role");
+}
+
+/// The environment of `branch` of a project whose root is its one app.
+fn on_branch(project: understudy_domain::ids::ProjectId, branch: &str) -> EnvironmentId {
+    let target = Target::Branch { branch: BranchName::parse(branch).expect("branch") };
+    EnvironmentId::derive(project, &target, &Entrypoint::parse(".").expect("entrypoint"))
+}
+
+/// The environment of a promoted or tag-fed tier of a project whose root is its one app.
+fn of_tier(project: understudy_domain::ids::ProjectId, tier: &str) -> EnvironmentId {
+    EnvironmentId::derive(
+        project,
+        &Target::Tier { tier: TierName::parse(tier).expect("tier") },
+        &Entrypoint::parse(".").expect("entrypoint"),
+    )
 }

@@ -78,15 +78,7 @@ pub struct Poller {
 
 impl Poller {
     pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            if let Err(error) = self.poll_all().await {
-                tracing::warn!(%error, "polling git remotes failed; retrying");
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.every) => {}
-            }
-        }
+        crate::worker::every("polling git remotes", self.every, cancel, || self.poll_all()).await
     }
 
     /// One pass over every project with a git remote; returns the deployments requested.

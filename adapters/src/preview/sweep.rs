@@ -56,14 +56,6 @@ impl Sweeper {
     }
 
     pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            if let Err(error) = self.sweep_once().await {
-                tracing::warn!(%error, "stale sweep failed; retrying");
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.every) => {}
-            }
-        }
+        crate::worker::every("stale sweep", self.every, cancel, || self.sweep_once()).await
     }
 }
