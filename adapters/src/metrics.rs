@@ -144,6 +144,13 @@ impl Metrics {
         out.push_str("# HELP understudy_sandboxes_running Sandboxed process trees (builds, apps, tests) running on this node.\n");
         out.push_str("# TYPE understudy_sandboxes_running gauge\n");
         out.push_str(&format!("understudy_sandboxes_running {}\n", self.sandboxes_running.load(Ordering::Relaxed)));
+        let (memory, cpu) = crate::preview::sandbox::usage();
+        out.push_str("# HELP understudy_sandbox_memory_bytes Memory the machine's running sandboxes use now (their cgroups).\n");
+        out.push_str("# TYPE understudy_sandbox_memory_bytes gauge\n");
+        out.push_str(&format!("understudy_sandbox_memory_bytes {memory}\n"));
+        out.push_str("# HELP understudy_sandbox_cpu_seconds CPU time used so far by the machine's running sandboxes.\n");
+        out.push_str("# TYPE understudy_sandbox_cpu_seconds gauge\n");
+        out.push_str(&format!("understudy_sandbox_cpu_seconds {cpu:.3}\n"));
         out.push_str("# HELP understudy_sandbox_oom_kills_total Sandboxes whose memory limit killed a process.\n");
         out.push_str("# TYPE understudy_sandbox_oom_kills_total counter\n");
         out.push_str(&format!("understudy_sandbox_oom_kills_total {}\n", self.sandbox_oom_kills.load(Ordering::Relaxed)));

@@ -827,6 +827,15 @@ async fn every_environment_gets_its_own_database_seeded_once_that_no_other_can_o
     let get = |env: EnvironmentId, path: String| async move {
         previews.preview(env, &path).send().await.expect("preview").text().await.expect("text").trim().to_string()
     };
+    // /metrics shows what the running sandboxes use.
+    let metrics = previews.http.get(format!("http://{}/metrics", previews.addr)).send().await.expect("metrics").text().await.expect("text");
+    let gauge = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in /metrics"));
+        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
+    };
+    assert!(gauge("understudy_sandbox_memory_bytes") > 1e6, "two apps run in sandboxes");
+    assert!(gauge("understudy_sandbox_cpu_seconds") > 0.0);
+
     // Each environment's app reads its own database, seeded on its first deployment.
     assert_eq!(get(main, "/notes".into()).await, "seeded");
     assert_eq!(get(feature, "/notes".into()).await, "seeded");

@@ -324,3 +324,36 @@ impl Cgroup {
         self.dirs.iter().all(|dir| !Path::new(dir).exists() || std::fs::remove_dir(dir).is_ok())
     }
 }
+
+/// What this machine's sandboxes use now, from their cgroups: memory in bytes and CPU time in
+/// seconds, summed over every live sandbox (of any worker on the machine).
+pub fn usage() -> (u64, f64) {
+    let root = Path::new("/sys/fs/cgroup");
+    let read = |path: PathBuf| std::fs::read_to_string(path).ok();
+    let groups = |dir: PathBuf| {
+        std::fs::read_dir(dir).map(|e| e.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default()
+    };
+    if root.join("cgroup.controllers").exists() {
+        let (mut memory, mut cpu_usec) = (0u64, 0u64);
+        for group in groups(root.join("understudy")) {
+            memory += read(group.join("memory.current")).and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+            let stat = read(group.join("cpu.stat")).unwrap_or_default();
+            cpu_usec += stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+        }
+        return (memory, cpu_usec as f64 / 1e6);
+    }
+    // cgroup v1: memory from the memory controller; CPU from the processes themselves (the cpu
+    // controller of v1 does not count usage, and cpuacct may be a hierarchy of its own).
+    let (mut memory, mut ticks) = (0u64, 0u64);
+    for group in groups(root.join("memory/understudy")) {
+        memory += read(group.join("memory.usage_in_bytes")).and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+        for pid in read(group.join("cgroup.procs")).unwrap_or_default().lines() {
+            let stat = read(PathBuf::from(format!("/proc/{}/stat", pid.trim()))).unwrap_or_default();
+            // After the command's closing parenthesis: state is field 3; utime and stime are 14 and 15.
+            let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+            ticks += fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            ticks += fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    (memory, ticks as f64 / 100.0)
+}
