@@ -56,10 +56,11 @@ fn every_documented_command_exists_with_its_flags() {
     }
 }
 
-/// The documented commands that read or rebuild data run for real against a database with a
-/// pull request's environment in it; placeholders become that environment's ids. Commands that
-/// run servers (up, api, relay, projector), call GitHub (project create) or take minutes (bench)
-/// are checked above for their names and flags only.
+/// The documented commands that read or rebuild data, and every `tier` command (declaring,
+/// listing, removing, promoting), run for real against a database with a pull request's
+/// environment and a project whose staging branch passed in it; placeholders become their ids.
+/// Commands that run servers (up, api, relay, projector), call GitHub (project create) or take
+/// minutes (bench) are checked above for their names and flags only.
 #[tokio::test]
 async fn documented_operator_commands_run_against_real_data() {
     use understudy_domain::ids::{DeploymentId, ProjectId};
@@ -76,9 +77,56 @@ async fn documented_operator_commands_run_against_real_data() {
     for command in fixtures::to_ready(deployment) {
         store.execute(id, command, meta()).await.expect("to ready");
     }
+    // The project, with a staging tier whose main branch passed, for the `tier` commands.
+    {
+        use understudy_domain::environment::{EnvironmentCommand, EnvironmentSpec};
+        use understudy_domain::project::{EntrypointRule, ProjectCommand};
+        use understudy_domain::tier::{TierSource, TierSpec};
+        use understudy_domain::values::{BranchName, BranchPattern, Entrypoint, ProjectName, RepoFullName, Target, TierName};
+        let create = ProjectCommand::Create {
+            project_id: project,
+            account_id: understudy_domain::ids::AccountId(uuid::Uuid::new_v4()),
+            name: ProjectName::parse("docs").expect("name"),
+            repository: RepoFullName::parse("octo/docs").expect("repo"),
+            production_branch: BranchName::parse("main").expect("branch"),
+            entrypoints: EntrypointRule::Detect,
+            at: chrono::Utc::now(),
+        };
+        env.runtime.store.projects.execute(project.0, create, meta()).await.expect("project");
+        let staging = TierSpec {
+            name: TierName::parse("staging").expect("tier"),
+            source: TierSource::Branches { pattern: BranchPattern::parse("main").expect("pattern") },
+            env: Default::default(),
+            smoke: None,
+            jobs: vec![],
+            push_to: None,
+            from_file: false,
+        };
+        env.runtime
+            .store
+            .projects
+            .execute(project.0, ProjectCommand::SetTier { tier: staging, at: chrono::Utc::now() }, meta())
+            .await
+            .expect("tier");
+        let main = EnvironmentSpec {
+            project_id: project,
+            target: Target::Branch { branch: BranchName::parse("main").expect("branch") },
+            entrypoint: Entrypoint::parse("main.w").expect("entrypoint"),
+        };
+        let main_id = fixtures::env_id(&main).0;
+        let passed = DeploymentId(uuid::Uuid::new_v4());
+        store.execute(main_id, fixtures::request(&main, passed, 7), meta()).await.expect("request");
+        for command in fixtures::to_ready(passed) {
+            store.execute(main_id, command, meta()).await.expect("to ready");
+        }
+        store
+            .execute(main_id, EnvironmentCommand::CompleteTests { deployment_id: passed, at: chrono::Utc::now() }, meta())
+            .await
+            .expect("tests");
+    }
     understudy_tests::sequence_all(env.pool()).await;
     env.project(understudy_projections::all()).await;
-    let runnable = ["events", "trace", "state", "verify", "usage", "status", "replay", "github"];
+    let runnable = ["events", "trace", "state", "verify", "usage", "status", "replay", "github", "tier"];
     let now = chrono::Utc::now().to_rfc3339();
     let mut ran = 0;
     for (file, command) in documented_commands() {
@@ -88,6 +136,20 @@ async fn documented_operator_commands_run_against_real_data() {
         }
         if let Some(redirect) = words.iter().position(|w| w == ">") {
             words.truncate(redirect);
+        }
+        if words[0] == "tier" {
+            // Through a shell, as a reader would type it (patterns and jobs are quoted).
+            let line =
+                command.replacen("understudy", &understudy_bin().display().to_string(), 1).replace("<project-id>", &project.to_string());
+            let output = Command::new("/bin/sh").arg("-c").arg(&line).env("DATABASE_URL", &env.database_url).output().expect("run");
+            assert!(
+                output.status.success(),
+                "{file}: `{command}` failed:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            ran += 1;
+            continue;
         }
         for i in 0..words.len() {
             let replacement = match words[i].as_str() {
@@ -109,5 +171,5 @@ async fn documented_operator_commands_run_against_real_data() {
         );
         ran += 1;
     }
-    assert!(ran >= 10, "ran only {ran} documented commands");
+    assert!(ran >= 18, "ran only {ran} documented commands");
 }
