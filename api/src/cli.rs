@@ -64,6 +64,8 @@ pub async fn status(pool: &PgPool, out: &mut impl Write) -> anyhow::Result<()> {
 pub struct Resealed {
     pub secrets: usize,
     pub sessions: usize,
+    /// Notification targets' signing secrets.
+    pub notifications: usize,
 }
 
 /// Seals every project secret and every open session's GitHub token that another key sealed
@@ -92,6 +94,18 @@ pub async fn reseal_all(
                     done.secrets += 1;
                 }
                 Err(error) => unopened.push(format!("project {project} secret {name}: {error}")),
+            }
+        }
+        for (target, notification) in state.notifications.iter().filter(|(_, t)| t.secret.key_id != key.id()) {
+            let name = understudy_adapters::notify::secret_name(*target);
+            match key.open(ProjectId(project), &name, &notification.secret) {
+                Ok(value) => {
+                    let secret = key.seal(ProjectId(project), &name, &value)?;
+                    let command = ProjectCommand::ResealNotificationSecret { target_id: *target, secret, at: chrono::Utc::now() };
+                    store.projects.execute(project, command, meta.clone()).await?;
+                    done.notifications += 1;
+                }
+                Err(error) => unopened.push(format!("project {project} notification target {target}: {error}")),
             }
         }
     }

@@ -460,10 +460,12 @@ async fn secret(config: &Config, what: SecretCommand) -> anyhow::Result<()> {
             };
             let done = understudy_api::cli::reseal_all(&store, &key).await?;
             println!(
-                "sealed again under key {}: {} secrets, {} session tokens; keys no longer needed once every process has restarted: {}",
+                "sealed again under key {}: {} secrets, {} session tokens, {} notification secrets; keys no longer needed once every \
+                 process has restarted: {}",
                 key.id(),
                 done.secrets,
                 done.sessions,
+                done.notifications,
                 key.previous_ids().join(", ")
             );
         }

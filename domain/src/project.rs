@@ -363,6 +363,12 @@ pub enum ProjectCommand {
         target_id: uuid::Uuid,
         at: DateTime<Utc>,
     },
+    /// A notification target's signing secret sealed again under another key (key rotation).
+    ResealNotificationSecret {
+        target_id: uuid::Uuid,
+        secret: SealedValue,
+        at: DateTime<Utc>,
+    },
     /// Turn the database add-on on (with its seed command) or off (`None`).
     SetDatabaseAddon {
         database: Option<DatabaseAddon>,
@@ -477,6 +483,11 @@ pub enum ProjectEvent {
         database: Option<DatabaseAddon>,
         at: DateTime<Utc>,
     },
+    NotificationSecretResealed {
+        target_id: uuid::Uuid,
+        secret: SealedValue,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -505,6 +516,7 @@ impl DomainEvent for ProjectEvent {
             Self::NotificationTargetAdded { .. } => "NotificationTargetAdded",
             Self::NotificationTargetRemoved { .. } => "NotificationTargetRemoved",
             Self::DatabaseAddonSet { .. } => "DatabaseAddonSet",
+            Self::NotificationSecretResealed { .. } => "NotificationSecretResealed",
         }
     }
 }
@@ -640,6 +652,15 @@ impl Aggregate for ProjectAggregate {
                 }
                 Ok(vec![E::NotificationTargetAdded { target_id, url, secret, events, by, at }])
             }
+            C::ResealNotificationSecret { target_id, secret, at } => {
+                let Some(existing) = state.notifications.get(&target_id) else {
+                    return Err(DomainError::NotFound { entity: "notification target", id: target_id.to_string() });
+                };
+                if secret.ciphertext.is_empty() || secret.nonce.is_empty() || secret.key_id.is_empty() {
+                    return Err(DomainError::invalid("secret", "a notification's signing secret is stored sealed"));
+                }
+                unless_already(existing.secret == secret, E::NotificationSecretResealed { target_id, secret, at })
+            }
             C::SetDatabaseAddon { database, at } => {
                 if let Some(seed) = database.as_ref().and_then(|d| d.seed.as_ref()) {
                     if seed.trim().is_empty() || seed.len() > 4096 || seed.contains('\0') {
@@ -728,6 +749,11 @@ impl Aggregate for ProjectAggregate {
                 state.notifications.remove(target_id);
             }
             E::DatabaseAddonSet { database, .. } => state.database = database.clone(),
+            E::NotificationSecretResealed { target_id, secret, .. } => {
+                if let Some(target) = state.notifications.get_mut(target_id) {
+                    target.secret = secret.clone();
+                }
+            }
             E::TierFrozen { name, by, reason, at } => {
                 if let Some(tier) = state.tiers.get_mut(name) {
                     tier.frozen = Some(Freeze { by: by.clone(), reason: reason.clone(), at: *at });

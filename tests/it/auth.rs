@@ -695,26 +695,37 @@ async fn rotating_the_key_seals_every_secret_and_session_again_and_no_value_is_e
     assert_eq!(listed["data"]["project"]["secrets"], json!([{ "name": "API_TOKEN", "scope": "preview" }]), "{listed}");
     assert!(rows_containing(&app, &canary).await.is_empty(), "the plain value is in the database");
 
+    let add =
+        "mutation($p: UUID!) { addNotificationTarget(projectId: $p, url: \"https://chat.example.com/hook\") { secret target { id } } }";
+    let (_, added) = browser.graphql(add, json!({ "p": project.to_string() }), true).await;
+    let signing = added["data"]["addNotificationTarget"]["secret"].as_str().unwrap_or_else(|| panic!("{added}")).to_string();
+    let target: Uuid = added["data"]["addNotificationTarget"]["target"]["id"].as_str().expect("id").parse().expect("uuid");
+
     let old = SecretKey::from_bytes(&[9u8; 32]).expect("the app's key");
     let new = SecretKey::from_bytes(&[10u8; 32]).expect("key").with_previous([old.clone()]);
     let store = &app.env.runtime.store;
     let done = understudy_api::cli::reseal_all(store, &new).await.expect("rotate");
-    assert_eq!(done, understudy_api::cli::Resealed { secrets: 1, sessions: 1 });
+    assert_eq!(done, understudy_api::cli::Resealed { secrets: 1, sessions: 1, notifications: 1 });
     let bare = SecretKey::from_bytes(&[10u8; 32]).expect("key");
     let state = store.projects.load(project.0).await.expect("load").into_inner();
     let secret = &state.secrets["API_TOKEN"];
     assert_eq!(secret.sealed.key_id, new.id());
     assert_eq!(bare.open(project, "API_TOKEN", &secret.sealed).expect("the new key alone opens it"), canary);
+    let resealed = &state.notifications[&target].secret;
+    assert_eq!(resealed.key_id, new.id());
+    let opened = bare.open(project, &understudy_adapters::notify::secret_name(target), resealed).expect("the new key alone opens it");
+    assert_eq!(opened, signing, "the notification target keeps its signing secret");
     let key_ids: Vec<String> =
         sqlx::query_scalar("SELECT github_token->>'key_id' FROM user_sessions").fetch_all(app.env.pool()).await.expect("ids");
     assert_eq!(key_ids, vec![new.id().to_string()]);
-    for event in ["SecretResealed", "SessionTokenResealed"] {
+    for event in ["SecretResealed", "SessionTokenResealed", "NotificationSecretResealed"] {
         assert_eq!(count_events(&app, event).await, 1, "{event}");
     }
     // Rotating again finds nothing left to do.
     assert_eq!(understudy_api::cli::reseal_all(store, &new).await.expect("again"), understudy_api::cli::Resealed::default());
     assert!(rows_containing(&app, &canary).await.is_empty());
     assert!(rows_containing(&app, "gho_").await.is_empty());
+    assert!(rows_containing(&app, &signing).await.is_empty(), "a notification's signing secret is never in the clear");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
