@@ -767,7 +767,7 @@ async fn a_tier_fed_by_tags_runs_the_newest_release() {
     push_tag(&["tag", "v1.1"]);
     poller.poll_all().await.expect("poll");
     assert_eq!(current().await, Some(v2.clone()));
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // the same: creation dates have whole seconds
     previews.push_change("local/released", &[("server.js", &server("v3"))]);
     push_tag(&["tag", "nightly"]);
     assert_eq!(poller.poll_all().await.expect("poll"), 1, "main's head only: the tag is no release");

@@ -109,11 +109,8 @@ impl Poller {
         let production = project.production_branch.as_ref().and_then(|b| heads.get(b.as_str()));
         let project = match production {
             Some(sha) => {
-                let file = if self.root_files(id, sha).await?.iter().any(|f| f == super::stack::CONFIG_FILE) {
-                    Some(git(&self.mirror(id), &["show", &format!("{}:{}", sha.as_str(), super::stack::CONFIG_FILE)]).await?)
-                } else {
-                    None
-                };
+                let files = self.root_files(id, sha).await?;
+                let file = self.repository_file(id, sha, &files).await?;
                 if crate::repo_tiers::apply(&self.store, id, file.as_deref(), &meta).await? > 0 {
                     self.store.projects.load(id.0).await?.into_inner()
                 } else {
@@ -130,15 +127,7 @@ impl Poller {
                 // A code freeze: the branch keeps what it runs; the poll after the thaw deploys.
                 continue;
             }
-            let files = self.root_files(id, sha).await?;
-            let config = if files.iter().any(|f| f == super::stack::CONFIG_FILE) {
-                git(&self.mirror(id), &["show", &format!("{}:{}", sha.as_str(), super::stack::CONFIG_FILE)]).await.ok()
-            } else {
-                None
-            };
-            for entrypoint in super::stack::select_entrypoints(&rule, &files, config.as_deref()) {
-                requested += usize::from(self.store.deploy_commit(id, &target, &entrypoint, sha, &meta).await?);
-            }
+            requested += self.deploy_at(id, &rule, &target, sha, &meta).await?;
         }
         // Tiers fed by tags: the newest tag each one takes deploys its commit.
         let tags = git(
@@ -155,16 +144,7 @@ impl Poller {
                 takes.then(|| CommitSha::parse(if peeled.is_empty() { object } else { peeled }).ok()).flatten()
             });
             let Some(sha) = newest else { continue };
-            let files = self.root_files(id, &sha).await?;
-            let config = if files.iter().any(|f| f == super::stack::CONFIG_FILE) {
-                git(&self.mirror(id), &["show", &format!("{}:{}", sha.as_str(), super::stack::CONFIG_FILE)]).await.ok()
-            } else {
-                None
-            };
-            let target = Target::Tier { tier: tier.name().clone() };
-            for entrypoint in super::stack::select_entrypoints(&rule, &files, config.as_deref()) {
-                requested += usize::from(self.store.deploy_commit(id, &target, &entrypoint, &sha, &meta).await?);
-            }
+            requested += self.deploy_at(id, &rule, &Target::Tier { tier: tier.name().clone() }, &sha, &meta).await?;
         }
         // Branches that are gone: their environments end.
         let live: Vec<(Uuid, String)> = sqlx::query_as(
@@ -183,6 +163,33 @@ impl Poller {
             }
         }
         Ok(requested)
+    }
+
+    /// Deploys `sha` to `target`'s environments, one per entrypoint of the commit; how many new
+    /// deployments that asked for. A repository file that cannot be read leaves detection to it.
+    async fn deploy_at(
+        &self,
+        id: ProjectId,
+        rule: &EntrypointRule,
+        target: &Target,
+        sha: &CommitSha,
+        meta: &Metadata,
+    ) -> anyhow::Result<usize> {
+        let files = self.root_files(id, sha).await?;
+        let config = self.repository_file(id, sha, &files).await.ok().flatten();
+        let mut requested = 0;
+        for entrypoint in super::stack::select_entrypoints(rule, &files, config.as_deref()) {
+            requested += usize::from(self.store.deploy_commit(id, target, &entrypoint, sha, meta).await?);
+        }
+        Ok(requested)
+    }
+
+    /// The repository file (`understudy.toml`) of `sha`, when its root (`files`) has one.
+    async fn repository_file(&self, id: ProjectId, sha: &CommitSha, files: &[String]) -> anyhow::Result<Option<String>> {
+        if !files.iter().any(|f| f == super::stack::CONFIG_FILE) {
+            return Ok(None);
+        }
+        Ok(Some(git(&self.mirror(id), &["show", &format!("{}:{}", sha.as_str(), super::stack::CONFIG_FILE)]).await?))
     }
 
     fn mirror(&self, project: ProjectId) -> PathBuf {

@@ -431,7 +431,6 @@ impl Worker {
         };
         let restart = deployment.status == DeploymentStatus::Ready;
         let (secrets, secrets_note) = self.secrets_for(job, &project, state.spec.as_ref()).await?;
-        let redactor = Redactor::new(secrets.iter().map(|(_, value)| value.clone()));
         let tier = state.spec.as_ref().and_then(|spec| project.tier_of(&spec.target));
         let tier_env = tier
             .map(|tier| {
@@ -462,10 +461,9 @@ impl Worker {
                 (Some((name, password)), addon.seed.clone().filter(|_| unseeded), Some(forward))
             }
         };
-        let mut redactor = redactor;
-        if let Some((_, password)) = &database {
-            redactor = Redactor::new(secrets.iter().map(|(_, value)| value.clone()).chain([password.clone()]));
-        }
+        // Secret values and the add-on database's password are hidden in every log line.
+        let hidden = secrets.iter().map(|(_, value)| value.clone()).chain(database.iter().map(|(_, password)| password.clone()));
+        let redactor = Redactor::new(hidden);
         let job = &Job { redactor, secrets, tier_env, smoke, push_to, database, seed, ..job.clone() };
         if deployment.status == DeploymentStatus::Requested {
             self.command(job, meta, EnvironmentCommand::StartBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
