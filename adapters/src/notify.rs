@@ -15,12 +15,20 @@
 //! Each request carries `X-Understudy-Event` (the kind), `X-Understudy-Delivery` (the id; the
 //! same on retries) and `X-Understudy-Signature-256: sha256=<HMAC-SHA256 of the body>` under the
 //! target's secret.
+//!
+//! A `mailto:` target gets the same news by email, through the installation's SMTP server
+//! ([`Mailer`], `UNDERSTUDY_SMTP_URL`): a plain-text message whose `Message-ID` derives from the
+//! delivery, so a retry after a lost answer is recognisably the same message. A 4xx answer or a
+//! lost connection is retried like an HTTP failure; a 5xx (no such mailbox) is given up at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use lettre::message::header::ContentType;
+use lettre::message::Mailbox;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +56,86 @@ pub struct Notifier {
     /// The first retry's delay; each next one doubles, up to an hour.
     pub retry_base: Duration,
     pub http: reqwest::Client,
+    /// Sends `mailto:` targets' messages; without it they wait (and retry) with a clear error.
+    pub mailer: Option<Arc<Mailer>>,
+}
+
+/// The installation's SMTP server and the address its messages come from.
+pub struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+}
+
+impl Mailer {
+    /// `url` as `smtps://user:pass@host:465`, `smtp://host:587?tls=required` or, on a trusted
+    /// network only, `smtp://host:25`; `from` as `Understudy <understudy@example.com>`.
+    pub fn new(url: &str, from: &str) -> anyhow::Result<Self> {
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+            .map_err(|e| anyhow::anyhow!("UNDERSTUDY_SMTP_URL: {e}"))?
+            .timeout(Some(Duration::from_secs(20)))
+            .build();
+        let from = from.parse().map_err(|e| anyhow::anyhow!("UNDERSTUDY_SMTP_FROM {from:?}: {e}"))?;
+        Ok(Self { transport, from })
+    }
+
+    /// From `UNDERSTUDY_SMTP_URL` and `UNDERSTUDY_SMTP_FROM` (default `Understudy
+    /// <understudy@localhost>`); none without a URL.
+    pub fn from_env() -> anyhow::Result<Option<Self>> {
+        let Some(url) = std::env::var("UNDERSTUDY_SMTP_URL").ok().filter(|u| !u.trim().is_empty()) else { return Ok(None) };
+        let from = std::env::var("UNDERSTUDY_SMTP_FROM").unwrap_or_else(|_| "Understudy <understudy@localhost>".into());
+        Self::new(url.trim(), &from).map(Some)
+    }
+
+    /// One message about `payload` to `to`: `Err((worth retrying, why))` unless the server took it.
+    async fn send(&self, to: &str, delivery: Uuid, kind: &str, payload: &Value) -> Result<(), (bool, String)> {
+        let to: Mailbox = to.parse().map_err(|e| (false, format!("mailto:{to}: {e}")))?;
+        let (subject, text) = email_text(kind, payload);
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to.clone())
+            .subject(subject)
+            .message_id(Some(format!("<{delivery}@understudy>")))
+            .header(ContentType::TEXT_PLAIN)
+            .body(text)
+            .map_err(|e| (false, format!("the message to {to}: {e}")))?;
+        match self.transport.send(message).await {
+            Ok(_) => Ok(()),
+            Err(error) => Err((!error.is_permanent(), format!("SMTP, to {to}: {error}"))),
+        }
+    }
+}
+
+/// A notification as an email: its subject line and plain-text body.
+fn email_text(kind: &str, payload: &Value) -> (String, String) {
+    let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let project = payload["project"]["name"].as_str().or(payload["project"]["repository"].as_str()).unwrap_or("a project").to_string();
+    let environment = &payload["environment"];
+    let place = match environment["tier"].as_str() {
+        Some(tier) => format!("tier {tier}"),
+        None => format!("{} {}", text(&environment["kind"]), text(&environment["branch"])),
+    };
+    let deployment = &payload["deployment"];
+    let commit: String = text(&deployment["commit"]).chars().take(12).collect();
+    let what = match kind {
+        "failed" => "failed",
+        "recovered" => "passed again",
+        "promoted" => "was promoted",
+        "rolled_back" => "was rolled back",
+        other => other,
+    };
+    let subject = format!("[Understudy] {project}: {place} {what} at {commit}");
+    let entrypoint = environment["entrypoint"].as_str().filter(|e| *e != ".").map(|e| format!(" ({e})")).unwrap_or_default();
+    let mut body = format!(
+        "{project}, {place}{entrypoint}\nThe deployment of {commit} {what}.\n\nStatus: {status}\nTests: {passed} passed, {failed} failed\n",
+        status = text(&deployment["status"]),
+        passed = deployment["testsPassed"].as_u64().unwrap_or(0),
+        failed = deployment["testsFailed"].as_u64().unwrap_or(0),
+    );
+    if let Some(failure) = deployment["failure"].as_str() {
+        body.push_str(&format!("Why: {failure}\n"));
+    }
+    body.push_str(&format!("By: {}\nAt: {}\n\nBuild log: {}\n", text(&payload["by"]), text(&payload["at"]), text(&environment["url"])));
+    (subject, body)
 }
 
 impl Notifier {
@@ -59,7 +147,7 @@ impl Notifier {
             .user_agent("Understudy-Notifications")
             .build()
             .unwrap_or_default();
-        Self { store, key, public_url, every: Duration::from_secs(1), retry_base: Duration::from_secs(2), http }
+        Self { store, key, public_url, every: Duration::from_secs(1), retry_base: Duration::from_secs(2), http, mailer: None }
     }
 
     pub async fn run(self, cancel: CancellationToken) {
@@ -164,7 +252,9 @@ impl Notifier {
 
     /// Claims and sends every due delivery, at most 8 at once; how many were delivered.
     async fn send_due(&self) -> anyhow::Result<usize> {
-        let Some(key) = &self.key else { return Ok(0) };
+        if self.key.is_none() && self.mailer.is_none() {
+            return Ok(0);
+        }
         type Row = (Uuid, Uuid, Uuid, String, Value, i32);
         let due: Vec<Row> = sqlx::query_as(
             "UPDATE notification_deliveries SET next_attempt_at = now() + interval '1 minute'
@@ -186,9 +276,16 @@ impl Notifier {
             async move {
                 let outcome = match target_state {
                     None => Err((false, "the target was removed".to_string(), None)),
-                    Some(state) => match key.open(ProjectId(project), &secret_name(target), &state.secret) {
-                        Err(error) => Err((true, format!("cannot open the signing secret: {error}"), None)),
-                        Ok(secret) => self.post(&state.url, &secret, delivery, &kind, &payload).await,
+                    Some(state) => match state.url.strip_prefix("mailto:") {
+                        Some(to) => match &self.mailer {
+                            None => Err((true, "no SMTP server is configured (UNDERSTUDY_SMTP_URL)".to_string(), None)),
+                            Some(mailer) => mailer.send(to, delivery, &kind, &payload).await.map_err(|(retry, why)| (retry, why, None)),
+                        },
+                        None => match self.key.as_ref().map(|key| key.open(ProjectId(project), &secret_name(target), &state.secret)) {
+                            None => Err((true, "this node has no secret key to sign with (UNDERSTUDY_SECRET_KEY)".to_string(), None)),
+                            Some(Err(error)) => Err((true, format!("cannot open the signing secret: {error}"), None)),
+                            Some(Ok(secret)) => self.post(&state.url, &secret, delivery, &kind, &payload).await,
+                        },
                     },
                 };
                 (delivery, attempts, outcome)

@@ -360,6 +360,7 @@ fn configure(config: &Config, mut runtime: Runtime) -> anyhow::Result<Runtime> {
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
     runtime.github = GitHubSettings::from_env(public_url)?;
     runtime.oauth = understudy_adapters::github::oauth::OAuthApp::from_env()?;
+    runtime.mailer = understudy_adapters::notify::Mailer::from_env()?.map(std::sync::Arc::new);
     let mut preview = preview_config(config)?;
     // With sign-in, previews are for those who may see them; without, for whoever reaches a
     // loopback-only API.

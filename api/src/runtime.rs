@@ -40,6 +40,8 @@ pub struct Runtime {
     pub oauth: Option<understudy_adapters::github::oauth::OAuthApp>,
     /// How long GitHub's "this user can read this repository" is trusted before asking again.
     pub access_ttl: std::time::Duration,
+    /// The SMTP server for email notifications (`UNDERSTUDY_SMTP_URL`, `UNDERSTUDY_SMTP_FROM`).
+    pub mailer: Option<Arc<understudy_adapters::notify::Mailer>>,
 }
 
 /// How this process talks to GitHub.
@@ -95,6 +97,7 @@ impl Runtime {
             preview: default_preview()?,
             oauth: None,
             access_ttl: std::time::Duration::from_secs(60),
+            mailer: None,
         })
     }
 
@@ -250,10 +253,13 @@ impl Runtime {
         tasks.spawn(self.git_poller(poll).run(cancel).map(Ok));
     }
 
-    /// Sends projects' notifications (outgoing webhooks) about their long-lived environments.
+    /// Sends projects' notifications (outgoing webhooks and emails) about their long-lived
+    /// environments.
     pub fn notifier(&self) -> understudy_adapters::notify::Notifier {
         let key = self.preview.secret_key.clone().map(Arc::new);
-        understudy_adapters::notify::Notifier::new(self.store.clone(), key, self.github.public_url.clone())
+        let mut notifier = understudy_adapters::notify::Notifier::new(self.store.clone(), key, self.github.public_url.clone());
+        notifier.mailer = self.mailer.clone();
+        notifier
     }
 
     /// Asks for the runs of tiers' scheduled jobs as they fall due.

@@ -378,7 +378,8 @@ impl TiersMutation {
     }
 
     /// Sends news of the project's long-lived environments to `url` (Manage Settings): JSON
-    /// POSTs, signed, retried. `events` picks kinds (`failed`, `recovered`, `promoted`,
+    /// POSTs, signed, retried; or, for `mailto:` and one address, emails through the
+    /// installation's SMTP server. `events` picks kinds (`failed`, `recovered`, `promoted`,
     /// `rolled_back`); all when empty.
     async fn add_notification_target(
         &self,

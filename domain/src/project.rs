@@ -120,7 +120,9 @@ impl NotificationKind {
 }
 
 /// An outgoing webhook: JSON POSTed to `url`, signed with HMAC-SHA256 under a secret that is
-/// kept sealed (it must be opened to sign).
+/// kept sealed (it must be opened to sign). A `mailto:` URL is an email address instead: the
+/// same news as a plain-text message through the installation's SMTP server (its secret is
+/// kept for symmetry and signs nothing).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotificationTarget {
     pub url: String,
@@ -128,6 +130,18 @@ pub struct NotificationTarget {
     pub events: Vec<NotificationKind>,
     pub by: String,
     pub created_at: DateTime<Utc>,
+}
+
+/// One plain address (`name@host.example`): no display name, no list, nothing to inject.
+fn is_email_address(address: &str) -> bool {
+    let Some((local, host)) = address.split_once('@') else { return false };
+    let fine = |c: char| c.is_ascii_alphanumeric() || "._+-".contains(c);
+    !local.is_empty()
+        && local.len() <= 64
+        && local.chars().all(|c| fine(c) || "!#$%&'*/=?^`{|}~".contains(c))
+        && host.contains('.')
+        && host.len() <= 253
+        && host.split('.').all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
 }
 
 /// How many notification targets one project may have.
@@ -630,8 +644,12 @@ impl Aggregate for ProjectAggregate {
             C::AddNotificationTarget { target_id, url, secret, mut events, by, at } => {
                 let url = url.trim().to_string();
                 let web = url.starts_with("https://") || url.starts_with("http://");
-                if !web || url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                    return Err(DomainError::invalid("url", "an http:// or https:// URL of at most 2048 characters"));
+                let mail = url.strip_prefix("mailto:").is_some_and(is_email_address);
+                if !(web || mail) || url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(DomainError::invalid(
+                        "url",
+                        "an http:// or https:// URL of at most 2048 characters, or mailto: and one email address",
+                    ));
                 }
                 if secret.ciphertext.is_empty() || secret.nonce.is_empty() || secret.key_id.is_empty() {
                     return Err(DomainError::invalid("secret", "a notification's signing secret is stored sealed"));
@@ -797,6 +815,35 @@ mod tests {
             unreachable!("created() builds ProjectCreated")
         };
         C::Create { project_id, account_id, name, repository, production_branch, entrypoints, at }
+    }
+
+    #[test]
+    fn notification_targets_are_web_urls_or_one_plain_email_address() {
+        let sealed = SealedValue { key_id: "k".into(), nonce: "n".into(), ciphertext: "c".into() };
+        let add = |url: &str| C::AddNotificationTarget {
+            target_id: Uuid::from_u128(7),
+            url: url.into(),
+            secret: sealed.clone(),
+            events: vec![],
+            by: "user:1".into(),
+            at: at(),
+        };
+        let state = <ProjectAggregate as crate::Aggregate>::replay(&[created()]);
+        for ok in ["https://hooks.example.com/x", "http://127.0.0.1:9/h", "mailto:ops@example.com", "mailto:a.b+c@mail.example.co"] {
+            assert!(<ProjectAggregate as crate::Aggregate>::decide(&state, add(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "mailto:",
+            "mailto:ops",
+            "mailto:ops@localhost",
+            "mailto:a@b.com,c@d.com",
+            "mailto:Ops <ops@example.com>",
+            "mailto:ops@example.com%0d%0aBcc:x@evil.com",
+            "mailto:ops@exa_mple.com",
+            "ftp://example.com",
+        ] {
+            given::<ProjectAggregate>(&[created()]).when(add(bad)).then_error(|e| matches!(e, DomainError::Invalid { field: "url", .. }));
+        }
     }
 
     fn tier(name: &str, source: crate::tier::TierSource) -> TierSpec {

@@ -576,6 +576,65 @@ async fn receiver(fail_first: usize) -> (String, std::sync::Arc<std::sync::Mutex
     (format!("http://{addr}/hook"), accepted)
 }
 
+/// An SMTP server that speaks just enough of RFC 5321 for one message per connection: it
+/// answers `451` to the first `busy_first` `MAIL FROM`s, `550` to any recipient named
+/// `nobody@…`, and keeps each message it accepts as (recipient, data).
+async fn smtp_server(busy_first: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(busy_first));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let kept = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (kept, busy) = (kept.clone(), busy.clone());
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 mail.example.com ESMTP ready\r\n").await;
+                let mut recipient = String::new();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = line.split([' ', ':']).next().unwrap_or_default().to_ascii_uppercase();
+                    let answer = match verb.as_str() {
+                        "EHLO" | "HELO" => "250 mail.example.com".to_string(),
+                        "MAIL" if busy.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() => "451 4.3.2 try again later".into(),
+                        "MAIL" | "RSET" | "NOOP" => "250 2.0.0 OK".into(),
+                        "RCPT" if line.contains("nobody@") => "550 5.1.1 no such mailbox".into(),
+                        "RCPT" => {
+                            recipient = line.clone();
+                            "250 2.1.5 OK".into()
+                        }
+                        "DATA" => {
+                            let _ = write.write_all(b"354 go ahead\r\n").await;
+                            let mut data = String::new();
+                            while let Ok(Some(line)) = lines.next_line().await {
+                                if line == "." {
+                                    break;
+                                }
+                                data.push_str(&line);
+                                data.push('\n');
+                            }
+                            kept.lock().expect("lock").push((recipient.clone(), data));
+                            "250 2.0.0 queued".into()
+                        }
+                        "QUIT" => {
+                            let _ = write.write_all(b"221 2.0.0 bye\r\n").await;
+                            break;
+                        }
+                        _ => "502 5.5.2 not implemented".into(),
+                    };
+                    if write.write_all(format!("{answer}\r\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (format!("smtp://{addr}"), accepted)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn notifications_are_signed_retried_sent_once_each_and_a_dead_endpoint_blocks_nothing() {
     let key = understudy_adapters::secrets::SecretKey::from_base64(&understudy_adapters::secrets::SecretKey::generate()).expect("key");
@@ -596,6 +655,16 @@ async fn notifications_are_signed_retried_sent_once_each_and_a_dead_endpoint_blo
     assert_eq!(answer["data"]["addNotificationTarget"]["target"]["events"], json!(["failed", "recovered", "promoted", "rolled_back"]));
     let dead = previews.graphql(add, json!({ "p": p, "u": "http://127.0.0.1:1/never", "e": ["failed"] })).await;
     assert!(dead["errors"].is_null(), "{dead}");
+    // By email too: one address that takes the failure and the rollback, one the server refuses.
+    for (address, events) in
+        [("mailto:ops@example.com", json!(["failed", "rolled_back"])), ("mailto:nobody@example.com", json!(["failed"]))]
+    {
+        let answer = previews.graphql(add, json!({ "p": p, "u": address, "e": events })).await;
+        assert!(answer["errors"].is_null(), "{answer}");
+    }
+    let (smtp, mailbox) = smtp_server(1).await;
+    let refused = previews.graphql(add, json!({ "p": p, "u": "mailto:ops@example.com,boss@example.com", "e": [] })).await;
+    assert_eq!(code(&refused), "BAD_USER_INPUT", "{refused}");
     let refused = previews.graphql(add, json!({ "p": p, "u": "ftp://example.com/x", "e": [] })).await;
     assert_eq!(code(&refused), "BAD_USER_INPUT", "{refused}");
     let refused = previews.graphql(add, json!({ "p": p, "u": url, "e": ["everything"] })).await;
@@ -605,6 +674,8 @@ async fn notifications_are_signed_retried_sent_once_each_and_a_dead_endpoint_blo
     let promoter = previews.env.runtime.promoter();
     let mut notifier = previews.env.runtime.notifier();
     notifier.retry_base = Duration::from_millis(50);
+    let mailer = understudy_adapters::notify::Mailer::new(&smtp, "Understudy <understudy@example.com>").expect("mailer");
+    notifier.mailer = Some(std::sync::Arc::new(mailer));
     let main = on_branch(project, "main");
     let production = of_tier(project, "production");
 
@@ -640,7 +711,8 @@ async fn notifications_are_signed_retried_sent_once_each_and_a_dead_endpoint_blo
         notifier.pass().await.expect("pass");
         let mut kinds: Vec<String> = accepted.lock().expect("lock").iter().map(|(kind, ..)| kind.clone()).collect();
         kinds.sort();
-        (kinds == expected).then_some(())
+        let mails = mailbox.lock().expect("lock").len();
+        (kinds == expected && mails == 2).then_some(())
     })
     .await;
     for _ in 0..5 {
@@ -666,7 +738,23 @@ async fn notifications_are_signed_retried_sent_once_each_and_a_dead_endpoint_blo
     let rolled: Value = serde_json::from_slice(&rolled.3).expect("JSON");
     assert_eq!((rolled["deployment"]["commit"].as_str(), rolled["by"].as_str()), (Some(v1.as_str()), Some("operator:open")));
 
-    // The receiver's two 500s were retried; the dead endpoint keeps failing on its own.
+    // The emails: each once, to its address, saying what happened where.
+    // (Headers unfolded: a long subject is folded onto two lines.)
+    let mails: Vec<(String, String)> =
+        mailbox.lock().expect("lock").iter().map(|(to, data)| (to.clone(), data.replace("\n ", " "))).collect();
+    assert_eq!(mails.len(), 2, "{mails:?}");
+    assert!(mails.iter().all(|(to, _)| to.contains("ops@example.com")), "{mails:?}");
+    let failed_mail = mails.iter().map(|(_, data)| data).find(|d| d.contains(" failed at ")).unwrap_or_else(|| panic!("{mails:?}"));
+    assert!(
+        failed_mail.contains(&format!("Subject: [Understudy] notified: tier staging failed at {}", &v2.as_str()[..12])),
+        "{failed_mail}"
+    );
+    assert!(failed_mail.contains("Tests: 0 passed, 1 failed"), "{failed_mail}");
+    assert!(failed_mail.contains("From: Understudy <understudy@example.com>"), "{failed_mail}");
+    assert!(mails.iter().any(|(_, d)| d.contains(&format!("tier production was rolled back at {}", &v1.as_str()[..12]))), "{mails:?}");
+
+    // The receiver's two 500s and the mail server's 451 were retried; the refused address was
+    // given up at once; the dead endpoint keeps failing on its own.
     let deliveries = previews
         .graphql(
             "query($p: UUID!) { project(id: $p) { notificationDeliveries(first: 50) { kind state attempts lastError } } }",
@@ -674,9 +762,12 @@ async fn notifications_are_signed_retried_sent_once_each_and_a_dead_endpoint_blo
         )
         .await;
     let rows = deliveries["data"]["project"]["notificationDeliveries"].as_array().unwrap_or_else(|| panic!("{deliveries}")).clone();
-    assert_eq!(rows.len(), expected.len() + 1, "five to the receiver, the failure to the dead endpoint too: {rows:?}");
+    assert_eq!(rows.len(), expected.len() + 4, "five to the receiver, a failure to the dead endpoint, three emails: {rows:?}");
     let retried: i64 = rows.iter().filter(|r| r["state"] == "delivered").map(|r| r["attempts"].as_i64().unwrap_or(0) - 1).sum();
-    assert_eq!(retried, 2, "two answers of 500, each retried: {rows:?}");
+    assert_eq!(retried, 3, "two answers of 500 and one 451, each retried: {rows:?}");
+    let refused = rows.iter().find(|r| r["state"] == "failed").unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!(refused["attempts"], 1, "{refused}");
+    assert!(refused["lastError"].as_str().unwrap_or_default().contains("no such mailbox"), "{refused}");
     let dead_row = rows.iter().find(|r| r["state"] == "pending").unwrap_or_else(|| panic!("{rows:?}"));
     assert!(dead_row["attempts"].as_i64().unwrap_or(0) >= 1, "{dead_row}");
     assert!(dead_row["lastError"].as_str().unwrap_or_default().contains("127.0.0.1:1"), "{dead_row}");
