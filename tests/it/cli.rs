@@ -190,6 +190,8 @@ fn the_app_manifest_names_our_webhook_and_permissions() {
     let manifest: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(manifest["hook_attributes"]["url"], "https://previews.example.com/webhooks/github");
     assert_eq!(manifest["default_permissions"]["pull_requests"], "write");
+    // A tier's pushTo writes to the repository.
+    assert_eq!(manifest["default_permissions"]["contents"], "write");
     assert!(manifest["default_events"].as_array().expect("events").iter().any(|e| e == "pull_request"));
 }
 

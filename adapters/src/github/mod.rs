@@ -41,7 +41,7 @@ pub fn app_manifest(name: &str, public_url: &str) -> serde_json::Value {
             "issues": "write",
             "deployments": "write",
             "checks": "write",
-            "contents": "read",
+            "contents": "write",
             "metadata": "read"
         },
         "default_events": ["pull_request", "push", "delete"]
