@@ -449,7 +449,7 @@ impl Auth {
         }
     }
 
-    fn cookie_header(&self, name: &str, value: &str, max_age: i64, http_only: bool) -> HeaderValue {
+    pub(crate) fn cookie_header(&self, name: &str, value: &str, max_age: i64, http_only: bool) -> HeaderValue {
         let http_only = if http_only { "; HttpOnly" } else { "" };
         HeaderValue::from_str(&format!("{name}={value}; Path=/; Max-Age={max_age}; Secure; SameSite=Lax{http_only}"))
             .unwrap_or_else(|_| HeaderValue::from_static(""))

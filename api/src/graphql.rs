@@ -21,7 +21,7 @@ pub type AppSchema = Schema<QueryRoot, MutationRoot, Subscription>;
 /// Every mutation: people and settings ([`Mutation`]), environments ([`OperationsMutation`]) and
 /// tiers ([`crate::tiers::TiersMutation`]).
 #[derive(MergedObject, Default)]
-pub struct MutationRoot(Mutation, OperationsMutation, crate::tiers::TiersMutation);
+pub struct MutationRoot(Mutation, OperationsMutation, crate::tiers::TiersMutation, crate::debug::DebugMutation);
 
 /// Every query: environments, logs and history ([`Query`]) and people and settings
 /// ([`AccountQuery`]).
@@ -165,6 +165,11 @@ impl Environment {
     ) -> Result<Vec<crate::operations::Deployment>> {
         let state = ctx.data::<Auth>()?.store.environments.load(self.id).await?.into_inner();
         Ok(state.deployments.iter().rev().take(first).map(crate::operations::Deployment::from).collect())
+    }
+
+    /// Its open debug sessions (see `openDebugSession`).
+    async fn debug_sessions(&self, ctx: &Context<'_>) -> Result<Vec<crate::debug::DebugSession>> {
+        crate::debug::sessions_of(ctx, self.id).await
     }
 }
 

@@ -74,10 +74,12 @@ pub fn router(
     let metrics = Router::new().route("/metrics", get(crate::metrics::metrics)).with_state(readiness.pool.clone());
     let logs = crate::logs::router(readiness.pool.clone(), auth.clone());
     let triggers = crate::triggers::router(auth.store.clone());
+    let debug = crate::debug::router(auth.store.clone(), auth.clone());
     let ready = Router::new().route("/readyz", get(readyz)).with_state(readiness);
     Router::new()
         .merge(logs)
         .merge(triggers)
+        .merge(debug)
         .merge(graphql)
         .merge(github)
         .merge(ready)

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_fanout;
 pub mod cli;
 pub mod dashboard;
+pub mod debug;
 pub mod graphql;
 pub mod http;
 pub mod logs;

@@ -50,7 +50,7 @@ pub fn router(pool: PgPool, auth: crate::auth::Auth) -> Router {
 }
 
 /// Only someone who may see the project's previews reads its logs.
-async fn guard(
+pub(crate) async fn guard(
     State(auth): State<crate::auth::Auth>,
     Path(params): Path<Vec<(String, String)>>,
     request: axum::extract::Request,
@@ -81,7 +81,7 @@ async fn guard(
 /// The stored stream name of a log kind in a URL.
 fn stream_of(kind: &str) -> Option<String> {
     match kind {
-        "build" | "run" => Some(kind.to_string()),
+        "build" | "run" | "debug" => Some(kind.to_string()),
         "tests" => Some("test*".to_string()),
         _ => None,
     }
@@ -199,7 +199,7 @@ fn unavailable(error: sqlx::Error) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, "logs are unavailable just now; try again\n").into_response()
 }
 
-async fn serve(pool: &PgPool, deployment: Uuid, stream: &str, q: LogQuery) -> Response {
+pub(crate) async fn serve(pool: &PgPool, deployment: Uuid, stream: &str, q: LogQuery) -> Response {
     if q.from < 0 {
         return (StatusCode::BAD_REQUEST, "from must be unix nanoseconds (>= 0)\n").into_response();
     }

@@ -217,7 +217,7 @@ pub struct OperationsMutation;
 
 impl OperationsMutation {
     /// Checks `permission` on the environment's project; its current state.
-    async fn environment(ctx: &Context<'_>, environment_id: Uuid, permission: Permission) -> Result<EnvironmentState> {
+    pub(crate) async fn environment(ctx: &Context<'_>, environment_id: Uuid, permission: Permission) -> Result<EnvironmentState> {
         let auth = auth(ctx)?;
         let state = auth.store.environments.load(environment_id).await?.into_inner();
         let not_found = || denied(Denied::NotFound(format!("no environment {environment_id} that you can see")));
@@ -230,7 +230,7 @@ impl OperationsMutation {
         }
     }
 
-    async fn execute(ctx: &Context<'_>, environment_id: Uuid, command: EnvironmentCommand) -> Result<EnvironmentState> {
+    pub(crate) async fn execute(ctx: &Context<'_>, environment_id: Uuid, command: EnvironmentCommand) -> Result<EnvironmentState> {
         let meta = Metadata::new(Uuid::new_v4(), viewer(ctx).actor());
         let done = auth(ctx)?.store.environments.execute(environment_id, command, meta).await.map_err(command_error)?;
         Ok(done.state)

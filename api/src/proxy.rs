@@ -15,7 +15,7 @@ use axum::response::{Html, IntoResponse, Response};
 use chrono::Utc;
 use hyper_util::rt::TokioIo;
 use understudy_adapters::preview::token::{self, PreviewSigner};
-use understudy_adapters::preview::{environment_of_host, unix_http};
+use understudy_adapters::preview::{debug_session_of_host, environment_of_host, unix_http};
 use understudy_adapters::EventStore;
 use understudy_domain::environment::EnvironmentCommand;
 use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId};
@@ -44,6 +44,9 @@ pub async fn route(State(proxy): State<PreviewProxy>, request: Request, next: Ne
         .or_else(|| request.uri().authority().map(|a| a.as_str()))
         .unwrap_or_default()
         .to_string();
+    if let Some(session) = debug_session_of_host(&host, &proxy.domain) {
+        return proxy.debug(session, request).await;
+    }
     match environment_of_host(&host, &proxy.domain) {
         Some(environment) => proxy.serve(environment, request).await,
         None => next.run(request).await,
@@ -115,6 +118,77 @@ impl PreviewProxy {
                 response
             }
         }
+    }
+
+    /// A debug session's tunnel: to its instance's port, for whoever holds the session's token
+    /// (a browser trades `?token=` at [`crate::debug::DEBUG_HANDOFF_PATH`] for a host-only
+    /// cookie; other clients send `X-Understudy-Debug-Token`). Neither reaches the app.
+    async fn debug(&self, session: Uuid, request: Request) -> Response {
+        use crate::debug::{DEBUG_COOKIE, DEBUG_HANDOFF_PATH, DEBUG_HEADER};
+        type Row = (Uuid, Uuid, String, bool, i64, Option<String>, Option<String>);
+        let key = session.to_string();
+        let row: Result<Option<Row>, sqlx::Error> = sqlx::query_as(
+            "SELECT e.environment_id, e.project_id, s->>'token_sha256', (s->>'expires_at')::timestamptz > now(),
+                    GREATEST(0, EXTRACT(EPOCH FROM (s->>'expires_at')::timestamptz - now()))::bigint, i.socket, i.state
+             FROM environments e
+             CROSS JOIN LATERAL (SELECT e.state->'debug_sessions'->$1 AS s) session
+             LEFT JOIN debug_instances i ON i.session_id = $2
+             WHERE e.state ? 'debug_sessions' AND e.state->'debug_sessions' ? $1",
+        )
+        .bind(&key)
+        .bind(session)
+        .fetch_optional(&self.store.pool)
+        .await;
+        let (environment, project, token_sha256, open, seconds_left, socket, state) = match row {
+            Ok(Some(row)) => row,
+            Ok(None) => return page(StatusCode::NOT_FOUND, "No debug session here", "It was closed, it expired, or it never was."),
+            Err(error) => {
+                tracing::warn!(%error, "debug session lookup failed");
+                return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The debug session could not be looked up just now.");
+            }
+        };
+        let matches = |token: &str| crate::auth::constant_time_eq(crate::auth::hash_token(token).as_bytes(), token_sha256.as_bytes());
+        if request.uri().path() == DEBUG_HANDOFF_PATH {
+            let token = request.uri().query().unwrap_or_default().split('&').find_map(|p| p.strip_prefix("token=")).unwrap_or_default();
+            if !matches(token) {
+                return page(StatusCode::FORBIDDEN, "Wrong token", "This link does not open this debug session.");
+            }
+            let mut response = axum::response::Redirect::to("/").into_response();
+            let cookie = self.auth.cookie_header(DEBUG_COOKIE, token, seconds_left, true);
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+            return response;
+        }
+        let header_token = request.headers().get(DEBUG_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let presented = header_token.or_else(|| crate::auth::cookie(request.headers(), DEBUG_COOKIE));
+        if !presented.as_deref().is_some_and(matches) {
+            return page(
+                StatusCode::UNAUTHORIZED,
+                "This debug tunnel needs its token",
+                "Open the link openDebugSession gave, or send the token in X-Understudy-Debug-Token.",
+            );
+        }
+        if !open {
+            return page(StatusCode::GONE, "This debug session is over", "It expired; open a new one.");
+        }
+        let Some(socket) = socket else {
+            let state = state.unwrap_or_else(|| "waiting for a worker".into());
+            let mut response = page(StatusCode::SERVICE_UNAVAILABLE, "The debug instance is not serving", &format!("It is {state}."));
+            if state == "waiting for a worker" || state == "building" {
+                response.headers_mut().insert(header::REFRESH, HeaderValue::from_static("3"));
+            }
+            return response;
+        };
+        let mut request = request;
+        request.headers_mut().remove(DEBUG_HEADER);
+        request.headers_mut().remove(token::HEADER);
+        crate::auth::strip_cookie(request.headers_mut(), DEBUG_COOKIE);
+        if let Some(signer) = &self.signer {
+            let token = signer.token(EnvironmentId(environment), ProjectId(project), Utc::now().timestamp());
+            if let Ok(value) = HeaderValue::from_str(&token) {
+                request.headers_mut().insert(token::HEADER, value);
+            }
+        }
+        forward(std::path::Path::new(&socket), request).await
     }
 
     /// A visit to a stale preview: redeploy its latest commit.

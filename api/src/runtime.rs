@@ -234,6 +234,14 @@ impl Runtime {
         tasks.spawn(self.promoter().run(cancel.clone()).map(Ok));
         tasks.spawn(self.job_scheduler().run(cancel.clone()).map(Ok));
         tasks.spawn(self.notifier().run(cancel.clone()).map(Ok));
+        // Debug sessions that expired (or whose environment went) are closed; their instances stop.
+        let (store, stop) = (self.store.clone(), cancel.clone());
+        let close = move || {
+            let store = store.clone();
+            async move { understudy_adapters::preview::sweep::close_ended_debug_sessions(&store).await }
+        };
+        let period = std::time::Duration::from_secs(5);
+        tasks.spawn(understudy_adapters::worker::every("closing ended debug sessions", period, stop, close).map(Ok));
         if let Some(server) = self.preview.addon_database.clone() {
             // Terminated environments' add-on databases go.
             let (pool, stop) = (self.pool.clone(), cancel.clone());

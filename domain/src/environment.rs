@@ -180,7 +180,27 @@ pub struct Environment {
     /// Its tier's scheduled jobs, by name: where each one's schedule has got to.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub jobs: std::collections::BTreeMap<String, JobState>,
+    /// Debug sessions open now, by id (closed ones live on in the history only).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub debug_sessions: std::collections::BTreeMap<Uuid, DebugSession>,
 }
+
+/// A debug session: a fresh instance of a failed deployment, reached through a tunnel that
+/// only the holder of its token passes, until it expires or is closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebugSession {
+    pub deployment_id: DeploymentId,
+    /// SHA-256 (hex) of the tunnel's token; the token itself is shown once and kept nowhere.
+    pub token_sha256: String,
+    pub expires_at: DateTime<Utc>,
+    pub by: String,
+    pub opened_at: DateTime<Utc>,
+}
+
+/// Debug sessions one environment may have open at once.
+pub const MAX_DEBUG_SESSIONS: usize = 3;
+/// The longest a debug session may be opened for.
+pub const MAX_DEBUG_MINUTES: i64 = 240;
 
 /// One scheduled job in one environment.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +282,30 @@ pub enum EnvironmentCommand {
     Rollback {
         deployment_id: DeploymentId,
         to: DeploymentId,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    /// Opens a debug session on the current deployment, which failed (to build, to start, or a
+    /// test): a fresh instance of it and a tunnel to its port until `expires_at`.
+    OpenDebugSession {
+        session_id: Uuid,
+        token_sha256: String,
+        expires_at: DateTime<Utc>,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    /// Ends a debug session: closed by someone, expired, or its environment is gone. Closing one
+    /// already closed changes nothing.
+    CloseDebugSession {
+        session_id: Uuid,
+        reason: String,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    /// Someone read a debug session's file listing or logs (`what`), for the audit trail.
+    RecordDebugAccess {
+        session_id: Uuid,
+        what: String,
         by: String,
         at: DateTime<Utc>,
     },
@@ -439,6 +483,26 @@ pub enum EnvironmentEvent {
         run_id: Uuid,
         at: DateTime<Utc>,
     },
+    DebugSessionOpened {
+        session_id: Uuid,
+        deployment_id: DeploymentId,
+        token_sha256: String,
+        expires_at: DateTime<Utc>,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    DebugSessionClosed {
+        session_id: Uuid,
+        reason: String,
+        by: String,
+        at: DateTime<Utc>,
+    },
+    DebugAccessed {
+        session_id: Uuid,
+        what: String,
+        by: String,
+        at: DateTime<Utc>,
+    },
     JobRunSkipped {
         job: String,
         slot: DateTime<Utc>,
@@ -550,6 +614,9 @@ impl DomainEvent for EnvironmentEvent {
             Self::TestsCompleted { .. } => "TestsCompleted",
             Self::CommitPushed { .. } => "CommitPushed",
             Self::JobRunRequested { .. } => "JobRunRequested",
+            Self::DebugSessionOpened { .. } => "DebugSessionOpened",
+            Self::DebugSessionClosed { .. } => "DebugSessionClosed",
+            Self::DebugAccessed { .. } => "DebugAccessed",
             Self::JobRunSkipped { .. } => "JobRunSkipped",
             Self::JobRunStarted { .. } => "JobRunStarted",
             Self::JobRunFinished { .. } => "JobRunFinished",
@@ -584,6 +651,9 @@ impl EnvironmentEvent {
             | Self::TestsCompleted { at, .. }
             | Self::CommitPushed { at, .. }
             | Self::JobRunRequested { at, .. }
+            | Self::DebugSessionOpened { at, .. }
+            | Self::DebugSessionClosed { at, .. }
+            | Self::DebugAccessed { at, .. }
             | Self::JobRunSkipped { at, .. }
             | Self::JobRunStarted { at, .. }
             | Self::JobRunFinished { at, .. }
@@ -749,6 +819,58 @@ impl Aggregate for EnvironmentAggregate {
                     return Ok(vec![]);
                 }
                 Ok(vec![E::CommitPushed { deployment_id, branch, at }])
+            }
+            C::OpenDebugSession { session_id, token_sha256, expires_at, by, at } => {
+                existing(state)?;
+                if state.terminated {
+                    return Err(DomainError::IllegalEnvironmentTransition {
+                        status: "Terminated",
+                        action: "debugging",
+                        expected: "not Terminated",
+                    });
+                }
+                let current = state.current().ok_or_else(|| not_found("(none)"))?;
+                let failed_test =
+                    current.status == DeploymentStatus::Ready && current.tests.iter().any(|t| t.outcome == TestOutcome::Failed);
+                if current.status != DeploymentStatus::Failed && !failed_test {
+                    return Err(DomainError::invalid(
+                        "environment",
+                        "only a failed deployment (its build, its start or a test) is debugged",
+                    ));
+                }
+                if expires_at <= at || expires_at > at + chrono::Duration::minutes(MAX_DEBUG_MINUTES) {
+                    return Err(DomainError::invalid("minutes", format!("a debug session lasts 1 to {MAX_DEBUG_MINUTES} minutes")));
+                }
+                if token_sha256.len() != 64 || !token_sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(DomainError::invalid("token", "only a token's SHA-256 is kept"));
+                }
+                if state.debug_sessions.contains_key(&session_id) {
+                    return Err(DomainError::AlreadyExists { entity: "debug session", id: session_id.to_string() });
+                }
+                if state.debug_sessions.values().filter(|s| s.expires_at > at).count() >= MAX_DEBUG_SESSIONS {
+                    return Err(DomainError::invalid(
+                        "environment",
+                        format!("an environment has at most {MAX_DEBUG_SESSIONS} debug sessions open; close one first"),
+                    ));
+                }
+                Ok(vec![E::DebugSessionOpened { session_id, deployment_id: current.id, token_sha256, expires_at, by, at }])
+            }
+            C::CloseDebugSession { session_id, reason, by, at } => {
+                existing(state)?;
+                if !state.debug_sessions.contains_key(&session_id) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::DebugSessionClosed { session_id, reason, by, at }])
+            }
+            C::RecordDebugAccess { session_id, what, by, at } => {
+                let session = state
+                    .debug_sessions
+                    .get(&session_id)
+                    .ok_or_else(|| DomainError::NotFound { entity: "debug session", id: session_id.to_string() })?;
+                if session.expires_at <= at {
+                    return Err(DomainError::invalid("session", "this debug session has expired"));
+                }
+                Ok(vec![E::DebugAccessed { session_id, what, by, at }])
             }
             C::RequestJobRun { job, slot, run_id, at } => {
                 existing(state)?;
@@ -1008,6 +1130,20 @@ impl Aggregate for EnvironmentAggregate {
                 state.last_slot = Some(*slot);
                 state.requested = Some(*run_id);
             }
+            E::DebugSessionOpened { session_id, deployment_id, token_sha256, expires_at, by, at } => {
+                let session = DebugSession {
+                    deployment_id: *deployment_id,
+                    token_sha256: token_sha256.clone(),
+                    expires_at: *expires_at,
+                    by: by.clone(),
+                    opened_at: *at,
+                };
+                state.debug_sessions.insert(*session_id, session);
+            }
+            E::DebugSessionClosed { session_id, .. } => {
+                state.debug_sessions.remove(session_id);
+            }
+            E::DebugAccessed { .. } => {}
             E::JobRunSkipped { job, slot, .. } => state.jobs.entry(job.clone()).or_default().last_slot = Some(*slot),
             E::JobRunStarted { job, run_id, .. } => {
                 let state = state.jobs.entry(job.clone()).or_default();
@@ -1179,6 +1315,72 @@ mod tests {
             }
         }
         h
+    }
+
+    #[test]
+    fn debug_sessions_open_on_failed_deployments_only_expire_and_close_once() {
+        let token = "ab".repeat(32);
+        let open = |n: u128, minutes: i64| C::OpenDebugSession {
+            session_id: Uuid::from_u128(n),
+            token_sha256: token.clone(),
+            expires_at: at(10) + chrono::Duration::minutes(minutes),
+            by: "user:1".into(),
+            at: at(10),
+        };
+        let opened = |n: u128, minutes: i64| E::DebugSessionOpened {
+            session_id: Uuid::from_u128(n),
+            deployment_id: dep(1),
+            token_sha256: token.clone(),
+            expires_at: at(10) + chrono::Duration::minutes(minutes),
+            by: "user:1".into(),
+            at: at(10),
+        };
+        // A deployment that is fine, or still building, is not debugged.
+        for status in [S::Ready, S::Building] {
+            given::<EnvironmentAggregate>(&history_to(status))
+                .when(open(1, 30))
+                .then_error(|e| matches!(e, DomainError::Invalid { field: "environment", .. }));
+        }
+        // A failed build is; so is a Ready deployment with a failed test.
+        let mut h = history_to(S::Failed);
+        let state = given::<EnvironmentAggregate>(&h).when(open(1, 30)).then(&[opened(1, 30)]);
+        assert_eq!(state.debug_sessions[&Uuid::from_u128(1)].deployment_id, dep(1));
+        let mut red = history_to(S::Ready);
+        red.push(E::TestFailed { deployment_id: dep(1), test: "t".into(), duration_ms: None, at: at(4) });
+        given::<EnvironmentAggregate>(&red).when(open(1, 30)).then(&[opened(1, 30)]);
+        // Bounded in time, in number, and only a hash is kept.
+        for minutes in [0, MAX_DEBUG_MINUTES + 1] {
+            given::<EnvironmentAggregate>(&h)
+                .when(open(1, minutes))
+                .then_error(|e| matches!(e, DomainError::Invalid { field: "minutes", .. }));
+        }
+        let raw = C::OpenDebugSession {
+            session_id: Uuid::from_u128(1),
+            token_sha256: "usd_plain".into(),
+            expires_at: at(20),
+            by: "u".into(),
+            at: at(10),
+        };
+        given::<EnvironmentAggregate>(&h).when(raw).then_error(|e| matches!(e, DomainError::Invalid { field: "token", .. }));
+        h.extend((1..=MAX_DEBUG_SESSIONS as u128).map(|n| opened(n, 30)));
+        given::<EnvironmentAggregate>(&h).when(open(9, 30)).then_error(|e| matches!(e, DomainError::Invalid { .. }));
+        // Access is recorded while open; closing ends it, once.
+        let access =
+            |when: u32| C::RecordDebugAccess { session_id: Uuid::from_u128(1), what: "files".into(), by: "user:1".into(), at: at(when) };
+        given::<EnvironmentAggregate>(&h).when(access(11)).then(&[E::DebugAccessed {
+            session_id: Uuid::from_u128(1),
+            what: "files".into(),
+            by: "user:1".into(),
+            at: at(11),
+        }]);
+        given::<EnvironmentAggregate>(&h).when(access(41)).then_error(|e| matches!(e, DomainError::Invalid { field: "session", .. }));
+        let close = C::CloseDebugSession { session_id: Uuid::from_u128(1), reason: "expired".into(), by: "system".into(), at: at(41) };
+        let closed = E::DebugSessionClosed { session_id: Uuid::from_u128(1), reason: "expired".into(), by: "system".into(), at: at(41) };
+        let state = given::<EnvironmentAggregate>(&h).when(close.clone()).then(std::slice::from_ref(&closed));
+        assert!(!state.debug_sessions.contains_key(&Uuid::from_u128(1)));
+        h.push(closed);
+        given::<EnvironmentAggregate>(&h).when(close).then(&[]);
+        given::<EnvironmentAggregate>(&h).when(access(12)).then_error(|e| matches!(e, DomainError::NotFound { .. }));
     }
 
     #[test]

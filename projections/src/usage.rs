@@ -109,6 +109,9 @@ impl Projection for Usage {
             | E::TestsCompleted { .. }
             | E::CommitPushed { .. }
             | E::JobRunRequested { .. }
+            | E::DebugSessionOpened { .. }
+            | E::DebugSessionClosed { .. }
+            | E::DebugAccessed { .. }
             | E::JobRunSkipped { .. }
             | E::JobRunStarted { .. }
             | E::JobRunFinished { .. }

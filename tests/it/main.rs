@@ -4,6 +4,7 @@ mod auth;
 mod chaos;
 mod cli;
 mod dashboard;
+mod debug;
 mod docs;
 mod github;
 mod graphql;

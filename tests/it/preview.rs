@@ -119,6 +119,14 @@ impl Previews {
     /// A repository of node-hello plus `files` (an app of the test's own, started as
     /// `understudy.toml` says), deployed as pull request 1; waits until it is Ready.
     pub(crate) async fn deploy_app(&self, full_name: &str, files: &[(&str, &str)]) -> (EnvironmentId, ProjectId) {
+        let (environment, project) = self.request_app(full_name, files).await;
+        let row = self.settled(environment, &["Ready", "Failed"]).await;
+        assert_eq!(row.0, "Ready", "failure: {:?}", row.2);
+        (environment, project)
+    }
+
+    /// [`Self::deploy_app`] without waiting for the outcome.
+    pub(crate) async fn request_app(&self, full_name: &str, files: &[(&str, &str)]) -> (EnvironmentId, ProjectId) {
         self.push("node-hello", full_name);
         let commit = self.push_change(full_name, files);
         let project = self.project(full_name).await;
@@ -134,8 +142,6 @@ impl Previews {
             at: Utc::now(),
         };
         self.env.runtime.store.environments.execute(environment.0, request, meta()).await.expect("request");
-        let row = self.settled(environment, &["Ready", "Failed"]).await;
-        assert_eq!(row.0, "Ready", "failure: {:?}", row.2);
         (environment, project)
     }
 

@@ -118,13 +118,28 @@ pub fn preview_host(environment: EnvironmentId, domain: &str) -> String {
 
 /// The environment a request's `Host` names, if it is a preview host under `domain`.
 pub fn environment_of_host(host: &str, domain: &str) -> Option<EnvironmentId> {
+    label_of_host(host, domain, "").map(EnvironmentId)
+}
+
+/// `debug-{session as 32 hex digits}.{domain}`: a debug session's tunnel, its own origin too.
+pub fn debug_host(session: uuid::Uuid, domain: &str) -> String {
+    format!("debug-{}.{domain}", session.simple())
+}
+
+/// The debug session a request's `Host` names, if it is a debug host under `domain`.
+pub fn debug_session_of_host(host: &str, domain: &str) -> Option<uuid::Uuid> {
+    label_of_host(host, domain, "debug-")
+}
+
+/// The id in `{prefix}{32 hex digits}.{domain}` (ports and case ignored).
+fn label_of_host(host: &str, domain: &str, prefix: &str) -> Option<uuid::Uuid> {
     let strip_port = |h: &str| h.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(h, |(h, _)| h).to_string();
     let (host, domain) = (strip_port(&host.to_ascii_lowercase()), strip_port(&domain.to_ascii_lowercase()));
-    let label = host.strip_suffix(&domain)?.strip_suffix('.')?;
+    let label = host.strip_suffix(&domain)?.strip_suffix('.')?.strip_prefix(prefix)?;
     if label.len() != 32 || !label.chars().all(|c| c.is_ascii_hexdigit()) {
         return None;
     }
-    uuid::Uuid::parse_str(label).ok().map(EnvironmentId)
+    uuid::Uuid::parse_str(label).ok()
 }
 
 #[cfg(test)]
@@ -142,5 +157,11 @@ mod tests {
         assert_eq!(environment_of_host("evil.00000000000000000000000000000abc.preview.localhost", "preview.localhost"), None);
         assert_eq!(environment_of_host("00000000000000000000000000000abc.other.host", "preview.localhost"), None);
         assert_eq!(environment_of_host("127.0.0.1:8080", "preview.localhost:8080"), None);
+        let session = uuid::Uuid::from_u128(0xdef);
+        let debug = debug_host(session, "preview.localhost:8080");
+        assert_eq!(debug, "debug-00000000000000000000000000000def.preview.localhost:8080");
+        assert_eq!(debug_session_of_host(&debug, "preview.localhost:8080"), Some(session));
+        assert_eq!(environment_of_host(&debug, "preview.localhost:8080"), None, "a debug host is no preview");
+        assert_eq!(debug_session_of_host(&host, "preview.localhost:8080"), None, "a preview is no debug host");
     }
 }

@@ -59,3 +59,28 @@ impl Sweeper {
         crate::worker::every("stale sweep", self.every, cancel, || self.sweep_once()).await
     }
 }
+
+/// Closes the debug sessions that expired, or whose environment was terminated (their
+/// instances stop once the session is closed); returns how many.
+pub async fn close_ended_debug_sessions(store: &EventStore) -> anyhow::Result<usize> {
+    let ended: Vec<(Uuid, Uuid, bool)> = sqlx::query_as(
+        "SELECT e.environment_id, s.key::uuid, e.status = 'Terminated'
+         FROM environments e CROSS JOIN LATERAL jsonb_each(e.state->'debug_sessions') s
+         WHERE e.state ? 'debug_sessions'
+           AND (e.status = 'Terminated' OR (s.value->>'expires_at')::timestamptz <= now())
+         LIMIT 500",
+    )
+    .fetch_all(&store.pool)
+    .await?;
+    let meta = Metadata::new(Uuid::new_v4(), "system:debug-sessions");
+    let mut closed = 0;
+    for (environment, session_id, terminated) in ended {
+        let reason = if terminated { "its environment was terminated" } else { "expired" }.to_string();
+        let command = EnvironmentCommand::CloseDebugSession { session_id, reason, by: "system:debug-sessions".into(), at: Utc::now() };
+        match store.environments.execute(environment, command, meta.clone()).await {
+            Ok(done) => closed += done.events.len(),
+            Err(error) => tracing::debug!(%environment, %error, "debug session not closed"),
+        }
+    }
+    Ok(closed)
+}

@@ -21,6 +21,8 @@ use understudy_domain::ids::{DeploymentId, EnvironmentId};
 use understudy_domain::{DomainError, Metadata};
 use uuid::Uuid;
 
+mod debug;
+
 use super::git::{self, FetchError};
 use super::logs::{LogSink, LogStream, Redactor};
 use super::sandbox::{SandboxSpec, Sandboxed};
@@ -74,6 +76,8 @@ struct Job {
     database: Option<(String, String)>,
     /// The seed command, when the add-on database still wants it.
     seed: Option<String>,
+    /// Its work dir's and sandboxes' name: the deployment's id, or a debug session's.
+    work_name: String,
 }
 
 /// Why a pipeline step stopped.
@@ -143,6 +147,18 @@ impl Worker {
                     Err(error) => tracing::warn!(%error, "claiming deployments failed; retrying"),
                 }
             }
+            if running.len() < self.config.max_parallel {
+                match self.claim_debug(self.config.max_parallel - running.len()).await {
+                    Ok(sessions) => {
+                        for (job, session) in sessions {
+                            let worker = self.clone();
+                            let stop = cancel.child_token();
+                            running.spawn(async move { worker.debug(job, session, stop).await });
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "claiming debug sessions failed; retrying"),
+                }
+            }
             let woken = async {
                 match changes.as_mut() {
                     Some(changes) => {
@@ -208,6 +224,7 @@ impl Worker {
                     push_to: None,
                     database: None,
                     seed: None,
+                    work_name: deployment.simple().to_string(),
                 });
             }
         }
@@ -339,13 +356,13 @@ impl Worker {
 
     fn dirs(&self, job: &Job) -> (PathBuf, PathBuf) {
         let environment = self.config.data_dir.join(job.environment.0.simple().to_string());
-        (environment.join(job.deployment.0.simple().to_string()), environment.join("cache"))
+        (environment.join(&job.work_name), environment.join("cache"))
     }
 
     /// Where the worker forwards the deployment's add-on database (outside its work dir, which a
     /// new attempt empties).
     fn database_socket(&self, job: &Job) -> PathBuf {
-        self.config.data_dir.join(job.environment.0.simple().to_string()).join(format!("db-{}", job.deployment.0.simple())).join("db.sock")
+        self.config.data_dir.join(job.environment.0.simple().to_string()).join(format!("db-{}", job.work_name)).join("db.sock")
     }
 
     fn sandbox(&self, job: &Job, name: &str, network: bool, plan_env: &[(String, String)]) -> SandboxSpec {
@@ -401,7 +418,7 @@ impl Worker {
         ];
         env.extend(plan_env.iter().cloned());
         SandboxSpec {
-            name: format!("{}-{name}", job.deployment.0.simple()),
+            name: format!("{}-{name}", job.work_name),
             app_dir: deployment_dir.join("src"),
             cache_dir,
             run_dir: deployment_dir.join(format!("run-{name}")),
@@ -430,41 +447,8 @@ impl Worker {
             return Err(Stop::User(FailedStage::Build, "the project has no repository".into()));
         };
         let restart = deployment.status == DeploymentStatus::Ready;
-        let (secrets, secrets_note) = self.secrets_for(job, &project, state.spec.as_ref()).await?;
-        let tier = state.spec.as_ref().and_then(|spec| project.tier_of(&spec.target));
-        let tier_env = tier
-            .map(|tier| {
-                let mut vars = vec![("UNDERSTUDY_TIER".to_string(), tier.name().to_string())];
-                vars.extend(tier.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-                vars
-            })
-            .unwrap_or_default();
-        let smoke = tier.and_then(|tier| tier.spec.smoke.clone());
-        let push_to = tier.and_then(|tier| tier.spec.push_to.as_ref().map(|b| b.to_string()));
-        // The database add-on: the environment's own database, reached through a forwarder that
-        // lives as long as this pipeline.
-        let (database, seed, _forward) = match &project.database {
-            None => (None, None, None),
-            Some(addon) => {
-                let (Some(server), Some(signer)) = (&self.config.addon_database, &self.config.signer) else {
-                    return Err(Stop::User(
-                        FailedStage::Build,
-                        "the project asks for a database, and this installation has no add-on server (UNDERSTUDY_ADDON_DATABASE_URL)"
-                            .into(),
-                    ));
-                };
-                let name = super::addon::database_name(job.environment);
-                let password = super::addon::password(signer, job.environment);
-                let unseeded = server.ensure(&name, &password).await.map_err(|e| Stop::Infra(format!("the add-on database: {e}")))?;
-                let forward =
-                    server.forward(&self.database_socket(job)).map_err(|e| Stop::Infra(format!("the add-on database's socket: {e}")))?;
-                (Some((name, password)), addon.seed.clone().filter(|_| unseeded), Some(forward))
-            }
-        };
-        // Secret values and the add-on database's password are hidden in every log line.
-        let hidden = secrets.iter().map(|(_, value)| value.clone()).chain(database.iter().map(|(_, password)| password.clone()));
-        let redactor = Redactor::new(hidden);
-        let job = &Job { redactor, secrets, tier_env, smoke, push_to, database, seed, ..job.clone() };
+        let (job, secrets_note, _forward) = self.equip(job, &state, &project).await?;
+        let job = &job;
         if deployment.status == DeploymentStatus::Requested {
             self.command(job, meta, EnvironmentCommand::StartBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
         }
@@ -507,6 +491,52 @@ impl Worker {
         }
         // Serve until something says stop.
         self.serve(job, meta, &mut app, &plan, &plan_env, stop).await
+    }
+
+    /// The job with what its deployment gets: the project's secrets (and a note for the build
+    /// log about them), its tier's configuration and smoke test, and the add-on database, whose
+    /// forwarder serves as long as the returned guard lives.
+    async fn equip(
+        &self,
+        job: &Job,
+        state: &understudy_domain::environment::Environment,
+        project: &understudy_domain::project::Project,
+    ) -> Result<(Job, Option<String>, Option<super::addon::Forward>), Stop> {
+        let (secrets, secrets_note) = self.secrets_for(job, project, state.spec.as_ref()).await?;
+        let tier = state.spec.as_ref().and_then(|spec| project.tier_of(&spec.target));
+        let tier_env = tier
+            .map(|tier| {
+                let mut vars = vec![("UNDERSTUDY_TIER".to_string(), tier.name().to_string())];
+                vars.extend(tier.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+                vars
+            })
+            .unwrap_or_default();
+        let smoke = tier.and_then(|tier| tier.spec.smoke.clone());
+        let push_to = tier.and_then(|tier| tier.spec.push_to.as_ref().map(|b| b.to_string()));
+        // The database add-on: the environment's own database, reached through a forwarder that
+        // lives as long as the guard returned.
+        let (database, seed, forward) = match &project.database {
+            None => (None, None, None),
+            Some(addon) => {
+                let (Some(server), Some(signer)) = (&self.config.addon_database, &self.config.signer) else {
+                    return Err(Stop::User(
+                        FailedStage::Build,
+                        "the project asks for a database, and this installation has no add-on server (UNDERSTUDY_ADDON_DATABASE_URL)"
+                            .into(),
+                    ));
+                };
+                let name = super::addon::database_name(job.environment);
+                let password = super::addon::password(signer, job.environment);
+                let unseeded = server.ensure(&name, &password).await.map_err(|e| Stop::Infra(format!("the add-on database: {e}")))?;
+                let forward =
+                    server.forward(&self.database_socket(job)).map_err(|e| Stop::Infra(format!("the add-on database's socket: {e}")))?;
+                (Some((name, password)), addon.seed.clone().filter(|_| unseeded), Some(forward))
+            }
+        };
+        // Secret values and the add-on database's password are hidden in every log line.
+        let hidden = secrets.iter().map(|(_, value)| value.clone()).chain(database.iter().map(|(_, password)| password.clone()));
+        let redactor = Redactor::new(hidden);
+        Ok((Job { redactor, secrets, tier_env, smoke, push_to, database, seed, ..job.clone() }, secrets_note, forward))
     }
 
     /// The secrets this deployment gets (opened), and a note for its build log. A pull request
@@ -566,61 +596,9 @@ impl Worker {
         restart: bool,
         stop: &CancellationToken,
     ) -> Result<(Sandboxed, Plan, Vec<(String, String)>), Stop> {
-        // Fetch.
         let build_started = Instant::now();
         let build_log = self.logs.stream(job.deployment.0, "build", job.redactor.clone());
-        let (deployment_dir, _) = self.dirs(job);
-        let checkout = deployment_dir.join("src");
-        if deployment_dir.exists() {
-            // A previous attempt's leftovers: start clean.
-            std::fs::remove_dir_all(&deployment_dir).map_err(|e| Stop::Infra(format!("removing an old work dir: {e}")))?;
-        }
-        let remote = match git_url {
-            Some(url) => git::Remote { url: url.to_string(), token: None },
-            None => git::github_remote(&self.config.git_base, repository.as_str(), self.clone_token(job).await?),
-        };
-        let fetched = tokio::select! {
-            _ = stop.cancelled() => return Err(self.why_stopped(stop)),
-            fetched = git::fetch(&remote, &job.commit, &checkout, &build_log, self.config.fetch_timeout) => fetched,
-        };
-        match fetched {
-            Ok(()) => {}
-            Err(FetchError::Infra(reason)) => return Err(Stop::Infra(reason)),
-            Err(FetchError::Failed(reason)) => return Err(Stop::User(FailedStage::Build, reason)),
-        }
-
-        // Detect.
-        let plan = match stack::plan(&checkout, &job.entrypoint) {
-            Ok(plan) => plan,
-            Err(error) => return Err(Stop::User(FailedStage::Build, error.to_string())),
-        };
-        build_log.line(format!("understudy: stack {}", plan.stack.as_str()));
-        // The repository file's variables, then the tier's, then secrets: each may override the last.
-        let mut plan_env: Vec<(String, String)> = plan.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        plan_env.extend(job.tier_env.iter().cloned());
-        plan_env.extend(job.secrets.iter().cloned());
-        // The environment's own database wins over any secret of that name.
-        if let Some((name, password)) = &job.database {
-            plan_env.push(("DATABASE_URL".into(), super::addon::sandbox_url(name, password)));
-        }
-
-        // Build (a restart too: its work dir was lost with the worker that ran it).
-        if let Some(install) = &plan.install {
-            let spec = self.sandbox(job, "install", true, &plan_env);
-            self.step(&spec, install, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("install"))?;
-        }
-        if let Some(build) = &plan.build {
-            let spec = self.sandbox(job, "build", false, &plan_env);
-            self.step(&spec, build, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("build"))?;
-        }
-        if let (Some(seed), Some((name, _))) = (&job.seed, &job.database) {
-            // The add-on database's seed: once, after the first build that finds it unseeded.
-            let spec = self.sandbox(job, "seed", false, &plan_env);
-            self.step(&spec, seed, &build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("seed"))?;
-            if let Some(server) = &self.config.addon_database {
-                server.mark_seeded(name).await.map_err(|e| Stop::Infra(format!("the add-on database: {e}")))?;
-            }
-        }
+        let (plan, plan_env) = self.prepare(job, repository, git_url, &build_log, stop).await?;
         METRICS.preview_build_seconds.observe(build_started.elapsed());
         if self.status(job).await? == Some(DeploymentStatus::Building) {
             self.command(job, meta, EnvironmentCommand::CompleteBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
@@ -677,6 +655,72 @@ impl Worker {
             build_log.line("understudy: ready");
         }
         Ok((app, plan, plan_env))
+    }
+
+    /// Fetch into a clean work dir, detect the stack, install, build and (once) seed: the plan
+    /// and the environment variables every step of the app gets.
+    async fn prepare(
+        &self,
+        job: &Job,
+        repository: &understudy_domain::values::RepoFullName,
+        git_url: Option<&str>,
+        build_log: &LogStream,
+        stop: &CancellationToken,
+    ) -> Result<(Plan, Vec<(String, String)>), Stop> {
+        // Fetch.
+        let (deployment_dir, _) = self.dirs(job);
+        let checkout = deployment_dir.join("src");
+        if deployment_dir.exists() {
+            // A previous attempt's leftovers: start clean.
+            std::fs::remove_dir_all(&deployment_dir).map_err(|e| Stop::Infra(format!("removing an old work dir: {e}")))?;
+        }
+        let remote = match git_url {
+            Some(url) => git::Remote { url: url.to_string(), token: None },
+            None => git::github_remote(&self.config.git_base, repository.as_str(), self.clone_token(job).await?),
+        };
+        let fetched = tokio::select! {
+            _ = stop.cancelled() => return Err(self.why_stopped(stop)),
+            fetched = git::fetch(&remote, &job.commit, &checkout, build_log, self.config.fetch_timeout) => fetched,
+        };
+        match fetched {
+            Ok(()) => {}
+            Err(FetchError::Infra(reason)) => return Err(Stop::Infra(reason)),
+            Err(FetchError::Failed(reason)) => return Err(Stop::User(FailedStage::Build, reason)),
+        }
+
+        // Detect.
+        let plan = match stack::plan(&checkout, &job.entrypoint) {
+            Ok(plan) => plan,
+            Err(error) => return Err(Stop::User(FailedStage::Build, error.to_string())),
+        };
+        build_log.line(format!("understudy: stack {}", plan.stack.as_str()));
+        // The repository file's variables, then the tier's, then secrets: each may override the last.
+        let mut plan_env: Vec<(String, String)> = plan.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        plan_env.extend(job.tier_env.iter().cloned());
+        plan_env.extend(job.secrets.iter().cloned());
+        // The environment's own database wins over any secret of that name.
+        if let Some((name, password)) = &job.database {
+            plan_env.push(("DATABASE_URL".into(), super::addon::sandbox_url(name, password)));
+        }
+
+        // Build (a restart too: its work dir was lost with the worker that ran it).
+        if let Some(install) = &plan.install {
+            let spec = self.sandbox(job, "install", true, &plan_env);
+            self.step(&spec, install, build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("install"))?;
+        }
+        if let Some(build) = &plan.build {
+            let spec = self.sandbox(job, "build", false, &plan_env);
+            self.step(&spec, build, build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("build"))?;
+        }
+        if let (Some(seed), Some((name, _))) = (&job.seed, &job.database) {
+            // The add-on database's seed: once, after the first build that finds it unseeded.
+            let spec = self.sandbox(job, "seed", false, &plan_env);
+            self.step(&spec, seed, build_log, self.config.build_timeout, stop).await.map_err(|e| e.during("seed"))?;
+            if let Some(server) = &self.config.addon_database {
+                server.mark_seeded(name).await.map_err(|e| Stop::Infra(format!("the add-on database: {e}")))?;
+            }
+        }
+        Ok((plan, plan_env))
     }
 
     /// An installation token when the repository is fetched from GitHub over HTTPS and the App
@@ -755,8 +799,9 @@ impl Worker {
         }
     }
 
-    /// Starts the app behind the bridge and waits for its health check to pass.
-    async fn start(&self, spec: &SandboxSpec, plan: &Plan, log: &LogStream, stop: &CancellationToken) -> Result<Sandboxed, Stop> {
+    /// Starts the app behind the bridge (its port, as a unix socket in the run dir), its output
+    /// into `log`.
+    fn spawn_app(&self, spec: &SandboxSpec, plan: &Plan, log: &LogStream) -> Result<Sandboxed, Stop> {
         log.line(format!("$ {}", plan.start));
         let argv: Vec<String> = [
             "/opt/understudy/understudy",
@@ -774,6 +819,12 @@ impl Worker {
         .to_vec();
         let mut app = spec.spawn(&argv).map_err(|e| Stop::Infra(format!("starting the sandbox: {e}")))?;
         pipe_output(&mut app, log);
+        Ok(app)
+    }
+
+    /// Starts the app behind the bridge and waits for its health check to pass.
+    async fn start(&self, spec: &SandboxSpec, plan: &Plan, log: &LogStream, stop: &CancellationToken) -> Result<Sandboxed, Stop> {
+        let mut app = self.spawn_app(spec, plan, log)?;
         let socket = spec.run_dir.join(SOCKET);
         let deadline = Instant::now() + self.config.start_timeout;
         let mut last = "no answer yet".to_string();
