@@ -26,7 +26,7 @@ fn spec() -> EnvironmentSpec {
 
 /// A command over a small space of deployments and commits, so that sequences collide often.
 fn environment_command() -> impl Strategy<Value = (u8, u8, u8)> {
-    (0u8..16, 0u8..4, 0u8..3)
+    (0u8..19, 0u8..4, 0u8..3)
 }
 
 fn to_command(kind: u8, deployment: u8, commit: u8, n: u32) -> EnvironmentCommand {
@@ -90,6 +90,25 @@ fn to_command(kind: u8, deployment: u8, commit: u8, n: u32) -> EnvironmentComman
             detail: String::new(),
             at: at(n),
         },
+        15 => EnvironmentCommand::OpenDebugSession {
+            session_id: Uuid::from_u128(u128::from(deployment) + 400),
+            token_sha256: "ab".repeat(32),
+            expires_at: at(n + u32::from(commit) * 5 + 1),
+            by: "someone".into(),
+            at: at(n),
+        },
+        16 => EnvironmentCommand::CloseDebugSession {
+            session_id: Uuid::from_u128(u128::from(deployment) + 400),
+            reason: "done".into(),
+            by: "someone".into(),
+            at: at(n),
+        },
+        17 => EnvironmentCommand::RecordDebugAccess {
+            session_id: Uuid::from_u128(u128::from(deployment) + 400),
+            what: "files".into(),
+            by: "someone".into(),
+            at: at(n),
+        },
         _ => EnvironmentCommand::Terminate { reason: "closed".into(), at: at(n) },
     }
 }
@@ -142,6 +161,12 @@ proptest! {
             if let (Some(b), Some(a)) = (before.jobs.get("j").and_then(|j| j.last_slot), state.jobs.get("j").and_then(|j| j.last_slot)) {
                 prop_assert!(a >= b);
             }
+            // Debug sessions are of recorded deployments, never more open at once than allowed.
+            for session in state.debug_sessions.values() {
+                prop_assert!(state.deployment(session.deployment_id).is_some(), "{:?}", session);
+            }
+            let open = state.debug_sessions.values().filter(|s| s.expires_at > at(n as u32)).count();
+            prop_assert!(open <= crate::environment::MAX_DEBUG_SESSIONS, "{:?}", state.debug_sessions);
             // Status is defined exactly when the environment exists.
             prop_assert_eq!(state.status().is_some(), state.spec.is_some());
         }
