@@ -437,8 +437,22 @@ async function environmentPage(accountName, projectName, branch) {
     try { await gql(mutation, { e: env.id, ...extra }); } catch (error) { actions.after(failure(error.message)); }
     event.target.disabled = false;
   } }, label);
+  // A failed deployment can be debugged: a fresh instance behind a tunnel only its token opens.
+  const debugBox = h("div", { class: "notice", hidden: true, role: "status" });
+  const debugButton = () => h("button", { onclick: async (event) => {
+    event.target.disabled = true;
+    try {
+      const { openDebugSession: d } = await gql(`mutation($e: UUID!) { openDebugSession(environmentId: $e) { browserUrl session { filesUrl logsUrl expiresAt } } }`, { e: env.id });
+      debugBox.replaceChildren(`Debug session open until ${when(d.session.expiresAt)}: `,
+        h("a", { href: d.browserUrl, target: "_blank", rel: "noopener" }, "Open the tunnel"), " · ",
+        h("a", { href: d.session.filesUrl }, "Files"), " · ", h("a", { href: d.session.logsUrl }, "Log"));
+      debugBox.hidden = false;
+    } catch (error) { actions.after(failure(error.message)); }
+    event.target.disabled = false;
+  } }, "Debug");
   const drawActions = (e) => actions.replaceChildren(...[
     act("Redeploy", `mutation($e: UUID!) { redeploy(environmentId: $e) { status } }`),
+    e.status === "FAILED" || e.testsFailed > 0 ? debugButton() : null,
     e.status === "READY" ? act("Restart", `mutation($e: UUID!) { restartEnvironment(environmentId: $e) { status } }`) : null,
     e.status === "READY" ? act("Run tests", `mutation($e: UUID!) { runTests(environmentId: $e) { status } }`) : null,
     ["READY", "FAILED"].includes(e.status) ? act("Stop", `mutation($e: UUID!) { stopEnvironment(environmentId: $e) { status } }`) : null,
@@ -454,7 +468,7 @@ async function environmentPage(accountName, projectName, branch) {
     h("h1", {}, `${title} `, h("span", { class: "muted" }, env.entrypoint)),
     notice,
     h("p", {}, "Status: ", status, " ", h("span", { class: "muted" }, env.latestCommit ? `at ${env.latestCommit.slice(0, 7)}` : "")),
-    progress, failureText, preview, actions,
+    progress, failureText, preview, actions, debugBox,
     h("h2", {}, "Tests"), tests,
     h("h2", {}, "Build log ", h("small", {}, download, " · ", h("a", { href: envPath(accountName, projectName, env, "/logs/build/") }, "Full page"))),
     log,
