@@ -80,6 +80,28 @@ struct Job {
     work_name: String,
 }
 
+impl Job {
+    /// A job as claimed: what it runs, before [`Worker::equip`] adds what its deployment gets.
+    fn claimed(environment: Uuid, deployment: Uuid, project: Uuid, commit: String, entrypoint: String, work_name: String) -> Self {
+        Job {
+            environment: EnvironmentId(environment),
+            deployment: DeploymentId(deployment),
+            project,
+            commit,
+            entrypoint,
+            attempts: 1,
+            redactor: Redactor::default(),
+            secrets: Vec::new(),
+            tier_env: Vec::new(),
+            smoke: None,
+            push_to: None,
+            database: None,
+            seed: None,
+            work_name,
+        }
+    }
+}
+
 /// Why a pipeline step stopped.
 #[derive(Debug)]
 enum Stop {
@@ -210,22 +232,8 @@ impl Worker {
             .fetch_optional(self.pool())
             .await?;
             if let Some(attempts) = attempts {
-                jobs.push(Job {
-                    environment: EnvironmentId(environment),
-                    deployment: DeploymentId(deployment),
-                    project,
-                    commit,
-                    entrypoint,
-                    attempts,
-                    redactor: Redactor::default(),
-                    secrets: Vec::new(),
-                    tier_env: Vec::new(),
-                    smoke: None,
-                    push_to: None,
-                    database: None,
-                    seed: None,
-                    work_name: deployment.simple().to_string(),
-                });
+                let job = Job::claimed(environment, deployment, project, commit, entrypoint, deployment.simple().to_string());
+                jobs.push(Job { attempts, ..job });
             }
         }
         Ok(jobs)

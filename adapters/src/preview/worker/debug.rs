@@ -15,11 +15,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use understudy_domain::ids::{DeploymentId, EnvironmentId};
 use uuid::Uuid;
 
 use super::{describe, remove_dir, Job, Stop, Worker, SOCKET};
-use crate::preview::logs::Redactor;
 
 /// How many entries a listing keeps (breadth first: the top of the tree comes first).
 pub const MAX_LISTED: usize = 5000;
@@ -62,22 +60,7 @@ impl Worker {
             .fetch_optional(self.pool())
             .await?;
             if won.is_some() {
-                let job = Job {
-                    environment: EnvironmentId(environment),
-                    deployment: DeploymentId(deployment),
-                    project,
-                    commit,
-                    entrypoint,
-                    attempts: 1,
-                    redactor: Redactor::default(),
-                    secrets: Vec::new(),
-                    tier_env: Vec::new(),
-                    smoke: None,
-                    push_to: None,
-                    database: None,
-                    seed: None,
-                    work_name: format!("debug-{}", session.simple()),
-                };
+                let job = Job::claimed(environment, deployment, project, commit, entrypoint, format!("debug-{}", session.simple()));
                 claimed.push((job, session));
             }
         }
