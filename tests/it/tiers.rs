@@ -577,8 +577,8 @@ async fn receiver(fail_first: usize) -> (String, std::sync::Arc<std::sync::Mutex
 }
 
 /// An SMTP server that speaks just enough of RFC 5321 for one message per connection: it
-/// answers `451` to the first `busy_first` `MAIL FROM`s, `550` to any recipient named
-/// `nobody@…`, and keeps each message it accepts as (recipient, data).
+/// answers `550` to any recipient named `nobody@…` and `451` to the first `busy_first` other
+/// recipients, and keeps each message it accepts as (recipient, data).
 async fn smtp_server(busy_first: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
     use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -599,9 +599,9 @@ async fn smtp_server(busy_first: usize) -> (String, std::sync::Arc<std::sync::Mu
                     let verb = line.split([' ', ':']).next().unwrap_or_default().to_ascii_uppercase();
                     let answer = match verb.as_str() {
                         "EHLO" | "HELO" => "250 mail.example.com".to_string(),
-                        "MAIL" if busy.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() => "451 4.3.2 try again later".into(),
                         "MAIL" | "RSET" | "NOOP" => "250 2.0.0 OK".into(),
                         "RCPT" if line.contains("nobody@") => "550 5.1.1 no such mailbox".into(),
+                        "RCPT" if busy.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() => "451 4.3.2 try again later".into(),
                         "RCPT" => {
                             recipient = line.clone();
                             "250 2.1.5 OK".into()
