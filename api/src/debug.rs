@@ -151,10 +151,22 @@ pub fn router(store: EventStore, auth: crate::auth::Auth) -> Router {
 }
 
 /// Records that `viewer` read `what` of the session; refused once it is closed or expired.
-async fn record(store: &EventStore, environment: Uuid, session: Uuid, what: &str, viewer: &Viewer) -> Result<(), Response> {
+/// Answers with the session as the environment has it after the access.
+async fn record(
+    store: &EventStore,
+    environment: Uuid,
+    session: Uuid,
+    what: &str,
+    viewer: &Viewer,
+) -> Result<understudy_domain::environment::DebugSession, Response> {
     let command = EnvironmentCommand::RecordDebugAccess { session_id: session, what: what.into(), by: viewer.actor(), at: Utc::now() };
     match store.environments.execute(environment, command, Metadata::new(Uuid::new_v4(), viewer.actor())).await {
-        Ok(_) => Ok(()),
+        Ok(done) => done
+            .state
+            .debug_sessions
+            .get(&session)
+            .cloned()
+            .ok_or_else(|| (StatusCode::GONE, format!("debug session {session} is over\n")).into_response()),
         Err(understudy_adapters::CommandError::Domain(error)) => {
             Err((StatusCode::GONE, format!("debug session {session}: {error}\n")).into_response())
         }
@@ -204,15 +216,8 @@ async fn logs(
     Query(query): Query<crate::logs::LogQuery>,
     extensions: axum::http::Extensions,
 ) -> Response {
-    if let Err(response) = record(&store, environment, session, "logs", &viewer_of(&extensions)).await {
-        return response;
-    }
-    let state = match store.environments.load(environment).await {
-        Ok(state) => state.into_inner(),
-        Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "try again\n").into_response(),
-    };
-    match state.debug_sessions.get(&session) {
-        Some(open) => crate::logs::serve(&store.pool, open.deployment_id.0, "debug", query).await,
-        None => (StatusCode::GONE, format!("debug session {session} is over\n")).into_response(),
+    match record(&store, environment, session, "logs", &viewer_of(&extensions)).await {
+        Ok(open) => crate::logs::serve(&store.pool, open.deployment_id.0, "debug", query).await,
+        Err(response) => response,
     }
 }

@@ -118,21 +118,19 @@ impl Worker {
             self.id
         ));
         let mut app = None;
-        let state = match self.prepare(job, &repository, project.git_url.as_deref(), &log, stop).await {
+        let (state, socket) = match self.prepare(job, &repository, project.git_url.as_deref(), &log, stop).await {
             Ok((plan, plan_env)) => {
                 let spec = self.sandbox(job, "app", false, &plan_env);
                 app = Some(self.spawn_app(&spec, &plan, &log)?);
-                let socket = spec.run_dir.join(SOCKET);
-                self.instance(session, "running", Some(&socket)).await?;
-                "running".to_string()
+                ("running".to_string(), Some(spec.run_dir.join(SOCKET)))
             }
             Err(Stop::User(_, reason)) => {
                 log.line(format!("understudy: {reason}; the files are listed as the build left them"));
-                format!("build failed: {reason}")
+                (format!("build failed: {reason}"), None)
             }
             Err(other) => return Err(other),
         };
-        self.instance(session, &state, None::<&Path>).await?;
+        self.instance(session, &state, socket.as_deref()).await?;
         self.list_files(job, session).await?;
         log.line(format!("understudy: debug instance {state}"));
         loop {
