@@ -5,8 +5,10 @@
 pub mod addon;
 pub mod bridge;
 pub mod git;
+pub mod kubernetes;
 pub mod local_git;
 pub mod logs;
+pub mod runtime;
 pub mod sandbox;
 pub mod stack;
 pub mod sweep;
