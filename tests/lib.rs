@@ -34,7 +34,8 @@ impl TestEnv {
         admin.close().await;
         let base = admin_database_url();
         let database_url = format!("{}/{database}", &base[..base.rfind('/').expect("URL has a path")]);
-        let runtime = Runtime::connect(&database_url, &nats_url(), &prefix).await.expect("connect the test runtime");
+        let runtime =
+            Runtime::connect(&database_url, &nats_url(), Topology::new(&prefix).expect("prefix")).await.expect("connect the test runtime");
         Self { runtime, database, database_url, prefix }
     }
 

@@ -434,7 +434,7 @@ impl PgBinaries {
 
 /// `nats-server`: `UNDERSTUDY_NATS_SERVER`, else `.venv/bin/nats-server` in an ancestor of the
 /// current executable or of the current directory (where scripts/setup puts a current one), else PATH.
-fn locate_nats_server() -> Result<PathBuf> {
+pub fn locate_nats_server() -> Result<PathBuf> {
     if let Some(explicit) = std::env::var_os("UNDERSTUDY_NATS_SERVER") {
         let explicit = PathBuf::from(explicit);
         if is_executable(&explicit) {

@@ -98,17 +98,29 @@ async fn publish_one(
 
 /// Sequences and relays until cancelled. Errors are logged and retried with backoff: the log in
 /// Postgres is the truth, so nothing is lost while NATS or Postgres is away.
+///
+/// Numbering and publishing are two loops: while NATS is away (a cluster electing a new stream
+/// leader, a server restarting) the log is still numbered, so projectors, which read the
+/// Postgres log whenever JetStream is quiet, keep up without NATS.
 pub async fn run(pool: PgPool, js: jetstream::Context, topology: Topology, cancel: CancellationToken) {
     const BATCH: i64 = 1000;
+    let sequencer =
+        repeat("sequencing the global log", &cancel, || async { Ok(sequence(&pool, BATCH).await.context("sequencing the global log")?.0) });
+    let publisher = repeat("relaying the global log to JetStream", &cancel, || publish_pending(&pool, &js, &topology, BATCH));
+    tokio::join!(sequencer, publisher);
+}
+
+/// Runs `step` until cancelled: again at once after it did some work, after a pause growing to
+/// 10 ms while idle, and after a backoff growing to 1 s while it fails.
+async fn repeat<F, Fut>(what: &str, cancel: &CancellationToken, mut step: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<usize>>,
+{
     let mut idle = Duration::from_millis(1);
     let mut failures = 0u32;
     loop {
-        let step = async {
-            let (numbered, _) = sequence(&pool, BATCH).await.context("sequencing the global log")?;
-            let published = publish_pending(&pool, &js, &topology, BATCH).await?;
-            anyhow::Ok(numbered + published)
-        };
-        let pause = match step.await {
+        let pause = match step().await {
             Ok(0) => {
                 failures = 0;
                 idle = (idle * 2).min(Duration::from_millis(10));
@@ -121,8 +133,8 @@ pub async fn run(pool: PgPool, js: jetstream::Context, topology: Topology, cance
             }
             Err(error) => {
                 failures += 1;
-                let backoff = Duration::from_millis(100 * u64::from(failures.min(50)));
-                tracing::warn!(error = format!("{error:#}"), ?backoff, "relay step failed; retrying");
+                let backoff = Duration::from_millis(100 * u64::from(failures.min(10)));
+                tracing::warn!(error = format!("{error:#}"), ?backoff, "{what} failed; retrying");
                 backoff
             }
         };

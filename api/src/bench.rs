@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use understudy_adapters::nats::Topology;
 use understudy_adapters::AggregateStore;
 use understudy_domain::environment::{EnvironmentAggregate, EnvironmentCommand, EnvironmentSpec, TestOutcome};
 use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId};
@@ -80,6 +81,31 @@ pub enum Bench {
         #[arg(long)]
         subscribers: usize,
     },
+    /// The binary as separate roles (2× api, 2× projector, 2× worker, relay, scheduler) on a
+    /// three-node NATS cluster (event stream R3): a healthy run, then the same load while the
+    /// stream leader's nats-server and one process of each role are killed (SIGKILL) and started
+    /// again. Prints both runs' latency; fails if anything was lost or doubled. Starts its own
+    /// nats-servers (NATS_URL is not used).
+    Scale {
+        /// Test results recorded per second in each run.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Length of each run.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// How long a killed role stays down before it is started again.
+        #[arg(long, default_value_t = 250)]
+        restart_ms: u64,
+        /// How long the killed nats-server stays down.
+        #[arg(long, default_value_t = 3000)]
+        nats_down_ms: u64,
+        /// The app pushed to the branches the workers build.
+        #[arg(long, default_value = "examples/node-hello")]
+        app: std::path::PathBuf,
+        /// Branches pushed (and built) per run.
+        #[arg(long, default_value_t = 2)]
+        branches: usize,
+    },
     /// Event appended → GraphQL subscriber received, at a fixed rate, vs core NATS pub→sub.
     Latency {
         #[arg(long, default_value_t = 500)]
@@ -90,25 +116,37 @@ pub enum Bench {
 }
 
 /// A database and NATS prefix that exist only for one bench run.
-struct Scratch {
+pub(crate) struct Scratch {
     admin: PgPool,
     database: String,
-    runtime: Runtime,
+    database_url: String,
+    pub(crate) runtime: Runtime,
 }
 
 impl Scratch {
     async fn new(database_url: &str, nats_url: &str) -> anyhow::Result<Self> {
+        let prefix = format!("bench{}", &Uuid::new_v4().simple().to_string()[..8]);
+        Self::with_topology(database_url, nats_url, Topology::new(prefix)?).await
+    }
+
+    pub(crate) async fn with_topology(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
         let admin = understudy_adapters::db::connect(database_url, 2).await?;
         let id = Uuid::new_v4().simple().to_string();
         let database = format!("understudy_bench_{}", &id[..12]);
         sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await.context("creating the bench database")?;
         let mut url: url_lite::Url = url_lite::Url::parse(database_url)?;
         url.set_database(&database);
-        let runtime = Runtime::connect(&url.to_string(), nats_url, &format!("bench{}", &id[..8])).await?;
-        Ok(Self { admin, database, runtime })
+        let database_url = url.to_string();
+        let runtime = Runtime::connect(&database_url, nats_url, topology).await?;
+        Ok(Self { admin, database, database_url, runtime })
     }
 
-    async fn drop_all(self) -> anyhow::Result<()> {
+    /// The URL of the bench's own database.
+    pub(crate) fn database_url(&self) -> String {
+        self.database_url.clone()
+    }
+
+    pub(crate) async fn drop_all(self) -> anyhow::Result<()> {
         let _ = async_nats::jetstream::new(self.runtime.nats.clone()).delete_stream(self.runtime.topology.stream_name()).await;
         self.runtime.pool.close().await;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database)).execute(&self.admin).await?;
@@ -147,8 +185,20 @@ mod url_lite {
 }
 
 pub async fn run(database_url: &str, nats_url: &str, what: Bench) -> anyhow::Result<()> {
-    if let Bench::FanoutClients { addr, project, subscribers } = what {
-        return crate::bench_fanout::clients(addr, project, subscribers).await;
+    match what {
+        Bench::FanoutClients { addr, project, subscribers } => return crate::bench_fanout::clients(addr, project, subscribers).await,
+        Bench::Scale { rate, seconds, restart_ms, nats_down_ms, app, branches } => {
+            let options = crate::bench_scale::Scale {
+                rate,
+                seconds,
+                restart_after: Duration::from_millis(restart_ms),
+                nats_down: Duration::from_millis(nats_down_ms),
+                app,
+                branches,
+            };
+            return crate::bench_scale::scale(database_url, options).await;
+        }
+        _ => {}
     }
     let scratch = Scratch::new(database_url, nats_url).await?;
     let result = match what {
@@ -157,7 +207,7 @@ pub async fn run(database_url: &str, nats_url: &str, what: Bench) -> anyhow::Res
         Bench::Fanout { subscribers, changes, environments } => {
             crate::bench_fanout::fanout(&scratch.runtime, subscribers, changes, environments).await
         }
-        Bench::FanoutClients { .. } => unreachable!("run above without a scratch database"),
+        Bench::FanoutClients { .. } | Bench::Scale { .. } => unreachable!("run above without a scratch database"),
         Bench::Webhooks { deliveries, concurrency } => webhooks(scratch.runtime.clone(), deliveries, concurrency).await,
         Bench::Preview { app, entrypoint, runs, wing_toolchain } => {
             preview(scratch.runtime.clone(), &app, &entrypoint, runs, &wing_toolchain).await
@@ -307,11 +357,12 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// A graphql-transport-ws connection to the API at `addr`, acknowledged, and subscribed (as
-/// `1`) to `environmentUpdated` of `project` with `fields`.
+/// `1`) to `environmentUpdated` of `project` with `fields`, resuming `after` a log position.
 pub(crate) async fn follow_environments(
     addr: std::net::SocketAddr,
     project: Uuid,
     fields: &str,
+    after: Option<i64>,
 ) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
     let mut request = format!("ws://{addr}/graphql").into_client_request()?;
     request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
@@ -319,8 +370,8 @@ pub(crate) async fn follow_environments(
     ws.send(Message::text(r#"{"type":"connection_init"}"#)).await?;
     ws.next().await.context("no connection_ack")??;
     let subscribe = serde_json::json!({"id": "1", "type": "subscribe", "payload": {
-        "query": format!("subscription($p: UUID) {{ environmentUpdated(projectId: $p) {{ {fields} }} }}"),
-        "variables": {"p": project.to_string()}}});
+        "query": format!("subscription($p: UUID, $a: Int) {{ environmentUpdated(projectId: $p, after: $a) {{ {fields} }} }}"),
+        "variables": {"p": project.to_string(), "a": after}}});
     ws.send(Message::text(subscribe.to_string())).await?;
     Ok(ws)
 }
@@ -393,7 +444,7 @@ async fn latency(runtime: &Runtime, rate: u64, seconds: u64) -> anyhow::Result<(
         deployments.push((id, deployment));
     }
 
-    let mut ws = follow_environments(addr, project.0, "id tests { name }").await?;
+    let mut ws = follow_environments(addr, project.0, "id tests { name }", None).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // the server subscribes when it first polls
 
     let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -570,7 +621,7 @@ mod reqwest_lite {
 }
 
 /// Runs `script` with `sh -c` in `dir`; fails with its stderr.
-fn sh(dir: &std::path::Path, script: &str) -> anyhow::Result<String> {
+pub(crate) fn sh(dir: &std::path::Path, script: &str) -> anyhow::Result<String> {
     let output = std::process::Command::new("sh")
         .args(["-c", script])
         .current_dir(dir)

@@ -258,7 +258,7 @@ pub async fn clients(addr: std::net::SocketAddr, project: Uuid, subscribers: usi
         let (sender, stop, gate, opened) = (sender.clone(), stop.clone(), gate.clone(), opened_tx.clone());
         connections.spawn(async move {
             let permit = gate.acquire_owned().await;
-            let connected = follow_environments(addr, project, "tests { name }").await;
+            let connected = follow_environments(addr, project, "tests { name }", None).await;
             drop(permit);
             let mut ws = match connected {
                 Ok(ws) => {

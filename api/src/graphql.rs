@@ -569,7 +569,45 @@ impl Subscription {
                 }
             }
         });
-        Ok(futures::stream::iter(missed.into_iter().filter(move |e| replayed_fresh(e))).chain(live))
+        // After this process or a projector reconnects to NATS, notices may have been missed: read
+        // again the most recently changed environments and send those that moved on.
+        let healed = {
+            let pool = ctx.data::<PgPool>()?.clone();
+            let fresh = replayed_fresh.clone();
+            let changes = |watch: tokio::sync::watch::Receiver<u64>| {
+                futures::stream::unfold(watch, |mut watch| async move {
+                    watch.changed().await.ok()?;
+                    Some(((), watch))
+                })
+            };
+            let reconnected =
+                futures::stream::select(changes(understudy_adapters::nats::reconnects()), changes(understudy_adapters::nats::resyncs()));
+            reconnected
+                .then(move |()| {
+                    let pool = pool.clone();
+                    async move {
+                        let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
+                            "SELECT {ENVIRONMENT_COLUMNS} FROM environments
+                             WHERE ($1::uuid IS NULL OR project_id = $1) ORDER BY position DESC LIMIT {MAX_PAGE}"
+                        ))
+                        .bind(project_id)
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap_or_else(|error| {
+                            tracing::warn!(error = %error, "re-reading environments after a NATS reconnect failed");
+                            Vec::new()
+                        });
+                        let mut environments: Vec<Environment> =
+                            rows.into_iter().filter_map(|row| Environment::try_from(row).ok()).collect();
+                        environments.reverse();
+                        futures::stream::iter(environments)
+                    }
+                })
+                .flatten()
+                .filter(move |e| std::future::ready(fresh(e)))
+        };
+        let replayed = futures::stream::iter(missed.into_iter().filter(move |e| replayed_fresh(e)));
+        Ok(replayed.chain(futures::stream::select(live, healed)))
     }
 
     /// One environment's deployments as they change: its current deployment each time the

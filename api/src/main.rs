@@ -44,6 +44,10 @@ struct Config {
     /// Prefix of every NATS subject, stream and consumer (isolates installations sharing a NATS).
     #[arg(long, env = "UNDERSTUDY_NATS_PREFIX", default_value = "understudy", global = true)]
     nats_prefix: String,
+    /// Copies of the event stream: 1 on one nats-server, 3 on a three-node cluster (NATS_URL
+    /// then lists the nodes, comma-separated).
+    #[arg(long, env = "UNDERSTUDY_NATS_REPLICAS", default_value_t = 1, global = true)]
+    nats_replicas: usize,
     /// Previews are served at `{environment}.{domain}`; defaults to preview.localhost:PORT
     /// (`*.localhost` resolves to this machine in browsers and curl).
     #[arg(long, env = "UNDERSTUDY_PREVIEW_DOMAIN", global = true)]
@@ -343,7 +347,7 @@ async fn connect_db(config: &Config, max_connections: u32) -> anyhow::Result<sql
 
 async fn connect(config: &Config) -> anyhow::Result<Runtime> {
     let runtime =
-        Runtime::connect(&require(&config.database_url, "DATABASE_URL")?, &require(&config.nats_url, "NATS_URL")?, &config.nats_prefix)
+        Runtime::connect(&require(&config.database_url, "DATABASE_URL")?, &require(&config.nats_url, "NATS_URL")?, topology(config)?)
             .await?;
     configure(config, runtime)
 }
@@ -351,7 +355,7 @@ async fn connect(config: &Config) -> anyhow::Result<Runtime> {
 /// For the API role: NATS may come later (see `Runtime::connect_for_api`).
 async fn connect_api(config: &Config) -> anyhow::Result<Runtime> {
     let (database_url, nats_url) = (require(&config.database_url, "DATABASE_URL")?, require(&config.nats_url, "NATS_URL")?);
-    let runtime = Runtime::connect_for_api(&database_url, &nats_url, &config.nats_prefix).await?;
+    let runtime = Runtime::connect_for_api(&database_url, &nats_url, topology(config)?).await?;
     with_preview_signer(config, configure(config, runtime)?)
 }
 
@@ -391,6 +395,10 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
     preview.lease_ttl = std::time::Duration::from_secs(config.lease_seconds.max(3));
     preview.limits.memory_bytes = config.sandbox_memory_mb.max(64) << 20;
     Ok(preview)
+}
+
+fn topology(config: &Config) -> anyhow::Result<understudy_adapters::nats::Topology> {
+    understudy_adapters::nats::Topology::new(&config.nats_prefix)?.with_replicas(config.nats_replicas)
 }
 
 fn git_poll(config: &Config) -> std::time::Duration {
@@ -616,7 +624,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Bench { what } => {
-            let (database_url, nats_url) = (require(&config.database_url, "DATABASE_URL")?, require(&config.nats_url, "NATS_URL")?);
+            let database_url = require(&config.database_url, "DATABASE_URL")?;
+            // `bench scale` starts a NATS cluster of its own.
+            let nats_url = match what {
+                understudy_api::bench::Bench::Scale { .. } => config.nats_url.clone().unwrap_or_default(),
+                _ => require(&config.nats_url, "NATS_URL")?,
+            };
             return understudy_api::bench::run(&database_url, &nats_url, what).await;
         }
     }

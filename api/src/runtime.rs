@@ -73,13 +73,22 @@ fn default_preview() -> anyhow::Result<Arc<PreviewConfig>> {
 
 impl Runtime {
     /// Connects, migrates and makes sure the event stream exists.
-    pub async fn connect(database_url: &str, nats_url: &str, prefix: &str) -> anyhow::Result<Self> {
-        let topology = Topology::new(prefix)?;
+    pub async fn connect(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
         // Both connections first, so an unreachable server is reported before anything changes.
         let pool = db::connect(database_url, 32).await?;
         let nats = nats::connect(nats_url).await?;
         db::migrate(&pool).await?;
-        nats::ensure_stream(&async_nats::jetstream::new(nats.clone()), &topology).await?;
+        // A cluster electing a new leader (a node was just lost) answers JetStream requests
+        // again within seconds: wait for it rather than exit.
+        let js = async_nats::jetstream::new(nats.clone());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while let Err(error) = nats::ensure_stream(&js, &topology).await {
+            if std::time::Instant::now() > deadline {
+                return Err(error);
+            }
+            tracing::warn!(error = format!("{error:#}"), "JetStream is not answering yet; retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
         Self::assemble(pool, nats, topology).await
     }
 
@@ -104,8 +113,7 @@ impl Runtime {
     /// Like [`Runtime::connect`], for the API role: Postgres must answer, NATS may come later.
     /// The API then serves queries and records webhooks, `/readyz` says NATS is missing, and the
     /// event stream is made sure of once NATS is there.
-    pub async fn connect_for_api(database_url: &str, nats_url: &str, prefix: &str) -> anyhow::Result<Self> {
-        let topology = Topology::new(prefix)?;
+    pub async fn connect_for_api(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
         let pool = db::connect(database_url, 32).await?;
         let nats = nats::connect_in_background(nats_url).await?;
         db::migrate(&pool).await?;
@@ -169,6 +177,20 @@ impl Runtime {
             auth: auth.clone(),
         };
         let app = crate::http::router(self.schema(auth.clone()), auth, webhooks, readiness, proxy);
+        // A projector that reconnected may have skipped change notices: live subscriptions re-read.
+        let (nats, subject, stop) = (self.nats.clone(), self.topology.resync_subject(), cancel.clone());
+        tasks.spawn(async move {
+            let mut resyncs = nats.subscribe(subject).await?;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    next = futures::StreamExt::next(&mut resyncs) => match next {
+                        Some(_) => nats::note_resync(),
+                        None => return Ok(()),
+                    },
+                }
+            }
+        });
         tasks.spawn(
             async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving HTTP") },
         );
@@ -195,6 +217,20 @@ impl Runtime {
             let cancel = cancel.clone();
             tasks.spawn(async move { projector.run(cancel).await });
         }
+        // Notices skipped while NATS was away: tell every reader to re-read, once reconnected.
+        let (nats, subject) = (self.nats.clone(), self.topology.resync_subject());
+        let mut reconnects = nats::reconnects();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    changed = reconnects.changed() => changed?,
+                }
+                if let Err(error) = nats.publish(subject.clone(), bytes::Bytes::new()).await {
+                    tracing::warn!(error = %error, "the resync notice was not sent");
+                }
+            }
+        });
     }
 }
 

@@ -240,6 +240,13 @@ impl Projector {
                     failures += 1;
                     let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
                     tracing::warn!(projection = name, error = format!("{error:#}"), ?backoff, "projector failed; restarting");
+                    // NATS away (a server restarting, a cluster electing a leader) stops the fast
+                    // path only: keep up from the Postgres log meanwhile.
+                    if let Err(error) = self.catch_up_from_log().await {
+                        if is_fatal(&error) {
+                            return Err(error);
+                        }
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -346,6 +353,15 @@ impl Projector {
     }
 
     async fn announce(&self, changes: Vec<Change>) {
+        // Not connected: publishing would queue in the client and, once its buffer is full,
+        // block projecting until NATS is back. Readers re-read on the resync this process sends
+        // when it reconnects (`Runtime::spawn_projectors`).
+        if self.nats.connection_state() != async_nats::connection::State::Connected {
+            if !changes.is_empty() {
+                tracing::debug!(changes = changes.len(), "NATS is away; change notices skipped until the resync");
+            }
+            return;
+        }
         for change in changes {
             let subject = self.topology.changes_subject(&change.read_model, &change.key);
             match serde_json::to_vec(&change) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use understudy_domain::ids::ProjectId;
 use understudy_tests::fixtures;
-use understudy_tests::{eventually, understudy_bin, TestEnv};
+use understudy_tests::{eventually, graphql_ws, understudy_bin, TestEnv};
 use uuid::Uuid;
 
 fn nats_server() -> PathBuf {
@@ -216,7 +216,13 @@ async fn restarting_postgres_and_nats_mid_load_loses_and_doubles_nothing() {
     let port = |url: &str| url.rsplit(':').next().and_then(|p| p.split('/').next()).and_then(|p| p.parse::<u16>().ok()).expect("port");
     let (database_url, nats_url) = (embedded.database_url().to_string(), embedded.nats_url().to_string());
     let ports = (port(&database_url), port(&nats_url));
-    let runtime = understudy_api::runtime::Runtime::connect(&database_url, &nats_url, "restart").await.expect("connect");
+    let runtime = understudy_api::runtime::Runtime::connect(
+        &database_url,
+        &nats_url,
+        understudy_adapters::nats::Topology::new("restart").expect("prefix"),
+    )
+    .await
+    .expect("connect");
     let vars = vec![
         ("DATABASE_URL".to_string(), database_url.clone()),
         ("NATS_URL".to_string(), nats_url.clone()),
@@ -285,11 +291,12 @@ async fn restarting_postgres_and_nats_mid_load_loses_and_doubles_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// NATS gone for 30 s under load: appends go on (Postgres is the truth), the API keeps answering
-/// queries and says it is not ready, an API process killed meanwhile starts again without NATS,
-/// and afterwards every event is projected exactly once.
+/// NATS gone for 30 s under load: appends go on (Postgres is the truth), the projections keep up
+/// from the Postgres log, the API keeps answering queries and says it is not ready, an API
+/// process killed meanwhile starts again without NATS, its live subscriber gets what changed
+/// while NATS was away, and afterwards every event is projected exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thirty_second_nats_outage_delays_projections_but_loses_nothing() {
+async fn a_thirty_second_nats_outage_loses_nothing_and_projections_keep_up_from_postgres() {
     let env = TestEnv::new().await;
     let dir = std::env::temp_dir().join(format!("understudy-outage-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -344,6 +351,25 @@ async fn a_thirty_second_nats_outage_delays_projections_but_loses_nothing() {
     api.ensure_running();
     let data = eventually(Duration::from_secs(20), "an API started during the outage to answer", || graphql(http.clone())).await;
     assert!(data["data"]["environments"].is_array(), "{data}");
+    // A live subscriber of that API, subscribed while NATS is down.
+    let mut ws = graphql_ws::connect(format!("127.0.0.1:{api_port}").parse().expect("addr")).await;
+    graphql_ws::subscribe(
+        &mut ws,
+        "1",
+        "subscription($p: UUID) { environmentUpdated(projectId: $p) { pullRequest status position } }",
+        serde_json::json!({ "p": project.0 }),
+    )
+    .await;
+    // The projections keep up from the Postgres log while NATS is away.
+    let total = (PULL_REQUESTS * 5) as i64;
+    eventually(Duration::from_secs(25), "the projections to reach the head of the log without NATS", || {
+        let pool = env.pool().clone();
+        async move {
+            let lags = understudy_projections::projector::lag(&pool).await.ok()?;
+            lags.iter().all(|l| l.head == total && l.lag == 0).then_some(())
+        }
+    })
+    .await;
     // The outage itself is the point: hold it for its full 30 s.
     while outage.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -351,7 +377,21 @@ async fn a_thirty_second_nats_outage_delays_projections_but_loses_nothing() {
     assert!(writer.is_finished(), "appends went on while NATS was down");
     writer.await.expect("the writer never needed NATS");
     nats.spawn();
-    let total = (PULL_REQUESTS * 5) as i64;
+    // Every change happened while NATS was away, so no notice of it will ever come: the API
+    // re-reads what changed once it is connected, and the subscriber gets the last pull request.
+    let last = PULL_REQUESTS - 1;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let message = graphql_ws::next_json(&mut ws).await;
+            let environment = &message["payload"]["data"]["environmentUpdated"];
+            assert_ne!(message["type"], "error", "{message}");
+            if environment["pullRequest"] == last && environment["status"] == "READY" {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the subscriber gets the changes made while NATS was away");
     let lags = eventually(Duration::from_secs(90), "every projection to catch up after the outage", || {
         for role in [&mut relay, &mut projector, &mut api] {
             role.ensure_running();

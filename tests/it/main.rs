@@ -12,5 +12,6 @@ mod preview;
 mod projector;
 mod relay;
 mod replay;
+mod scale;
 mod store;
 mod tiers;
