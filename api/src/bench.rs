@@ -106,6 +106,14 @@ pub enum Bench {
         #[arg(long, default_value_t = 2)]
         branches: usize,
     },
+    /// Rebuilding the environments read model from a log grown to each size (real events of the
+    /// command path, copied), vs a raw sequential read of the same log; with the log's size on
+    /// disk and a page query at each size.
+    Replay {
+        /// Log sizes, in events, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+        sizes: Vec<u64>,
+    },
     /// Event appended → GraphQL subscriber received, at a fixed rate, vs core NATS pub→sub.
     Latency {
         #[arg(long, default_value_t = 500)]
@@ -204,6 +212,7 @@ pub async fn run(database_url: &str, nats_url: &str, what: Bench) -> anyhow::Res
     let result = match what {
         Bench::Append { writers, cycles } => append(&scratch.runtime, writers, cycles).await,
         Bench::Latency { rate, seconds } => latency(&scratch.runtime, rate, seconds).await,
+        Bench::Replay { sizes } => crate::bench_replay::replay(&scratch.runtime, &scratch.database_url(), nats_url, &sizes).await,
         Bench::Fanout { subscribers, changes, environments } => {
             crate::bench_fanout::fanout(&scratch.runtime, subscribers, changes, environments).await
         }
@@ -376,6 +385,67 @@ pub(crate) async fn follow_environments(
     Ok(ws)
 }
 
+/// `count` environments of `project`, each with a Ready deployment and no test results yet.
+pub(crate) async fn ready_environments(
+    store: &AggregateStore<EnvironmentAggregate>,
+    project: ProjectId,
+    count: u64,
+) -> anyhow::Result<Vec<(Uuid, DeploymentId)>> {
+    let mut deployments = Vec::new();
+    for n in 0..count {
+        let s = spec(project, n);
+        let id = EnvironmentId::derive(s.project_id, &s.target, &s.entrypoint).0;
+        let commands = cycle(&s);
+        let deployment = match &commands[0] {
+            EnvironmentCommand::RequestDeployment { deployment_id, .. } => *deployment_id,
+            _ => unreachable!("a cycle starts with its request"),
+        };
+        for command in commands.into_iter().take(4) {
+            store.execute(id, command, meta()).await?;
+        }
+        deployments.push((id, deployment));
+    }
+    Ok(deployments)
+}
+
+/// When each test result named in a bench was committed (or seen, by a subscriber).
+pub(crate) type Committed = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// Records `total` test results at `rate` per second, round robin over `deployments`, named
+/// `{prefix}-{n}`; notes when each committed.
+pub(crate) async fn record_results(
+    store: &AggregateStore<EnvironmentAggregate>,
+    deployments: &[(Uuid, DeploymentId)],
+    prefix: &str,
+    rate: u64,
+    total: usize,
+    committed: &Committed,
+) -> anyhow::Result<()> {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    let mut writers = JoinSet::new();
+    for n in 0..total {
+        ticker.tick().await;
+        let (id, deployment) = deployments[n % deployments.len()];
+        let (store, committed, name) = (store.clone(), committed.clone(), format!("{prefix}-{n}"));
+        writers.spawn(async move {
+            let command = EnvironmentCommand::RecordTestResult {
+                deployment_id: deployment,
+                test: name.clone(),
+                outcome: TestOutcome::Passed,
+                duration_ms: None,
+                at: Utc::now(),
+            };
+            store.execute(id, command, meta()).await?;
+            committed.lock().await.insert(name, Instant::now());
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -429,20 +499,7 @@ async fn latency(runtime: &Runtime, rate: u64, seconds: u64) -> anyhow::Result<(
     let store = runtime.store.environments.clone();
     let project = ProjectId(Uuid::new_v4());
     const ENVIRONMENTS: u64 = 200;
-    let mut deployments = Vec::new();
-    for n in 0..ENVIRONMENTS {
-        let s = spec(project, n);
-        let id = EnvironmentId::derive(s.project_id, &s.target, &s.entrypoint).0;
-        let commands = cycle(&s);
-        let deployment = match &commands[0] {
-            EnvironmentCommand::RequestDeployment { deployment_id, .. } => *deployment_id,
-            _ => unreachable!("a cycle starts with its request"),
-        };
-        for command in commands.into_iter().take(4) {
-            store.execute(id, command, meta()).await?;
-        }
-        deployments.push((id, deployment));
-    }
+    let deployments = ready_environments(&store, project, ENVIRONMENTS).await?;
 
     let mut ws = follow_environments(addr, project.0, "id tests { name }", None).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // the server subscribes when it first polls
@@ -464,30 +521,8 @@ async fn latency(runtime: &Runtime, rate: u64, seconds: u64) -> anyhow::Result<(
             }
         })
     };
-    let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let mut ticker = tokio::time::interval(interval);
-    let mut writers = JoinSet::new();
-    for n in 0..total {
-        ticker.tick().await;
-        let (id, deployment) = deployments[n % deployments.len()];
-        let (store, committed) = (store.clone(), committed.clone());
-        writers.spawn(async move {
-            let name = format!("b{n}");
-            let command = EnvironmentCommand::RecordTestResult {
-                deployment_id: deployment,
-                test: name.clone(),
-                outcome: TestOutcome::Passed,
-                duration_ms: None,
-                at: Utc::now(),
-            };
-            store.execute(id, command, meta()).await?;
-            committed.lock().await.insert(name, Instant::now());
-            anyhow::Ok(())
-        });
-    }
-    while let Some(done) = writers.join_next().await {
-        done??;
-    }
+    let committed = Committed::default();
+    record_results(&store, &deployments, "b", rate, total, &committed).await?;
     reader.await?;
     cancel.cancel();
     while tasks.join_next().await.is_some() {}

@@ -17,26 +17,22 @@
 //! every result, one deployment per environment × commit, every branch Ready at its commit, and
 //! every read model equal to a fresh replay of the log.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::Utc;
 use futures::StreamExt;
 use tokio::process::{Child, Command};
-use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use understudy_adapters::nats::Topology;
 use understudy_adapters::preview::local_git;
-use understudy_domain::environment::{EnvironmentCommand, TestOutcome};
-use understudy_domain::ids::{DeploymentId, EnvironmentId, ProjectId};
+use understudy_domain::ids::ProjectId;
 use uuid::Uuid;
 
-use crate::bench::{cycle, follow_environments, meta, sh, spec, summary, Scratch};
+use crate::bench::{follow_environments, ready_environments, record_results, sh, summary, Committed, Scratch};
 
 /// What `bench scale` is asked to do.
 #[derive(Debug, Clone)]
@@ -195,7 +191,7 @@ fn roles(dir: &Path, database_url: &str, nats_url: &str, topology: &Topology) ->
 }
 
 /// First time each test result was seen by one subscriber.
-type Seen = Arc<Mutex<HashMap<String, Instant>>>;
+type Seen = Committed;
 
 /// A subscriber of one API node that, when its connection drops (its node was killed), connects
 /// again to whichever node answers, resuming after the last position it saw.
@@ -237,40 +233,6 @@ async fn subscriber(
         reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         node += 1;
     }
-}
-
-/// One run's load: `rate` test results per second for `seconds`, named `{run}-{n}`.
-async fn load(
-    store: &understudy_adapters::AggregateStore<understudy_domain::environment::EnvironmentAggregate>,
-    deployments: &[(Uuid, DeploymentId)],
-    run: &str,
-    rate: u64,
-    seconds: u64,
-    committed: &Seen,
-) -> anyhow::Result<()> {
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-    let mut writers = JoinSet::new();
-    for n in 0..(rate * seconds) as usize {
-        ticker.tick().await;
-        let (id, deployment) = deployments[n % deployments.len()];
-        let (store, committed, name) = (store.clone(), committed.clone(), format!("{run}-{n}"));
-        writers.spawn(async move {
-            let command = EnvironmentCommand::RecordTestResult {
-                deployment_id: deployment,
-                test: name.clone(),
-                outcome: TestOutcome::Passed,
-                duration_ms: None,
-                at: Utc::now(),
-            };
-            store.execute(id, command, meta()).await?;
-            committed.lock().await.insert(name, Instant::now());
-            anyhow::Ok(())
-        });
-    }
-    while let Some(done) = writers.join_next().await {
-        done??;
-    }
-    Ok(())
 }
 
 /// The commit-to-subscriber latencies of one run's results, over both subscribers.
@@ -356,6 +318,18 @@ pub async fn scale(database_url: &str, options: Scale) -> anyhow::Result<()> {
 async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc], options: &Scale) -> anyhow::Result<()> {
     let runtime = &scratch.runtime;
     let database_url = scratch.database_url();
+    // The load's environments, Ready. Their deployments have no app: they hold a lease that never
+    // expires, as if served by workers outside this bench, so this bench's workers leave them alone.
+    let project = ProjectId(Uuid::new_v4());
+    let store = runtime.store.environments.clone();
+    let deployments = ready_environments(&store, project, ENVIRONMENTS).await?;
+    for (id, deployment) in &deployments {
+        sqlx::query("INSERT INTO deployment_leases (deployment_id, environment_id, worker, expires_at) VALUES ($1, $2, 'bench:load', now() + interval '1 day')")
+            .bind(deployment.0)
+            .bind(id)
+            .execute(&runtime.pool)
+            .await?;
+    }
     let mut roles = roles(dir, &database_url, nats_url, &runtime.topology)?;
     for proc in &mut roles.procs {
         proc.start()?;
@@ -376,30 +350,7 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
     let app = local_git::add_project(&runtime.store, &bare.display().to_string(), "main", Some("scale")).await?;
     let app_project = app.id.context("the project was not created")?;
 
-    // The load's environments, Ready, and one subscriber per API node.
-    let project = ProjectId(Uuid::new_v4());
-    let store = runtime.store.environments.clone();
-    let mut deployments = Vec::new();
-    for n in 0..ENVIRONMENTS {
-        let s = spec(project, n);
-        let id = EnvironmentId::derive(s.project_id, &s.target, &s.entrypoint);
-        let commands = cycle(&s);
-        let deployment = match &commands[0] {
-            EnvironmentCommand::RequestDeployment { deployment_id, .. } => *deployment_id,
-            _ => unreachable!("a cycle starts with its request"),
-        };
-        // The load's deployments have no app: they hold a lease that never expires, as if served
-        // by workers outside this bench, so this bench's workers leave them alone.
-        sqlx::query("INSERT INTO deployment_leases (deployment_id, environment_id, worker, expires_at) VALUES ($1, $2, 'bench:load', now() + interval '1 day')")
-            .bind(deployment.0)
-            .bind(id.0)
-            .execute(&runtime.pool)
-            .await?;
-        for command in commands.into_iter().take(4) {
-            store.execute(id.0, command, meta()).await?;
-        }
-        deployments.push((id.0, deployment));
-    }
+    // One subscriber per API node.
     let api = roles.api.clone();
     for addr in &api {
         until(Duration::from_secs(30), &format!("the API at {addr} did not answer"), || async move {
@@ -417,7 +368,7 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
     }
     // Everything is up once a change reaches both subscribers.
     let committed = Seen::default();
-    load(&store, &deployments, "warmup", 20, 1, &committed).await?;
+    record_results(&store, &deployments, "warmup", 20, 20, &committed).await?;
     until(Duration::from_secs(60), "the warm-up results did not reach both subscribers", || async {
         let (got, expected) = samples("warmup", &committed, &subscribers).await;
         Ok(got.len() == expected)
@@ -432,7 +383,7 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
 
     // Healthy run: the baseline.
     let mut pushed = push_branches(&work, &bare, "healthy", options.branches)?;
-    load(&store, &deployments, "healthy", options.rate, options.seconds, &committed).await?;
+    record_results(&store, &deployments, "healthy", options.rate, (options.rate * options.seconds) as usize, &committed).await?;
 
     // Faulted run: the same load while one of each is killed and started again.
     pushed.extend(push_branches(&work, &bare, "faulted", options.branches)?);
@@ -471,7 +422,10 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
         }
         anyhow::Ok(done)
     };
-    let (loaded, faults) = tokio::join!(load(&store, &deployments, "faulted", options.rate, options.seconds, &committed), faults);
+    let (loaded, faults) = tokio::join!(
+        record_results(&store, &deployments, "faulted", options.rate, (options.rate * options.seconds) as usize, &committed),
+        faults
+    );
     loaded?;
     let faults = faults?;
 

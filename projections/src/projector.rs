@@ -97,6 +97,41 @@ pub trait Projection: Send + Sync + 'static {
         event: &LoggedEvent,
         decoded: &AnyEvent,
     ) -> Result<Vec<Change>, ProjectionError>;
+
+    /// Applies consecutive events inside the caller's transaction. One by one unless the
+    /// projection folds a run in memory and writes each row once (a replay's batches are
+    /// thousands of events). An event it cannot apply stops the run there, with those before it
+    /// applied.
+    async fn apply_run(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        run: &[(&LoggedEvent, AnyEvent)],
+    ) -> Result<RunApplied, ProjectionError> {
+        let mut done = RunApplied::default();
+        for (event, decoded) in run {
+            let span = understudy_adapters::telemetry::span_from("projector.apply", event.traceparent.as_deref());
+            match self.apply(conn, tables, event, decoded).instrument(span).await {
+                Ok(changed) => done.changes.extend(changed),
+                Err(stop @ ProjectionError::Undecodable { .. }) => {
+                    done.stopped = Some(stop);
+                    return Ok(done);
+                }
+                Err(error) => return Err(error),
+            }
+            done.applied += 1;
+        }
+        Ok(done)
+    }
+}
+
+/// What [`Projection::apply_run`] did: the first `applied` events of the run, and the event it
+/// stopped at, if any.
+#[derive(Debug, Default)]
+pub struct RunApplied {
+    pub changes: Vec<Change>,
+    pub applied: usize,
+    pub stopped: Option<ProjectionError>,
 }
 
 /// How far a batch got: the new checkpoint, and the event it stopped at, if any.
@@ -115,26 +150,35 @@ pub(crate) async fn apply_all(
     events: &[LoggedEvent],
     changes: &mut Vec<Change>,
 ) -> Result<Progress, ProjectionError> {
+    // Decode the contiguous run above the checkpoint first; a hole is an error, an event this
+    // build cannot decode ends the run.
+    let mut run = Vec::with_capacity(events.len());
+    let mut undecodable = None;
+    let mut expected = checkpoint + 1;
     for event in events {
-        if event.position <= checkpoint {
+        if event.position < expected {
             continue;
         }
-        if event.position != checkpoint + 1 {
-            return Err(ProjectionError::MissingPosition(checkpoint + 1));
+        if event.position != expected {
+            return Err(ProjectionError::MissingPosition(expected));
         }
-        let applied = match AnyEvent::decode(event) {
-            Ok(decoded) => {
-                let span = understudy_adapters::telemetry::span_from("projector.apply", event.traceparent.as_deref());
-                projection.apply(conn, tables, event, &decoded).instrument(span).await
+        match AnyEvent::decode(event) {
+            Ok(decoded) => run.push((event, decoded)),
+            Err(stop @ ProjectionError::Undecodable { .. }) => {
+                undecodable = Some(stop);
+                break;
             }
-            Err(error) => Err(error),
-        };
-        match applied {
-            Ok(changed) => changes.extend(changed),
-            Err(stop @ ProjectionError::Undecodable { .. }) => return Ok(Progress { checkpoint, stopped: Some(stop) }),
             Err(error) => return Err(error),
         }
-        checkpoint = event.position;
+        expected += 1;
+    }
+    let done = projection.apply_run(conn, tables, &run).await?;
+    changes.extend(done.changes);
+    if done.applied > 0 {
+        checkpoint = run[done.applied - 1].0.position;
+    }
+    if let Some(stop) = done.stopped.or(undecodable) {
+        return Ok(Progress { checkpoint, stopped: Some(stop) });
     }
     Ok(Progress { checkpoint, stopped: None })
 }
