@@ -110,10 +110,11 @@ impl Runtime {
         })
     }
 
-    /// Like [`Runtime::connect`], for the API role: Postgres must answer, NATS may come later.
-    /// The API then serves queries and records webhooks, `/readyz` says NATS is missing, and the
-    /// event stream is made sure of once NATS is there.
-    pub async fn connect_for_api(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
+    /// Like [`Runtime::connect`], for the roles that can work from Postgres alone for a while
+    /// (the API, the relay, the projectors): Postgres must answer, NATS may come later. The API
+    /// serves queries and records webhooks, the relay numbers the log, projectors project it
+    /// from Postgres, and the event stream is made sure of once NATS is there.
+    pub async fn connect_nats_later(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
         let pool = db::connect(database_url, 32).await?;
         let nats = nats::connect_in_background(nats_url).await?;
         db::migrate(&pool).await?;

@@ -268,6 +268,26 @@ impl Projector {
     /// event it cannot decode); transport and database errors are retried with backoff.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let name = self.projection.name();
+        // One process at a time consumes each projection; others wait as standbys and take over
+        // the moment its session ends (a crash closes it). Correctness does not rest on this —
+        // the checkpoint row lock makes two consumers safe — but two would share the messages
+        // and each fill the other's share from the log: twice the work for the same result.
+        let _leadership = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                lead = self.lead() => match lead {
+                    Ok(connection) => break connection,
+                    Err(error) => {
+                        tracing::warn!(projection = name, error = format!("{error:#}"), "cannot take the projection's lead; retrying");
+                        tokio::select! {
+                            _ = cancel.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                },
+            }
+        };
+        tracing::info!(projection = name, "projecting");
         let mut failures = 0u32;
         loop {
             let result = tokio::select! {
@@ -298,6 +318,18 @@ impl Projector {
                 }
             }
         }
+    }
+
+    /// Waits until this process leads the projection: a session advisory lock on a connection
+    /// of its own, held for as long as the returned connection lives.
+    async fn lead(&self) -> anyhow::Result<PgConnection> {
+        use sqlx::Connection;
+        let mut connection = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+            .bind(format!("understudy projector {}", self.projection.name()))
+            .execute(&mut connection)
+            .await?;
+        Ok(connection)
     }
 
     async fn consume(&self, cancel: &CancellationToken) -> anyhow::Result<()> {
