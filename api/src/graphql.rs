@@ -1,6 +1,6 @@
 //! The GraphQL schema: queries over the read models and live subscriptions.
 
-use async_graphql::{Context, Enum, MergedObject, Object, Result, Schema, SimpleObject, Subscription, ID};
+use async_graphql::{Context, Enum, MergedObject, Object, Result, Schema, SchemaBuilder, SimpleObject, Subscription, ID};
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use sqlx::PgPool;
@@ -37,16 +37,19 @@ pub fn sdl() -> String {
 }
 
 pub fn schema(pool: PgPool, nats: async_nats::Client, topology: Topology, auth: Auth) -> AppSchema {
-    Schema::build(QueryRoot::default(), MutationRoot::default(), Subscription)
+    let builder = Schema::build(QueryRoot::default(), MutationRoot::default(), Subscription)
         .data(auth)
         .data(SharedReads::default())
         .data(pool)
         .data(nats)
-        .data(topology)
-        .limit_depth(12)
-        .limit_complexity(2000)
-        .limit_recursive_depth(32)
-        .finish()
+        .data(topology);
+    with_limits(builder).finish()
+}
+
+/// The limits every served schema enforces on a request: how deep, how costly and how
+/// recursive it may be. The fuzz target applies the same ones.
+pub fn with_limits(builder: SchemaBuilder<QueryRoot, MutationRoot, Subscription>) -> SchemaBuilder<QueryRoot, MutationRoot, Subscription> {
+    builder.limit_depth(12).limit_complexity(2000).limit_recursive_depth(32)
 }
 
 /// The domain's environment status, as GraphQL shows it.

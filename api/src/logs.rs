@@ -200,25 +200,37 @@ fn unavailable(error: sqlx::Error) -> Response {
 }
 
 pub(crate) async fn serve(pool: &PgPool, deployment: Uuid, stream: &str, q: LogQuery) -> Response {
-    if q.from < 0 {
-        return (StatusCode::BAD_REQUEST, "from must be unix nanoseconds (>= 0)\n").into_response();
-    }
-    let download = q.download.is_some();
-    let limit = if download { i64::MAX } else { q.limit.unwrap_or(PAGE).clamp(1, MAX_PAGE) };
+    let limit = match page_size(&q) {
+        Ok(limit) => limit,
+        Err(response) => return response,
+    };
     let lines = match read_after(pool, deployment, stream, q.from, limit).await {
         Ok(lines) => lines,
         Err(error) => return unavailable(error),
     };
+    page(deployment, stream, &q, &lines)
+}
+
+/// How many lines to read for `q`, or the response that refuses it.
+fn page_size(q: &LogQuery) -> Result<i64, Response> {
+    if q.from < 0 {
+        return Err((StatusCode::BAD_REQUEST, "from must be unix nanoseconds (>= 0)\n").into_response());
+    }
+    Ok(if q.download.is_some() { i64::MAX } else { q.limit.unwrap_or(PAGE).clamp(1, MAX_PAGE) })
+}
+
+/// The response carrying `lines`, the lines of `stream` that the database returned for `q`.
+fn page(deployment: Uuid, stream: &str, q: &LogQuery, lines: &[LogLine]) -> Response {
     let last = lines.last().map_or(q.from, |l| l.nano);
     let json = q.format.as_deref() == Some("json");
-    let body = render(&lines, json, stream.ends_with('*'));
+    let body = render(lines, json, stream.ends_with('*'));
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert("x-last-log-nano", HeaderValue::from(last));
     let content_type = if json { "application/x-ndjson" } else { "text/plain; charset=utf-8" };
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if download {
+    if q.download.is_some() {
         let name = format!("attachment; filename=\"{deployment}-{}.log\"", stream.trim_end_matches('*').replace([':', '/', '"'], "_"));
         if let Ok(value) = HeaderValue::from_str(&name) {
             headers.insert(header::CONTENT_DISPOSITION, value);
@@ -240,4 +252,31 @@ fn render(lines: &[LogLine], json: bool, several_streams: bool) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The parts of serving a log that need no database, for the `logs` fuzz target.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{LogQuery, Response, Uuid};
+    pub use understudy_adapters::preview::logs::LogLine;
+
+    /// The stored stream name of a log kind in a URL.
+    pub fn stream_of(kind: &str) -> Option<String> {
+        super::stream_of(kind)
+    }
+
+    /// The `from` of `q`: the returned lines must come after it.
+    pub fn from(q: &LogQuery) -> i64 {
+        q.from
+    }
+
+    /// How many lines to read for `q`, or the response that refuses it.
+    pub fn page_size(q: &LogQuery) -> Result<i64, Response> {
+        super::page_size(q)
+    }
+
+    /// The response carrying `lines` of `stream` for `q`.
+    pub fn page(deployment: Uuid, stream: &str, q: &LogQuery, lines: &[LogLine]) -> Response {
+        super::page(deployment, stream, q, lines)
+    }
 }
