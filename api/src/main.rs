@@ -352,15 +352,17 @@ async fn connect(config: &Config) -> anyhow::Result<Runtime> {
     configure(config, runtime)
 }
 
-/// For the roles that work from Postgres alone while NATS is away (see `Runtime::connect_nats_later`).
-async fn connect_nats_later(config: &Config) -> anyhow::Result<Runtime> {
+/// For the API: NATS may come later (see `Runtime::connect_for_api`).
+async fn connect_api(config: &Config) -> anyhow::Result<Runtime> {
     let (database_url, nats_url) = (require(&config.database_url, "DATABASE_URL")?, require(&config.nats_url, "NATS_URL")?);
-    let runtime = Runtime::connect_nats_later(&database_url, &nats_url, topology(config)?).await?;
-    configure(config, runtime)
+    let runtime = Runtime::connect_for_api(&database_url, &nats_url, topology(config)?).await?;
+    with_preview_signer(config, configure(config, runtime)?)
 }
 
-async fn connect_api(config: &Config) -> anyhow::Result<Runtime> {
-    with_preview_signer(config, connect_nats_later(config).await?)
+/// For the relay and the projectors: JetStream may come later (see `Runtime::connect_stream_later`).
+async fn connect_stream_later(config: &Config) -> anyhow::Result<Runtime> {
+    let (database_url, nats_url) = (require(&config.database_url, "DATABASE_URL")?, require(&config.nats_url, "NATS_URL")?);
+    configure(config, Runtime::connect_stream_later(&database_url, &nats_url, topology(config)?).await?)
 }
 
 /// Applies the binary's configuration: the GitHub App and how previews are built and served.
@@ -526,7 +528,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.spawn_github(cancel.clone(), &mut tasks);
             eprintln!("understudy api listening on http://{addr}/graphql");
         }
-        Command::Relay => connect_nats_later(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
+        Command::Relay => connect_stream_later(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
         Command::Worker => connect(&config).await?.spawn_worker(worker_id(), cancel.clone(), &mut tasks),
         Command::Scheduler => connect(&config).await?.spawn_scheduler(stale_after(&config), git_poll(&config), cancel.clone(), &mut tasks),
         Command::SandboxBridge { socket, port, reverse, command } => {
@@ -539,7 +541,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Projector { projection } => {
             let projections = understudy_projections::selected(projection.as_deref().unwrap_or("all"))?;
-            connect_nats_later(&config).await?.spawn_projectors(projections, cancel.clone(), &mut tasks);
+            connect_stream_later(&config).await?.spawn_projectors(projections, cancel.clone(), &mut tasks);
         }
         Command::Migrate => {
             let pool = connect_db(&config, 2).await?;

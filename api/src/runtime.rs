@@ -110,25 +110,40 @@ impl Runtime {
         })
     }
 
-    /// Like [`Runtime::connect`], for the roles that can work from Postgres alone for a while
-    /// (the API, the relay, the projectors): Postgres must answer, NATS may come later. The API
-    /// serves queries and records webhooks, the relay numbers the log, projectors project it
-    /// from Postgres, and the event stream is made sure of once NATS is there.
-    pub async fn connect_nats_later(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
+    /// Like [`Runtime::connect`], for the API: Postgres must answer, NATS may come later. The
+    /// API serves queries and records webhooks meanwhile, `/readyz` says NATS is missing, and
+    /// the event stream is made sure of once NATS is there.
+    pub async fn connect_for_api(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
         let pool = db::connect(database_url, 32).await?;
         let nats = nats::connect_in_background(nats_url).await?;
         db::migrate(&pool).await?;
-        let js = async_nats::jetstream::new(nats.clone());
-        let stream_topology = topology.clone();
+        Self::stream_in_background(&nats, &topology);
+        Self::assemble(pool, nats, topology).await
+    }
+
+    /// Like [`Runtime::connect`], for the relay and the projectors: a NATS server must answer
+    /// (a wrong `NATS_URL` is an error at once), but JetStream's stream may come later — a
+    /// cluster that just lost its stream leader answers again within seconds, and meanwhile the
+    /// relay numbers the log and the projectors project it from Postgres.
+    pub async fn connect_stream_later(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
+        let pool = db::connect(database_url, 32).await?;
+        let nats = nats::connect(nats_url).await?;
+        db::migrate(&pool).await?;
+        Self::stream_in_background(&nats, &topology);
+        Self::assemble(pool, nats, topology).await
+    }
+
+    /// Makes sure of the event stream, retrying until JetStream answers.
+    fn stream_in_background(nats: &async_nats::Client, topology: &Topology) {
+        let (js, topology) = (async_nats::jetstream::new(nats.clone()), topology.clone());
         tokio::spawn(async move {
             let mut wait = std::time::Duration::from_millis(500);
-            while let Err(error) = nats::ensure_stream(&js, &stream_topology).await {
-                tracing::warn!(%error, "NATS is not there yet; the API serves from Postgres meanwhile");
+            while let Err(error) = nats::ensure_stream(&js, &topology).await {
+                tracing::warn!(error = format!("{error:#}"), "JetStream is not answering yet; serving from Postgres meanwhile");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(10));
             }
         });
-        Self::assemble(pool, nats, topology).await
     }
 
     pub fn schema(&self, auth: crate::auth::Auth) -> crate::graphql::AppSchema {
