@@ -435,7 +435,11 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
     // What passed is pushed to the tier's `pushTo` branch, once.
     let verified = || repos::git(&bare, &["rev-parse", "--verify", "--quiet", "refs/heads/verified"]);
     eventually(Duration::from_secs(60), "v1 pushed to verified", || async { (verified() == v1.as_str()).then_some(()) }).await;
-    assert_eq!(current().await.pushed_to.as_deref(), Some("verified"));
+    // The push is recorded on the deployment after git has it.
+    eventually(Duration::from_secs(10), "the push recorded", || async {
+        (current().await.pushed_to.as_deref() == Some("verified")).then_some(())
+    })
+    .await;
 
     // v2's unit tests pass but its smoke test fails: it keeps what it saw, and stays in staging.
     let v2 = previews.push_change("local/smoked", &[("server.js", &server("broken v2"))]);
