@@ -140,7 +140,7 @@ pub async fn ensure_stream(js: &jetstream::Context, topology: &Topology) -> anyh
         ..Default::default()
     };
     let mut stream = js
-        .get_or_create_stream(config.clone())
+        .get_or_create_stream(config)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("creating JetStream stream {} (is JetStream enabled on the server?)", topology.stream_name()))?;
@@ -153,4 +153,21 @@ pub async fn ensure_stream(js: &jetstream::Context, topology: &Topology) -> anyh
         stream = js.get_stream(topology.stream_name()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(stream)
+}
+
+/// [`ensure_stream`] until JetStream answers: a server still starting, or a cluster electing a new
+/// stream leader, answers within seconds. Retries after 500 ms, doubling to 10 s; gives up with
+/// the last error after `limit`, or never without one.
+pub async fn wait_for_stream(js: &jetstream::Context, topology: &Topology, limit: Option<Duration>) -> anyhow::Result<stream::Stream> {
+    let deadline = limit.map(|limit| std::time::Instant::now() + limit);
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match ensure_stream(js, topology).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) if deadline.is_some_and(|d| std::time::Instant::now() > d) => return Err(error),
+            Err(error) => tracing::warn!(error = format!("{error:#}"), "JetStream is not answering yet; retrying"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
 }

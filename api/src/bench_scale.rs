@@ -124,18 +124,12 @@ fn nats_cluster(dir: &Path) -> anyhow::Result<(Vec<Proc>, Vec<u16>)> {
 
 /// Waits until the cluster has a JetStream meta leader and holds the event stream in 3 copies.
 async fn stream_ready(url: &str, topology: &Topology) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let attempt = async {
-            let client = understudy_adapters::nats::connect(url).await?;
-            understudy_adapters::nats::ensure_stream(&async_nats::jetstream::new(client), topology).await
-        };
-        match attempt.await {
-            Ok(_) => return Ok(()),
-            Err(error) if Instant::now() > deadline => return Err(error.context("the NATS cluster did not come up in 60 s")),
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
+    let client = understudy_adapters::nats::connect_in_background(url).await?;
+    let js = async_nats::jetstream::new(client);
+    understudy_adapters::nats::wait_for_stream(&js, topology, Some(Duration::from_secs(60)))
+        .await
+        .map(drop)
+        .context("the NATS cluster did not come up in 60 s")
 }
 
 /// The node (`n0`..`n2`) leading the event stream's replicas.

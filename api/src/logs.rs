@@ -202,7 +202,7 @@ fn unavailable(error: sqlx::Error) -> Response {
 pub(crate) async fn serve(pool: &PgPool, deployment: Uuid, stream: &str, q: LogQuery) -> Response {
     let limit = match page_size(&q) {
         Ok(limit) => limit,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let lines = match read_after(pool, deployment, stream, q.from, limit).await {
         Ok(lines) => lines,
@@ -212,9 +212,9 @@ pub(crate) async fn serve(pool: &PgPool, deployment: Uuid, stream: &str, q: LogQ
 }
 
 /// How many lines to read for `q`, or the response that refuses it.
-fn page_size(q: &LogQuery) -> Result<i64, Response> {
+fn page_size(q: &LogQuery) -> Result<i64, Box<Response>> {
     if q.from < 0 {
-        return Err((StatusCode::BAD_REQUEST, "from must be unix nanoseconds (>= 0)\n").into_response());
+        return Err(Box::new((StatusCode::BAD_REQUEST, "from must be unix nanoseconds (>= 0)\n").into_response()));
     }
     Ok(if q.download.is_some() { i64::MAX } else { q.limit.unwrap_or(PAGE).clamp(1, MAX_PAGE) })
 }
@@ -271,7 +271,7 @@ pub mod fuzzing {
     }
 
     /// How many lines to read for `q`, or the response that refuses it.
-    pub fn page_size(q: &LogQuery) -> Result<i64, Response> {
+    pub fn page_size(q: &LogQuery) -> Result<i64, Box<Response>> {
         super::page_size(q)
     }
 

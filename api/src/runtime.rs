@@ -80,15 +80,7 @@ impl Runtime {
         db::migrate(&pool).await?;
         // A cluster electing a new leader (a node was just lost) answers JetStream requests
         // again within seconds: wait for it rather than exit.
-        let js = async_nats::jetstream::new(nats.clone());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while let Err(error) = nats::ensure_stream(&js, &topology).await {
-            if std::time::Instant::now() > deadline {
-                return Err(error);
-            }
-            tracing::warn!(error = format!("{error:#}"), "JetStream is not answering yet; retrying");
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        }
+        nats::wait_for_stream(&async_nats::jetstream::new(nats.clone()), &topology, Some(std::time::Duration::from_secs(60))).await?;
         Self::assemble(pool, nats, topology).await
     }
 
@@ -136,14 +128,7 @@ impl Runtime {
     /// Makes sure of the event stream, retrying until JetStream answers.
     fn stream_in_background(nats: &async_nats::Client, topology: &Topology) {
         let (js, topology) = (async_nats::jetstream::new(nats.clone()), topology.clone());
-        tokio::spawn(async move {
-            let mut wait = std::time::Duration::from_millis(500);
-            while let Err(error) = nats::ensure_stream(&js, &topology).await {
-                tracing::warn!(error = format!("{error:#}"), "JetStream is not answering yet; serving from Postgres meanwhile");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_secs(10));
-            }
-        });
+        tokio::spawn(async move { nats::wait_for_stream(&js, &topology, None).await });
     }
 
     pub fn schema(&self, auth: crate::auth::Auth) -> crate::graphql::AppSchema {
