@@ -10,7 +10,8 @@
 //! - `GET|POST /repos/{owner}/{repo}/issues/{number}/comments` (`per_page`, `page`, `Link` header)
 //! - `GET|PATCH|DELETE /repos/{owner}/{repo}/issues/comments/{comment_id}` (POST is accepted as
 //!   PATCH, as GitHub does: octocrab 0.54's `update_comment` sends POST)
-//! - `GET|POST /repos/{owner}/{repo}/deployments`, `GET|POST .../deployments/{id}/statuses`
+//! - `GET|POST /repos/{owner}/{repo}/deployments` (GET filtered by `sha`, `ref`, `task`,
+//!   `environment`; `per_page`, `page`, `Link`), `GET|POST .../deployments/{id}/statuses`
 //! - `POST /repos/{owner}/{repo}/check-runs`, `GET|PATCH .../check-runs/{id}`,
 //!   `GET /repos/{owner}/{repo}/commits/{sha}/check-runs` (`check_name`)
 //! - Signing in (the GitHub App's OAuth web flow): `GET /login/oauth/authorize` (answers at once
@@ -118,6 +119,8 @@ struct Inner {
     users: HashMap<String, u64>,
     failures: Vec<Failure>,
     delay: Duration,
+    /// Time between doing what a request asks and answering it.
+    answer_delay: Duration,
     next_token: u64,
     deployments: Vec<Value>,
     deployment_statuses: Vec<Value>,
@@ -180,6 +183,7 @@ impl FakeGitHub {
             users: HashMap::new(),
             failures: Vec::new(),
             delay: Duration::ZERO,
+            answer_delay: Duration::ZERO,
             next_token: 1,
             deployments: Vec::new(),
             deployment_statuses: Vec::new(),
@@ -318,6 +322,12 @@ impl FakeGitHub {
         lock(&self.shared).delay = delay;
     }
 
+    /// Answers every request `delay` after doing what it asks: a caller that dies meanwhile has
+    /// changed GitHub without hearing so, as when a connection drops after GitHub acted.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        lock(&self.shared).answer_delay = delay;
+    }
+
     /// Every deployment created, in order of creation.
     pub fn deployments(&self) -> Vec<Value> {
         lock(&self.shared).deployments.clone()
@@ -336,6 +346,36 @@ impl FakeGitHub {
 
 // ---------------------------------------------------------------------------------------------
 // The server.
+
+/// A list request's `per_page` (30 unless given, at most 100) and `page` (from 1).
+fn page_of(query: &HashMap<String, String>) -> (usize, usize) {
+    let per_page = query.get("per_page").and_then(|s| s.parse::<usize>().ok()).unwrap_or(30).clamp(1, 100);
+    let page = query.get("page").and_then(|s| s.parse::<usize>().ok()).unwrap_or(1).max(1);
+    (per_page, page)
+}
+
+/// One page of a list of `total` items, with GitHub's `Link` header: next and last unless on the
+/// last page, prev and first unless on the first. `base` is the list's URL with its query.
+fn paged(items: Vec<Value>, base: &str, per_page: usize, page: usize, total: usize) -> Response {
+    let last = total.div_ceil(per_page).max(1);
+    let link_to = |p: usize| format!("<{base}&page={p}>");
+    let mut links = Vec::new();
+    if page > 1 {
+        links.push(format!("{}; rel=\"prev\"", link_to((page - 1).min(last))));
+    }
+    if page < last {
+        links.push(format!("{}; rel=\"next\"", link_to(page + 1)));
+        links.push(format!("{}; rel=\"last\"", link_to(last)));
+    }
+    if page > 1 {
+        links.push(format!("{}; rel=\"first\"", link_to(1)));
+    }
+    let mut response = json_response(StatusCode::OK, Value::Array(items));
+    if !links.is_empty() {
+        response.headers_mut().insert("link", HeaderValue::from_str(&links.join(", ")).expect("a Link header"));
+    }
+    response
+}
 
 async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path_and_query = uri.path_and_query().map(|pq| pq.as_str().to_string()).unwrap_or_else(|| uri.path().to_string());
@@ -372,17 +412,24 @@ async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers:
         return injected_failure(status, retry_after);
     }
     let query = parse_query(uri.query().unwrap_or(""));
-    let mut inner = lock(&shared);
-    let user_token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .map(|(_, token)| token.trim().to_string())
-        .filter(|token| token.starts_with("gho_"));
-    if let Some(response) = oauth_route(&mut inner, &method, uri.path(), &query, &headers, &body, user_token.as_deref()) {
-        return response;
+    let (response, answer_delay) = {
+        let mut inner = lock(&shared);
+        let user_token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .map(|(_, token)| token.trim().to_string())
+            .filter(|token| token.starts_with("gho_"));
+        let response = match oauth_route(&mut inner, &method, uri.path(), &query, &headers, &body, user_token.as_deref()) {
+            Some(response) => response,
+            None => route(&mut inner, &method, uri.path(), &query, body_json),
+        };
+        (response, inner.answer_delay)
+    };
+    if !answer_delay.is_zero() {
+        tokio::time::sleep(answer_delay).await;
     }
-    route(&mut inner, &method, uri.path(), &query, body_json)
+    response
 }
 
 /// The OAuth web flow, `/user`, and what a user token may see; `None` for everything else.
@@ -633,13 +680,7 @@ fn repo_route(
                 }
             }
         }
-        (&Method::GET, ["deployments"]) => {
-            let prefix = format!("{}/repos/{full_name}/", inner.base_url);
-            let mut list: Vec<Value> =
-                inner.deployments.iter().filter(|d| d["url"].as_str().is_some_and(|u| u.starts_with(&prefix))).cloned().collect();
-            list.reverse();
-            json_response(StatusCode::OK, Value::Array(list))
-        }
+        (&Method::GET, ["deployments"]) => inner.list_deployments(&full_name, query),
         (&Method::POST, ["deployments"]) => inner.create_deployment(&full_name, body),
         (&Method::GET, ["deployments", id]) => match inner.find_deployment(&full_name, id) {
             Some(d) => json_response(StatusCode::OK, d),
@@ -915,36 +956,39 @@ impl Inner {
     }
 
     fn list_comments(&self, full_name: &str, issue: u64, query: &HashMap<String, String>) -> Response {
-        let per_page = query.get("per_page").and_then(|s| s.parse::<usize>().ok()).unwrap_or(30).clamp(1, 100);
-        let page = query.get("page").and_then(|s| s.parse::<usize>().ok()).unwrap_or(1).max(1);
+        let (per_page, page) = page_of(query);
         let ids: Vec<u64> = self
             .comments
             .iter()
             .filter(|c| !c.deleted && c.comment.issue == issue && c.comment.repo.eq_ignore_ascii_case(full_name))
             .map(|c| c.comment.id)
             .collect();
-        let last = ids.len().div_ceil(per_page).max(1);
         let items: Vec<Value> = ids.iter().skip((page - 1) * per_page).take(per_page).map(|id| self.comment_json(*id)).collect();
-
-        // GitHub's Link header: next and last unless on the last page, first and prev unless on the first.
         let repo_id = self.repos[&full_name.to_lowercase()].id;
-        let link_to = |p: usize| format!("<{}/repositories/{repo_id}/issues/{issue}/comments?per_page={per_page}&page={p}>", self.base_url);
-        let mut links = Vec::new();
-        if page > 1 {
-            links.push(format!("{}; rel=\"prev\"", link_to((page - 1).min(last))));
-        }
-        if page < last {
-            links.push(format!("{}; rel=\"next\"", link_to(page + 1)));
-            links.push(format!("{}; rel=\"last\"", link_to(last)));
-        }
-        if page > 1 {
-            links.push(format!("{}; rel=\"first\"", link_to(1)));
-        }
-        let mut response = json_response(StatusCode::OK, Value::Array(items));
-        if !links.is_empty() {
-            response.headers_mut().insert("link", HeaderValue::from_str(&links.join(", ")).expect("a Link header"));
-        }
-        response
+        let base = format!("{}/repositories/{repo_id}/issues/{issue}/comments?per_page={per_page}", self.base_url);
+        paged(items, &base, per_page, page, ids.len())
+    }
+
+    /// `GET /repos/{owner}/{repo}/deployments`: newest first, filtered by `sha`, `ref`, `task` and
+    /// `environment` as GitHub does, `per_page` (30, at most 100) and `page`, with `Link`.
+    fn list_deployments(&self, full_name: &str, query: &HashMap<String, String>) -> Response {
+        let (per_page, page) = page_of(query);
+        let prefix = format!("{}/repos/{full_name}/", self.base_url);
+        let matching: Vec<&Value> = self
+            .deployments
+            .iter()
+            .rev()
+            .filter(|d| d["url"].as_str().is_some_and(|u| u.starts_with(&prefix)))
+            .filter(|d| ["sha", "ref", "task", "environment"].iter().all(|f| query.get(*f).is_none_or(|v| d[*f] == v.as_str())))
+            .collect();
+        let items = matching.iter().skip((page - 1) * per_page).take(per_page).map(|d| (*d).clone()).collect();
+        let repo_id = self.repos[&full_name.to_lowercase()].id;
+        let filters: String = ["sha", "ref", "task", "environment"]
+            .iter()
+            .filter_map(|f| query.get(*f).map(|v| format!("&{f}={}", percent_encode(v))))
+            .collect();
+        let base = format!("{}/repositories/{repo_id}/deployments?per_page={per_page}{filters}", self.base_url);
+        paged(items, &base, per_page, page, matching.len())
     }
 
     fn comment_json(&self, id: u64) -> Value {

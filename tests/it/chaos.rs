@@ -70,16 +70,16 @@ impl Drop for Nats {
 }
 
 /// One `understudy <role>` child, restarted by `ensure_running` whenever it is not running.
-struct Role {
-    args: Vec<&'static str>,
-    env: Vec<(String, String)>,
-    log: PathBuf,
-    child: Option<Child>,
-    starts: usize,
+pub(crate) struct Role {
+    pub(crate) args: Vec<&'static str>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) log: PathBuf,
+    pub(crate) child: Option<Child>,
+    pub(crate) starts: usize,
 }
 
 impl Role {
-    fn ensure_running(&mut self) {
+    pub(crate) fn ensure_running(&mut self) {
         let exited = match self.child.as_mut() {
             None => true,
             Some(child) => child.try_wait().expect("try_wait").is_some(),
@@ -96,7 +96,7 @@ impl Role {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -174,7 +174,7 @@ async fn killing_the_relay_the_projector_and_nats_loses_and_doubles_nothing() {
 
 /// After catching up: every checkpoint at `total`, every event in the history once, and every
 /// read model equal to a fresh replay of the log.
-async fn projected_exactly_once(pool: &sqlx::PgPool, lags: &[understudy_projections::projector::Lag], total: i64) {
+pub(crate) async fn projected_exactly_once(pool: &sqlx::PgPool, lags: &[understudy_projections::projector::Lag], total: i64) {
     assert!(lags.iter().all(|l| l.checkpoint == total), "{lags:?}");
     let history: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM entity_history").fetch_one(pool).await.expect("count");
     assert_eq!(history, total, "every event projected exactly once");

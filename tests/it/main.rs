@@ -2,6 +2,7 @@
 
 mod auth;
 mod chaos;
+mod chaos_github;
 mod cli;
 mod dashboard;
 mod debug;
