@@ -20,9 +20,18 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+static APPLICATION_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Names this process's connections (Postgres's `application_name`, seen in
+/// `pg_stat_activity`); `understudy` unless set, first call wins.
+pub fn name_connections(name: &str) {
+    let _ = APPLICATION_NAME.set(name.trim().to_string());
+}
+
 /// Connects a pool, failing fast with a message that names the URL and what to check.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url.parse().with_context(|| format!("DATABASE_URL {} is not a valid Postgres URL", redact_url(url)))?;
+    let options = options.application_name(APPLICATION_NAME.get().map_or("understudy", String::as_str));
     PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10)).connect_with(options).await.with_context(
         || {
             format!(

@@ -286,7 +286,13 @@ enum GithubCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    // Each role's connections carry its name in pg_stat_activity: `understudy api`, …
+    understudy_adapters::db::name_connections(&format!("understudy {}", matches.subcommand_name().unwrap_or("")));
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     let telemetry = match understudy_api::telemetry::init("info,sqlx=warn,esrs::store=off") {
         Ok(telemetry) => telemetry,
         Err(error) => {

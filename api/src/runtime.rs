@@ -64,6 +64,19 @@ impl GitHubSettings {
     }
 }
 
+/// How many Postgres connections one process may hold: `UNDERSTUDY_DB_POOL`, 32 unless set.
+/// Every process of every role has a pool of its own, so with many processes on one Postgres
+/// this is how they stay within its `max_connections`.
+pub fn pool_size() -> anyhow::Result<u32> {
+    match std::env::var("UNDERSTUDY_DB_POOL") {
+        Err(_) => Ok(32),
+        Ok(value) => match value.trim().parse::<u32>() {
+            Ok(size @ 2..=1000) => Ok(size),
+            _ => anyhow::bail!("UNDERSTUDY_DB_POOL {value:?} is not a number of connections from 2 to 1000"),
+        },
+    }
+}
+
 /// Previews under `./.understudy/previews`, served at `*.preview.localhost:8080`, until the
 /// binary's configuration says otherwise.
 fn default_preview() -> anyhow::Result<Arc<PreviewConfig>> {
@@ -75,7 +88,7 @@ impl Runtime {
     /// Connects, migrates and makes sure the event stream exists.
     pub async fn connect(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
         // Both connections first, so an unreachable server is reported before anything changes.
-        let pool = db::connect(database_url, 32).await?;
+        let pool = db::connect(database_url, pool_size()?).await?;
         let nats = nats::connect(nats_url).await?;
         db::migrate(&pool).await?;
         // A cluster electing a new leader (a node was just lost) answers JetStream requests
@@ -106,7 +119,7 @@ impl Runtime {
     /// API serves queries and records webhooks meanwhile, `/readyz` says NATS is missing, and
     /// the event stream is made sure of once NATS is there.
     pub async fn connect_for_api(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
-        let pool = db::connect(database_url, 32).await?;
+        let pool = db::connect(database_url, pool_size()?).await?;
         let nats = nats::connect_in_background(nats_url).await?;
         db::migrate(&pool).await?;
         Self::stream_in_background(&nats, &topology);
@@ -118,7 +131,7 @@ impl Runtime {
     /// cluster that just lost its stream leader answers again within seconds, and meanwhile the
     /// relay numbers the log and the projectors project it from Postgres.
     pub async fn connect_stream_later(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
-        let pool = db::connect(database_url, 32).await?;
+        let pool = db::connect(database_url, pool_size()?).await?;
         let nats = nats::connect(nats_url).await?;
         db::migrate(&pool).await?;
         Self::stream_in_background(&nats, &topology);

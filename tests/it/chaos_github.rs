@@ -151,9 +151,8 @@ async fn settled(env: &TestEnv, real: &[(EnvironmentId, CommitSha)]) -> Result<i
     if unnumbered > 0 || unwritten > 0 || !behind.is_empty() {
         // What is due, and what this database's sessions are doing: enough to tell a slow
         // writer from a stuck one.
-        let rows = |sql: &'static str| async move {
-            sqlx::query_scalar::<_, String>(sql).fetch_all(env.pool()).await.map_err(|e| e.to_string())
-        };
+        let rows =
+            |sql: &'static str| async move { sqlx::query_scalar::<_, String>(sql).fetch_all(env.pool()).await.map_err(|e| e.to_string()) };
         let due = rows(
             "SELECT format('%s %s: dirty at %s, written at %s, %s attempts, due %ss ago, %s', kind, key, dirty_position,
                     written_position, attempts, round(extract(epoch FROM now() - next_attempt_at)), last_error)
@@ -236,6 +235,7 @@ async fn killing_every_role_under_load_leaves_one_comment_and_one_github_deploym
         ("GITHUB_APP_PRIVATE_KEY", key),
         ("GITHUB_API_URL", github.base_url()),
         ("RUST_LOG", "warn".into()),
+        ("UNDERSTUDY_DB_POOL", "8".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -17,6 +17,9 @@ fn killing_a_nats_node_and_one_process_of_each_role_loses_and_doubles_nothing() 
         .env("DATABASE_URL", admin_database_url())
         .env_remove("NATS_URL")
         .env("RUST_LOG", "error")
+        // Ten processes on the suite's shared Postgres: each keeps to a small pool, so that the
+        // tests running beside this one still find connections.
+        .env("UNDERSTUDY_DB_POOL", "6")
         .output()
         .expect("run the bench");
     let stdout = String::from_utf8_lossy(&output.stdout);
