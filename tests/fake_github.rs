@@ -147,6 +147,12 @@ struct OAuth {
     next: u64,
 }
 
+/// A real GitHub webhook payload from `tests/fixtures/github/{name}.json` (e.g. `pull_request.opened`).
+pub fn webhook_fixture(name: &str) -> Value {
+    let path = format!("{}/fixtures/github/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect(&path)).expect("fixture JSON")
+}
+
 pub const OAUTH_CLIENT_ID: &str = "Iv23liUnderstudyFake";
 pub const OAUTH_CLIENT_SECRET: &str = "fake-client-secret-0123456789abcdef";
 

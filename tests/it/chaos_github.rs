@@ -9,6 +9,9 @@
 //!
 //! Short form in CI; `UNDERSTUDY_CHAOS_EVENTS=10000` is the long form (`docs/operating.md`), and
 //! `UNDERSTUDY_CHAOS_SEED` replays a run's kill schedule.
+//!
+//! The sleeps here pace the kills and the pushes, and space a redelivery's attempts; every wait
+//! for a result polls a condition with a deadline.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -19,7 +22,7 @@ use understudy_adapters::github::webhook::sign;
 use understudy_domain::environment::{DeploymentStatus, EnvironmentCommand, EnvironmentSpec, TestOutcome};
 use understudy_domain::ids::{DeploymentId, EnvironmentId};
 use understudy_domain::values::{BranchName, CommitSha, Entrypoint, Target};
-use understudy_tests::fake_github::{FakeGitHub, APP_ID};
+use understudy_tests::fake_github::{webhook_fixture as fixture, FakeGitHub, APP_ID};
 use understudy_tests::{eventually, fixtures, repos, TestEnv};
 use uuid::Uuid;
 
@@ -34,11 +37,6 @@ const LOAD_ENVIRONMENTS: u64 = 20;
 const TESTS_PER_DEPLOYMENT: usize = 4;
 /// How long the load (and the killing) lasts.
 const LOAD_SECONDS: f64 = 20.0;
-
-fn fixture(name: &str) -> Value {
-    let path = format!("{}/fixtures/github/{name}.json", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(&path).expect(&path)).expect("fixture JSON")
-}
 
 /// A small xorshift: the kill schedule is random, and replayable from its seed.
 struct Dice(u64);
@@ -100,10 +98,9 @@ async fn load(
     deployments: u64,
     first_commit: u64,
     pace: Duration,
-) -> u64 {
+) {
     let id = fixtures::env_id(&spec);
     let mut ticker = tokio::time::interval(pace);
-    let mut events = 0;
     for n in 0..deployments {
         ticker.tick().await;
         let deployment = DeploymentId(Uuid::new_v4());
@@ -126,11 +123,9 @@ async fn load(
             at: Utc::now(),
         }));
         for command in commands {
-            let appended = store.execute(id.0, command, fixtures::meta()).await.expect("load command");
-            events += appended.events.len() as u64;
+            store.execute(id.0, command, fixtures::meta()).await.expect("load command");
         }
     }
-    events
 }
 
 /// The log's head once the real pull requests are Ready and tested at their heads and nothing is
@@ -262,7 +257,7 @@ async fn killing_every_role_under_load_leaves_one_comment_and_one_github_deploym
     let deployments_each = (target_events / per_deployment / LOAD_ENVIRONMENTS).max(1);
     let pace = Duration::from_secs_f64(LOAD_SECONDS / deployments_each as f64);
     let mut writers = tokio::task::JoinSet::new();
-    let mut load_environments = Vec::new();
+    let mut load_numbers = Vec::new();
     for n in 0..LOAD_ENVIRONMENTS {
         let number = 1000 + n;
         let spec = EnvironmentSpec {
@@ -270,7 +265,7 @@ async fn killing_every_role_under_load_leaves_one_comment_and_one_github_deploym
             target: Target::PullRequest { number, head_branch: BranchName::parse(format!("load-{number}")).expect("branch") },
             entrypoint: Entrypoint::parse("main.w").expect("entrypoint"),
         };
-        load_environments.push((number, fixtures::env_id(&spec)));
+        load_numbers.push(number);
         let first_commit = 1_000_000 + n * 100_000;
         writers.spawn(load(env.runtime.store.environments.clone(), env.pool().clone(), spec, deployments_each, first_commit, pace));
     }
@@ -281,20 +276,26 @@ async fn killing_every_role_under_load_leaves_one_comment_and_one_github_deploym
                 deliver(&addr, "pull_request", &format!("chaos-open-{number}"), &pull_request_event("opened", *number, first)).await;
             }
             tokio::time::sleep(Duration::from_secs_f64(LOAD_SECONDS / 2.0)).await;
-            for (number, _, second) in &heads {
+            for (number, first, second) in &heads {
                 let mut payload = pull_request_event("synchronize", *number, second);
-                payload["before"] = heads.iter().find(|h| h.0 == *number).map(|h| h.1.as_str()).unwrap_or_default().into();
+                payload["before"] = first.as_str().into();
                 payload["after"] = second.as_str().into();
                 deliver(&addr, "pull_request", &format!("chaos-sync-{number}"), &payload).await;
             }
         })
     };
 
-    // Kill one role at a random moment, again and again, while the load runs.
+    // Kill one role at a random moment, again and again, while the load runs: each round kills
+    // every role once, in a random order, so that none is spared by chance.
     let mut kills: HashMap<&'static str, usize> = HashMap::new();
+    let mut round: Vec<usize> = Vec::new();
     while !writers.is_empty() {
         tokio::time::sleep(Duration::from_millis(250 + dice.roll(750))).await;
-        let victim = &mut roles[dice.roll(4) as usize];
+        if round.is_empty() {
+            round = (0..roles.len()).collect();
+        }
+        let next = round.swap_remove(dice.roll(round.len() as u64) as usize);
+        let victim = &mut roles[next];
         victim.kill();
         *kills.entry(victim.args[0]).or_default() += 1;
         tokio::time::sleep(Duration::from_millis(dice.roll(300))).await;
@@ -340,7 +341,7 @@ async fn killing_every_role_under_load_leaves_one_comment_and_one_github_deploym
     projected_exactly_once(env.pool(), &lags, total).await;
 
     // One sticky comment per pull request, showing what was last written.
-    let numbers: Vec<u64> = heads.iter().map(|h| h.0).chain(load_environments.iter().map(|e| e.0)).collect();
+    let numbers: Vec<u64> = heads.iter().map(|h| h.0).chain(load_numbers).collect();
     for number in &numbers {
         let ours: Vec<_> = github.comments(&full_name, *number).into_iter().filter(|c| c.by_app).collect();
         assert_eq!(ours.len(), 1, "PR #{number}: {} comments of ours (seed {seed})", ours.len());
@@ -366,17 +367,17 @@ async fn killing_every_role_under_load_leaves_one_comment_and_one_github_deploym
     let ours: BTreeSet<String> = ours.into_iter().collect();
     let made = github.deployments();
     let mut per_commit: HashMap<(String, String), usize> = HashMap::new();
-    let mut per_deployment: HashMap<String, usize> = HashMap::new();
     for deployment in &made {
         let key = (deployment["environment"].as_str().unwrap_or("").to_string(), deployment["sha"].as_str().unwrap_or("").to_string());
         *per_commit.entry(key).or_default() += 1;
-        *per_deployment.entry(deployment["payload"]["understudy_deployment"].as_str().unwrap_or("").to_string()).or_default() += 1;
     }
     let doubled: Vec<_> = per_commit.iter().filter(|(_, n)| **n > 1).collect();
     assert!(doubled.is_empty(), "GitHub deployments made twice (seed {seed}): {doubled:?}");
-    assert_eq!(per_deployment.keys().cloned().collect::<BTreeSet<_>>(), ours, "a GitHub deployment for each of ours, and no other");
-    let posted = github.count("POST", &format!("/repos/{full_name}/deployments"))
-        - github.requests().iter().filter(|r| r.method == "POST" && r.path.contains("/statuses")).count();
+    let made_for: BTreeSet<String> =
+        made.iter().map(|d| d["payload"]["understudy_deployment"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(made_for, ours, "a GitHub deployment for each of ours, and no other");
+    let deployments_path = format!("/repos/{full_name}/deployments");
+    let posted = github.requests().iter().filter(|r| r.method == "POST" && r.path == deployments_path).count();
     assert_eq!(posted, made.len(), "every deployment POST made one deployment: none was asked for twice");
     let mut runs: HashMap<String, usize> = HashMap::new();
     for run in github.check_runs() {

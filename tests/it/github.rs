@@ -12,18 +12,13 @@ use understudy_api::runtime::GitHubSettings;
 use understudy_domain::environment::{EnvironmentCommand, TestOutcome};
 use understudy_domain::ids::EnvironmentId;
 use understudy_domain::values::{BranchName, Entrypoint, Target};
-use understudy_tests::fake_github::{FakeGitHub, APP_ID};
+use understudy_tests::fake_github::{webhook_fixture as fixture, FakeGitHub, APP_ID};
 use understudy_tests::fixtures::meta;
 use understudy_tests::repos;
 use understudy_tests::{eventually, TestEnv};
 use uuid::Uuid;
 
 const SECRET: &[u8] = b"it's a secret to everybody";
-
-fn fixture(name: &str) -> Value {
-    let path = format!("{}/fixtures/github/{name}.json", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(&path).expect(&path)).expect("fixture JSON")
-}
 
 struct App {
     env: TestEnv,
