@@ -1,25 +1,16 @@
 //! The access index: users, their sessions and API tokens, accounts and their members and
 //! invitations, and projects, as tables the API checks on every request.
 //!
-//! It is written by the event store in the same transaction as the events that change it (an
-//! esrs `TransactionalEventHandler`): a session that was ended or a member who was removed
-//! loses access with the commit, not when a projector catches up. The same [`apply`] rebuilds
+//! It is written by the event store in the same transaction as the events that change it: a
+//! session that was ended or a member who was removed loses access with the commit, not when a
+//! projector catches up. The same [`apply`] rebuilds
 //! it from the global log ([`rebuild`]), so it is a read model like the others.
 
-use std::marker::PhantomData;
-
-use async_trait::async_trait;
-use esrs::handler::TransactionalEventHandler;
-use esrs::store::postgres::PgStoreError;
-use esrs::store::StoreEvent;
 use sqlx::{PgConnection, PgPool};
 use understudy_domain::account::{AccountEvent, AccountKind};
 use understudy_domain::project::ProjectEvent;
 use understudy_domain::user::UserEvent;
-use understudy_domain::{Aggregate, Recorded};
 use uuid::Uuid;
-
-use crate::event_store::Es;
 
 /// The tables of the index, emptied by [`rebuild`].
 pub const TABLES: &[&str] = &["users", "user_sessions", "api_tokens", "accounts", "account_members", "account_invitations", "projects"];
@@ -348,28 +339,4 @@ async fn snapshot(tx: &mut PgConnection) -> sqlx::Result<Vec<std::collections::B
         tables.push(rows.into_iter().collect());
     }
     Ok(tables)
-}
-
-/// Keeps the index in step with the appends of one aggregate type.
-pub struct AccessIndex<A>(PhantomData<A>);
-
-impl<A> Default for AccessIndex<A> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-#[async_trait]
-impl<A: Aggregate> TransactionalEventHandler<Es<A>, PgStoreError, PgConnection> for AccessIndex<A> {
-    async fn handle(&self, event: &StoreEvent<Recorded<A::Event>>, connection: &mut PgConnection) -> Result<(), PgStoreError> {
-        if indexes(A::NAME) {
-            let payload = serde_json::to_value(&event.payload.event)?;
-            apply(connection, A::NAME, event.aggregate_id, &payload).await?;
-        }
-        Ok(())
-    }
-
-    fn name(&self) -> &'static str {
-        "access_index"
-    }
 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use esrs::store::postgres::{PgStore, PgStoreBuilder, PgStoreError};
 use esrs::store::{EventStore as _, StoreEvent};
-use esrs::AggregateState;
 use sqlx::PgPool;
 use thiserror::Error;
 use understudy_domain::account::AccountAggregate;
@@ -21,7 +20,6 @@ use uuid::Uuid;
 
 use tracing::Instrument;
 
-use crate::global_log::GlobalLog;
 use crate::metrics::METRICS;
 use understudy_domain::DomainEvent;
 
@@ -84,14 +82,134 @@ impl<A: Aggregate> std::fmt::Debug for Executed<A> {
     }
 }
 
+/// An aggregate's state as of its `version` (the sequence number of its last event; 0 for none).
+#[derive(Debug, Clone)]
+pub struct Loaded<S> {
+    id: Uuid,
+    version: i32,
+    state: S,
+}
+
+impl<S> Loaded<S> {
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    pub fn version(&self) -> i32 {
+        self.version
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.state
+    }
+
+    pub fn into_inner(self) -> S {
+        self.state
+    }
+}
+
+/// Recently used aggregate states, so that a command reads only the events its aggregate gained
+/// since (usually none) instead of its whole history. An entry is a state some writer once read
+/// or wrote; it may be stale, because other processes append too. Every use is safe with that:
+/// a load catches up from the entry's version, and an append decided on an entry names the next
+/// version, which the unique `(aggregate_id, sequence_number)` index refuses if someone else
+/// took it first.
+struct StateCache<S> {
+    entries: std::sync::Mutex<CacheEntries<S>>,
+}
+
+struct CacheEntries<S> {
+    map: std::collections::HashMap<Uuid, (std::sync::Arc<Loaded<S>>, u64)>,
+    clock: u64,
+}
+
+/// States kept per aggregate type. Past it, the least recently used half is dropped.
+const CACHED_STATES: usize = 4096;
+
+impl<S> StateCache<S> {
+    fn new() -> Self {
+        Self { entries: std::sync::Mutex::new(CacheEntries { map: Default::default(), clock: 0 }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheEntries<S>> {
+        // A panic elsewhere while holding the lock leaves only a cache behind: keep using it.
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self, id: Uuid) -> Option<std::sync::Arc<Loaded<S>>> {
+        let mut entries = self.lock();
+        entries.clock += 1;
+        let now = entries.clock;
+        entries.map.get_mut(&id).map(|(loaded, used)| {
+            *used = now;
+            loaded.clone()
+        })
+    }
+
+    /// Keeps `loaded` unless a newer version of the same aggregate is already kept.
+    fn put(&self, loaded: Loaded<S>) {
+        let mut entries = self.lock();
+        entries.clock += 1;
+        let now = entries.clock;
+        match entries.map.get(&loaded.id) {
+            Some((kept, _)) if kept.version >= loaded.version => {}
+            _ => {
+                entries.map.insert(loaded.id, (std::sync::Arc::new(loaded), now));
+            }
+        }
+        if entries.map.len() > CACHED_STATES {
+            let mut used: Vec<u64> = entries.map.values().map(|(_, used)| *used).collect();
+            used.sort_unstable();
+            let cutoff = used[used.len() / 2];
+            entries.map.retain(|_, (_, used)| *used > cutoff);
+        }
+    }
+
+    fn forget(&self, id: Uuid) {
+        self.lock().map.remove(&id);
+    }
+}
+
 /// The event store of one aggregate type.
 pub struct AggregateStore<A: Aggregate> {
     store: PgStore<Es<A>>,
+    pool: PgPool,
+    cache: std::sync::Arc<StateCache<A::State>>,
+    statements: std::sync::Arc<Statements>,
 }
 
 impl<A: Aggregate> Clone for AggregateStore<A> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone() }
+        Self { store: self.store.clone(), pool: self.pool.clone(), cache: self.cache.clone(), statements: self.statements.clone() }
+    }
+}
+
+/// The SQL of one aggregate type's table.
+struct Statements {
+    /// Events after a version, oldest first.
+    after: String,
+    /// The append: the aggregate's rows in its esrs table and the same events in the global log,
+    /// in one statement (so one round trip, and atomic even outside a transaction).
+    append: String,
+}
+
+impl Statements {
+    fn of(aggregate: &str) -> Self {
+        let table = format!("{aggregate}_events");
+        Self {
+            after: format!("SELECT * FROM {table} WHERE aggregate_id = $1 AND sequence_number > $2 ORDER BY sequence_number"),
+            append: format!(
+                "WITH new AS (
+                     SELECT * FROM UNNEST($1::uuid[], $2::jsonb[], $3::int[], $4::text[]) AS e(id, payload, sequence_number, event_type)
+                 ), stored AS (
+                     INSERT INTO {table} (id, aggregate_id, payload, occurred_on, sequence_number, version)
+                     SELECT id, $5, payload, $6, sequence_number, NULL FROM new
+                 )
+                 INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, \
+                 payload, recorded_at, correlation_id, causation_id, actor, traceparent)
+                 SELECT id, $7, $5, sequence_number, event_type, $8, payload->'event', $6, $9, $10, $11, $12 FROM new ORDER BY sequence_number"
+            ),
+        }
     }
 }
 
@@ -107,19 +225,42 @@ fn backoff(attempt: u32) -> Duration {
 
 impl<A: Aggregate> AggregateStore<A> {
     pub async fn new(pool: PgPool) -> Result<Self, sqlx::Error> {
-        let store = PgStoreBuilder::<Es<A>>::new(pool)
-            .without_running_migrations()
-            .add_transactional_event_handler(GlobalLog::<A>::default())
-            .add_transactional_event_handler(crate::access_index::AccessIndex::<A>::default())
-            .try_build()
-            .await?;
-        Ok(Self { store })
+        let store = PgStoreBuilder::<Es<A>>::new(pool.clone()).without_running_migrations().try_build().await?;
+        Ok(Self {
+            store,
+            pool,
+            cache: std::sync::Arc::new(StateCache::new()),
+            statements: std::sync::Arc::new(Statements::of(A::NAME)),
+        })
     }
 
     /// The current state of `id` (the default state when it has no events yet).
-    pub async fn load(&self, id: Uuid) -> Result<AggregateState<A::State>, PgStoreError> {
-        let events = self.store.by_aggregate_id(id).await?;
-        Ok(AggregateState::with_id(id).apply_store_events(events, <Es<A> as esrs::Aggregate>::apply_event))
+    pub async fn load(&self, id: Uuid) -> Result<Loaded<A::State>, PgStoreError> {
+        let loaded = match self.cache.get(id) {
+            Some(kept) => {
+                let newer = self.events_after(id, kept.version).await?;
+                if newer.is_empty() {
+                    return Ok(Loaded::clone(&kept));
+                }
+                fold::<A>(Loaded::clone(&kept), &newer)
+            }
+            None => {
+                let events = self.store.by_aggregate_id(id).await?;
+                fold::<A>(Loaded { id, version: 0, state: A::State::default() }, &events)
+            }
+        };
+        self.cache.put(loaded.clone());
+        Ok(loaded)
+    }
+
+    async fn events_after(&self, id: Uuid, version: i32) -> Result<Vec<StoreEvent<Recorded<A::Event>>>, PgStoreError> {
+        let rows: Vec<esrs::sql::event::DbEvent> =
+            sqlx::query_as(&self.statements.after).bind(id).bind(version).fetch_all(&self.pool).await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            events.extend(row.try_into_store_event::<_, Recorded<A::Event>>()?);
+        }
+        Ok(events)
     }
 
     /// Decides `command` against the current state of `id` and appends the events, retrying on
@@ -144,29 +285,114 @@ impl<A: Aggregate> AggregateStore<A> {
         result
     }
 
+    /// A kept state is tried first, unread: if it is stale, the append names a version someone
+    /// else took and is refused. Only an outcome that appends nothing (no events, or the domain's
+    /// refusal) could rest on a stale state unnoticed, so that is decided again on a fresh read.
     async fn execute_with_retries(&self, id: Uuid, command: A::Command, meta: Metadata) -> Result<Executed<A>, CommandError> {
-        for attempt in 1..=MAX_ATTEMPTS {
-            let mut state = self.load(id).await?;
-            let events =
-                <Es<A> as esrs::Aggregate>::handle_command(state.inner(), Envelope { meta: meta.clone(), command: command.clone() })?;
-            if events.is_empty() {
-                return Ok(Executed { state: state.into_inner(), events: vec![] });
-            }
-            match self.store.persist(&mut state, events).await {
+        let (mut loaded, mut fresh) = match self.cache.get(id) {
+            Some(kept) => (Loaded::clone(&kept), false),
+            None => (self.load(id).await?, true),
+        };
+        let mut attempt = 0;
+        loop {
+            let decided =
+                <Es<A> as esrs::Aggregate>::handle_command(&loaded.state, Envelope { meta: meta.clone(), command: command.clone() });
+            let events = match decided {
+                Ok(events) if !events.is_empty() => events,
+                _ if !fresh => {
+                    loaded = self.load(id).await?;
+                    fresh = true;
+                    continue;
+                }
+                Ok(_) => return Ok(Executed { state: loaded.state, events: vec![] }),
+                Err(refused) => return Err(refused.into()),
+            };
+            attempt += 1;
+            match self.append(&loaded, events, &meta).await {
                 Ok(stored) => {
-                    let state = stored.iter().fold(state.into_inner(), |state, e| A::apply(state, &e.payload.event));
-                    return Ok(Executed { state, events: stored });
+                    let loaded = fold::<A>(loaded, &stored);
+                    self.cache.put(loaded.clone());
+                    return Ok(Executed { state: loaded.state, events: stored });
                 }
                 Err(error) if is_conflict(&error) => {
                     METRICS.append_conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(aggregate = A::NAME, %id, attempt, "append conflict; retrying on fresh state");
+                    if attempt >= MAX_ATTEMPTS {
+                        return Err(CommandError::Conflict { aggregate_id: id, attempts: MAX_ATTEMPTS });
+                    }
                     tokio::time::sleep(backoff(attempt)).await;
+                    loaded = self.load(id).await?;
+                    fresh = true;
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => {
+                    // Whether it committed is unknown (the connection may have dropped after
+                    // COMMIT): read it afresh next time.
+                    self.cache.forget(id);
+                    return Err(error.into());
+                }
             }
         }
-        Err(CommandError::Conflict { aggregate_id: id, attempts: MAX_ATTEMPTS })
     }
+
+    /// Appends `events` after `loaded`: one statement, or one transaction with the access index
+    /// for the aggregates it covers, so the index changes with the commit.
+    async fn append(
+        &self,
+        loaded: &Loaded<A::State>,
+        events: Vec<Recorded<A::Event>>,
+        meta: &Metadata,
+    ) -> Result<Vec<StoreEvent<Recorded<A::Event>>>, PgStoreError> {
+        let occurred_on = chrono::Utc::now();
+        let stored: Vec<StoreEvent<Recorded<A::Event>>> = events
+            .into_iter()
+            .zip(loaded.version + 1..)
+            .map(|(payload, sequence_number)| StoreEvent {
+                id: Uuid::now_v7(),
+                aggregate_id: loaded.id,
+                payload,
+                occurred_on,
+                sequence_number,
+                version: None,
+            })
+            .collect();
+        let ids: Vec<Uuid> = stored.iter().map(|e| e.id).collect();
+        let payloads = stored.iter().map(|e| serde_json::to_value(&e.payload)).collect::<Result<Vec<_>, _>>()?;
+        let sequence_numbers: Vec<i32> = stored.iter().map(|e| e.sequence_number).collect();
+        let event_types: Vec<&str> = stored.iter().map(|e| e.payload.event.event_type()).collect();
+        let statement = sqlx::query(&self.statements.append)
+            .bind(&ids)
+            .bind(&payloads)
+            .bind(&sequence_numbers)
+            .bind(&event_types)
+            .bind(loaded.id)
+            .bind(occurred_on)
+            .bind(A::NAME)
+            .bind(A::Event::SCHEMA_VERSION as i32)
+            .bind(meta.correlation_id)
+            .bind(meta.causation_id)
+            .bind(&meta.actor)
+            .bind(&meta.traceparent);
+        if crate::access_index::indexes(A::NAME) {
+            let mut tx = self.pool.begin().await?;
+            statement.execute(&mut *tx).await?;
+            for (event, payload) in stored.iter().zip(&payloads) {
+                crate::access_index::apply(&mut *tx, A::NAME, event.aggregate_id, &payload["event"]).await?;
+            }
+            tx.commit().await?;
+        } else {
+            statement.execute(&self.pool).await?;
+        }
+        Ok(stored)
+    }
+}
+
+/// `loaded` with `events` (the ones after its version, in order) applied.
+fn fold<A: Aggregate>(loaded: Loaded<A::State>, events: &[StoreEvent<Recorded<A::Event>>]) -> Loaded<A::State> {
+    events.iter().fold(loaded, |loaded, e| Loaded {
+        id: loaded.id,
+        version: e.sequence_number,
+        state: A::apply(loaded.state, &e.payload.event),
+    })
 }
 
 /// The event stores of every aggregate type, over one pool.
@@ -241,5 +467,42 @@ impl EventStore {
             users: AggregateStore::new(pool.clone()).await?,
             pool,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded(n: u128, version: i32) -> Loaded<u32> {
+        Loaded { id: Uuid::from_u128(n), version, state: version as u32 }
+    }
+
+    #[test]
+    fn the_cache_never_goes_back_a_version() {
+        let cache = StateCache::new();
+        cache.put(loaded(1, 5));
+        cache.put(loaded(1, 3));
+        assert_eq!(cache.get(Uuid::from_u128(1)).map(|l| l.version), Some(5));
+        cache.put(loaded(1, 6));
+        assert_eq!(cache.get(Uuid::from_u128(1)).map(|l| l.version), Some(6));
+        cache.forget(Uuid::from_u128(1));
+        assert!(cache.get(Uuid::from_u128(1)).is_none());
+    }
+
+    #[test]
+    fn the_cache_stays_bounded_and_keeps_what_was_used_last() {
+        let cache = StateCache::new();
+        for n in 0..CACHED_STATES as u128 {
+            cache.put(loaded(n, 1));
+        }
+        // The first one is used again, so it is among the most recent when the cache overflows.
+        assert!(cache.get(Uuid::from_u128(0)).is_some());
+        cache.put(loaded(u128::MAX, 1));
+        let kept = cache.lock().map.len();
+        assert!(kept <= CACHED_STATES / 2 + 1, "{kept} kept");
+        assert!(cache.get(Uuid::from_u128(0)).is_some(), "the state used last was dropped");
+        assert!(cache.get(Uuid::from_u128(u128::MAX)).is_some(), "the state added last was dropped");
+        assert!(cache.get(Uuid::from_u128(1)).is_none(), "the least recently used state was kept");
     }
 }

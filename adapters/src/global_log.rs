@@ -1,22 +1,16 @@
 //! The global log: every event of every aggregate in one table with a gap-free position.
 //!
-//! [`GlobalLog`] writes each event into `event_log` inside the esrs append transaction (an esrs
-//! `TransactionalEventHandler`), so an event is in both places or in neither. Positions are
-//! assigned later by the sequencer (`relay.rs`); readers here see only numbered events.
+//! The event store writes each event into `event_log` in the same statement that writes its
+//! aggregate's esrs table (`event_store.rs`), so an event is in both places or in neither.
+//! Positions are assigned later by the sequencer (`relay.rs`); readers here see only numbered
+//! events.
 
-use std::marker::PhantomData;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use esrs::handler::TransactionalEventHandler;
-use esrs::store::postgres::PgStoreError;
-use esrs::store::StoreEvent;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool};
-use understudy_domain::{Aggregate, DomainEvent, EventDecodeError, Recorded};
+use sqlx::PgPool;
+use understudy_domain::{DomainEvent, EventDecodeError};
 use uuid::Uuid;
-
-use crate::event_store::Es;
 
 /// One event as the global log holds it, and as the relay publishes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
@@ -49,45 +43,6 @@ impl LoggedEvent {
 
 pub(crate) const COLUMNS: &str = "position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, \
      schema_version, payload, recorded_at, correlation_id, causation_id, actor, traceparent";
-
-/// Writes each appended event into the global log, in the append's own transaction.
-pub struct GlobalLog<A>(PhantomData<A>);
-
-impl<A> Default for GlobalLog<A> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-#[async_trait]
-impl<A: Aggregate> TransactionalEventHandler<Es<A>, PgStoreError, PgConnection> for GlobalLog<A> {
-    async fn handle(&self, event: &StoreEvent<Recorded<A::Event>>, connection: &mut PgConnection) -> Result<(), PgStoreError> {
-        let recorded = &event.payload;
-        sqlx::query(
-            "INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, \
-             payload, recorded_at, correlation_id, causation_id, actor, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(event.id)
-        .bind(A::NAME)
-        .bind(event.aggregate_id)
-        .bind(i64::from(event.sequence_number))
-        .bind(recorded.event.event_type())
-        .bind(A::Event::SCHEMA_VERSION as i32)
-        .bind(serde_json::to_value(&recorded.event)?)
-        .bind(event.occurred_on)
-        .bind(recorded.meta.correlation_id)
-        .bind(recorded.meta.causation_id)
-        .bind(&recorded.meta.actor)
-        .bind(&recorded.meta.traceparent)
-        .execute(connection)
-        .await?;
-        Ok(())
-    }
-
-    fn name(&self) -> &'static str {
-        "global_log"
-    }
-}
 
 /// Numbered events after `after`, in order, at most `limit`.
 pub async fn read_after(pool: &PgPool, after: i64, limit: i64) -> sqlx::Result<Vec<LoggedEvent>> {

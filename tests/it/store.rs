@@ -163,3 +163,49 @@ async fn refused_commands_append_nothing_and_say_why() {
         sqlx::query_scalar("SELECT event_id FROM event_log").fetch_all(env.pool()).await.expect("ids").into_iter().collect();
     assert_eq!(ids.len(), 2);
 }
+
+/// Two processes, two caches of aggregate states. Whatever one process kept, a command it runs
+/// is decided on the state the other process left: a stale state is never acted on.
+#[tokio::test]
+async fn a_state_kept_by_one_process_and_changed_by_another_is_never_acted_on() {
+    use understudy_adapters::event_store::AggregateStore;
+    use understudy_domain::environment::{DeploymentStatus, EnvironmentAggregate};
+
+    let env = TestEnv::new().await;
+    let here: AggregateStore<EnvironmentAggregate> = AggregateStore::new(env.pool().clone()).await.expect("store");
+    let there: AggregateStore<EnvironmentAggregate> = AggregateStore::new(env.pool().clone()).await.expect("store");
+    let spec = fixtures::spec(ProjectId(Uuid::new_v4()), 6, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(Uuid::new_v4());
+    let [start, complete, ready] = <[EnvironmentCommand; 3]>::try_from(fixtures::to_ready(deployment)).expect("three steps");
+
+    // `here` keeps the state at Requested; `there` moves it on to Starting.
+    here.execute(id, fixtures::request(&spec, deployment, 1), meta()).await.expect("request");
+    assert_eq!(here.load(id).await.expect("load").version(), 2);
+    there.execute(id, start, meta()).await.expect("start");
+    there.execute(id, complete, meta()).await.expect("complete");
+
+    // On its kept state `here` would refuse (Requested cannot become Ready): it reads again and
+    // accepts, at the version after the other process's events.
+    let done = here.execute(id, ready.clone(), meta()).await.expect("ready on the fresh state");
+    assert_eq!(done.events.iter().map(|e| e.sequence_number).collect::<Vec<_>>(), [5]);
+    assert_eq!(done.state.current().map(|d| d.status), Some(DeploymentStatus::Ready));
+
+    // `there` kept Starting; the same command there is refused by its own append losing to the
+    // version `here` took, then decided afresh: already Ready, so refused or a no-op, never a
+    // second event.
+    let again = there.execute(id, ready, meta()).await;
+    assert!(again.as_ref().map_or(true, |done| done.events.is_empty()), "{again:?}");
+    // A load catches up from the kept version.
+    let loaded = there.load(id).await.expect("load");
+    assert_eq!((loaded.version(), loaded.inner().current().map(|d| d.status)), (5, Some(DeploymentStatus::Ready)));
+
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT aggregate_version FROM event_log WHERE aggregate_id = $1 ORDER BY id")
+        .bind(id)
+        .fetch_all(env.pool())
+        .await
+        .expect("versions");
+    assert_eq!(versions, [1, 2, 3, 4, 5], "one event per version, none doubled");
+    let stored: i64 = count(env.pool(), "SELECT count(*) FROM environment_events").await;
+    assert_eq!(stored, 5, "the esrs table and the global log hold the same events");
+}
