@@ -28,19 +28,38 @@ pub fn name_connections(name: &str) {
     let _ = APPLICATION_NAME.set(name.trim().to_string());
 }
 
+/// How long a pooled connection may sit unused before it is checked on its way out.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 /// Connects a pool, failing fast with a message that names the URL and what to check.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url.parse().with_context(|| format!("DATABASE_URL {} is not a valid Postgres URL", redact_url(url)))?;
     let options = options.application_name(APPLICATION_NAME.get().map_or("understudy", String::as_str));
-    PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10)).connect_with(options).await.with_context(
-        || {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        // sqlx pings every connection it hands out, a round trip per statement run on the pool.
+        // A connection in use within the last second is known to work: ping only the others,
+        // which is where a Postgres restart leaves dead ones.
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for > IDLE_BEFORE_PING {
+                    use sqlx::Connection;
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+        .connect_with(options)
+        .await
+        .with_context(|| {
             format!(
                 "cannot connect to Postgres at {}: check that it is running and that DATABASE_URL is right \
                  (or unset DATABASE_URL and let `understudy up` start its own)",
                 redact_url(url)
             )
-        },
-    )
+        })
 }
 
 /// Applies every migration in `migrations/` that has not been applied yet.

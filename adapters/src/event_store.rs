@@ -226,12 +226,7 @@ fn backoff(attempt: u32) -> Duration {
 impl<A: Aggregate> AggregateStore<A> {
     pub async fn new(pool: PgPool) -> Result<Self, sqlx::Error> {
         let store = PgStoreBuilder::<Es<A>>::new(pool.clone()).without_running_migrations().try_build().await?;
-        Ok(Self {
-            store,
-            pool,
-            cache: std::sync::Arc::new(StateCache::new()),
-            statements: std::sync::Arc::new(Statements::of(A::NAME)),
-        })
+        Ok(Self { store, pool, cache: std::sync::Arc::new(StateCache::new()), statements: std::sync::Arc::new(Statements::of(A::NAME)) })
     }
 
     /// The current state of `id` (the default state when it has no events yet).
@@ -376,7 +371,7 @@ impl<A: Aggregate> AggregateStore<A> {
             let mut tx = self.pool.begin().await?;
             statement.execute(&mut *tx).await?;
             for (event, payload) in stored.iter().zip(&payloads) {
-                crate::access_index::apply(&mut *tx, A::NAME, event.aggregate_id, &payload["event"]).await?;
+                crate::access_index::apply(&mut tx, A::NAME, event.aggregate_id, &payload["event"]).await?;
             }
             tx.commit().await?;
         } else {

@@ -5,7 +5,6 @@
 //! Positions are assigned later by the sequencer (`relay.rs`); readers here see only numbered
 //! events.
 
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -47,6 +46,17 @@ pub(crate) const COLUMNS: &str = "position, event_id, aggregate_type, aggregate_
 /// Numbered events after `after`, in order, at most `limit`.
 pub async fn read_after(pool: &PgPool, after: i64, limit: i64) -> sqlx::Result<Vec<LoggedEvent>> {
     read_range(pool, after, i64::MAX, limit).await
+}
+
+/// Numbered events after the relay's `published` cursor, in order, at most `limit`.
+pub async fn read_unpublished(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<LoggedEvent>> {
+    sqlx::query_as::<_, LoggedEvent>(&format!(
+        "SELECT {COLUMNS} FROM event_log
+         WHERE position > (SELECT position FROM log_cursors WHERE name = 'published') ORDER BY position LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
 }
 
 /// Numbered events with `after < position <= up_to`, in order, at most `limit`.

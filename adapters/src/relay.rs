@@ -27,41 +27,47 @@ use crate::nats::Topology;
 /// Header carrying an event's global position.
 pub const POSITION_HEADER: &str = "Understudy-Position";
 
-/// Numbers up to `limit` committed events; returns the new head position (0 if the log is empty).
+/// Numbers up to `limit` committed events; returns how many and the new head position (0 if the
+/// log is empty). Four statements: BEGIN, lock, number, COMMIT.
 pub async fn sequence(pool: &PgPool, limit: i64) -> sqlx::Result<(usize, i64)> {
     let mut tx = pool.begin().await?;
-    // Taken before this transaction holds an id of its own, so its own id does not hold the
-    // horizon back. An older horizon is always safe: it only numbers less.
-    let horizon: String = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetch_one(&mut *tx).await?;
-    let head: i64 = sqlx::query_scalar("SELECT position FROM log_cursors WHERE name = 'sequenced' FOR UPDATE").fetch_one(&mut *tx).await?;
-    let numbered: Vec<i64> = sqlx::query_scalar(
+    // The horizon comes from this statement's snapshot, taken before the transaction holds an id
+    // of its own (so its own id does not hold the horizon back) and before any wait for the lock
+    // (so it may be older than the lock's holder's commit: an older horizon only numbers less).
+    let (horizon, head): (String, i64) = sqlx::query_as(
+        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, position FROM log_cursors WHERE name = 'sequenced' FOR UPDATE",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    // A statement of its own, so that its snapshot sees what an earlier holder of the lock numbered.
+    let (numbered, new_head): (i64, i64) = sqlx::query_as(
         "WITH next AS (
              SELECT id, $1 + row_number() OVER (ORDER BY transaction_id, id) AS position
              FROM event_log
              WHERE position IS NULL AND transaction_id < $2::text::xid8
              ORDER BY transaction_id, id
              LIMIT $3
+         ), numbered AS (
+             UPDATE event_log e SET position = next.position FROM next WHERE e.id = next.id
+             RETURNING e.position
+         ), moved AS (
+             UPDATE log_cursors SET position = (SELECT max(position) FROM numbered)
+             WHERE name = 'sequenced' AND EXISTS (SELECT 1 FROM numbered)
          )
-         UPDATE event_log e SET position = next.position FROM next WHERE e.id = next.id
-         RETURNING e.position",
+         SELECT count(*), COALESCE(max(position), $1) FROM numbered",
     )
     .bind(head)
     .bind(&horizon)
     .bind(limit)
-    .fetch_all(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    let new_head = numbered.iter().copied().max().unwrap_or(head);
-    if !numbered.is_empty() {
-        sqlx::query("UPDATE log_cursors SET position = $1 WHERE name = 'sequenced'").bind(new_head).execute(&mut *tx).await?;
-    }
     tx.commit().await?;
-    Ok((numbered.len(), new_head))
+    Ok((numbered as usize, new_head))
 }
 
 /// Publishes up to `limit` numbered events after the `published` cursor; returns how many.
 pub async fn publish_pending(pool: &PgPool, js: &jetstream::Context, topology: &Topology, limit: i64) -> anyhow::Result<usize> {
-    let published: i64 = sqlx::query_scalar("SELECT position FROM log_cursors WHERE name = 'published'").fetch_one(pool).await?;
-    let events = global_log::read_after(pool, published, limit).await?;
+    let events = global_log::read_unpublished(pool, limit).await?;
     let Some(last) = events.last().map(|e| e.position) else {
         return Ok(0);
     };
