@@ -4,8 +4,8 @@
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use esrs::store::postgres::{PgStore, PgStoreBuilder, PgStoreError};
-use esrs::store::{EventStore as _, StoreEvent};
+use esrs::store::postgres::PgStoreError;
+use esrs::store::StoreEvent;
 use sqlx::PgPool;
 use thiserror::Error;
 use understudy_domain::account::AccountAggregate;
@@ -91,10 +91,6 @@ pub struct Loaded<S> {
 }
 
 impl<S> Loaded<S> {
-    pub fn id(&self) -> Uuid {
-        self.id
-    }
-
     pub fn version(&self) -> i32 {
         self.version
     }
@@ -172,7 +168,6 @@ impl<S> StateCache<S> {
 
 /// The event store of one aggregate type.
 pub struct AggregateStore<A: Aggregate> {
-    store: PgStore<Es<A>>,
     pool: PgPool,
     cache: std::sync::Arc<StateCache<A::State>>,
     statements: std::sync::Arc<Statements>,
@@ -180,13 +175,13 @@ pub struct AggregateStore<A: Aggregate> {
 
 impl<A: Aggregate> Clone for AggregateStore<A> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), pool: self.pool.clone(), cache: self.cache.clone(), statements: self.statements.clone() }
+        Self { pool: self.pool.clone(), cache: self.cache.clone(), statements: self.statements.clone() }
     }
 }
 
-/// The SQL of one aggregate type's table.
+/// The SQL of one aggregate type's esrs table (the layout esrs reads and writes).
 struct Statements {
-    /// Events after a version, oldest first.
+    /// Events after a version, oldest first (all of them after 0).
     after: String,
     /// The append: the aggregate's rows in its esrs table and the same events in the global log,
     /// in one statement (so one round trip, and atomic even outside a transaction).
@@ -225,25 +220,19 @@ fn backoff(attempt: u32) -> Duration {
 
 impl<A: Aggregate> AggregateStore<A> {
     pub async fn new(pool: PgPool) -> Result<Self, sqlx::Error> {
-        let store = PgStoreBuilder::<Es<A>>::new(pool.clone()).without_running_migrations().try_build().await?;
-        Ok(Self { store, pool, cache: std::sync::Arc::new(StateCache::new()), statements: std::sync::Arc::new(Statements::of(A::NAME)) })
+        Ok(Self { pool, cache: std::sync::Arc::new(StateCache::new()), statements: std::sync::Arc::new(Statements::of(A::NAME)) })
     }
 
-    /// The current state of `id` (the default state when it has no events yet).
+    /// The current state of `id` (the default state when it has no events yet): the kept state
+    /// and the events after it, or every event.
     pub async fn load(&self, id: Uuid) -> Result<Loaded<A::State>, PgStoreError> {
-        let loaded = match self.cache.get(id) {
-            Some(kept) => {
-                let newer = self.events_after(id, kept.version).await?;
-                if newer.is_empty() {
-                    return Ok(Loaded::clone(&kept));
-                }
-                fold::<A>(Loaded::clone(&kept), &newer)
-            }
-            None => {
-                let events = self.store.by_aggregate_id(id).await?;
-                fold::<A>(Loaded { id, version: 0, state: A::State::default() }, &events)
-            }
-        };
+        let kept = self.cache.get(id);
+        let base = kept.as_deref().cloned().unwrap_or_else(|| Loaded { id, version: 0, state: A::State::default() });
+        let newer = self.events_after(id, base.version).await?;
+        if kept.is_some() && newer.is_empty() {
+            return Ok(base);
+        }
+        let loaded = fold::<A>(base, &newer);
         self.cache.put(loaded.clone());
         Ok(loaded)
     }

@@ -194,21 +194,15 @@ pub async fn checkpoint(executor: impl sqlx::PgExecutor<'_>, projection: &str) -
 /// Locks the checkpoint row for this transaction (creating it at 0 the first time): one
 /// statement once the row exists, as it does after the first batch.
 pub(crate) async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> sqlx::Result<i64> {
-    let locked: Option<i64> = sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE projection = $1 FOR UPDATE")
-        .bind(projection)
-        .fetch_optional(&mut *conn)
-        .await?;
-    if let Some(position) = locked {
+    const LOCK: &str = "SELECT position FROM projector_checkpoints WHERE projection = $1 FOR UPDATE";
+    if let Some(position) = sqlx::query_scalar(LOCK).bind(projection).fetch_optional(&mut *conn).await? {
         return Ok(position);
     }
     sqlx::query("INSERT INTO projector_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(projection)
         .execute(&mut *conn)
         .await?;
-    sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE projection = $1 FOR UPDATE")
-        .bind(projection)
-        .fetch_one(&mut *conn)
-        .await
+    sqlx::query_scalar(LOCK).bind(projection).fetch_one(&mut *conn).await
 }
 
 pub(crate) async fn store_checkpoint(conn: &mut PgConnection, projection: &str, position: i64) -> sqlx::Result<()> {
