@@ -105,6 +105,15 @@ where
     }
 }
 
+/// A gauge or counter of a node's `/metrics`.
+pub async fn metric(addr: std::net::SocketAddr, name: &str) -> i64 {
+    let metrics = reqwest::get(format!("http://{addr}/metrics")).await.expect("metrics").text().await.expect("text");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
 /// Numbers every event appended so far. The sequencer's horizon is cluster-wide, so a
 /// transaction of another test may hold it back for a moment: poll, never assume.
 pub async fn sequence_all(pool: &sqlx::PgPool) -> i64 {

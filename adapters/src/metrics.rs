@@ -85,6 +85,8 @@ pub struct Metrics {
     /// `x-ratelimit-remaining` of GitHub's last answer; -1 before any.
     pub github_rate_limit_remaining: AtomicI64,
     pub active_subscriptions: AtomicI64,
+    /// Executions shared by identical live subscriptions (each serves one or more of them).
+    pub shared_subscription_executions: AtomicI64,
     /// Fetch, detect, install and build of one deployment.
     pub preview_build_seconds: Histogram,
     /// Start to the first passing health check.
@@ -107,6 +109,7 @@ pub static METRICS: Metrics = Metrics {
     github_calls: LabeledCounter::new(),
     github_rate_limit_remaining: AtomicI64::new(-1),
     active_subscriptions: AtomicI64::new(0),
+    shared_subscription_executions: AtomicI64::new(0),
     preview_build_seconds: Histogram::new(&STEP_BUCKETS),
     preview_start_seconds: Histogram::new(&STEP_BUCKETS),
     preview_test_seconds: Histogram::new(&STEP_BUCKETS),
@@ -132,6 +135,14 @@ impl Metrics {
         out.push_str("# HELP understudy_active_subscriptions GraphQL subscriptions open on this node.\n");
         out.push_str("# TYPE understudy_active_subscriptions gauge\n");
         out.push_str(&format!("understudy_active_subscriptions {}\n", self.active_subscriptions.load(Ordering::Relaxed)));
+        out.push_str(
+            "# HELP understudy_shared_subscription_executions Executions on this node that serve every open subscription identical to theirs.\n",
+        );
+        out.push_str("# TYPE understudy_shared_subscription_executions gauge\n");
+        out.push_str(&format!(
+            "understudy_shared_subscription_executions {}\n",
+            self.shared_subscription_executions.load(Ordering::Relaxed)
+        ));
         self.preview_build_seconds.render("understudy_preview_build_seconds", "Fetch, detection, install and build of a deployment.", out);
         self.preview_start_seconds.render("understudy_preview_start_seconds", "A preview's start until its health check passed.", out);
         self.preview_test_seconds.render("understudy_preview_test_seconds", "A deployment's whole test run.", out);

@@ -47,6 +47,21 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time a process has used (user + system), from `/proc/{pid}/stat`.
+fn cpu_time(pid: &str) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let fields: Vec<u64> = stat.rsplit_once(')')?.1.split_whitespace().skip(11).take(2).filter_map(|f| f.parse().ok()).collect();
+            Some(fields.iter().sum::<u64>())
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
 pub async fn fanout(runtime: &Runtime, subscribers: usize, changes: usize, environments: usize) -> anyhow::Result<()> {
     let files = raise_file_limit();
     anyhow::ensure!(
@@ -187,6 +202,8 @@ pub async fn fanout(runtime: &Runtime, subscribers: usize, changes: usize, envir
     let held = understudy_adapters::metrics::METRICS.active_subscriptions.load(std::sync::atomic::Ordering::Relaxed);
     let rss_after = rss_kib();
 
+    let child_pid = child.id().context("the subscribers' process id")?.to_string();
+    let (node_cpu, clients_cpu) = (cpu_time("self"), cpu_time(&child_pid));
     let mut committed = Vec::with_capacity(changes);
     for round in 0..changes {
         let command = EnvironmentCommand::RecordTestResult {
@@ -201,6 +218,8 @@ pub async fn fanout(runtime: &Runtime, subscribers: usize, changes: usize, envir
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let node_cpu = (cpu_time("self").saturating_sub(node_cpu)).as_secs_f64() * 1000.0 / changes.max(1) as f64;
+    let clients_cpu = (cpu_time(&child_pid).saturating_sub(clients_cpu)).as_secs_f64() * 1000.0 / changes.max(1) as f64;
     stdin.write_all(b"DONE\n").await?;
     let mut received: HashMap<usize, Vec<u128>> = HashMap::new();
     while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {
@@ -231,6 +250,7 @@ pub async fn fanout(runtime: &Runtime, subscribers: usize, changes: usize, envir
         (rss_after.saturating_sub(rss_before)) as f64 / subscribers.max(1) as f64
     );
     println!("{changes} changes, one at a time; {delivered} of {} deliveries arrived", changes * subscribers);
+    println!("CPU per change: {node_cpu:.0} ms in this process (node, relay, projectors), {clients_cpu:.0} ms in the subscribers' process");
     summary("core NATS: one publish → each subscription", nats_each, changes * subscribers);
     let (_, nats_p99) = summary("core NATS: one publish → all subscriptions", nats_all, changes);
     summary("committed change → each graphql-ws subscriber", each, changes * subscribers);
@@ -241,6 +261,40 @@ pub async fn fanout(runtime: &Runtime, subscribers: usize, changes: usize, envir
         all.len()
     );
     Ok(())
+}
+
+/// The part of a `next` message the subscribers read: the names of the environment's tests.
+/// Parsed into borrowed strings, so that the clients, which share this machine's cores with the
+/// node under test, take as little of them as a client can.
+#[derive(serde::Deserialize)]
+struct Next<'a> {
+    #[serde(borrow)]
+    payload: NextPayload<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct NextPayload<'a> {
+    #[serde(borrow)]
+    data: NextData<'a>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NextData<'a> {
+    #[serde(borrow)]
+    environment_updated: NextTests<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct NextTests<'a> {
+    #[serde(borrow)]
+    tests: Vec<NextTest<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct NextTest<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
 }
 
 /// The subscribers: `subscribers` graphql-ws connections, each following the project's
@@ -277,10 +331,10 @@ pub async fn clients(addr: std::net::SocketAddr, project: Uuid, subscribers: usi
                     frame = ws.next() => match frame {
                         Some(Ok(Message::Text(text))) => {
                             let at = unix_nanos();
-                            let Ok(value) = serde_json::from_str::<serde_json::Value>(text.as_str()) else { continue };
-                            let tests = value["payload"]["data"]["environmentUpdated"]["tests"].as_array().cloned().unwrap_or_default();
+                            let Ok(next) = serde_json::from_str::<Next>(text.as_str()) else { continue };
+                            let tests = next.payload.data.environment_updated.tests;
                             for test in tests.iter().skip(seen) {
-                                if let Some(round) = test["name"].as_str().and_then(|n| n.strip_prefix("fanout-")).and_then(|r| r.parse().ok()) {
+                                if let Some(round) = test.name.strip_prefix("fanout-").and_then(|r| r.parse().ok()) {
                                     let _ = sender.send((round, at));
                                 }
                             }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::accounts::{denied, require_project, viewer, AccountQuery, Mutation};
 use crate::auth::{Auth, Denied, Viewer};
 use crate::operations::{OperationsMutation, OperationsQuery};
+use crate::shared_subscriptions::{Probe, SharedExecution};
 use understudy_domain::ids::ProjectId;
 use understudy_domain::permissions::Permission;
 
@@ -491,10 +492,10 @@ impl Query {
 pub struct Subscription;
 
 /// Counts an open subscription in `understudy_active_subscriptions` for as long as it lives.
-struct OpenSubscription;
+pub(crate) struct OpenSubscription;
 
 impl OpenSubscription {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         understudy_adapters::metrics::METRICS.active_subscriptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self
     }
@@ -516,12 +517,19 @@ impl Subscription {
         project_id: Option<Uuid>,
         #[graphql(desc = "Resume: first send every environment changed after this log position (the last `position` you saw).")]
         after: Option<i64>,
-    ) -> Result<impl Stream<Item = Environment>> {
-        match (viewer(ctx), project_id) {
-            (Viewer::Operator, _) => {}
-            (Viewer::Anonymous, _) => return Err(denied(Denied::Unauthenticated)),
-            (_, Some(project)) => require_project(ctx, project, Permission::ViewPreviewEnvironments).await?,
-            (_, None) => return Err(crate::accounts::bad_input("projectId: name the project whose environments you follow")),
+    ) -> Result<futures::stream::BoxStream<'static, Environment>> {
+        // A shared execution serves subscribers that each passed these checks as a probe.
+        let shared = ctx.data_opt::<SharedExecution>().is_some();
+        if !shared {
+            match (viewer(ctx), project_id) {
+                (Viewer::Operator, _) => {}
+                (Viewer::Anonymous, _) => return Err(denied(Denied::Unauthenticated)),
+                (_, Some(project)) => require_project(ctx, project, Permission::ViewPreviewEnvironments).await?,
+                (_, None) => return Err(crate::accounts::bad_input("projectId: name the project whose environments you follow")),
+            }
+        }
+        if ctx.data_opt::<Probe>().is_some() {
+            return Ok(futures::stream::empty().boxed());
         }
         let pool = ctx.data::<PgPool>()?.clone();
         let nats = ctx.data::<async_nats::Client>()?;
@@ -556,14 +564,15 @@ impl Subscription {
             }
         };
         let replayed_fresh = fresh.clone();
-        let open = OpenSubscription::new();
-        let shared = ctx.data::<SharedReads>()?.clone();
+        // The subscribers of a shared execution are counted where they join it.
+        let open = (!shared).then(OpenSubscription::new);
+        let reads = ctx.data::<SharedReads>()?.clone();
         let live = notices.filter_map(move |message| {
             let _counted = &open;
-            let (pool, fresh, shared) = (pool.clone(), fresh.clone(), shared.clone());
+            let (pool, fresh, reads) = (pool.clone(), fresh.clone(), reads.clone());
             async move {
                 let change: Change = serde_json::from_slice(&message.payload).ok()?;
-                match shared.environment(&pool, change.id, change.position).await {
+                match reads.environment(&pool, change.id, change.position).await {
                     Ok(environment) => environment.filter(|e| fresh(e)),
                     Err(error) => {
                         tracing::warn!(error = ?error, "reading a changed environment failed");
@@ -610,7 +619,7 @@ impl Subscription {
                 .filter(move |e| std::future::ready(fresh(e)))
         };
         let replayed = futures::stream::iter(missed.into_iter().filter(move |e| replayed_fresh(e)));
-        Ok(replayed.chain(futures::stream::select(live, healed)))
+        Ok(replayed.chain(futures::stream::select(live, healed)).boxed())
     }
 
     /// One environment's deployments as they change: its current deployment each time the

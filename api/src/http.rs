@@ -3,6 +3,8 @@
 
 use async_graphql::http::{GraphiQLSource, MultipartOptions};
 use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
+
+use crate::shared_subscriptions::SharedSubscriptions;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::Extension;
 
@@ -67,7 +69,7 @@ pub fn router(
 ) -> Router {
     let graphql = Router::new()
         .route("/graphql", get(graphql_ws).post(graphql).layer(DefaultBodyLimit::max(MAX_GRAPHQL_BODY)))
-        .with_state(GraphqlState { schema, auth: auth.clone() });
+        .with_state(GraphqlState { subscriptions: SharedSubscriptions::new(schema.clone()), schema, auth: auth.clone() });
     let github = Router::new()
         .route("/webhooks/github", post(webhooks::receive).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)))
         .with_state(webhooks);
@@ -98,6 +100,9 @@ pub fn router(
 #[derive(Clone)]
 struct GraphqlState {
     schema: AppSchema,
+    /// The executor of GraphQL over WebSocket: the same schema, with identical live subscriptions
+    /// resolved once per node.
+    subscriptions: SharedSubscriptions,
     auth: crate::auth::Auth,
 }
 
@@ -131,7 +136,7 @@ async fn graphql_ws(
     }
     let mut data = async_graphql::Data::default();
     data.insert(viewer);
-    let schema = state.schema;
+    let subscriptions = state.subscriptions;
     // Small buffers: a subscriber mostly waits, and ten thousand of them must fit one node
     // (the defaults, 128 KiB to read per socket, made a subscriber cost ~150 KiB). Messages are
     // capped like GraphQL request bodies.
@@ -141,7 +146,7 @@ async fn graphql_ws(
         .max_message_size(MAX_GRAPHQL_BODY)
         .max_frame_size(MAX_GRAPHQL_BODY)
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |stream| GraphQLWebSocket::new(stream, schema, protocol).with_data(data).serve())
+        .on_upgrade(move |stream| GraphQLWebSocket::new(stream, subscriptions, protocol).with_data(data).serve())
 }
 
 async fn graphiql() -> impl IntoResponse {

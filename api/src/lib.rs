@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod operations;
 pub mod proxy;
 pub mod runtime;
+pub mod shared_subscriptions;
 pub mod telemetry;
 pub mod tier_cli;
 pub mod tiers;

@@ -773,6 +773,35 @@ async fn subscriptions_know_who_subscribes_and_refuse_foreign_pages() {
     let anonymous =
         tokio::time::timeout(Duration::from_secs(10), understudy_tests::graphql_ws::next_json(&mut ws)).await.expect("an answer");
     assert_eq!(anonymous["payload"]["errors"][0]["extensions"]["code"], "UNAUTHENTICATED", "{anonymous}");
+
+    // Live subscriptions without `after` share one execution per node. Joining Gina's is still
+    // checked per subscriber: Hank and nobody are refused as before, and start nothing.
+    let live = "subscription($p: UUID) { environmentUpdated(projectId: $p) { id status } }";
+    let mut shared =
+        understudy_tests::graphql_ws::connect_with(app.addr, &[("cookie", &session(&gina)), ("origin", &ours)]).await.expect("connect");
+    understudy_tests::graphql_ws::subscribe(&mut shared, "1", live, json!({ "p": project.to_string() })).await;
+    eventually(Duration::from_secs(10), "Gina's live subscription to run", || async {
+        (understudy_tests::metric(app.addr, "understudy_shared_subscription_executions").await == 1).then_some(())
+    })
+    .await;
+    for (who, headers, code) in
+        [("hank", vec![("cookie", session(&hank)), ("origin", ours.clone())], "NOT_FOUND"), ("nobody", vec![], "UNAUTHENTICATED")]
+    {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut ws = understudy_tests::graphql_ws::connect_with(app.addr, &headers).await.expect("connect");
+        understudy_tests::graphql_ws::subscribe(&mut ws, "1", live, json!({ "p": project.to_string() })).await;
+        let answer =
+            tokio::time::timeout(Duration::from_secs(10), understudy_tests::graphql_ws::next_json(&mut ws)).await.expect("an answer");
+        assert_eq!(answer["payload"]["errors"][0]["extensions"]["code"], code, "{who}: {answer}");
+        assert!(answer["payload"]["data"].is_null(), "{who}: {answer}");
+    }
+    assert_eq!(understudy_tests::metric(app.addr, "understudy_shared_subscription_executions").await, 1);
+    // Gina's shared subscription hears the next change.
+    let sha = CommitSha::parse("c".repeat(40)).expect("sha");
+    app.env.runtime.store.deploy_commit(project, &target, &Entrypoint::parse("main.w").expect("e"), &sha, &meta()).await.expect("deploy");
+    let next =
+        tokio::time::timeout(Duration::from_secs(20), understudy_tests::graphql_ws::next_json(&mut shared)).await.expect("an update");
+    assert_eq!(next["payload"]["data"]["environmentUpdated"]["status"], "REQUESTED", "{next}");
 }
 
 /// Every row of the access index, in a stable order.

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use understudy_domain::ids::{DeploymentId, ProjectId};
 use understudy_tests::fixtures::{self, meta};
 use understudy_tests::graphql_ws::{self, next_json};
-use understudy_tests::{eventually, TestEnv};
+use understudy_tests::{eventually, metric, TestEnv};
 use uuid::Uuid;
 
 struct Running {
@@ -252,6 +252,87 @@ async fn subscribers_over_graphql_transport_ws_see_each_committed_change() {
     let environment = &resumed["payload"]["data"]["environmentUpdated"];
     assert_eq!(environment["id"], id.to_string());
     assert!(environment["position"].as_i64() >= Some(last_position), "{resumed}");
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_live_subscriptions_share_one_execution_and_each_gets_every_change() {
+    let app = start().await;
+    let project = ProjectId(Uuid::new_v4());
+    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p) { id status position } }";
+    let mut same = Vec::new();
+    for _ in 0..3 {
+        let mut ws = graphql_ws::connect(app.addr).await;
+        graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
+        same.push(ws);
+    }
+    // Another selection, and a resume with `after`, each run on their own.
+    let mut narrower = graphql_ws::connect(app.addr).await;
+    let narrow = "subscription($p: UUID) { environmentUpdated(projectId: $p) { id position } }";
+    graphql_ws::subscribe(&mut narrower, "1", narrow, json!({ "p": project.to_string() })).await;
+    let mut resumed = graphql_ws::connect(app.addr).await;
+    let resume = "subscription($p: UUID) { environmentUpdated(projectId: $p, after: 0) { id status position } }";
+    graphql_ws::subscribe(&mut resumed, "1", resume, json!({ "p": project.to_string() })).await;
+    let store = &app.env.runtime.store.environments;
+    // A subscription starts listening when the server first polls it, which a client cannot see:
+    // change another environment until every socket has heard of it.
+    let warm = fixtures::spec(project, 2, "main.w");
+    let warm_id = fixtures::env_id(&warm).0;
+    let warm_deployment = DeploymentId(Uuid::new_v4());
+    let mut warming = vec![fixtures::request(&warm, warm_deployment, 1)];
+    warming.extend(fixtures::to_ready(warm_deployment));
+    warming.extend((0..40).map(|i| understudy_domain::environment::EnvironmentCommand::RecordTestResult {
+        deployment_id: warm_deployment,
+        test: format!("t{i}"),
+        outcome: understudy_domain::environment::TestOutcome::Passed,
+        duration_ms: None,
+        at: chrono::Utc::now(),
+    }));
+    let mut heard = [false; 5];
+    for command in warming {
+        store.execute(warm_id, command, meta()).await.expect("warm-up");
+        for (n, ws) in same.iter_mut().chain([&mut narrower, &mut resumed]).enumerate() {
+            while let Ok(message) = tokio::time::timeout(Duration::from_millis(300), next_json(ws)).await {
+                heard[n] |= message["payload"]["data"]["environmentUpdated"]["id"] == warm_id.to_string();
+            }
+        }
+        if heard.iter().all(|h| *h) {
+            break;
+        }
+    }
+    assert!(heard.iter().all(|h| *h), "every socket hears a change: {heard:?}");
+    assert_eq!(metric(app.addr, "understudy_active_subscriptions").await, 5);
+    assert_eq!(metric(app.addr, "understudy_shared_subscription_executions").await, 2, "one per distinct shareable subscription");
+
+    // Every change reaches every socket of the shared execution, in order.
+    let spec = fixtures::spec(project, 1, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let deployment = DeploymentId(Uuid::new_v4());
+    let mut commands = vec![fixtures::request(&spec, deployment, 1)];
+    commands.extend(fixtures::to_ready(deployment));
+    let mut last = 0;
+    for command in commands {
+        store.execute(id, command, meta()).await.expect("command");
+        let mut positions = Vec::new();
+        for ws in same.iter_mut().chain([&mut narrower, &mut resumed]) {
+            let message = tokio::time::timeout(Duration::from_secs(10), next_json(ws)).await.expect("each change reaches each socket");
+            assert_eq!(message["type"], "next", "{message}");
+            let environment = &message["payload"]["data"]["environmentUpdated"];
+            assert_eq!(environment["id"], id.to_string(), "{message}");
+            positions.push(environment["position"].as_i64().expect("position"));
+        }
+        assert!(positions.iter().all(|p| *p == positions[0] && *p > last), "one change, the same position everywhere: {positions:?}");
+        last = positions[0];
+    }
+
+    // The shared execution ends with its last subscriber.
+    drop(same);
+    drop(narrower);
+    eventually(Duration::from_secs(10), "the shared executions end", || async {
+        (metric(app.addr, "understudy_shared_subscription_executions").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(app.addr, "understudy_active_subscriptions").await, 1, "the resumed one stays");
     app.cancel.cancel();
 }
 

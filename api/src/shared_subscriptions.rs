@@ -1,0 +1,210 @@
+//! One execution per distinct live subscription, shared by every socket that asked for it.
+//!
+//! Ten thousand dashboards following one project's environments all ask the same question.
+//! Resolved one by one, each change costs ten thousand GraphQL executions; shared, it costs one,
+//! and each socket only copies, serializes and writes the result.
+//!
+//! - Only subscriptions whose messages do not depend on when one joined are shared: today
+//!   `environmentUpdated` without `after` (with `after`, each subscriber first gets its own
+//!   replay). Everything else runs on its own, as before.
+//! - Each subscriber is still checked on its own: its request first runs as a [`Probe`], which
+//!   does the resolver's checks (who is asking, may they see this project) and ends.
+//! - The shared execution ([`SharedExecution`]) resolves as an anonymous viewer, so a field that
+//!   depends on who is asking fails rather than showing every subscriber one viewer's view.
+//! - A subscriber that falls [`BACKLOG`] messages behind gets an error and is ended; it resumes
+//!   with `after` (the last `position` it saw), which replays what it missed.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+
+use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationDefinition, OperationType, Selection};
+use async_graphql::{Data, Executor, Name, Request, Response, ServerError, Value};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use understudy_adapters::metrics::METRICS;
+
+use crate::auth::Viewer;
+use crate::graphql::{AppSchema, OpenSubscription};
+
+/// Set on a subscription request that only checks whether its subscriber may subscribe: the
+/// resolver does its checks, then returns an empty stream.
+pub struct Probe;
+
+/// Set on the one execution whose results are shared: the resolver skips the per-viewer checks,
+/// which each subscriber passed as a [`Probe`], and does not count itself as a subscriber.
+pub struct SharedExecution;
+
+/// How many messages a shared subscriber may fall behind before it is ended.
+pub const BACKLOG: usize = 256;
+
+/// The GraphQL executor of the WebSocket endpoint: the schema, with shareable subscriptions shared.
+#[derive(Clone)]
+pub struct SharedSubscriptions {
+    schema: AppSchema,
+    streams: Arc<Mutex<HashMap<Key, Weak<Shared>>>>,
+}
+
+/// A subscription's query text, operation name and variables (as JSON).
+type Key = (String, Option<String>, String);
+
+/// One shared execution, alive while a subscriber holds it.
+struct Shared {
+    sender: broadcast::WeakSender<Arc<Response>>,
+    _stop: DropGuard,
+}
+
+impl SharedSubscriptions {
+    pub fn new(schema: AppSchema) -> Self {
+        Self { schema, streams: Arc::default() }
+    }
+
+    /// A receiver of the shared execution for `key`, started if none is running.
+    fn join(&self, key: &Key) -> (Arc<Shared>, broadcast::Receiver<Arc<Response>>) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = streams.get(key).and_then(Weak::upgrade) {
+            if let Some(sender) = shared.sender.upgrade() {
+                return (shared, sender.subscribe());
+            }
+        }
+        streams.retain(|_, shared| shared.strong_count() > 0);
+        let (sender, receiver) = broadcast::channel(BACKLOG);
+        let stop = CancellationToken::new();
+        let shared = Arc::new(Shared { sender: sender.downgrade(), _stop: stop.clone().drop_guard() });
+        streams.insert(key.clone(), Arc::downgrade(&shared));
+        let mut data = Data::default();
+        data.insert(Viewer::Anonymous);
+        let mut execution = Executor::execute_stream(&self.schema, request(key).data(SharedExecution), Some(Arc::new(data)));
+        tokio::spawn(async move {
+            let _running = Running::new();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    next = execution.next() => match next {
+                        // No receiver left is not an error: the last subscriber is leaving and
+                        // `stop` fires when it is gone.
+                        Some(response) => drop(sender.send(Arc::new(response))),
+                        None => return,
+                    },
+                }
+            }
+        });
+        (shared, receiver)
+    }
+}
+
+impl Executor for SharedSubscriptions {
+    async fn execute(&self, request: Request) -> Response {
+        self.schema.execute(request).await
+    }
+
+    fn execute_stream(&self, request: Request, session_data: Option<Arc<Data>>) -> BoxStream<'static, Response> {
+        let Some(key) = shareable(&request) else { return Executor::execute_stream(&self.schema, request, session_data) };
+        let this = self.clone();
+        futures::stream::once(async move {
+            let refused: Vec<Response> = Executor::execute_stream(&this.schema, request.data(Probe), session_data).collect().await;
+            if !refused.is_empty() {
+                return futures::stream::iter(refused).boxed();
+            }
+            let (shared, receiver) = this.join(&key);
+            follow(shared, receiver)
+        })
+        .flatten()
+        .boxed()
+    }
+}
+
+/// One subscriber's copy of a shared execution's messages.
+fn follow(shared: Arc<Shared>, receiver: broadcast::Receiver<Arc<Response>>) -> BoxStream<'static, Response> {
+    let open = OpenSubscription::new();
+    futures::stream::unfold(Some((receiver, shared, open)), |state| async move {
+        let (mut receiver, shared, open) = state?;
+        match receiver.recv().await {
+            Ok(response) => Some((copy(&response), Some((receiver, shared, open)))),
+            Err(broadcast::error::RecvError::Closed) => None,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                let message = format!(
+                    "this subscriber fell {missed} updates behind and was ended; subscribe again with `after` set to the last `position` you saw"
+                );
+                Some((Response::from_errors(vec![ServerError::new(message, None)]), None))
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Counts a shared execution in `understudy_shared_subscription_executions` while it runs.
+struct Running;
+
+impl Running {
+    fn new() -> Self {
+        METRICS.shared_subscription_executions.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        METRICS.shared_subscription_executions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn copy(response: &Response) -> Response {
+    let mut copy = Response::new(response.data.clone());
+    copy.errors = response.errors.clone();
+    copy.extensions = response.extensions.clone();
+    copy
+}
+
+fn request((query, operation, variables): &Key) -> Request {
+    let mut request = Request::new(query.clone());
+    request.operation_name = operation.clone();
+    request.variables = serde_json::from_str(variables).unwrap_or_default();
+    request
+}
+
+/// The key of a request that may share an execution: a subscription whose one root field is
+/// `environmentUpdated` without `after`. Anything else, including a query that does not parse, is
+/// left to the schema (which reports the parse error).
+fn shareable(request: &Request) -> Option<Key> {
+    let document = async_graphql::parser::parse_query(&request.query).ok()?;
+    let operation = operation(&document, request.operation_name.as_deref())?;
+    if operation.ty != OperationType::Subscription || operation.selection_set.node.items.len() != 1 {
+        return None;
+    }
+    let Selection::Field(field) = &operation.selection_set.node.items[0].node else { return None };
+    let field = &field.node;
+    if field.name.node != "environmentUpdated" || !field.directives.is_empty() {
+        return None;
+    }
+    // `after` must be null: written so, or a variable given as null, or not given and without a default.
+    if let Some(after) = field.get_argument("after") {
+        let variable = |name: Name| -> Result<Value, std::convert::Infallible> {
+            Ok(match request.variables.get(&name) {
+                Some(given) => given.clone(),
+                None => operation
+                    .variable_definitions
+                    .iter()
+                    .find(|definition| definition.node.name.node == name)
+                    .and_then(|definition| definition.node.default_value.as_ref())
+                    .map_or(Value::Null, |default| default.node.clone()),
+            })
+        };
+        if after.node.clone().into_const_with(variable) != Ok(Value::Null) {
+            return None;
+        }
+    }
+    let variables = serde_json::to_string(&request.variables).ok()?;
+    Some((request.query.clone(), request.operation_name.clone(), variables))
+}
+
+fn operation<'a>(document: &'a ExecutableDocument, name: Option<&str>) -> Option<&'a OperationDefinition> {
+    match (&document.operations, name) {
+        (DocumentOperations::Single(operation), _) => Some(&operation.node),
+        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(&Name::new(name)).map(|o| &o.node),
+        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => operations.values().next().map(|o| &o.node),
+        _ => None,
+    }
+}
