@@ -366,6 +366,7 @@ impl<A: Aggregate> AggregateStore<A> {
         } else {
             statement.execute(&self.pool).await?;
         }
+        crate::relay::note_appended();
         Ok(stored)
     }
 }

@@ -51,6 +51,11 @@ impl Topology {
         format!("{}.changes.{read_model}.{key}", self.prefix)
     }
 
+    /// Core NATS hint that a process appended events: wakes the relay (never carries the events).
+    pub fn appended_subject(&self) -> String {
+        format!("{}.appended", self.prefix)
+    }
+
     /// Where a projector says it (re)connected and may not have sent every change notice.
     pub fn resync_subject(&self) -> String {
         format!("{}.changes.resync", self.prefix)

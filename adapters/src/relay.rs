@@ -11,13 +11,25 @@
 //! `Nats-Msg-Id` = event id and their position in a header; the cursor moves after JetStream
 //! acknowledged them all. A crash in between republishes, and JetStream's duplicate window and
 //! the projectors' checkpoints absorb the repeats.
+//!
+//! **Waking.** An append wakes the relay: in this process through [`note_appended`], in others
+//! through a core NATS hint on [`Topology::appended_subject`] ([`announce_appends`]), and the
+//! sequencer wakes the publisher when it numbered something. Both loops still poll, as a net for a
+//! lost hint: every 10 ms within a second of their last work or wake-up, since a running
+//! transaction anywhere can hold the horizon back for a moment, and every 250 ms after that, so
+//! an idle relay costs Postgres four queries a second, not two hundred.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -26,6 +38,38 @@ use crate::nats::Topology;
 
 /// Header carrying an event's global position.
 pub const POSITION_HEADER: &str = "Understudy-Position";
+
+/// Counts the appends committed by this process.
+static APPENDED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
+
+/// Events were appended and committed by this process: wakes its relay, and (through
+/// [`announce_appends`]) every other.
+pub fn note_appended() {
+    APPENDED.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// Announces this process's appends on [`Topology::appended_subject`], for the life of the
+/// process, so that a relay in another process wakes up. Appends in quick succession make one
+/// announcement.
+pub async fn announce_appends(nats: async_nats::Client, topology: Topology) {
+    let mut appended = APPENDED.subscribe();
+    let subject = topology.appended_subject();
+    while appended.changed().await.is_ok() {
+        // A lost hint only delays the relay until it polls again.
+        let _ = nats.publish(subject.clone(), bytes::Bytes::new()).await;
+        // At most one hint per 2 ms: under load the relays are busy anyway.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Every change of a watch counter, as a stream.
+fn changes(receiver: watch::Receiver<u64>) -> BoxStream<'static, ()> {
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.changed().await.ok()?;
+        Some(((), receiver))
+    })
+    .boxed()
+}
 
 /// Numbers up to `limit` committed events; returns how many and the new head position (0 if the
 /// log is empty). Four statements: BEGIN, lock, number, COMMIT.
@@ -110,43 +154,109 @@ async fn publish_one(
 /// Postgres log whenever JetStream is quiet, keep up without NATS.
 pub async fn run(pool: PgPool, js: jetstream::Context, topology: Topology, cancel: CancellationToken) {
     const BATCH: i64 = 1000;
-    let sequencer =
-        repeat("sequencing the global log", &cancel, || async { Ok(sequence(&pool, BATCH).await.context("sequencing the global log")?.0) });
-    let publisher = repeat("relaying the global log to JetStream", &cancel, || publish_pending(&pool, &js, &topology, BATCH));
+    let numbered = watch::Sender::new(0u64);
+    let appended = match js.client().subscribe(topology.appended_subject()).await {
+        Ok(hints) => futures::stream::select(changes(APPENDED.subscribe()), hints.map(|_| ())).boxed(),
+        Err(error) => {
+            tracing::warn!(error = %error, "not hearing other processes' appends; the relay polls for them");
+            changes(APPENDED.subscribe())
+        }
+    };
+    let sequencer = repeat("sequencing the global log", &cancel, appended, || async {
+        let (count, _) = sequence(&pool, BATCH).await.context("sequencing the global log")?;
+        if count > 0 {
+            numbered.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(count)
+    });
+    let publisher = repeat("relaying the global log to JetStream", &cancel, changes(numbered.subscribe()), || {
+        publish_pending(&pool, &js, &topology, BATCH)
+    });
     tokio::join!(sequencer, publisher);
 }
 
-/// Runs `step` until cancelled: again at once after it did some work, after a pause growing to
-/// 10 ms while idle, and after a backoff growing to 1 s while it fails.
-async fn repeat<F, Fut>(what: &str, cancel: &CancellationToken, mut step: F)
+/// How long after its last work or wake-up a loop still polls every 10 ms.
+const BUSY: Duration = Duration::from_secs(1);
+
+/// Runs `step` until cancelled: again at once after it did some work; while idle, after a pause
+/// growing to 10 ms (within [`BUSY`] of its last work or wake-up) or 250 ms (after), cut short by
+/// `wake`; while it fails, after a backoff growing to 1 s.
+async fn repeat<F, Fut>(what: &str, cancel: &CancellationToken, mut wake: BoxStream<'static, ()>, mut step: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<usize>>,
 {
     let mut idle = Duration::from_millis(1);
+    let mut active = Instant::now();
     let mut failures = 0u32;
     loop {
-        let pause = match step().await {
+        let (pause, wakes) = match step().await {
             Ok(0) => {
                 failures = 0;
-                idle = (idle * 2).min(Duration::from_millis(10));
-                idle
+                let ceiling = if active.elapsed() < BUSY { Duration::from_millis(10) } else { Duration::from_millis(250) };
+                idle = (idle * 2).min(ceiling);
+                (idle, true)
             }
             Ok(_) => {
                 failures = 0;
                 idle = Duration::from_millis(1);
-                Duration::ZERO
+                active = Instant::now();
+                (Duration::ZERO, false)
             }
             Err(error) => {
                 failures += 1;
                 let backoff = Duration::from_millis(100 * u64::from(failures.min(10)));
                 tracing::warn!(error = format!("{error:#}"), ?backoff, "{what} failed; retrying");
-                backoff
+                // A failing step waits out its backoff: wake-ups would only make it fail faster.
+                (backoff, false)
             }
         };
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
+            Some(()) = wake.next(), if wakes => {
+                idle = Duration::from_millis(1);
+                active = Instant::now();
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_loop_polls_rarely_and_a_wake_up_runs_it_at_once() {
+        let steps = Arc::new(AtomicUsize::new(0));
+        let wake = watch::Sender::new(0u64);
+        let cancel = CancellationToken::new();
+        let counted = steps.clone();
+        let task = tokio::spawn({
+            let (cancel, wakes) = (cancel.clone(), changes(wake.subscribe()));
+            async move {
+                repeat("test", &cancel, wakes, move || {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async { Ok(0) }
+                })
+                .await
+            }
+        });
+        // Ten idle seconds: every 10 ms for the first second (about 100 polls), then every 250 ms
+        // (36). Polling every 10 ms throughout would be 1,000.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let idle = steps.load(Ordering::SeqCst);
+        assert!((100..=160).contains(&idle), "{idle} polls in 10 idle seconds");
+        // Deep in a 250 ms pause, a wake-up runs the step within the next millisecond.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let before = steps.load(Ordering::SeqCst);
+        wake.send_modify(|n| *n += 1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(steps.load(Ordering::SeqCst), before + 1, "the wake-up ran the step");
+        cancel.cancel();
+        task.await.expect("loop");
     }
 }

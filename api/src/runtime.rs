@@ -101,6 +101,8 @@ impl Runtime {
     /// otherwise.
     async fn assemble(pool: PgPool, nats: async_nats::Client, topology: Topology) -> anyhow::Result<Self> {
         let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
+        // For the life of the process: relays elsewhere wake on what this process appends.
+        tokio::spawn(relay::announce_appends(nats.clone(), topology.clone()));
         Ok(Self {
             pool,
             nats,

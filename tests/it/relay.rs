@@ -69,3 +69,16 @@ async fn a_relay_killed_at_any_moment_loses_nothing_and_publishes_nothing_twice(
     let info = env.jetstream().get_stream(env.topology().stream_name()).await.expect("stream").info().await.expect("info").clone();
     assert_eq!(info.state.messages, 400, "every event exactly once in the stream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_announces_itself_so_that_relays_in_other_processes_wake() {
+    use futures::StreamExt;
+    let env = TestEnv::new().await;
+    let mut hints = env.runtime.nats.subscribe(env.topology().appended_subject()).await.expect("subscribe");
+    env.runtime.nats.flush().await.expect("flush");
+    let spec = fixtures::spec(ProjectId(Uuid::new_v4()), 1, "main.w");
+    let store = &env.runtime.store.environments;
+    store.execute(fixtures::env_id(&spec).0, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("append");
+    let hint = tokio::time::timeout(std::time::Duration::from_secs(10), hints.next()).await.expect("a hint").expect("subscribed");
+    assert!(hint.payload.is_empty(), "a hint carries no event");
+}
