@@ -14,10 +14,10 @@
 //!
 //! **Waking.** An append wakes the relay: in this process through [`note_appended`], in others
 //! through a core NATS hint on [`Topology::appended_subject`] ([`announce_appends`]), and the
-//! sequencer wakes the publisher when it numbered something. Both loops still poll, as a net for a
-//! lost hint: every 10 ms within a second of their last work or wake-up, since a running
-//! transaction anywhere can hold the horizon back for a moment, and every 250 ms after that, so
-//! an idle relay costs Postgres four queries a second, not two hundred.
+//! sequencer wakes the publisher when it numbered something. Both loops still poll: every 10 ms at
+//! most within a second of their last work or wake-up (a running transaction anywhere can hold
+//! the horizon back for a moment), and every 250 ms after that, as a net for a lost hint. An
+//! idle relay costs Postgres a few queries a second, not two hundred.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -26,7 +26,7 @@ use anyhow::Context;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -175,12 +175,19 @@ pub async fn run(pool: PgPool, js: jetstream::Context, topology: Topology, cance
     tokio::join!(sequencer, publisher);
 }
 
-/// How long after its last work or wake-up a loop still polls every 10 ms.
+/// How long after its last work or wake-up a loop still polls every 10 ms at most.
 const BUSY: Duration = Duration::from_secs(1);
 
+/// How often a loop polls once it has been idle for [`BUSY`].
+const IDLE: Duration = Duration::from_millis(250);
+
 /// Runs `step` until cancelled: again at once after it did some work; while idle, after a pause
-/// growing to 10 ms (within [`BUSY`] of its last work or wake-up) or 250 ms (after), cut short by
-/// `wake`; while it fails, after a backoff growing to 1 s.
+/// growing to 10 ms within [`BUSY`] of its last work or wake-up, and after [`IDLE`] (cut short by
+/// `wake`) beyond that; while it fails, after a backoff growing to 1 s.
+///
+/// Wake-ups only cut [`IDLE`] pauses short. Under load they come with every append, and letting
+/// each run the step again at once would busy-loop the sequencer while a running transaction
+/// holds its horizon back; those that came meanwhile only keep the loop busy.
 async fn repeat<F, Fut>(what: &str, cancel: &CancellationToken, mut wake: BoxStream<'static, ()>, mut step: F)
 where
     F: FnMut() -> Fut,
@@ -193,9 +200,15 @@ where
         let (pause, wakes) = match step().await {
             Ok(0) => {
                 failures = 0;
-                let ceiling = if active.elapsed() < BUSY { Duration::from_millis(10) } else { Duration::from_millis(250) };
-                idle = (idle * 2).min(ceiling);
-                (idle, true)
+                while let Some(Some(())) = wake.next().now_or_never() {
+                    active = Instant::now();
+                }
+                if active.elapsed() < BUSY {
+                    idle = (idle * 2).min(Duration::from_millis(10));
+                    (idle, false)
+                } else {
+                    (IDLE, true)
+                }
             }
             Ok(_) => {
                 failures = 0;
