@@ -325,6 +325,21 @@ pub mod fixtures {
         }
     }
 
+    /// A fresh deployment requested, made Ready, then `tests` passing results (`t0`, `t1`, …):
+    /// a run of changes to keep an environment changing.
+    pub fn deploy_and_test(spec: &EnvironmentSpec, deployment: DeploymentId, tests: usize) -> Vec<EnvironmentCommand> {
+        let mut commands = vec![request(spec, deployment, 1)];
+        commands.extend(to_ready(deployment));
+        commands.extend((0..tests).map(|i| EnvironmentCommand::RecordTestResult {
+            deployment_id: deployment,
+            test: format!("t{i}"),
+            outcome: understudy_domain::environment::TestOutcome::Passed,
+            duration_ms: None,
+            at: Utc::now(),
+        }));
+        commands
+    }
+
     /// The commands that take a fresh deployment from Requested to Ready.
     pub fn to_ready(deployment: DeploymentId) -> Vec<EnvironmentCommand> {
         vec![

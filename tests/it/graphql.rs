@@ -216,15 +216,7 @@ async fn subscribers_over_graphql_transport_ws_see_each_committed_change() {
     store.execute(fixtures::env_id(&other).0, fixtures::request(&other, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("other");
     // The server subscribes when it first polls the stream, which the client cannot observe: keep
     // changing the environment (deploy it, then record tests) until a Ready update arrives.
-    let mut commands = vec![fixtures::request(&spec, deployment, 1)];
-    commands.extend(fixtures::to_ready(deployment));
-    commands.extend((0..40).map(|i| understudy_domain::environment::EnvironmentCommand::RecordTestResult {
-        deployment_id: deployment,
-        test: format!("t{i}"),
-        outcome: understudy_domain::environment::TestOutcome::Passed,
-        duration_ms: None,
-        at: chrono::Utc::now(),
-    }));
+    let commands = fixtures::deploy_and_test(&spec, deployment, 40);
     let mut last_position = 0;
     let mut ready = false;
     for command in commands {
@@ -279,15 +271,7 @@ async fn identical_live_subscriptions_share_one_execution_and_each_gets_every_ch
     let warm = fixtures::spec(project, 2, "main.w");
     let warm_id = fixtures::env_id(&warm).0;
     let warm_deployment = DeploymentId(Uuid::new_v4());
-    let mut warming = vec![fixtures::request(&warm, warm_deployment, 1)];
-    warming.extend(fixtures::to_ready(warm_deployment));
-    warming.extend((0..40).map(|i| understudy_domain::environment::EnvironmentCommand::RecordTestResult {
-        deployment_id: warm_deployment,
-        test: format!("t{i}"),
-        outcome: understudy_domain::environment::TestOutcome::Passed,
-        duration_ms: None,
-        at: chrono::Utc::now(),
-    }));
+    let warming = fixtures::deploy_and_test(&warm, warm_deployment, 40);
     let mut heard = [false; 5];
     for command in warming {
         store.execute(warm_id, command, meta()).await.expect("warm-up");
