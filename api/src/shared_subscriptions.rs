@@ -37,8 +37,10 @@ pub struct Probe;
 /// which each subscriber passed as a [`Probe`], and does not count itself as a subscriber.
 pub struct SharedExecution;
 
-/// How many messages a shared subscriber may fall behind before it is ended.
-pub const BACKLOG: usize = 256;
+/// How many messages a shared subscriber may fall behind before it is ended: a few seconds of a
+/// busy project's changes. The messages are shared, so this bounds memory per execution, not per
+/// subscriber.
+pub const BACKLOG: usize = 4096;
 
 /// The GraphQL executor of the WebSocket endpoint: the schema, with shareable subscriptions shared.
 #[derive(Clone)]
@@ -206,5 +208,68 @@ fn operation<'a>(document: &'a ExecutableDocument, name: Option<&str>) -> Option
         (DocumentOperations::Multiple(operations), Some(name)) => operations.get(&Name::new(name)).map(|o| &o.node),
         (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => operations.values().next().map(|o| &o.node),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_graphql::Variables;
+
+    use super::*;
+
+    fn subscriber(capacity: usize) -> (broadcast::Sender<Arc<Response>>, BoxStream<'static, Response>) {
+        let (sender, receiver) = broadcast::channel(capacity);
+        let shared = Arc::new(Shared { sender: sender.downgrade(), _stop: CancellationToken::new().drop_guard() });
+        (sender, follow(shared, receiver))
+    }
+
+    fn numbered(n: i32) -> Arc<Response> {
+        Arc::new(Response::new(Value::from(n)))
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_gets_each_message_in_order_and_ends_with_its_execution() {
+        let (sender, mut stream) = subscriber(8);
+        for n in 0..3 {
+            sender.send(numbered(n)).expect("a subscriber");
+        }
+        drop(sender);
+        let got: Vec<Value> = (&mut stream).map(|r| r.data).collect().await;
+        assert_eq!(got, [Value::from(0), Value::from(1), Value::from(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_is_told_how_to_resume_and_ended() {
+        let (sender, mut stream) = subscriber(2);
+        for n in 0..5 {
+            sender.send(numbered(n)).expect("a subscriber");
+        }
+        let first = stream.next().await.expect("an answer");
+        assert_eq!(first.errors.len(), 1, "{first:?}");
+        assert!(first.errors[0].message.contains("fell 3 updates behind") && first.errors[0].message.contains("`after`"), "{first:?}");
+        assert!(stream.next().await.is_none(), "ended, though messages are still there");
+    }
+
+    #[test]
+    fn only_live_environment_subscriptions_are_shared() {
+        let shared = |query: &str, variables: serde_json::Value| {
+            let mut request = Request::new(query);
+            request.variables = Variables::from_json(variables);
+            shareable(&request).is_some()
+        };
+        let live = "subscription($p: UUID, $a: Int) { environmentUpdated(projectId: $p, after: $a) { id } }";
+        assert!(shared(live, serde_json::json!({ "p": "x" })));
+        assert!(shared(live, serde_json::json!({ "p": "x", "a": null })));
+        assert!(!shared(live, serde_json::json!({ "p": "x", "a": 5 })), "a resume replays on its own");
+        assert!(!shared("subscription { environmentUpdated(after: 0) { id } }", serde_json::json!({})));
+        assert!(!shared("subscription($a: Int = 3) { environmentUpdated(after: $a) { id } }", serde_json::json!({})), "a default counts");
+        assert!(shared("subscription($a: Int = null) { environmentUpdated(after: $a) { id } }", serde_json::json!({})));
+        assert!(!shared("subscription { deploymentUpdated(environmentId: \"x\") { id } }", serde_json::json!({})));
+        assert!(!shared("query { environments { id } }", serde_json::json!({})));
+        assert!(!shared(
+            "subscription { environmentUpdated { id } environmentUpdated2: environmentUpdated { id } }",
+            serde_json::json!({})
+        ));
+        assert!(!shared("subscription { ", serde_json::json!({})), "left to the schema to report");
     }
 }
