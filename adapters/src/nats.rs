@@ -100,6 +100,16 @@ pub fn resyncs() -> tokio::sync::watch::Receiver<u64> {
     RESYNCS.subscribe()
 }
 
+/// Every change of a watch counter ([`reconnects`], [`resyncs`], the relay's appends), as a stream.
+pub fn changes(receiver: tokio::sync::watch::Receiver<u64>) -> futures::stream::BoxStream<'static, ()> {
+    use futures::StreamExt;
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.changed().await.ok()?;
+        Some(((), receiver))
+    })
+    .boxed()
+}
+
 /// A projector somewhere reconnected: notices may have been missed.
 pub fn note_resync() {
     RESYNCS.send_modify(|n| *n += 1);

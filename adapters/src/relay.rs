@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::global_log::{self, LoggedEvent};
-use crate::nats::Topology;
+use crate::nats::{changes, Topology};
 
 /// Header carrying an event's global position.
 pub const POSITION_HEADER: &str = "Understudy-Position";
@@ -60,15 +60,6 @@ pub async fn announce_appends(nats: async_nats::Client, topology: Topology) {
         // At most one hint per 2 ms: under load the relays are busy anyway.
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-}
-
-/// Every change of a watch counter, as a stream.
-fn changes(receiver: watch::Receiver<u64>) -> BoxStream<'static, ()> {
-    futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.changed().await.ok()?;
-        Some(((), receiver))
-    })
-    .boxed()
 }
 
 /// Numbers up to `limit` committed events; returns how many and the new head position (0 if the

@@ -218,8 +218,8 @@ pub async fn fanout(runtime: &Runtime, subscribers: usize, changes: usize, envir
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let node_cpu = (cpu_time("self").saturating_sub(node_cpu)).as_secs_f64() * 1000.0 / changes.max(1) as f64;
-    let clients_cpu = (cpu_time(&child_pid).saturating_sub(clients_cpu)).as_secs_f64() * 1000.0 / changes.max(1) as f64;
+    let per_change = |pid: &str, before: Duration| cpu_time(pid).saturating_sub(before).as_secs_f64() * 1000.0 / changes.max(1) as f64;
+    let (node_cpu, clients_cpu) = (per_change("self", node_cpu), per_change(&child_pid, clients_cpu));
     stdin.write_all(b"DONE\n").await?;
     let mut received: HashMap<usize, Vec<u128>> = HashMap::new();
     while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {

@@ -586,14 +586,8 @@ impl Subscription {
         let healed = {
             let pool = ctx.data::<PgPool>()?.clone();
             let fresh = replayed_fresh.clone();
-            let changes = |watch: tokio::sync::watch::Receiver<u64>| {
-                futures::stream::unfold(watch, |mut watch| async move {
-                    watch.changed().await.ok()?;
-                    Some(((), watch))
-                })
-            };
-            let reconnected =
-                futures::stream::select(changes(understudy_adapters::nats::reconnects()), changes(understudy_adapters::nats::resyncs()));
+            use understudy_adapters::nats::{changes, reconnects, resyncs};
+            let reconnected = futures::stream::select(changes(reconnects()), changes(resyncs()));
             reconnected
                 .then(move |()| {
                     let pool = pool.clone();

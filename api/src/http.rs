@@ -3,8 +3,6 @@
 
 use async_graphql::http::{GraphiQLSource, MultipartOptions};
 use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
-
-use crate::shared_subscriptions::SharedSubscriptions;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::Extension;
 
@@ -17,6 +15,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::graphql::AppSchema;
+use crate::shared_subscriptions::SharedSubscriptions;
 use crate::webhooks::{self, WebhookState, MAX_WEBHOOK_BODY};
 
 /// Largest GraphQL request body accepted (a query and its variables): larger ones get 413.
