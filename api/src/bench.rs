@@ -806,17 +806,22 @@ async fn preview(
     while tasks.join_next().await.is_some() {}
 
     // Baseline: the toolchain alone, unsandboxed, in a plain checkout: compile, start, first 2xx.
-    let mut raw = Vec::new();
+    // For Wing also `wing it` alone until its Console says the app runs, which is what a Wing
+    // preview's Ready means (the Console answers before it has compiled the app).
+    let (mut raw, mut start_only) = (Vec::new(), Vec::new());
     let wing = wing_toolchain.join("node_modules/.bin/wing");
-    for run in 0..runs {
+    let is_wing = entrypoint.ends_with(".w");
+    for run in 0..runs * if is_wing { 2 } else { 1 } {
         let dir = tmp.join(format!("raw-{run}"));
         sh(&tmp, &format!("cp -r '{}' '{}'", work.display(), dir.display()))?;
         let port = 20_000 + (std::process::id() % 20_000) as u16 + run as u16;
         let started = Instant::now();
-        let (build, start) = if entrypoint.ends_with(".w") {
+        let alone = is_wing && run % 2 == 1;
+        let (build, start) = if is_wing {
             (
-                format!("'{}' compile '{entrypoint}'", wing.display()),
-                format!("exec '{}' it '{entrypoint}' --no-open -p {port}", wing.display()),
+                // As in the sandbox: no analytics.
+                if alone { "true".to_string() } else { format!("WING_DISABLE_ANALYTICS=1 '{}' compile '{entrypoint}'", wing.display()) },
+                format!("WING_DISABLE_ANALYTICS=1 exec '{}' it '{entrypoint}' --no-open -p {port}", wing.display()),
             )
         } else {
             let install = if dir.join("package-lock.json").exists() { "npm ci --no-audit --no-fund --silent" } else { "true" };
@@ -830,21 +835,25 @@ async fn preview(
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()?;
-        let client = reqwest_lite_get(port);
+        let (path, until) = if alone { ("/trpc/app.state", "\"success\"") } else { ("/", "") };
         loop {
-            if client().await {
+            if answers(port, path, until).await {
                 break;
             }
             anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "the raw app never answered");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        raw.push(started.elapsed());
+        if alone { &mut start_only } else { &mut raw }.push(started.elapsed());
         let _ = child.kill().await;
     }
     let _ = std::fs::remove_dir_all(&tmp);
     let ms = |samples: Vec<Duration>| Duration::from_secs_f64(median(&mut samples.iter().map(Duration::as_secs_f64).collect::<Vec<_>>()));
-    let (cold, warm, raw) = (ms(cold), ms(warm), ms(raw));
     println!("preview: {} ({entrypoint}), {runs} runs, medians", app.display());
+    let start_only = is_wing.then(|| ms(start_only));
+    if let Some(start_only) = start_only {
+        println!("  raw `wing it` alone → its app runs:         {:>8.0} ms", start_only.as_secs_f64() * 1000.0);
+    }
+    let (cold, warm, raw) = (ms(cold), ms(warm), ms(raw));
     println!("  raw toolchain, build + start + first 2xx:   {:>8.0} ms", raw.as_secs_f64() * 1000.0);
     println!(
         "  requested → Ready, cold (new environment):  {:>8.0} ms  ({:.2}× raw)",
@@ -857,21 +866,28 @@ async fn preview(
         warm.as_secs_f64() / raw.as_secs_f64(),
         warm.as_secs_f64() / cold.as_secs_f64()
     );
+    if let Some(start_only) = start_only {
+        println!("  cold against `wing it` alone:               {:>8.2}×", cold.as_secs_f64() / start_only.as_secs_f64());
+    }
     Ok(())
 }
 
-/// A GET of `/` on a local port that reports whether it answered 2xx or 3xx.
-fn reqwest_lite_get(port: u16) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
-    move || {
-        Box::pin(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
-            let request = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-            if stream.write_all(request.as_bytes()).await.is_err() {
-                return false;
-            }
-            let mut head = [0u8; 12];
-            stream.read_exact(&mut head).await.is_ok() && (head.starts_with(b"HTTP/1.1 2") || head.starts_with(b"HTTP/1.1 3"))
-        })
-    }
+/// Whether `GET path` on a local port answers 2xx or 3xx with a body that contains `until`.
+async fn answers(port: u16, path: &str, until: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = Vec::new();
+        if until.is_empty() {
+            answer.resize(12, 0);
+            stream.read_exact(&mut answer).await.ok()?;
+        } else {
+            stream.read_to_end(&mut answer).await.ok()?;
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        Some((answer.starts_with("HTTP/1.1 2") || answer.starts_with("HTTP/1.1 3")) && answer.contains(until))
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(5), attempt).await, Ok(Some(true)))
 }

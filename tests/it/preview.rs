@@ -21,7 +21,7 @@ use understudy_domain::values::{BranchName, CommitSha, Entrypoint, ProjectName, 
 use understudy_tests::fixtures::{env_id, meta, spec};
 use understudy_tests::graphql_ws;
 use understudy_tests::repos::{self, root};
-use understudy_tests::{eventually, understudy_bin, TestEnv};
+use understudy_tests::{eventually, metric, understudy_bin, TestEnv};
 use uuid::Uuid;
 
 pub(crate) const DOMAIN: &str = "preview.localhost";
@@ -280,9 +280,9 @@ async fn a_wing_app_goes_live_behind_the_proxy_with_its_tests_and_logs() {
 
     // The build log pages without repeats: from the last nano there is nothing new.
     let (build, last) = previews.log(environment, "build", 0).await;
-    assert!(build.contains("wing compile main.w"), "{build}");
+    assert!(build.contains("understudy: stack wing"), "{build}");
     let (run_log, _) = previews.log(environment, "run", 0).await;
-    assert!(run_log.contains("wing it main.w") && run_log.contains("health check GET / answered 200"), "{run_log}");
+    assert!(run_log.contains("wing it main.w") && run_log.contains("the Wing Console has compiled the app"), "{run_log}");
     let (again, same) = previews.log(environment, "build", last).await;
     assert!(again.is_empty(), "a poller sees nothing twice: {again}");
     assert_eq!(same, last);
@@ -305,7 +305,7 @@ async fn failing_tests_and_broken_builds_are_reported_with_their_reasons() {
     let row = previews.settled(broken, &["Ready", "Failed"]).await;
     assert_eq!(row.0, "Failed");
     let failure = row.2.expect("a reason");
-    assert!(failure.contains("build failed") && failure.contains("wing compile"), "{failure}");
+    assert!(failure.contains("build failed: the app does not compile: error: Unknown symbol"), "{failure}");
     let (build, _) = previews.log(broken, "build", 0).await;
     assert!(build.contains("Unknown symbol \"nothing\""), "the compiler's own error in the log: {build}");
     let response = previews.preview(broken, "/").send().await.expect("preview");
@@ -317,6 +317,11 @@ async fn failing_tests_and_broken_builds_are_reported_with_their_reasons() {
     assert_eq!((row.3, row.4), (1, 1), "one passed, one failed");
     let (log, _) = previews.log(red, "tests/arithmetic%20is%20broken", 0).await;
     assert!(log.contains("4 !== 5"), "the assertion in the failing test's log: {log}");
+    // Only the red app runs on: the broken one's start was stopped with its build.
+    eventually(Duration::from_secs(10), "one sandbox left running", || async {
+        (metric(previews.addr, "understudy_sandboxes_running").await == 1).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -78,7 +78,20 @@ pub struct Plan {
     pub start: String,
     pub tests: Tests,
     pub health_path: String,
+    /// When the started app counts as up.
+    pub ready: Readiness,
     pub env: BTreeMap<String, String>,
+}
+
+/// How the worker knows that a started app is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// `GET health_path` answers 2xx or 3xx.
+    Answers,
+    /// The Wing Console (`wing it`) answers at once, then compiles the app and loads it into its
+    /// simulator. The app is up when the Console's `GET /trpc/app.state` says `success`; `error`
+    /// means it does not compile, a build failure whose reason is `GET /trpc/app.error`.
+    WingConsole,
 }
 
 /// Why no plan could be made: a user fault, shown in the build log.
@@ -266,10 +279,12 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
         Plan {
             stack: Stack::Wing,
             install: npm_install,
-            build: Some(join([npm_rebuild, Some(format!("wing compile {quoted}"))])),
+            // `wing it` compiles the app itself, and the Wing Console reports how that went.
+            build: npm_rebuild,
             start: format!("wing it {quoted} --no-open -p \"$PORT\""),
             tests: Tests::Wing { entrypoint: entrypoint.to_string() },
             health_path: "/".into(),
+            ready: Readiness::WingConsole,
             env: BTreeMap::new(),
         }
     } else if let Some(package) = package.as_ref().filter(|p| p.scripts.contains_key("start")) {
@@ -281,6 +296,7 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
             start: "npm start".into(),
             tests: if package.scripts.contains_key("test") { Tests::Command("npm test".into()) } else { Tests::None },
             health_path: "/".into(),
+            ready: Readiness::Answers,
             env: BTreeMap::new(),
         }
     } else if let Some(web) = read("Procfile").as_deref().and_then(procfile_web) {
@@ -291,6 +307,7 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
             start: web,
             tests: Tests::None,
             health_path: "/".into(),
+            ready: Readiness::Answers,
             env: BTreeMap::new(),
         }
     } else if is_rust {
@@ -301,6 +318,7 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
             start: "cargo run --release --offline --quiet".into(),
             tests: Tests::Command("cargo test --release --offline".into()),
             health_path: "/".into(),
+            ready: Readiness::Answers,
             env: BTreeMap::new(),
         }
     } else if let Some(main) = ["app.py", "main.py"].into_iter().find(|f| root.join(f).is_file()) {
@@ -320,6 +338,7 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
                 (true, false) => Tests::Command("python3 -m unittest discover".into()),
             },
             health_path: "/".into(),
+            ready: Readiness::Answers,
             env: BTreeMap::new(),
         }
     } else if config.as_ref().is_some_and(|c| c.start.is_some()) {
@@ -330,6 +349,7 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
             start: String::new(),
             tests: Tests::None,
             health_path: "/".into(),
+            ready: Readiness::Answers,
             env: BTreeMap::new(),
         }
     } else {
@@ -347,6 +367,7 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
         }
         if let Some(start) = config.start {
             plan.start = start;
+            plan.ready = Readiness::Answers;
         }
         if let Some(test) = config.test {
             plan.tests = Tests::Command(test);
@@ -356,6 +377,7 @@ pub fn plan(root: &Path, entrypoint: &str) -> Result<Plan, PlanError> {
                 return Err(PlanError::Config { line: 1, reason: format!("health must be a path starting with '/', not {health:?}") });
             }
             plan.health_path = health;
+            plan.ready = Readiness::Answers;
         }
         plan.env = config.env;
     }
@@ -397,11 +419,18 @@ mod tests {
         let dir = repo(&[("main.w", "bring cloud;"), ("api.main.w", "bring cloud;")]);
         let plan = plan(dir.path(), "api.main.w").expect("plan");
         assert_eq!(plan.stack, Stack::Wing);
-        assert_eq!(plan.build.as_deref(), Some("wing compile api.main.w"));
+        assert_eq!(plan.build, None, "`wing it` compiles the app");
         assert_eq!(plan.start, "wing it api.main.w --no-open -p \"$PORT\"");
+        assert_eq!(plan.ready, Readiness::WingConsole);
         assert_eq!(plan.tests, Tests::Wing { entrypoint: "api.main.w".into() });
         assert!(plan.install.is_none(), "no package.json, nothing to fetch");
         assert!(matches!(super::plan(dir.path(), "gone.main.w"), Err(PlanError::Nothing(_))));
+
+        // A start or health check of one's own is waited for as any app's: by its answer.
+        for file in ["start = \"node server.js\"\n", "health = \"/up\"\n"] {
+            let dir = repo(&[("main.w", "bring cloud;"), (CONFIG_FILE, file)]);
+            assert_eq!(super::plan(dir.path(), "main.w").expect("plan").ready, Readiness::Answers, "{file}");
+        }
     }
 
     #[test]

@@ -44,15 +44,28 @@ pub async fn connect_socket(socket: &Path) -> std::io::Result<UnixStream> {
 
 /// One health probe: the status `GET path` answers with, or why there was none.
 pub async fn probe(socket: &Path, path: &str, timeout: Duration) -> Result<u16, String> {
+    let attempt = async { Ok(send_get(socket, path).await?.status().as_u16()) };
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| format!("no answer within {}s", timeout.as_secs()))?
+}
+
+/// `GET path`'s status and body (at most `limit` bytes), or why there was none.
+pub async fn get(socket: &Path, path: &str, timeout: Duration, limit: usize) -> Result<(u16, Bytes), String> {
+    use http_body_util::BodyExt;
     let attempt = async {
-        let mut sender = connect::<Empty<Bytes>>(socket).await.map_err(|e| e.to_string())?;
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::USER_AGENT, "understudy-health-check")
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-        Ok(response.status().as_u16())
+        let response = send_get(socket, path).await?;
+        let status = response.status().as_u16();
+        let body = http_body_util::Limited::new(response.into_body(), limit).collect().await.map_err(|e| e.to_string())?;
+        Ok((status, body.to_bytes()))
     };
     tokio::time::timeout(timeout, attempt).await.map_err(|_| format!("no answer within {}s", timeout.as_secs()))?
+}
+
+async fn send_get(socket: &Path, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let mut sender = connect::<Empty<Bytes>>(socket).await.map_err(|e| e.to_string())?;
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::USER_AGENT, "understudy-health-check")
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    sender.send_request(request).await.map_err(|e| e.to_string())
 }

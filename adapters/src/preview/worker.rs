@@ -26,7 +26,7 @@ mod debug;
 use super::git::{self, FetchError};
 use super::logs::{LogSink, LogStream, Redactor};
 use super::sandbox::{SandboxSpec, Sandboxed};
-use super::stack::{self, Plan, Tests};
+use super::stack::{self, Plan, Readiness, Tests};
 use super::{unix_http, PreviewConfig};
 use crate::metrics::METRICS;
 use crate::{CommandError, EventStore};
@@ -608,33 +608,23 @@ impl Worker {
         let build_log = self.logs.stream(job.deployment.0, "build", job.redactor.clone());
         let (plan, plan_env) = self.prepare(job, repository, git_url, &build_log, stop).await?;
         METRICS.preview_build_seconds.observe(build_started.elapsed());
-        if self.status(job).await? == Some(DeploymentStatus::Building) {
-            self.command(job, meta, EnvironmentCommand::CompleteBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
+        // An app that compiles as it starts (the Wing Console) is built once it is up.
+        let builds_while_starting = plan.ready == Readiness::WingConsole;
+        if !builds_while_starting {
+            self.complete_build(job, meta).await?;
         }
 
-        // Start, up to three times.
         let run_log = self.logs.stream(job.deployment.0, "run", job.redactor.clone());
         let spec = self.sandbox(job, "app", false, &plan_env);
         let start_started = Instant::now();
-        let mut app = None;
-        let mut last = String::new();
-        for attempt in 1..=3 {
-            match self.start(&spec, &plan, &run_log, stop).await {
-                Ok(started) => {
-                    app = Some(started);
-                    break;
-                }
-                Err(Stop::User(_, reason)) => {
-                    build_log.line(format!("understudy: start attempt {attempt} of 3 failed: {reason}"));
-                    last = reason;
-                }
-                Err(other) => return Err(other),
+        let mut app = self.start_with_retries(&spec, &plan, &run_log, &build_log, stop).await?;
+        METRICS.preview_start_seconds.observe(start_started.elapsed());
+        if builds_while_starting {
+            if let Err(failed) = self.complete_build(job, meta).await {
+                app.kill().await;
+                return Err(failed);
             }
         }
-        let Some(mut app) = app else {
-            return Err(Stop::User(FailedStage::Start, last));
-        };
-        METRICS.preview_start_seconds.observe(start_started.elapsed());
         let socket = spec.run_dir.join(SOCKET);
 
         // Ready: route to it, then say so.
@@ -663,6 +653,14 @@ impl Worker {
             build_log.line("understudy: ready");
         }
         Ok((app, plan, plan_env))
+    }
+
+    /// Records the end of the build, unless a restart of a deployment past it.
+    async fn complete_build(&self, job: &Job, meta: &Metadata) -> Result<(), Stop> {
+        if self.status(job).await? == Some(DeploymentStatus::Building) {
+            self.command(job, meta, EnvironmentCommand::CompleteBuild { deployment_id: job.deployment, at: Utc::now() }).await?;
+        }
+        Ok(())
     }
 
     /// Fetch into a clean work dir, detect the stack, install, build and (once) seed: the plan
@@ -830,11 +828,44 @@ impl Worker {
         Ok(app)
     }
 
-    /// Starts the app behind the bridge and waits for its health check to pass.
-    async fn start(&self, spec: &SandboxSpec, plan: &Plan, log: &LogStream, stop: &CancellationToken) -> Result<Sandboxed, Stop> {
+    /// [`Self::start`], up to three times: an app that does not compile is not tried again.
+    /// Each failed attempt's reason goes to `log`, and the last one's is the failure.
+    async fn start_with_retries(
+        &self,
+        spec: &SandboxSpec,
+        plan: &Plan,
+        run_log: &LogStream,
+        log: &LogStream,
+        stop: &CancellationToken,
+    ) -> Result<Sandboxed, Stop> {
+        let mut last = String::new();
+        for attempt in 1..=3 {
+            match self.start(spec, plan, run_log, log, stop).await {
+                Ok(app) => return Ok(app),
+                Err(Stop::User(FailedStage::Start, reason)) => {
+                    log.line(format!("understudy: start attempt {attempt} of 3 failed: {reason}"));
+                    last = reason;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(Stop::User(FailedStage::Start, last))
+    }
+
+    /// Starts the app behind the bridge and waits until it is up (`Plan::ready`). An app that
+    /// compiles as it starts and does not compile is a build failure, its errors into `build_log`.
+    async fn start(
+        &self,
+        spec: &SandboxSpec,
+        plan: &Plan,
+        log: &LogStream,
+        build_log: &LogStream,
+        stop: &CancellationToken,
+    ) -> Result<Sandboxed, Stop> {
         let mut app = self.spawn_app(spec, plan, log)?;
         let socket = spec.run_dir.join(SOCKET);
-        let deadline = Instant::now() + self.config.start_timeout;
+        let started = Instant::now();
+        let mut compiling = false;
         let mut last = "no answer yet".to_string();
         let mut reported = String::new();
         loop {
@@ -848,24 +879,36 @@ impl Worker {
                 };
                 return Err(Stop::User(FailedStage::Start, reason));
             }
-            if Instant::now() >= deadline {
+            // Compiling has the build's time; answering after it, the start's.
+            let (limit, stage) =
+                if compiling { (self.config.build_timeout, FailedStage::Build) } else { (self.config.start_timeout, FailedStage::Start) };
+            if started.elapsed() >= limit {
                 app.kill().await;
-                return Err(Stop::User(
-                    FailedStage::Start,
-                    format!("health check GET {} did not pass within {}s: {last}", plan.health_path, self.config.start_timeout.as_secs()),
-                ));
+                let what = if compiling { "the app did not compile" } else { "the app was not up" };
+                return Err(Stop::User(stage, format!("{what} within {}s: {last}", limit.as_secs())));
             }
             if socket.exists() {
-                match unix_http::probe(&socket, &plan.health_path, Duration::from_secs(5)).await {
-                    Ok(code) if (200..400).contains(&code) => {
-                        log.line(format!("understudy: health check GET {} answered {code}", plan.health_path));
+                match look(&socket, plan).await {
+                    Look::Up(how) => {
+                        log.line(format!("understudy: {how}"));
                         return Ok(app);
                     }
-                    Ok(code) => last = format!("answered {code}"),
-                    Err(error) => last = error,
+                    Look::DoesNotCompile(errors) => {
+                        app.kill().await;
+                        build_log.line("understudy: the app does not compile:");
+                        for line in errors.lines() {
+                            build_log.line(line);
+                        }
+                        let summary = errors.lines().map(str::trim).filter(|l| !l.is_empty()).take(2).collect::<Vec<_>>().join(" ");
+                        return Err(Stop::User(FailedStage::Build, format!("build failed: the app does not compile: {summary}")));
+                    }
+                    Look::NotYet { compiling: now, why } => {
+                        compiling = now;
+                        last = why;
+                    }
                 }
                 if last != reported {
-                    log.line(format!("understudy: health check GET {}: {last}", plan.health_path));
+                    log.line(format!("understudy: {last}"));
                     reported = last.clone();
                 }
             }
@@ -1163,7 +1206,10 @@ impl Worker {
                         self.command(job, meta, command).await?;
                         run_log.line("understudy: restart requested; restarting the app");
                         app.kill().await;
-                        *app = self.start(&spec, plan, &run_log, stop).await?;
+                        *app = self.start(&spec, plan, &run_log, &run_log, stop).await.map_err(|stopped| match stopped {
+                            Stop::User(_, reason) => Stop::User(FailedStage::Start, reason),
+                            other => other,
+                        })?;
                         self.report_health(job, meta, true, "restarted on request").await?;
                         failures = 0;
                         next_probe = Instant::now() + self.config.health_interval;
@@ -1207,22 +1253,13 @@ impl Worker {
                         run_log.line("understudy: the app stopped answering; restarting it");
                         METRICS.preview_restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         app.kill().await;
-                        let mut last = String::new();
-                        let mut restarted = None;
-                        for _ in 0..3 {
-                            match self.start(&spec, plan, &run_log, stop).await {
-                                Ok(started) => {
-                                    restarted = Some(started);
-                                    break;
-                                }
-                                Err(Stop::User(_, reason)) => last = reason,
-                                Err(other) => return Err(other),
-                            }
-                        }
-                        let Some(started) = restarted else {
-                            return Err(Stop::User(FailedStage::Start, format!("the app stopped answering its health check and did not come back: {last}")));
-                        };
-                        *app = started;
+                        *app = self.start_with_retries(&spec, plan, &run_log, &run_log, stop).await.map_err(|stopped| match stopped {
+                            Stop::User(_, last) => Stop::User(
+                                FailedStage::Start,
+                                format!("the app stopped answering its health check and did not come back: {last}"),
+                            ),
+                            other => other,
+                        })?;
                         self.report_health(job, meta, true, "restarted").await?;
                         failures = 0;
                         next_probe = Instant::now() + self.config.health_interval;
@@ -1326,6 +1363,49 @@ enum Lease {
 
 /// Cancels `work` once `deployment` is no longer its environment's latest, or the environment
 /// is stale or terminated (read from the `environments` read model once a second).
+/// What one look at a started app found.
+enum Look {
+    /// Up, and how that was seen.
+    Up(String),
+    /// Not up yet, whether it is still compiling, and why not.
+    NotYet { compiling: bool, why: String },
+    /// It compiles as it starts, and does not compile: the compiler's errors.
+    DoesNotCompile(String),
+}
+
+/// One look at whether the app behind `socket` is up (`Plan::ready`).
+async fn look(socket: &Path, plan: &Plan) -> Look {
+    let path = &plan.health_path;
+    let not_yet = |why: String| Look::NotYet { compiling: false, why };
+    let code = match unix_http::probe(socket, path, Duration::from_secs(5)).await {
+        Ok(code) if (200..400).contains(&code) => code,
+        Ok(code) => return not_yet(format!("health check GET {path}: answered {code}")),
+        Err(error) => return not_yet(format!("health check GET {path}: {error}")),
+    };
+    match plan.ready {
+        Readiness::Answers => Look::Up(format!("health check GET {path} answered {code}")),
+        Readiness::WingConsole => match wing_console(socket, "app.state").await.as_deref() {
+            Ok("success") => Look::Up("the Wing Console has compiled the app and runs it in its simulator".into()),
+            Ok("error") => Look::DoesNotCompile(
+                wing_console(socket, "app.error").await.unwrap_or_else(|error| format!("(the Wing Console's error: {error})")),
+            ),
+            Ok(state) => Look::NotYet { compiling: state == "compiling", why: format!("the Wing Console's app: {state}") },
+            Err(error) => not_yet(format!("the Wing Console's app state: {error}")),
+        },
+    }
+}
+
+/// A query of the Wing Console's own API (tRPC over HTTP, as its page uses it): `result.data`.
+async fn wing_console(socket: &Path, procedure: &str) -> Result<String, String> {
+    let path = format!("/trpc/{procedure}");
+    let (status, body) = unix_http::get(socket, &path, Duration::from_secs(5), 1 << 20).await?;
+    if status != 200 {
+        return Err(format!("GET {path} answered {status}"));
+    }
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("GET {path}: {e}"))?;
+    value.pointer("/result/data").and_then(|data| data.as_str()).map(str::to_string).ok_or_else(|| format!("GET {path}: no result.data"))
+}
+
 async fn watch_for_newer(pool: PgPool, environment: EnvironmentId, deployment: DeploymentId, work: CancellationToken) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
