@@ -1,9 +1,5 @@
-//! Any `understudy.toml`: reading its entrypoints and planning a build answer, never panic
-//! (the error's line number is computed from the parser's byte span).
+//! See `understudy_fuzz::repository_file` (fuzz/src/repository_file.rs), which the test suite also runs over the corpus.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|text: &str| {
-    let _ = understudy_adapters::preview::stack::configured_entrypoints(text);
-    let _ = understudy_adapters::preview::stack::check_config(text);
-});
+fuzz_target!(|text: &str| understudy_fuzz::repository_file::run(text));

@@ -7,6 +7,7 @@ mod cli;
 mod dashboard;
 mod debug;
 mod docs;
+mod fuzz_corpora;
 mod github;
 mod graphql;
 mod preview;
