@@ -325,6 +325,18 @@ async fn failing_tests_and_broken_builds_are_reported_with_their_reasons() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wing_app_that_is_never_up_fails_while_its_build_is_open() {
+    // No time at all to start: the Wing Console cannot answer, three times over.
+    let previews = Previews::start_configured(|config| config.start_timeout = Duration::ZERO).await;
+    let (environment, _) = previews.deploy("wing-hello", "main.w").await;
+    let row = previews.settled(environment, &["Failed"]).await;
+    let failure = row.2.expect("a reason");
+    assert!(failure.contains("the app was not up within 0s"), "{failure}");
+    let (build, _) = previews.log(environment, "build", 0).await;
+    assert!(build.contains("start attempt 3 of 3 failed"), "{build}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_app_serves_http_and_upgrades_until_its_environment_is_terminated() {
     let previews = Previews::start().await;
     let (environment, deployment) = previews.deploy("node-hello", ".").await;

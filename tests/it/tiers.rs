@@ -433,8 +433,17 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
     assert!(artifact(first, "isolation.txt").await.starts_with("no route"), "the smoke test reached the host's Postgres");
     assert_eq!(promoter.pass().await.expect("pass"), 1);
     // What passed is pushed to the tier's `pushTo` branch, once.
-    let verified = || repos::git(&bare, &["rev-parse", "--verify", "--quiet", "refs/heads/verified"]);
-    eventually(Duration::from_secs(60), "v1 pushed to verified", || async { (verified() == v1.as_str()).then_some(()) }).await;
+    // The branch, once the push has made it (until then `rev-parse --verify` fails).
+    let verified = || {
+        let output = std::process::Command::new("git")
+            .args(["rev-parse", "--verify", "--quiet", "refs/heads/verified"])
+            .current_dir(&bare)
+            .output()
+            .expect("git runs");
+        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    eventually(Duration::from_secs(60), "v1 pushed to verified", || async { (verified().as_deref() == Some(v1.as_str())).then_some(()) })
+        .await;
     // The push is recorded on the deployment after git has it.
     eventually(Duration::from_secs(10), "the push recorded", || async {
         (current().await.pushed_to.as_deref() == Some("verified")).then_some(())
@@ -473,7 +482,7 @@ async fn a_failed_smoke_test_keeps_its_artifacts_and_holds_the_commit_back() {
     let (log, _) = previews.log(staging, "tests/smoke", 0).await;
     assert!(log.contains("$ node smoke.js") && log.contains("exited with"), "{log}");
     assert_eq!(promoter.pass().await.expect("pass"), 0, "a failed smoke test holds the commit back");
-    assert_eq!(verified(), v1.as_str(), "and is not pushed");
+    assert_eq!(verified().as_deref(), Some(v1.as_str()), "and is not pushed");
     let production = of_tier(project, "production");
     assert_eq!(previews.settled(production, &["Ready"]).await.0, "Ready");
     assert_eq!(previews.body(production).await.as_deref(), Some("production:-:ok-to-ship v1\n"));

@@ -268,6 +268,12 @@ impl Worker {
             }
             Err(Stop::User(stage, reason)) => {
                 build.line(format!("understudy: deployment failed: {reason}"));
+                // The failure belongs to the stage the deployment has reached: a Wing app starts
+                // before its build is recorded complete, and a restarted deployment is past it.
+                let stage = match self.stage_of(&job).await {
+                    (reached, Some(_)) => reached,
+                    (_, None) => stage,
+                };
                 let command = EnvironmentCommand::MarkFailed { deployment_id: job.deployment, stage, reason, at: Utc::now() };
                 if let Err(error) = self.store.environments.execute(job.environment.0, command, meta.clone()).await {
                     tracing::info!(%error, "could not mark the deployment failed");
