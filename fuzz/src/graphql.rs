@@ -17,9 +17,6 @@ use async_graphql::{Request, Schema, Variables};
 use futures::StreamExt;
 use understudy_api::graphql::{with_limits, AppSchema, MutationRoot, QueryRoot, SharedReads, Subscription};
 
-/// Longer than any request may take: a request still running then is a hang.
-pub const DEADLINE: Duration = Duration::from_secs(2);
-
 struct Fixture {
     runtime: tokio::runtime::Runtime,
     schema: AppSchema,
@@ -30,12 +27,7 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime");
         let schema = runtime.block_on(async {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .acquire_timeout(Duration::from_millis(20))
-                .connect_lazy("postgres://fuzz@127.0.0.1:9/fuzz")
-                .expect("the URL is well formed");
-            let store = understudy_adapters::event_store::EventStore::new(pool.clone()).await.expect("building the store runs no SQL");
-            let auth = understudy_api::auth::Auth::new(store, None, None, None, "http://127.0.0.1:9", true, "preview.localhost");
+            let (pool, auth) = super::unreachable_database().await;
             let topology = understudy_adapters::nats::Topology::new("fuzz").expect("a valid prefix");
             let builder = Schema::build(QueryRoot::default(), MutationRoot::default(), Subscription)
                 .data(auth)
@@ -56,9 +48,9 @@ fn request(query: &str, variables: Option<&serde_json::Value>) -> Request {
     }
 }
 
-/// One input, each request given [`DEADLINE`].
+/// One input, each request given [`super::DEADLINE`].
 pub fn run(data: &[u8]) {
-    run_within(data, DEADLINE);
+    run_within(data, super::DEADLINE);
 }
 
 /// One input, each request given `deadline` (the corpus replay allows more on a busy machine).

@@ -28,9 +28,6 @@ use tower::ServiceExt;
 use understudy_api::logs::fuzzing::{self, LogLine};
 use understudy_api::logs::LogQuery;
 
-/// Longer than any request may take: a request still running then is a hang.
-pub const DEADLINE: Duration = Duration::from_secs(2);
-
 struct Fixture {
     runtime: tokio::runtime::Runtime,
     router: axum::Router,
@@ -41,12 +38,7 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime");
         let router = runtime.block_on(async {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .acquire_timeout(Duration::from_millis(20))
-                .connect_lazy("postgres://fuzz@127.0.0.1:9/fuzz")
-                .expect("the URL is well formed");
-            let store = understudy_adapters::event_store::EventStore::new(pool.clone()).await.expect("building the store runs no SQL");
-            let auth = understudy_api::auth::Auth::new(store, None, None, None, "http://127.0.0.1:9", true, "preview.localhost");
+            let (pool, auth) = super::unreachable_database().await;
             understudy_api::logs::router(pool, auth)
         });
         Fixture { runtime, router }
@@ -132,9 +124,9 @@ fn page(data: &[u8]) {
     }
 }
 
-/// One input, each request given [`DEADLINE`].
+/// One input, each request given [`super::DEADLINE`].
 pub fn run(data: &[u8]) {
-    run_within(data, DEADLINE);
+    run_within(data, super::DEADLINE);
 }
 
 /// One input, each request given `deadline` (the corpus replay allows more on a busy machine).
