@@ -870,7 +870,9 @@ impl Worker {
     ) -> Result<Sandboxed, Stop> {
         let mut app = self.spawn_app(spec, plan, log)?;
         let socket = spec.run_dir.join(SOCKET);
-        let started = Instant::now();
+        // Compiling may take the build timeout, counted from the spawn; what follows it, the
+        // start timeout, counted from its end.
+        let mut since = Instant::now();
         let mut compiling = false;
         let mut last = "no answer yet".to_string();
         let mut reported = String::new();
@@ -885,10 +887,9 @@ impl Worker {
                 };
                 return Err(Stop::User(FailedStage::Start, reason));
             }
-            // Compiling has the build's time; answering after it, the start's.
             let (limit, stage) =
                 if compiling { (self.config.build_timeout, FailedStage::Build) } else { (self.config.start_timeout, FailedStage::Start) };
-            if started.elapsed() >= limit {
+            if since.elapsed() >= limit {
                 app.kill().await;
                 let what = if compiling { "the app did not compile" } else { "the app was not up" };
                 return Err(Stop::User(stage, format!("{what} within {}s: {last}", limit.as_secs())));
@@ -909,6 +910,9 @@ impl Worker {
                         return Err(Stop::User(FailedStage::Build, format!("build failed: the app does not compile: {summary}")));
                     }
                     Look::NotYet { compiling: now, why } => {
+                        if compiling && !now {
+                            since = Instant::now();
+                        }
                         compiling = now;
                         last = why;
                     }
