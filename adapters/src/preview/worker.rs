@@ -1216,10 +1216,7 @@ impl Worker {
                         self.command(job, meta, command).await?;
                         run_log.line("understudy: restart requested; restarting the app");
                         app.kill().await;
-                        *app = self.start(&spec, plan, &run_log, &run_log, stop).await.map_err(|stopped| match stopped {
-                            Stop::User(_, reason) => Stop::User(FailedStage::Start, reason),
-                            other => other,
-                        })?;
+                        *app = self.start(&spec, plan, &run_log, &run_log, stop).await?;
                         self.report_health(job, meta, true, "restarted on request").await?;
                         failures = 0;
                         next_probe = Instant::now() + self.config.health_interval;
@@ -1371,8 +1368,6 @@ enum Lease {
     Keep,
 }
 
-/// Cancels `work` once `deployment` is no longer its environment's latest, or the environment
-/// is stale or terminated (read from the `environments` read model once a second).
 /// What one look at a started app found.
 enum Look {
     /// Up, and how that was seen.
@@ -1416,6 +1411,8 @@ async fn wing_console(socket: &Path, procedure: &str) -> Result<String, String> 
     value.pointer("/result/data").and_then(|data| data.as_str()).map(str::to_string).ok_or_else(|| format!("GET {path}: no result.data"))
 }
 
+/// Cancels `work` once `deployment` is no longer its environment's latest, or the environment
+/// is stale or terminated (read from the `environments` read model once a second).
 async fn watch_for_newer(pool: PgPool, environment: EnvironmentId, deployment: DeploymentId, work: CancellationToken) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
