@@ -375,7 +375,10 @@ pub(crate) async fn follow_environments(
 ) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
     let mut request = format!("ws://{addr}/graphql").into_client_request()?;
     request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
+    // A small read buffer: tungstenite zero-fills the free part of its buffer before each read,
+    // and at the default 128 KiB that was most of a bench client's CPU per message.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4 * 1024);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), false).await?;
     ws.send(Message::text(r#"{"type":"connection_init"}"#)).await?;
     ws.next().await.context("no connection_ack")??;
     let subscribe = serde_json::json!({"id": "1", "type": "subscribe", "payload": {

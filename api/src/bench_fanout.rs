@@ -325,9 +325,13 @@ pub async fn clients(addr: std::net::SocketAddr, project: Uuid, subscribers: usi
                 }
             };
             let mut seen = 0usize;
+            // One wait for the end, registered once: a new one per message would take the
+            // token's lock, shared by every connection, twice per message.
+            let stopped = stop.cancelled_owned();
+            tokio::pin!(stopped);
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = &mut stopped => return,
                     frame = ws.next() => match frame {
                         Some(Ok(Message::Text(text))) => {
                             let at = unix_nanos();
