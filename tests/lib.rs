@@ -154,21 +154,45 @@ pub mod graphql_ws {
     /// Like [`connect`], with extra handshake headers (`Cookie`, `Origin`, `Authorization`); the
     /// HTTP status when the server refuses the upgrade.
     pub async fn connect_with(addr: std::net::SocketAddr, headers: &[(&str, &str)]) -> Result<Socket, u16> {
+        let mut ws = open(addr, "graphql-transport-ws", headers).await?;
+        ws.send(Message::text(json!({ "type": "connection_init" }).to_string())).await.expect("init");
+        assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+        Ok(ws)
+    }
+
+    /// Opens a socket offering `protocols` (as `Sec-WebSocket-Protocol`), with extra handshake
+    /// headers, and checks that the server chose the first; the HTTP status when it refuses.
+    pub async fn open(addr: std::net::SocketAddr, protocols: &str, headers: &[(&str, &str)]) -> Result<Socket, u16> {
         let mut request = format!("ws://{addr}/graphql").into_client_request().expect("request");
-        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
+        request.headers_mut().insert("Sec-WebSocket-Protocol", protocols.parse().expect("header"));
         for (name, value) in headers {
             let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
             request.headers_mut().insert(name, value.parse().expect("header"));
         }
-        let (mut ws, response) = match tokio_tungstenite::connect_async(request).await {
+        let (ws, response) = match tokio_tungstenite::connect_async(request).await {
             Ok(connected) => connected,
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => return Err(response.status().as_u16()),
             Err(error) => panic!("connect: {error}"),
         };
-        assert_eq!(response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()), Some("graphql-transport-ws"));
-        ws.send(Message::text(json!({ "type": "connection_init" }).to_string())).await.expect("init");
-        assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+        let first = protocols.split(',').next().unwrap_or_default().trim();
+        assert_eq!(response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()), Some(first));
         Ok(ws)
+    }
+
+    /// The close frame the server ends the socket with: its code and reason.
+    pub async fn closed(ws: &mut Socket) -> (u16, String) {
+        loop {
+            match ws.next().await.expect("a close frame before the end").expect("frame") {
+                Message::Close(Some(frame)) => return (frame.code.into(), frame.reason.to_string()),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends `message` as a text frame.
+    pub async fn send(ws: &mut Socket, message: Value) {
+        ws.send(Message::text(message.to_string())).await.expect("send");
     }
 
     /// Starts subscription `id`.

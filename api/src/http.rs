@@ -2,7 +2,7 @@
 //! health, and the preview proxy in front of it all.
 
 use async_graphql::http::{GraphiQLSource, MultipartOptions};
-use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
+use async_graphql_axum::GraphQLResponse;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::Extension;
 
@@ -120,7 +120,7 @@ async fn graphql(State(state): State<GraphqlState>, Extension(viewer): Extension
 async fn graphql_ws(
     State(state): State<GraphqlState>,
     Extension(viewer): Extension<Viewer>,
-    protocol: GraphQLProtocol,
+    protocol: crate::graphql_ws::Protocol,
     upgrade: WebSocketUpgrade,
     headers: HeaderMap,
 ) -> Response {
@@ -144,8 +144,10 @@ async fn graphql_ws(
         .write_buffer_size(4 * 1024)
         .max_message_size(MAX_GRAPHQL_BODY)
         .max_frame_size(MAX_GRAPHQL_BODY)
-        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |stream| GraphQLWebSocket::new(stream, subscriptions, protocol).with_data(data).serve())
+        // The handshake's answer names the protocol the socket will speak: the first of the
+        // client's list that we speak (offered all, axum would answer with the first of ours).
+        .protocols([protocol.0.sec_websocket_protocol()])
+        .on_upgrade(move |socket| crate::graphql_ws::serve(socket, subscriptions, protocol.0, data))
 }
 
 async fn graphiql() -> impl IntoResponse {

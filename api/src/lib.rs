@@ -10,6 +10,7 @@ pub mod cli;
 pub mod dashboard;
 pub mod debug;
 pub mod graphql;
+pub mod graphql_ws;
 pub mod http;
 pub mod logs;
 pub mod metrics;

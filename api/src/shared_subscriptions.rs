@@ -1,8 +1,9 @@
 //! One execution per distinct live subscription, shared by every socket that asked for it.
 //!
 //! Ten thousand dashboards following one project's environments all ask the same question.
-//! Resolved one by one, each change costs ten thousand GraphQL executions; shared, it costs one,
-//! and each socket only copies, serializes and writes the result.
+//! Resolved one by one, each change costs ten thousand GraphQL executions and as many
+//! serializations; shared, it costs one of each, and each socket only writes the result
+//! ([`crate::graphql_ws`] puts it in the socket's own envelope).
 //!
 //! - Only subscriptions whose messages do not depend on when one joined are shared: today
 //!   `environmentUpdated` without `after` (with `after`, each subscriber first gets its own
@@ -22,6 +23,7 @@ use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, Opera
 use async_graphql::{Data, Executor, Name, Request, Response, ServerError, Value};
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use understudy_adapters::metrics::METRICS;
@@ -42,6 +44,14 @@ pub struct SharedExecution;
 /// subscriber.
 pub const BACKLOG: usize = 4096;
 
+/// One result of a subscription, for its socket to send.
+pub enum Next {
+    /// A result of this subscriber's own execution.
+    Response(Box<Response>),
+    /// A result of a shared execution, serialized once for every subscriber.
+    Json(Arc<RawValue>),
+}
+
 /// The GraphQL executor of the WebSocket endpoint: the schema, with shareable subscriptions shared.
 #[derive(Clone)]
 pub struct SharedSubscriptions {
@@ -54,8 +64,14 @@ type Key = (String, Option<String>, String);
 
 /// One shared execution, alive while a subscriber holds it.
 struct Shared {
-    sender: broadcast::WeakSender<Arc<Response>>,
+    sender: broadcast::WeakSender<Arc<RawValue>>,
     _stop: DropGuard,
+}
+
+impl Next {
+    fn own(response: Response) -> Self {
+        Self::Response(Box::new(response))
+    }
 }
 
 impl SharedSubscriptions {
@@ -64,7 +80,7 @@ impl SharedSubscriptions {
     }
 
     /// A receiver of the shared execution for `key`, started if none is running.
-    fn join(&self, key: &Key) -> (Arc<Shared>, broadcast::Receiver<Arc<Response>>) {
+    fn join(&self, key: &Key) -> (Arc<Shared>, broadcast::Receiver<Arc<RawValue>>) {
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(shared) = streams.get(key).and_then(Weak::upgrade) {
             if let Some(sender) = shared.sender.upgrade() {
@@ -87,7 +103,10 @@ impl SharedSubscriptions {
                     next = execution.next() => match next {
                         // No receiver left is not an error: the last subscriber is leaving and
                         // `stop` fires when it is gone.
-                        Some(response) => drop(sender.send(Arc::new(response))),
+                        Some(response) => match serde_json::value::to_raw_value(&response) {
+                            Ok(json) => drop(sender.send(Arc::from(json))),
+                            Err(error) => tracing::error!(%error, "a shared subscription's result did not serialize"),
+                        },
                         None => return,
                     },
                 }
@@ -95,20 +114,18 @@ impl SharedSubscriptions {
         });
         (shared, receiver)
     }
-}
 
-impl Executor for SharedSubscriptions {
-    async fn execute(&self, request: Request) -> Response {
-        self.schema.execute(request).await
-    }
-
-    fn execute_stream(&self, request: Request, session_data: Option<Arc<Data>>) -> BoxStream<'static, Response> {
-        let Some(key) = shareable(&request) else { return Executor::execute_stream(&self.schema, request, session_data) };
+    /// The results of a subscription `request` made with `session_data` (who is asking): shared
+    /// with identical subscriptions when [`shareable`], its own execution otherwise.
+    pub fn subscribe(&self, request: Request, session_data: Arc<Data>) -> BoxStream<'static, Next> {
+        let Some(key) = shareable(&request) else {
+            return Executor::execute_stream(&self.schema, request, Some(session_data)).map(Next::own).boxed();
+        };
         let this = self.clone();
         futures::stream::once(async move {
-            let refused: Vec<Response> = Executor::execute_stream(&this.schema, request.data(Probe), session_data).collect().await;
+            let refused: Vec<Response> = Executor::execute_stream(&this.schema, request.data(Probe), Some(session_data)).collect().await;
             if !refused.is_empty() {
-                return futures::stream::iter(refused).boxed();
+                return futures::stream::iter(refused).map(Next::own).boxed();
             }
             let (shared, receiver) = this.join(&key);
             follow(shared, receiver)
@@ -119,18 +136,18 @@ impl Executor for SharedSubscriptions {
 }
 
 /// One subscriber's copy of a shared execution's messages.
-fn follow(shared: Arc<Shared>, receiver: broadcast::Receiver<Arc<Response>>) -> BoxStream<'static, Response> {
+fn follow(shared: Arc<Shared>, receiver: broadcast::Receiver<Arc<RawValue>>) -> BoxStream<'static, Next> {
     let open = OpenSubscription::new();
     futures::stream::unfold(Some((receiver, shared, open)), |state| async move {
         let (mut receiver, shared, open) = state?;
         match receiver.recv().await {
-            Ok(response) => Some((copy(&response), Some((receiver, shared, open)))),
+            Ok(json) => Some((Next::Json(json), Some((receiver, shared, open)))),
             Err(broadcast::error::RecvError::Closed) => None,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 let message = format!(
                     "this subscriber fell {missed} updates behind and was ended; subscribe again with `after` set to the last `position` you saw"
                 );
-                Some((Response::from_errors(vec![ServerError::new(message, None)]), None))
+                Some((Next::own(Response::from_errors(vec![ServerError::new(message, None)])), None))
             }
         }
     })
@@ -151,13 +168,6 @@ impl Drop for Running {
     fn drop(&mut self) {
         METRICS.shared_subscription_executions.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-fn copy(response: &Response) -> Response {
-    let mut copy = Response::new(response.data.clone());
-    copy.errors = response.errors.clone();
-    copy.extensions = response.extensions.clone();
-    copy
 }
 
 fn request((query, operation, variables): &Key) -> Request {
@@ -217,14 +227,14 @@ mod tests {
 
     use super::*;
 
-    fn subscriber(capacity: usize) -> (broadcast::Sender<Arc<Response>>, BoxStream<'static, Response>) {
+    fn subscriber(capacity: usize) -> (broadcast::Sender<Arc<RawValue>>, BoxStream<'static, Next>) {
         let (sender, receiver) = broadcast::channel(capacity);
         let shared = Arc::new(Shared { sender: sender.downgrade(), _stop: CancellationToken::new().drop_guard() });
         (sender, follow(shared, receiver))
     }
 
-    fn numbered(n: i32) -> Arc<Response> {
-        Arc::new(Response::new(Value::from(n)))
+    fn numbered(n: i32) -> Arc<RawValue> {
+        Arc::from(serde_json::value::to_raw_value(&Response::new(Value::from(n))).expect("JSON"))
     }
 
     #[tokio::test]
@@ -234,8 +244,14 @@ mod tests {
             sender.send(numbered(n)).expect("a subscriber");
         }
         drop(sender);
-        let got: Vec<Value> = (&mut stream).map(|r| r.data).collect().await;
-        assert_eq!(got, [Value::from(0), Value::from(1), Value::from(2)]);
+        let got: Vec<String> = (&mut stream)
+            .map(|next| match next {
+                Next::Json(json) => json.get().to_owned(),
+                Next::Response(response) => panic!("not the shared message: {response:?}"),
+            })
+            .collect()
+            .await;
+        assert_eq!(got, [r#"{"data":0}"#, r#"{"data":1}"#, r#"{"data":2}"#]);
     }
 
     #[tokio::test]
@@ -244,7 +260,7 @@ mod tests {
         for n in 0..5 {
             sender.send(numbered(n)).expect("a subscriber");
         }
-        let first = stream.next().await.expect("an answer");
+        let Some(Next::Response(first)) = stream.next().await else { panic!("no error of its own") };
         assert_eq!(first.errors.len(), 1, "{first:?}");
         assert!(first.errors[0].message.contains("fell 3 updates behind") && first.errors[0].message.contains("`after`"), "{first:?}");
         assert!(stream.next().await.is_none(), "ended, though messages are still there");

@@ -321,6 +321,60 @@ async fn identical_live_subscriptions_share_one_execution_and_each_gets_every_ch
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_protocols_answer_each_message_and_close_on_misuse() {
+    let app = start().await;
+    let live = "subscription($p: UUID) { environmentUpdated(projectId: $p) { id } }";
+    let project = json!({ "p": Uuid::new_v4().to_string() });
+
+    // Without a protocol we speak, no socket; without `connection_init`, not for long.
+    assert_eq!(graphql_ws::open(app.addr, "mqtt", &[]).await.err(), Some(400));
+    let mut silent = graphql_ws::open(app.addr, "graphql-transport-ws", &[]).await.expect("open");
+
+    // graphql-transport-ws: ping, a subscription that fails at once, a stop, a repeated id.
+    let mut ws = graphql_ws::connect(app.addr).await;
+    graphql_ws::send(&mut ws, json!({ "type": "ping" })).await;
+    assert_eq!(next_json(&mut ws).await, json!({ "type": "pong" }));
+    graphql_ws::subscribe(&mut ws, "bad", "subscription { noSuchField }", json!({})).await;
+    let failed = next_json(&mut ws).await;
+    assert_eq!((&failed["type"], &failed["id"]), (&json!("next"), &json!("bad")), "{failed}");
+    assert!(failed["payload"]["errors"][0]["message"].as_str().unwrap_or_default().contains("noSuchField"), "{failed}");
+    assert_eq!(next_json(&mut ws).await, json!({ "type": "complete", "id": "bad" }));
+    graphql_ws::subscribe(&mut ws, "live", live, project.clone()).await;
+    graphql_ws::send(&mut ws, json!({ "type": "complete", "id": "live" })).await;
+    assert_eq!(next_json(&mut ws).await, json!({ "type": "complete", "id": "live" }));
+    graphql_ws::subscribe(&mut ws, "live", live, project.clone()).await;
+    graphql_ws::subscribe(&mut ws, "live", live, project.clone()).await;
+    assert_eq!(graphql_ws::closed(&mut ws).await, (4409, "Subscriber for live already exists".to_string()));
+
+    // A subscription before `connection_init`, a second `connection_init`, and what is not JSON
+    // each close the socket with the protocol's code.
+    let mut early = graphql_ws::open(app.addr, "graphql-transport-ws", &[]).await.expect("open");
+    graphql_ws::subscribe(&mut early, "1", live, project.clone()).await;
+    assert_eq!(graphql_ws::closed(&mut early).await.0, 4401);
+    let mut twice = graphql_ws::connect(app.addr).await;
+    graphql_ws::send(&mut twice, json!({ "type": "connection_init" })).await;
+    assert_eq!(graphql_ws::closed(&mut twice).await.0, 4429);
+    let mut garbled = graphql_ws::connect(app.addr).await;
+    graphql_ws::send(&mut garbled, json!({ "type": "subscribe" })).await;
+    let (code, reason) = graphql_ws::closed(&mut garbled).await;
+    assert_eq!(code, 4400, "{reason}");
+
+    // The older graphql-ws protocol: `start`, and results as `data`.
+    let mut legacy = graphql_ws::open(app.addr, "graphql-ws, graphql-transport-ws", &[]).await.expect("open");
+    graphql_ws::send(&mut legacy, json!({ "type": "connection_init" })).await;
+    assert_eq!(next_json(&mut legacy).await["type"], "connection_ack");
+    graphql_ws::send(&mut legacy, json!({ "type": "start", "id": "7", "payload": { "query": "subscription { noSuchField }" } })).await;
+    let data = next_json(&mut legacy).await;
+    assert_eq!((&data["type"], &data["id"]), (&json!("data"), &json!("7")), "{data}");
+    assert_eq!(next_json(&mut legacy).await, json!({ "type": "complete", "id": "7" }));
+
+    let (code, _) =
+        tokio::time::timeout(understudy_api::graphql_ws::INIT_TIMEOUT * 2, graphql_ws::closed(&mut silent)).await.expect("closed");
+    assert_eq!(code, 4408);
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_graphql_ws_npm_client_subscribes_too() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let app = start().await;

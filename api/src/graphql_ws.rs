@@ -1,0 +1,168 @@
+//! GraphQL over WebSocket: `graphql-transport-ws`, and the older `graphql-ws`
+//! (subscriptions-transport-ws), served by our own loop.
+//!
+//! async-graphql's loop serializes every message of every socket itself. A shared subscription
+//! ([`crate::shared_subscriptions`]) sends one message to thousands of sockets, so here its payload
+//! arrives already in JSON, serialized once per node, and each socket only writes it inside its own
+//! envelope (`{"type":"next","id":…,"payload":…}`).
+//!
+//! What the loop does, per the two protocols:
+//! - `connection_init` is answered with `connection_ack`; a second one closes the socket (4429),
+//!   and so does none within [`INIT_TIMEOUT`] (4408);
+//! - `subscribe` (`start`) before the acknowledgement closes the socket (4401), and with an id
+//!   already running closes it too (4409); otherwise each result is a `next` (`data`) message, and
+//!   the end of the stream a `complete`;
+//! - `complete` (`stop`) from the client ends that subscription and is answered with `complete`;
+//! - `ping` is answered with `pong`; a message that is not one of these closes the socket (4400).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_graphql::http::{ClientMessage, WebSocketProtocols};
+use async_graphql::{Data, Response};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use futures::stream::BoxStream;
+use futures::Stream;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::shared_subscriptions::{Next, SharedSubscriptions};
+
+/// How long a new socket may take to send `connection_init`.
+pub const INIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The protocol a WebSocket handshake asks for in `Sec-WebSocket-Protocol`: the first of its
+/// list that we speak.
+pub struct Protocol(pub WebSocketProtocols);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Protocol {
+    type Rejection = (StatusCode, &'static str);
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .headers
+            .get(header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|protocols| protocols.split(',').find_map(|p| p.trim().parse().ok()))
+            .map(Self)
+            .ok_or((StatusCode::BAD_REQUEST, "Sec-WebSocket-Protocol must offer graphql-transport-ws or graphql-ws"))
+    }
+}
+
+/// Serves one socket until the client leaves, closes it, or breaks the protocol.
+pub async fn serve(mut socket: WebSocket, executor: SharedSubscriptions, protocol: WebSocketProtocols, connection_data: Data) {
+    let mut connection = Connection { executor, protocol, connection_data: Some(connection_data), data: None, streams: HashMap::new() };
+    let init_deadline = tokio::time::sleep(INIT_TIMEOUT);
+    tokio::pin!(init_deadline);
+    loop {
+        let outgoing = tokio::select! {
+            () = &mut init_deadline, if connection.data.is_none() => Some(close(4408, "Connection initialisation timeout")),
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(text))) => connection.receive(text.as_bytes()),
+                Some(Ok(Message::Binary(bytes))) => connection.receive(&bytes),
+                // Ping frames, and a close frame, are answered by the socket itself: after a
+                // close, the next read sends the answer and ends the stream.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => continue,
+                Some(Err(_)) | None => return,
+            },
+            (id, next) = futures::future::poll_fn(|cx| connection.poll_streams(cx)) => connection.next_or_complete(id, next),
+        };
+        let close = matches!(outgoing, Some(Message::Close(_)));
+        if let Some(message) = outgoing {
+            if socket.send(message).await.is_err() || close {
+                return;
+            }
+        }
+    }
+}
+
+struct Connection {
+    executor: SharedSubscriptions,
+    protocol: WebSocketProtocols,
+    /// Who is asking, settled at the upgrade; taken by `connection_init`.
+    connection_data: Option<Data>,
+    /// Set by `connection_init`: the data every subscription of this socket runs with.
+    data: Option<Arc<Data>>,
+    streams: HashMap<String, BoxStream<'static, Next>>,
+}
+
+/// A message to the client, serialized with serde: `{"type":…,"id":…,"payload":…}`.
+#[derive(Serialize)]
+struct ServerMessage<'a, P: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<P>,
+}
+
+fn text<P: Serialize>(kind: &str, id: Option<&str>, payload: Option<P>) -> Message {
+    // Serializing these types cannot fail: every map key is a string.
+    Message::Text(serde_json::to_string(&ServerMessage { kind, id, payload }).unwrap_or_default().into())
+}
+
+fn close(code: u16, reason: impl Into<String>) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: reason.into().into() }))
+}
+
+impl Connection {
+    /// What to answer a client's message with, if anything.
+    fn receive(&mut self, bytes: &[u8]) -> Option<Message> {
+        let message = match ClientMessage::from_bytes(bytes) {
+            Ok(message) => message,
+            Err(error) => return Some(close(4400, format!("not a GraphQL over WebSocket message: {error}"))),
+        };
+        match message {
+            ClientMessage::ConnectionInit { .. } => match self.connection_data.take() {
+                Some(data) => {
+                    self.data = Some(Arc::new(data));
+                    Some(text::<()>("connection_ack", None, None))
+                }
+                None => Some(close(4429, "Too many initialisation requests")),
+            },
+            ClientMessage::Start { id, payload } => {
+                let Some(data) = self.data.clone() else { return Some(close(4401, "Unauthorized: send connection_init first")) };
+                if self.streams.contains_key(&id) {
+                    return Some(close(4409, format!("Subscriber for {id} already exists")));
+                }
+                let stream = self.executor.subscribe(payload, data);
+                self.streams.insert(id, stream);
+                None
+            }
+            ClientMessage::Stop { id } => self.streams.remove(&id).map(|_| text::<()>("complete", Some(&id), None)),
+            ClientMessage::ConnectionTerminate => Some(close(1000, "")),
+            ClientMessage::Ping { .. } => Some(text::<()>("pong", None, None)),
+            ClientMessage::Pong { .. } => None,
+        }
+    }
+
+    /// The next message of any running subscription, or `None` for the end of one.
+    fn poll_streams(&mut self, cx: &mut Context<'_>) -> Poll<(String, Option<Next>)> {
+        for (id, stream) in &mut self.streams {
+            if let Poll::Ready(next) = Pin::new(stream).poll_next(cx) {
+                return Poll::Ready((id.clone(), next));
+            }
+        }
+        Poll::Pending
+    }
+
+    fn next_or_complete(&mut self, id: String, next: Option<Next>) -> Option<Message> {
+        let kind = match self.protocol {
+            WebSocketProtocols::GraphQLWS => "next",
+            WebSocketProtocols::SubscriptionsTransportWS => "data",
+        };
+        match next {
+            Some(Next::Response(response)) => Some(text::<&Response>(kind, Some(&id), Some(&response))),
+            Some(Next::Json(json)) => Some(text::<&RawValue>(kind, Some(&id), Some(&json))),
+            None => {
+                self.streams.remove(&id);
+                Some(text::<()>("complete", Some(&id), None))
+            }
+        }
+    }
+}
