@@ -153,14 +153,16 @@ pub async fn run(pool: PgPool, js: jetstream::Context, topology: Topology, cance
             changes(APPENDED.subscribe())
         }
     };
-    let sequencer = repeat("sequencing the global log", &cancel, appended, || async {
+    let sequencer = repeat("sequencing the global log", &cancel, appended, Wakes::WhenIdle, || async {
         let (count, _) = sequence(&pool, BATCH).await.context("sequencing the global log")?;
         if count > 0 {
             numbered.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(count)
     });
-    let publisher = repeat("relaying the global log to JetStream", &cancel, changes(numbered.subscribe()), || {
+    // The publisher's wake-ups are the sequencer's rounds, at most one per transaction: each may
+    // run it at once, even under load, which takes a poll's pause off every event's way.
+    let publisher = repeat("relaying the global log to JetStream", &cancel, changes(numbered.subscribe()), Wakes::Always, || {
         publish_pending(&pool, &js, &topology, BATCH)
     });
     tokio::join!(sequencer, publisher);
@@ -172,14 +174,22 @@ const BUSY: Duration = Duration::from_secs(1);
 /// How often a loop polls once it has been idle for [`BUSY`].
 const IDLE: Duration = Duration::from_millis(250);
 
+/// Which pauses of [`repeat`] a wake-up cuts short.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Wakes {
+    /// Only [`IDLE`] pauses. For wake-ups that come with every append: under load, letting each
+    /// run the step again at once would busy-loop the sequencer while a running transaction holds
+    /// its horizon back; those that came meanwhile only keep the loop busy.
+    WhenIdle,
+    /// Every pause, and one that came during the step runs it again at once. For wake-ups that
+    /// each mean new work, such as the sequencer's rounds for the publisher.
+    Always,
+}
+
 /// Runs `step` until cancelled: again at once after it did some work; while idle, after a pause
-/// growing to 10 ms within [`BUSY`] of its last work or wake-up, and after [`IDLE`] (cut short by
-/// `wake`) beyond that; while it fails, after a backoff growing to 1 s.
-///
-/// Wake-ups only cut [`IDLE`] pauses short. Under load they come with every append, and letting
-/// each run the step again at once would busy-loop the sequencer while a running transaction
-/// holds its horizon back; those that came meanwhile only keep the loop busy.
-async fn repeat<F, Fut>(what: &str, cancel: &CancellationToken, mut wake: BoxStream<'static, ()>, mut step: F)
+/// growing to 10 ms within [`BUSY`] of its last work or wake-up, and after [`IDLE`] beyond that,
+/// pauses that `wake` cuts short as [`Wakes`] says; while it fails, after a backoff growing to 1 s.
+async fn repeat<F, Fut>(what: &str, cancel: &CancellationToken, mut wake: BoxStream<'static, ()>, wakes_cut: Wakes, mut step: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<usize>>,
@@ -191,12 +201,17 @@ where
         let (pause, wakes) = match step().await {
             Ok(0) => {
                 failures = 0;
+                let mut woken = false;
                 while let Some(Some(())) = wake.next().now_or_never() {
                     active = Instant::now();
+                    woken = true;
                 }
-                if active.elapsed() < BUSY {
+                if woken && wakes_cut == Wakes::Always {
+                    idle = Duration::from_millis(1);
+                    (Duration::ZERO, false)
+                } else if active.elapsed() < BUSY {
                     idle = (idle * 2).min(Duration::from_millis(10));
-                    (idle, false)
+                    (idle, wakes_cut == Wakes::Always)
                 } else {
                     (IDLE, true)
                 }
@@ -242,7 +257,7 @@ mod tests {
         let task = tokio::spawn({
             let (cancel, wakes) = (cancel.clone(), changes(wake.subscribe()));
             async move {
-                repeat("test", &cancel, wakes, move || {
+                repeat("test", &cancel, wakes, Wakes::WhenIdle, move || {
                     counted.fetch_add(1, Ordering::SeqCst);
                     async { Ok(0) }
                 })
@@ -262,5 +277,34 @@ mod tests {
         assert_eq!(steps.load(Ordering::SeqCst), before + 1, "the wake-up ran the step");
         cancel.cancel();
         task.await.expect("loop");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_woken_always_runs_at_once_even_between_busy_polls() {
+        for (wakes_cut, at_once) in [(Wakes::Always, true), (Wakes::WhenIdle, false)] {
+            let steps = Arc::new(AtomicUsize::new(0));
+            let wake = watch::Sender::new(0u64);
+            let cancel = CancellationToken::new();
+            let counted = steps.clone();
+            let task = tokio::spawn({
+                let (cancel, wakes) = (cancel.clone(), changes(wake.subscribe()));
+                async move {
+                    repeat("test", &cancel, wakes, wakes_cut, move || {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        async { Ok(0) }
+                    })
+                    .await
+                }
+            });
+            // Busy polls at 0, 2, 6, 14, then every 10 ms: 94, 104. At 95 the loop is mid-pause.
+            tokio::time::sleep(Duration::from_millis(95)).await;
+            let before = steps.load(Ordering::SeqCst);
+            wake.send_modify(|n| *n += 1);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let ran = steps.load(Ordering::SeqCst) > before;
+            assert_eq!(ran, at_once, "{wakes_cut:?}: a wake-up between busy polls ran the step: {ran}");
+            cancel.cancel();
+            task.await.expect("loop");
+        }
     }
 }
