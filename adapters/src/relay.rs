@@ -248,63 +248,72 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_loop_polls_rarely_and_a_wake_up_runs_it_at_once() {
-        let steps = Arc::new(AtomicUsize::new(0));
-        let wake = watch::Sender::new(0u64);
-        let cancel = CancellationToken::new();
-        let counted = steps.clone();
-        let task = tokio::spawn({
-            let (cancel, wakes) = (cancel.clone(), changes(wake.subscribe()));
-            async move {
-                repeat("test", &cancel, wakes, Wakes::WhenIdle, move || {
+    /// A [`repeat`] loop whose step finds nothing to do: how many steps it ran, its wake-up
+    /// sender, and what stops it.
+    struct IdleLoop {
+        steps: Arc<AtomicUsize>,
+        wake: watch::Sender<u64>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl IdleLoop {
+        fn start(wakes_cut: Wakes) -> Self {
+            let steps = Arc::new(AtomicUsize::new(0));
+            let wake = watch::Sender::new(0u64);
+            let cancel = CancellationToken::new();
+            let (counted, stop, wakes) = (steps.clone(), cancel.clone(), changes(wake.subscribe()));
+            let task = tokio::spawn(async move {
+                repeat("test", &stop, wakes, wakes_cut, move || {
                     counted.fetch_add(1, Ordering::SeqCst);
                     async { Ok(0) }
                 })
                 .await
-            }
-        });
+            });
+            Self { steps, wake, cancel, task }
+        }
+
+        fn steps(&self) -> usize {
+            self.steps.load(Ordering::SeqCst)
+        }
+
+        /// Whether a wake-up now runs the step within a millisecond.
+        async fn woken_at_once(&self) -> bool {
+            let before = self.steps();
+            self.wake.send_modify(|n| *n += 1);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            self.steps() > before
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.task.await.expect("loop");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_loop_polls_rarely_and_a_wake_up_runs_it_at_once() {
+        let idle = IdleLoop::start(Wakes::WhenIdle);
         // Ten idle seconds: every 10 ms for the first second (about 100 polls), then every 250 ms
         // (36). Polling every 10 ms throughout would be 1,000.
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let idle = steps.load(Ordering::SeqCst);
-        assert!((100..=160).contains(&idle), "{idle} polls in 10 idle seconds");
+        let polls = idle.steps();
+        assert!((100..=160).contains(&polls), "{polls} polls in 10 idle seconds");
         // Deep in a 250 ms pause, a wake-up runs the step within the next millisecond.
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let before = steps.load(Ordering::SeqCst);
-        wake.send_modify(|n| *n += 1);
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        assert_eq!(steps.load(Ordering::SeqCst), before + 1, "the wake-up ran the step");
-        cancel.cancel();
-        task.await.expect("loop");
+        assert!(idle.woken_at_once().await, "the wake-up ran the step");
+        idle.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_loop_woken_always_runs_at_once_even_between_busy_polls() {
         for (wakes_cut, at_once) in [(Wakes::Always, true), (Wakes::WhenIdle, false)] {
-            let steps = Arc::new(AtomicUsize::new(0));
-            let wake = watch::Sender::new(0u64);
-            let cancel = CancellationToken::new();
-            let counted = steps.clone();
-            let task = tokio::spawn({
-                let (cancel, wakes) = (cancel.clone(), changes(wake.subscribe()));
-                async move {
-                    repeat("test", &cancel, wakes, wakes_cut, move || {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        async { Ok(0) }
-                    })
-                    .await
-                }
-            });
+            let busy = IdleLoop::start(wakes_cut);
             // Busy polls at 0, 2, 6, 14, then every 10 ms: 94, 104. At 95 the loop is mid-pause.
             tokio::time::sleep(Duration::from_millis(95)).await;
-            let before = steps.load(Ordering::SeqCst);
-            wake.send_modify(|n| *n += 1);
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            let ran = steps.load(Ordering::SeqCst) > before;
+            let ran = busy.woken_at_once().await;
             assert_eq!(ran, at_once, "{wakes_cut:?}: a wake-up between busy polls ran the step: {ran}");
-            cancel.cancel();
-            task.await.expect("loop");
+            busy.stop().await;
         }
     }
 }
