@@ -10,7 +10,8 @@
 //! - `connection_init` is answered with `connection_ack`; a second one closes the socket (4429),
 //!   and so does none within [`INIT_TIMEOUT`] (4408);
 //! - `subscribe` (`start`) before the acknowledgement closes the socket (4401), and with an id
-//!   already running closes it too (4409); otherwise each result is a `next` (`data`) message, and
+//!   already running closes it too (4409); beyond [`MAX_SUBSCRIPTIONS`] running on the socket it
+//!   is refused with an `error` message; otherwise each result is a `next` (`data`) message, and
 //!   the end of the stream a `complete`;
 //! - `complete` (`stop`) from the client ends that subscription and is answered with `complete`;
 //! - `ping` is answered with `pong`; a message that is not one of these closes the socket (4400).
@@ -34,6 +35,9 @@ use crate::shared_subscriptions::{Next, SharedSubscriptions};
 
 /// How long a new socket may take to send `connection_init`.
 pub const INIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How many subscriptions one socket may run at once.
+pub const MAX_SUBSCRIPTIONS: usize = 100;
 
 /// The protocol a WebSocket handshake asks for in `Sec-WebSocket-Protocol`: the first of its
 /// list that we speak.
@@ -106,9 +110,19 @@ fn text<P: Serialize>(kind: &str, id: Option<&str>, payload: Option<P>) -> Messa
     Message::Text(serde_json::to_string(&ServerMessage { kind, id, payload }).unwrap_or_default().into())
 }
 
+/// A close frame. Its reason is cut to the 123 bytes a control frame leaves it (RFC 6455, 5.5):
+/// reasons may quote the client, and a longer one would break the frame for the client.
 fn close(code: u16, reason: impl Into<String>) -> Message {
-    Message::Close(Some(CloseFrame { code, reason: reason.into().into() }))
+    let mut reason = reason.into();
+    if reason.len() > MAX_CLOSE_REASON {
+        let cut = (0..=MAX_CLOSE_REASON).rev().find(|at| reason.is_char_boundary(*at)).unwrap_or(0);
+        reason.truncate(cut);
+    }
+    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
 }
+
+/// A close frame's payload is at most 125 bytes, two of them the code.
+const MAX_CLOSE_REASON: usize = 123;
 
 impl Connection {
     /// What to answer a client's message with, if anything.
@@ -129,6 +143,16 @@ impl Connection {
                 let Some(data) = self.data.clone() else { return Some(close(4401, "Unauthorized: send connection_init first")) };
                 if self.streams.contains_key(&id) {
                     return Some(close(4409, format!("Subscriber for {id} already exists")));
+                }
+                if self.streams.len() >= MAX_SUBSCRIPTIONS {
+                    let error = async_graphql::ServerError::new(
+                        format!("this socket already runs {MAX_SUBSCRIPTIONS} subscriptions; complete one, or open another socket"),
+                        None,
+                    );
+                    return Some(match self.protocol {
+                        WebSocketProtocols::GraphQLWS => text("error", Some(&id), Some([error])),
+                        WebSocketProtocols::SubscriptionsTransportWS => text("error", Some(&id), Some(error)),
+                    });
                 }
                 let stream = self.executor.subscribe(payload, data);
                 self.streams.insert(id, stream);

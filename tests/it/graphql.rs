@@ -342,6 +342,16 @@ async fn the_websocket_protocols_answer_each_message_and_close_on_misuse() {
     graphql_ws::subscribe(&mut ws, "live", live, project.clone()).await;
     graphql_ws::send(&mut ws, json!({ "type": "complete", "id": "live" })).await;
     assert_eq!(next_json(&mut ws).await, json!({ "type": "complete", "id": "live" }));
+    // One socket runs at most so many subscriptions; the next is refused, the others run on.
+    for n in 0..understudy_api::graphql_ws::MAX_SUBSCRIPTIONS {
+        graphql_ws::subscribe(&mut ws, &format!("live-{n}"), live, project.clone()).await;
+    }
+    graphql_ws::subscribe(&mut ws, "one-too-many", live, project.clone()).await;
+    let refused = next_json(&mut ws).await;
+    assert_eq!((&refused["type"], &refused["id"]), (&json!("error"), &json!("one-too-many")), "{refused}");
+    assert!(refused["payload"][0]["message"].as_str().unwrap_or_default().contains("already runs 100"), "{refused}");
+    graphql_ws::send(&mut ws, json!({ "type": "complete", "id": "live-0" })).await;
+    assert_eq!(next_json(&mut ws).await, json!({ "type": "complete", "id": "live-0" }));
     graphql_ws::subscribe(&mut ws, "live", live, project.clone()).await;
     graphql_ws::subscribe(&mut ws, "live", live, project.clone()).await;
     assert_eq!(graphql_ws::closed(&mut ws).await, (4409, "Subscriber for live already exists".to_string()));
@@ -358,6 +368,12 @@ async fn the_websocket_protocols_answer_each_message_and_close_on_misuse() {
     graphql_ws::send(&mut garbled, json!({ "type": "subscribe" })).await;
     let (code, reason) = graphql_ws::closed(&mut garbled).await;
     assert_eq!(code, 4400, "{reason}");
+    // A reason that quotes the client is cut to fit its frame, so the client still reads the code.
+    let mut long = graphql_ws::connect(app.addr).await;
+    graphql_ws::send(&mut long, json!({ "type": "é".repeat(200) })).await;
+    let (code, reason) = graphql_ws::closed(&mut long).await;
+    assert_eq!(code, 4400, "{reason}");
+    assert!(reason.len() <= 123 && reason.contains("unknown variant"), "{reason}");
 
     // The older graphql-ws protocol: `start`, and results as `data`.
     let mut legacy = graphql_ws::open(app.addr, "graphql-ws, graphql-transport-ws", &[]).await.expect("open");
