@@ -230,8 +230,9 @@ pub async fn lag(pool: &PgPool) -> sqlx::Result<Vec<Lag>> {
     Ok(rows.into_iter().map(|(projection, checkpoint)| Lag { projection, checkpoint, head, lag: (head - checkpoint).max(0) }).collect())
 }
 
-/// The projector's default [`Projector::linger`].
-pub const LINGER: Duration = Duration::from_millis(3);
+/// The projector's default [`Projector::linger`]. 1 ms: at 500 events/s, 3 ms cost every event
+/// about 3.5 ms more at p50 for no CPU the benches could see (docs/benchmarks.md, 2026-12-04).
+pub const LINGER: Duration = Duration::from_millis(1);
 
 /// Runs one projection as a durable JetStream consumer.
 pub struct Projector {
@@ -243,8 +244,8 @@ pub struct Projector {
     pub batch: usize,
     /// How long a batch that is not full waits for more events before it is applied. Each
     /// transaction costs its BEGIN, checkpoint lock, checkpoint write and COMMIT whatever its
-    /// size: at hundreds of events a second, a few milliseconds' wait folds several events into
-    /// one transaction.
+    /// size: at hundreds of events a second, a short wait folds several events into one
+    /// transaction.
     pub linger: Duration,
 }
 
