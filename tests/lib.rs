@@ -155,7 +155,7 @@ pub mod graphql_ws {
     /// HTTP status when the server refuses the upgrade.
     pub async fn connect_with(addr: std::net::SocketAddr, headers: &[(&str, &str)]) -> Result<Socket, u16> {
         let mut ws = open(addr, "graphql-transport-ws", headers).await?;
-        ws.send(Message::text(json!({ "type": "connection_init" }).to_string())).await.expect("init");
+        send(&mut ws, json!({ "type": "connection_init" })).await;
         assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
         Ok(ws)
     }
@@ -197,8 +197,7 @@ pub mod graphql_ws {
 
     /// Starts subscription `id`.
     pub async fn subscribe(ws: &mut Socket, id: &str, query: &str, variables: Value) {
-        let message = json!({ "id": id, "type": "subscribe", "payload": { "query": query, "variables": variables } });
-        ws.send(Message::text(message.to_string())).await.expect("subscribe");
+        send(ws, json!({ "id": id, "type": "subscribe", "payload": { "query": query, "variables": variables } })).await;
     }
 
     /// The next JSON message (pings skipped).

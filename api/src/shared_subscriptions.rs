@@ -52,6 +52,12 @@ pub enum Next {
     Json(Arc<RawValue>),
 }
 
+impl Next {
+    fn own(response: Response) -> Self {
+        Self::Response(Box::new(response))
+    }
+}
+
 /// The GraphQL executor of the WebSocket endpoint: the schema, with shareable subscriptions shared.
 #[derive(Clone)]
 pub struct SharedSubscriptions {
@@ -66,12 +72,6 @@ type Key = (String, Option<String>, String);
 struct Shared {
     sender: broadcast::WeakSender<Arc<RawValue>>,
     _stop: DropGuard,
-}
-
-impl Next {
-    fn own(response: Response) -> Self {
-        Self::Response(Box::new(response))
-    }
 }
 
 impl SharedSubscriptions {
