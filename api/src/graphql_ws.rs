@@ -15,6 +15,13 @@
 //!   the end of the stream a `complete`;
 //! - `complete` (`stop`) from the client ends that subscription and is answered with `complete`;
 //! - `ping` is answered with `pong`; a message that is not one of these closes the socket (4400).
+//!
+//! And, for sockets that go quiet behind proxies and NATs: every keepalive interval the server
+//! sends a WebSocket Ping frame (and the older protocol's `ka` message, which its clients watch
+//! for). A client that has sent nothing since the previous Ping, not even the Pong every browser
+//! and WebSocket library answers with by itself, is gone: its socket is closed (1001), and so is
+//! one that has not taken a message off the wire for a whole interval. A dead or stuck client
+//! thus holds its subscriptions for at most two intervals.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -35,6 +42,10 @@ use crate::shared_subscriptions::{Next, SharedSubscriptions};
 
 /// How long a new socket may take to send `connection_init`.
 pub const INIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often a socket is pinged unless the server is told otherwise: within the minute after
+/// which common proxies (nginx, load balancers) close a quiet connection.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// How many subscriptions one socket may run at once.
 pub const MAX_SUBSCRIPTIONS: usize = 100;
@@ -57,31 +68,66 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Protocol {
     }
 }
 
-/// Serves one socket until the client leaves, closes it, or breaks the protocol.
-pub async fn serve(mut socket: WebSocket, executor: SharedSubscriptions, protocol: WebSocketProtocols, connection_data: Data) {
+/// Serves one socket until the client leaves, closes it, breaks the protocol, or stops answering
+/// the Ping sent every `keepalive`.
+pub async fn serve(
+    mut socket: WebSocket,
+    executor: SharedSubscriptions,
+    protocol: WebSocketProtocols,
+    connection_data: Data,
+    keepalive: std::time::Duration,
+) {
     let mut connection = Connection { executor, protocol, connection_data: Some(connection_data), data: None, streams: HashMap::new() };
     let init_deadline = tokio::time::sleep(INIT_TIMEOUT);
     tokio::pin!(init_deadline);
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether the client has sent anything since the last Ping.
+    let mut answered = true;
     loop {
         let outgoing = tokio::select! {
             () = &mut init_deadline, if connection.data.is_none() => Some(close(4408, "Connection initialisation timeout")),
-            incoming = socket.recv() => match incoming {
-                Some(Ok(Message::Text(text))) => connection.receive(text.as_bytes()),
-                Some(Ok(Message::Binary(bytes))) => connection.receive(&bytes),
-                // Ping frames, and a close frame, are answered by the socket itself: after a
-                // close, the next read sends the answer and ends the stream.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => continue,
-                Some(Err(_)) | None => return,
+            _ = beat.tick() => {
+                if !answered {
+                    let _ = send(&mut socket, close(1001, format!("no answer to a ping within {} s", keepalive.as_secs_f32())), keepalive).await;
+                    return;
+                }
+                answered = false;
+                if !send(&mut socket, Message::Ping(Default::default()), keepalive).await {
+                    return;
+                }
+                // The older protocol's clients time the server out on `ka` messages, not on Pings.
+                match (connection.protocol, &connection.data) {
+                    (WebSocketProtocols::SubscriptionsTransportWS, Some(_)) => Some(text::<()>("ka", None, None)),
+                    _ => None,
+                }
+            },
+            incoming = socket.recv() => {
+                answered = true;
+                match incoming {
+                    Some(Ok(Message::Text(text))) => connection.receive(text.as_bytes()),
+                    Some(Ok(Message::Binary(bytes))) => connection.receive(&bytes),
+                    // Ping frames, and a close frame, are answered by the socket itself: after a
+                    // close, the next read sends the answer and ends the stream.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => continue,
+                    Some(Err(_)) | None => return,
+                }
             },
             (id, next) = futures::future::poll_fn(|cx| connection.poll_streams(cx)) => connection.next_or_complete(id, next),
         };
         let close = matches!(outgoing, Some(Message::Close(_)));
         if let Some(message) = outgoing {
-            if socket.send(message).await.is_err() || close {
+            if !send(&mut socket, message, keepalive).await || close {
                 return;
             }
         }
     }
+}
+
+/// Sends one message; false when the socket is gone, or the client has not read for `within`
+/// (its buffers full, the send would wait for it forever).
+async fn send(socket: &mut WebSocket, message: Message, within: std::time::Duration) -> bool {
+    matches!(tokio::time::timeout(within, socket.send(message)).await, Ok(Ok(())))
 }
 
 struct Connection {

@@ -65,10 +65,11 @@ pub fn router(
     webhooks: WebhookState,
     readiness: Readiness,
     proxy: crate::proxy::PreviewProxy,
+    ws_keepalive: std::time::Duration,
 ) -> Router {
     let graphql = Router::new()
         .route("/graphql", get(graphql_ws).post(graphql).layer(DefaultBodyLimit::max(MAX_GRAPHQL_BODY)))
-        .with_state(GraphqlState { subscriptions: SharedSubscriptions::new(schema.clone()), schema, auth: auth.clone() });
+        .with_state(GraphqlState { subscriptions: SharedSubscriptions::new(schema.clone()), schema, auth: auth.clone(), ws_keepalive });
     let github = Router::new()
         .route("/webhooks/github", post(webhooks::receive).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)))
         .with_state(webhooks);
@@ -103,6 +104,8 @@ struct GraphqlState {
     /// resolved once per node.
     subscriptions: SharedSubscriptions,
     auth: crate::auth::Auth,
+    /// How often each socket is pinged, and how long it has to answer.
+    ws_keepalive: std::time::Duration,
 }
 
 /// GraphQL over HTTP. The body is read through axum's `Bytes` extractor so the size limit holds.
@@ -135,7 +138,7 @@ async fn graphql_ws(
     }
     let mut data = async_graphql::Data::default();
     data.insert(viewer);
-    let subscriptions = state.subscriptions;
+    let (subscriptions, keepalive) = (state.subscriptions, state.ws_keepalive);
     // Small buffers: a subscriber mostly waits, and ten thousand of them must fit one node
     // (the defaults, 128 KiB to read per socket, made a subscriber cost ~150 KiB). Messages are
     // capped like GraphQL request bodies.
@@ -147,7 +150,7 @@ async fn graphql_ws(
         // The handshake's answer names the protocol the socket will speak: the first of the
         // client's list that we speak (offered all, axum would answer with the first of ours).
         .protocols([protocol.0.sec_websocket_protocol()])
-        .on_upgrade(move |socket| crate::graphql_ws::serve(socket, subscriptions, protocol.0, data))
+        .on_upgrade(move |socket| crate::graphql_ws::serve(socket, subscriptions, protocol.0, data, keepalive))
 }
 
 async fn graphiql() -> impl IntoResponse {

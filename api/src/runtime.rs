@@ -40,6 +40,8 @@ pub struct Runtime {
     pub oauth: Option<understudy_adapters::github::oauth::OAuthApp>,
     /// How long GitHub's "this user can read this repository" is trusted before asking again.
     pub access_ttl: std::time::Duration,
+    /// How often GraphQL WebSockets are pinged; one that does not answer within as long is closed.
+    pub ws_keepalive: std::time::Duration,
     /// The SMTP server for email notifications (`UNDERSTUDY_SMTP_URL`, `UNDERSTUDY_SMTP_FROM`).
     pub mailer: Option<Arc<understudy_adapters::notify::Mailer>>,
 }
@@ -113,6 +115,7 @@ impl Runtime {
             preview: default_preview()?,
             oauth: None,
             access_ttl: std::time::Duration::from_secs(60),
+            ws_keepalive: crate::graphql_ws::KEEPALIVE,
             mailer: None,
         })
     }
@@ -192,7 +195,7 @@ impl Runtime {
             signer: self.preview.signer.clone(),
             auth: auth.clone(),
         };
-        let app = crate::http::router(self.schema(auth.clone()), auth, webhooks, readiness, proxy);
+        let app = crate::http::router(self.schema(auth.clone()), auth, webhooks, readiness, proxy, self.ws_keepalive);
         // A projector that reconnected may have skipped change notices: live subscriptions re-read.
         let (nats, subject, stop) = (self.nats.clone(), self.topology.resync_subject(), cancel.clone());
         tasks.spawn(async move {

@@ -390,6 +390,53 @@ async fn the_websocket_protocols_answer_each_message_and_close_on_misuse() {
     app.cancel.cancel();
 }
 
+/// How many Pings `ws` receives in `window`, reading (and so answering) all along; any other
+/// frame fails the test.
+async fn pings_within(ws: &mut graphql_ws::Socket, window: Duration) -> usize {
+    use futures::StreamExt;
+    let (mut pings, until) = (0, tokio::time::Instant::now() + window);
+    while let Ok(frame) = tokio::time::timeout_at(until, ws.next()).await {
+        match frame {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) => pings += 1,
+            other => panic!("a quiet socket should only be pinged, got {other:?}"),
+        }
+    }
+    pings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_sockets_are_pinged_and_those_that_never_answer_are_closed() {
+    let keepalive = Duration::from_millis(500);
+    let mut env = TestEnv::new().await;
+    env.runtime.ws_keepalive = keepalive;
+    let (cancel, mut tasks) = (CancellationToken::new(), JoinSet::new());
+    let addr = env.runtime.serve_api("127.0.0.1:0".parse().expect("addr"), cancel.clone(), &mut tasks).await.expect("serve");
+
+    // A client that reads answers each Ping by itself (as browsers do) and stays.
+    let mut alive = graphql_ws::connect(addr).await;
+    let pings = pings_within(&mut alive, keepalive * 6).await;
+    assert!(pings >= 4, "{pings} pings in six intervals");
+    graphql_ws::send(&mut alive, json!({ "type": "ping" })).await;
+    assert_eq!(next_json(&mut alive).await, json!({ "type": "pong" }));
+
+    // A client that reads nothing answers no Ping: its socket is closed within two intervals,
+    // while the one that reads lives on.
+    let mut gone = graphql_ws::connect(addr).await;
+    pings_within(&mut alive, keepalive * 4).await;
+    let (code, reason) = tokio::time::timeout(keepalive, graphql_ws::closed(&mut gone)).await.expect("already closed");
+    assert_eq!(code, 1001, "{reason}");
+    assert!(reason.contains("no answer to a ping"), "{reason}");
+    graphql_ws::send(&mut alive, json!({ "type": "ping" })).await;
+    assert_eq!(next_json(&mut alive).await, json!({ "type": "pong" }));
+
+    // The older protocol's clients watch for `ka` messages.
+    let mut legacy = graphql_ws::open(addr, "graphql-ws", &[]).await.expect("open");
+    graphql_ws::send(&mut legacy, json!({ "type": "connection_init" })).await;
+    assert_eq!(next_json(&mut legacy).await["type"], "connection_ack");
+    assert_eq!(next_json(&mut legacy).await, json!({ "type": "ka" }));
+    cancel.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_graphql_ws_npm_client_subscribes_too() {
     use tokio::io::{AsyncBufReadExt, BufReader};
