@@ -179,31 +179,38 @@ impl<A: Aggregate> Clone for AggregateStore<A> {
     }
 }
 
-/// The SQL of one aggregate type's esrs table (the layout esrs reads and writes).
+/// The SQL of one aggregate type's events. They are written once, to the global log; the type's
+/// esrs table (`{aggregate}_events`) is a view of the log in the layout esrs reads (migration
+/// 0012), and the reads here are that view's rows, asked of the log directly so the unique index
+/// on (aggregate_id, aggregate_type, aggregate_version) bounds them.
 struct Statements {
     /// Events after a version, oldest first (all of them after 0).
     after: String,
-    /// The append: the aggregate's rows in its esrs table and the same events in the global log,
-    /// in one statement (so one round trip, and atomic even outside a transaction).
+    /// The append: one statement, one row per event in the global log. The unique index refuses
+    /// a version someone else took.
     append: String,
 }
 
 impl Statements {
     fn of(aggregate: &str) -> Self {
-        let table = format!("{aggregate}_events");
         Self {
-            after: format!("SELECT * FROM {table} WHERE aggregate_id = $1 AND sequence_number > $2 ORDER BY sequence_number"),
-            append: format!(
-                "WITH new AS (
-                     SELECT * FROM UNNEST($1::uuid[], $2::jsonb[], $3::int[], $4::text[]) AS e(id, payload, sequence_number, event_type)
-                 ), stored AS (
-                     INSERT INTO {table} (id, aggregate_id, payload, occurred_on, sequence_number, version)
-                     SELECT id, $5, payload, $6, sequence_number, NULL FROM new
-                 )
-                 INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, \
-                 payload, recorded_at, correlation_id, causation_id, actor, traceparent)
-                 SELECT id, $7, $5, sequence_number, event_type, $8, payload->'event', $6, $9, $10, $11, $12 FROM new ORDER BY sequence_number"
+            after: format!(
+                "SELECT event_id AS id, aggregate_id,
+                        jsonb_build_object(
+                            'schema_version', schema_version,
+                            'meta', jsonb_build_object('correlation_id', correlation_id, 'causation_id', causation_id,
+                                                       'actor', actor, 'traceparent', traceparent),
+                            'event', payload) AS payload,
+                        recorded_at AS occurred_on, aggregate_version::int AS sequence_number, NULL::int AS version
+                 FROM event_log WHERE aggregate_id = $1 AND aggregate_type = '{aggregate}' AND aggregate_version > $2
+                 ORDER BY aggregate_version"
             ),
+            append: "INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, \
+                 payload, recorded_at, correlation_id, causation_id, actor, traceparent)
+                 SELECT id, $6, $4, sequence_number, event_type, $7, event, $5, $8, $9, $10, $11
+                 FROM UNNEST($1::uuid[], $2::jsonb[], $3::int[], $12::text[]) AS e(id, event, sequence_number, event_type)
+                 ORDER BY sequence_number"
+                .to_string(),
         }
     }
 }
@@ -340,14 +347,13 @@ impl<A: Aggregate> AggregateStore<A> {
             })
             .collect();
         let ids: Vec<Uuid> = stored.iter().map(|e| e.id).collect();
-        let payloads = stored.iter().map(|e| serde_json::to_value(&e.payload)).collect::<Result<Vec<_>, _>>()?;
+        let events = stored.iter().map(|e| serde_json::to_value(&e.payload.event)).collect::<Result<Vec<_>, _>>()?;
         let sequence_numbers: Vec<i32> = stored.iter().map(|e| e.sequence_number).collect();
         let event_types: Vec<&str> = stored.iter().map(|e| e.payload.event.event_type()).collect();
         let statement = sqlx::query(&self.statements.append)
             .bind(&ids)
-            .bind(&payloads)
+            .bind(&events)
             .bind(&sequence_numbers)
-            .bind(&event_types)
             .bind(loaded.id)
             .bind(occurred_on)
             .bind(A::NAME)
@@ -355,12 +361,13 @@ impl<A: Aggregate> AggregateStore<A> {
             .bind(meta.correlation_id)
             .bind(meta.causation_id)
             .bind(&meta.actor)
-            .bind(&meta.traceparent);
+            .bind(&meta.traceparent)
+            .bind(&event_types);
         if crate::access_index::indexes(A::NAME) {
             let mut tx = self.pool.begin().await?;
             statement.execute(&mut *tx).await?;
-            for (event, payload) in stored.iter().zip(&payloads) {
-                crate::access_index::apply(&mut tx, A::NAME, event.aggregate_id, &payload["event"]).await?;
+            for (stored, event) in stored.iter().zip(&events) {
+                crate::access_index::apply(&mut tx, A::NAME, stored.aggregate_id, event).await?;
             }
             tx.commit().await?;
         } else {

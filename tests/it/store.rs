@@ -209,3 +209,85 @@ async fn a_state_kept_by_one_process_and_changed_by_another_is_never_acted_on() 
     let stored: i64 = count(env.pool(), "SELECT count(*) FROM environment_events").await;
     assert_eq!(stored, 5, "the esrs table and the global log hold the same events");
 }
+
+/// Before migration 12 each event was written twice, to its esrs table and to the global log; from
+/// it on, the log alone holds it and the esrs table is a view. A database written the old way
+/// reads the same afterwards, and commands go on from where its aggregates were.
+#[tokio::test]
+async fn events_stored_twice_before_migration_12_read_the_same_from_the_log_after_it() {
+    use understudy_domain::environment::{EnvironmentAggregate, EnvironmentEvent};
+    use understudy_domain::{Aggregate, DomainEvent, Recorded};
+    let id = Uuid::new_v4().simple().to_string();
+    let (database, prefix) = (format!("understudy_test_{}", &id[..16]), format!("t{}", &id[..12]));
+    let admin = understudy_adapters::db::connect(&understudy_tests::admin_database_url(), 1).await.expect("admin");
+    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await.expect("create database");
+    let base = understudy_tests::admin_database_url();
+    let database_url = format!("{}/{database}", &base[..base.rfind('/').expect("URL has a path")]);
+    let pool = understudy_adapters::db::connect(&database_url, 2).await.expect("connect");
+    let mut migrator = sqlx::migrate!("../migrations");
+    migrator.migrations = migrator.migrations.iter().filter(|m| m.version <= 11).cloned().collect::<Vec<_>>().into();
+    migrator.run(&pool).await.expect("migrations up to 11");
+
+    // One environment requested and building, stored as migration 11 left the store: each event
+    // in the esrs table and in the log, written by one statement.
+    let spec = fixtures::spec(ProjectId(Uuid::new_v4()), 1, "main.w");
+    let (environment, deployment) = (fixtures::env_id(&spec).0, DeploymentId(Uuid::new_v4()));
+    let mut state = Default::default();
+    let mut recorded = Vec::new();
+    for command in
+        [fixtures::request(&spec, deployment, 1), EnvironmentCommand::StartBuild { deployment_id: deployment, at: chrono::Utc::now() }]
+    {
+        for event in EnvironmentAggregate::decide(&state, command).expect("decide") {
+            state = EnvironmentAggregate::apply(state, &event);
+            recorded.push(Recorded { meta: meta(), event });
+        }
+    }
+    for (version, event) in (1..).zip(&recorded) {
+        sqlx::query(
+            "WITH stored AS (
+                 INSERT INTO environment_events (id, aggregate_id, payload, occurred_on, sequence_number) VALUES ($1, $2, $3, now(), $4)
+             )
+             INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, payload,
+                 recorded_at, correlation_id, actor)
+             VALUES ($1, 'environment', $2, $4, $5, 1, $3->'event', now(), $6, $7)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(environment)
+        .bind(event.to_json())
+        .bind(version)
+        .bind(event.event.event_type())
+        .bind(event.meta.correlation_id)
+        .bind(&event.meta.actor)
+        .execute(&pool)
+        .await
+        .expect("store as migration 11 did");
+    }
+    pool.close().await;
+
+    let runtime = understudy_api::runtime::Runtime::connect(
+        &database_url,
+        &understudy_tests::nats_url(),
+        understudy_adapters::nats::Topology::new(&prefix).expect("prefix"),
+    )
+    .await
+    .expect("connect and migrate");
+    let env = TestEnv { runtime, database, database_url, prefix };
+    assert_eq!(count(env.pool(), "SELECT count(*) FROM event_log").await, recorded.len() as i64, "no event lost or doubled");
+    let payloads: Vec<serde_json::Value> =
+        sqlx::query_scalar("SELECT payload FROM environment_events WHERE aggregate_id = $1 ORDER BY sequence_number")
+            .bind(environment)
+            .fetch_all(env.pool())
+            .await
+            .expect("the esrs view");
+    let read: Vec<Recorded<EnvironmentEvent>> = payloads.into_iter().map(|p| Recorded::from_json(p).expect("a stored event")).collect();
+    assert_eq!(read, recorded, "the esrs view gives each event back as it was recorded");
+
+    let store = env.runtime.store.environments.clone();
+    assert_eq!(store.load(environment).await.expect("load").version(), recorded.len() as i32);
+    let built = store
+        .execute(environment, EnvironmentCommand::CompleteBuild { deployment_id: deployment, at: chrono::Utc::now() }, meta())
+        .await
+        .expect("the build completes: the aggregate was read as it stood");
+    assert_eq!(built.events.iter().map(|e| e.sequence_number).collect::<Vec<_>>(), vec![recorded.len() as i32 + 1]);
+    assert_eq!(count(env.pool(), "SELECT count(*) FROM environment_events").await, recorded.len() as i64 + 1);
+}
