@@ -25,6 +25,13 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new() -> Self {
+        let (database, database_url, prefix) = Self::create_database().await;
+        Self::connect(database, database_url, prefix).await
+    }
+
+    /// A fresh, empty database (no migrations applied) and a unique NATS prefix, for a test that
+    /// prepares the database before [`TestEnv::connect`] migrates it: its name, URL and prefix.
+    pub async fn create_database() -> (String, String, String) {
         let id = Uuid::new_v4().simple().to_string();
         let database = format!("understudy_test_{}", &id[..16]);
         let prefix = format!("t{}", &id[..12]);
@@ -34,6 +41,11 @@ impl TestEnv {
         admin.close().await;
         let base = admin_database_url();
         let database_url = format!("{}/{database}", &base[..base.rfind('/').expect("URL has a path")]);
+        (database, database_url, prefix)
+    }
+
+    /// The runtime over a database from [`TestEnv::create_database`], migrated to the latest.
+    pub async fn connect(database: String, database_url: String, prefix: String) -> Self {
         let runtime =
             Runtime::connect(&database_url, &nats_url(), Topology::new(&prefix).expect("prefix")).await.expect("connect the test runtime");
         Self { runtime, database, database_url, prefix }

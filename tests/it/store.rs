@@ -217,12 +217,7 @@ async fn a_state_kept_by_one_process_and_changed_by_another_is_never_acted_on() 
 async fn events_stored_twice_before_migration_12_read_the_same_from_the_log_after_it() {
     use understudy_domain::environment::{EnvironmentAggregate, EnvironmentEvent};
     use understudy_domain::{Aggregate, DomainEvent, Recorded};
-    let id = Uuid::new_v4().simple().to_string();
-    let (database, prefix) = (format!("understudy_test_{}", &id[..16]), format!("t{}", &id[..12]));
-    let admin = understudy_adapters::db::connect(&understudy_tests::admin_database_url(), 1).await.expect("admin");
-    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await.expect("create database");
-    let base = understudy_tests::admin_database_url();
-    let database_url = format!("{}/{database}", &base[..base.rfind('/').expect("URL has a path")]);
+    let (database, database_url, prefix) = TestEnv::create_database().await;
     let pool = understudy_adapters::db::connect(&database_url, 2).await.expect("connect");
     let mut migrator = sqlx::migrate!("../migrations");
     migrator.migrations = migrator.migrations.iter().filter(|m| m.version <= 11).cloned().collect::<Vec<_>>().into();
@@ -264,14 +259,7 @@ async fn events_stored_twice_before_migration_12_read_the_same_from_the_log_afte
     }
     pool.close().await;
 
-    let runtime = understudy_api::runtime::Runtime::connect(
-        &database_url,
-        &understudy_tests::nats_url(),
-        understudy_adapters::nats::Topology::new(&prefix).expect("prefix"),
-    )
-    .await
-    .expect("connect and migrate");
-    let env = TestEnv { runtime, database, database_url, prefix };
+    let env = TestEnv::connect(database, database_url, prefix).await;
     assert_eq!(count(env.pool(), "SELECT count(*) FROM event_log").await, recorded.len() as i64, "no event lost or doubled");
     let payloads: Vec<serde_json::Value> =
         sqlx::query_scalar("SELECT payload FROM environment_events WHERE aggregate_id = $1 ORDER BY sequence_number")
