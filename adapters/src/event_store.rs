@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use tracing::Instrument;
 
+use crate::group_commit::{self, GroupCommit, Row, Rows};
 use crate::metrics::METRICS;
 use understudy_domain::DomainEvent;
 
@@ -171,24 +172,28 @@ pub struct AggregateStore<A: Aggregate> {
     pool: PgPool,
     cache: std::sync::Arc<StateCache<A::State>>,
     statements: std::sync::Arc<Statements>,
+    group_commit: GroupCommit,
 }
 
 impl<A: Aggregate> Clone for AggregateStore<A> {
     fn clone(&self) -> Self {
-        Self { pool: self.pool.clone(), cache: self.cache.clone(), statements: self.statements.clone() }
+        Self {
+            pool: self.pool.clone(),
+            cache: self.cache.clone(),
+            statements: self.statements.clone(),
+            group_commit: self.group_commit.clone(),
+        }
     }
 }
 
-/// The SQL of one aggregate type's events. They are written once, to the global log; the type's
-/// esrs table (`{aggregate}_events`) is a view of the log in the layout esrs reads (migration
-/// 0012), and the reads here are that view's rows, asked of the log directly so the unique index
-/// on (aggregate_id, aggregate_type, aggregate_version) bounds them.
+/// The SQL that reads one aggregate type's events. They are written once, to the global log
+/// (see [`crate::group_commit`]); the type's esrs table (`{aggregate}_events`) is a view of the
+/// log in the layout esrs reads (migration 0012), and the reads here are that view's rows, asked
+/// of the log directly so the unique index on (aggregate_id, aggregate_type, aggregate_version)
+/// bounds them.
 struct Statements {
     /// Events after a version, oldest first (all of them after 0).
     after: String,
-    /// The append: one statement, one row per event in the global log. The unique index refuses
-    /// a version someone else took.
-    append: String,
 }
 
 impl Statements {
@@ -205,12 +210,6 @@ impl Statements {
                  FROM event_log WHERE aggregate_id = $1 AND aggregate_type = '{aggregate}' AND aggregate_version > $2
                  ORDER BY aggregate_version"
             ),
-            append: "INSERT INTO event_log (event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version, \
-                 payload, recorded_at, correlation_id, causation_id, actor, traceparent)
-                 SELECT id, $6, $4, sequence_number, event_type, $7, event, $5, $8, $9, $10, $11
-                 FROM UNNEST($1::uuid[], $2::jsonb[], $3::int[], $12::text[]) AS e(id, event, sequence_number, event_type)
-                 ORDER BY sequence_number"
-                .to_string(),
         }
     }
 }
@@ -227,7 +226,12 @@ fn backoff(attempt: u32) -> Duration {
 
 impl<A: Aggregate> AggregateStore<A> {
     pub async fn new(pool: PgPool) -> Result<Self, sqlx::Error> {
-        Ok(Self { pool, cache: std::sync::Arc::new(StateCache::new()), statements: std::sync::Arc::new(Statements::of(A::NAME)) })
+        Ok(Self {
+            group_commit: GroupCommit::start(pool.clone()),
+            pool,
+            cache: std::sync::Arc::new(StateCache::new()),
+            statements: std::sync::Arc::new(Statements::of(A::NAME)),
+        })
     }
 
     /// The current state of `id` (the default state when it has no events yet): the kept state
@@ -325,8 +329,8 @@ impl<A: Aggregate> AggregateStore<A> {
         }
     }
 
-    /// Appends `events` after `loaded`: one statement, or one transaction with the access index
-    /// for the aggregates it covers, so the index changes with the commit.
+    /// Appends `events` after `loaded`: through group commit, or, for the aggregates the access
+    /// index covers, in one transaction with the index, so the index changes with the commit.
     async fn append(
         &self,
         loaded: &Loaded<A::State>,
@@ -346,32 +350,36 @@ impl<A: Aggregate> AggregateStore<A> {
                 version: None,
             })
             .collect();
-        let ids: Vec<Uuid> = stored.iter().map(|e| e.id).collect();
-        let events = stored.iter().map(|e| serde_json::to_value(&e.payload.event)).collect::<Result<Vec<_>, _>>()?;
-        let sequence_numbers: Vec<i32> = stored.iter().map(|e| e.sequence_number).collect();
-        let event_types: Vec<&str> = stored.iter().map(|e| e.payload.event.event_type()).collect();
-        let statement = sqlx::query(&self.statements.append)
-            .bind(&ids)
-            .bind(&events)
-            .bind(&sequence_numbers)
-            .bind(loaded.id)
-            .bind(occurred_on)
-            .bind(A::NAME)
-            .bind(A::Event::SCHEMA_VERSION as i32)
-            .bind(meta.correlation_id)
-            .bind(meta.causation_id)
-            .bind(&meta.actor)
-            .bind(&meta.traceparent)
-            .bind(&event_types);
+        let rows = Rows {
+            aggregate_type: A::NAME,
+            aggregate_id: loaded.id,
+            schema_version: A::Event::SCHEMA_VERSION as i32,
+            recorded_at: occurred_on,
+            correlation_id: meta.correlation_id,
+            causation_id: meta.causation_id,
+            actor: meta.actor.clone(),
+            traceparent: meta.traceparent.clone(),
+            events: stored
+                .iter()
+                .map(|e| {
+                    Ok(Row {
+                        event_id: e.id,
+                        version: e.sequence_number,
+                        event_type: e.payload.event.event_type(),
+                        payload: serde_json::to_value(&e.payload.event)?,
+                    })
+                })
+                .collect::<Result<_, serde_json::Error>>()?,
+        };
         if crate::access_index::indexes(A::NAME) {
             let mut tx = self.pool.begin().await?;
-            statement.execute(&mut *tx).await?;
-            for (stored, event) in stored.iter().zip(&events) {
-                crate::access_index::apply(&mut tx, A::NAME, stored.aggregate_id, event).await?;
+            group_commit::insert(&mut *tx, [&rows]).await?;
+            for row in &rows.events {
+                crate::access_index::apply(&mut tx, A::NAME, rows.aggregate_id, &row.payload).await?;
             }
             tx.commit().await?;
         } else {
-            statement.execute(&self.pool).await?;
+            self.group_commit.append(rows).await?;
         }
         crate::relay::note_appended();
         Ok(stored)

@@ -8,6 +8,7 @@ pub mod embedded;
 pub mod event_store;
 pub mod github;
 pub mod global_log;
+mod group_commit;
 pub mod metrics;
 pub mod nats;
 pub mod notify;

@@ -80,6 +80,9 @@ pub struct Metrics {
     pub events_appended: LabeledCounter,
     pub append_seconds: Histogram,
     pub append_conflicts: AtomicU64,
+    /// INSERTs into the log by the command path; with `events_appended` it shows how many
+    /// commands group commit put in each.
+    pub append_statements: AtomicU64,
     pub webhook_deliveries: LabeledCounter,
     pub github_calls: LabeledCounter,
     /// `x-ratelimit-remaining` of GitHub's last answer; -1 before any.
@@ -105,6 +108,7 @@ pub static METRICS: Metrics = Metrics {
     events_appended: LabeledCounter::new(),
     append_seconds: Histogram::new(&BUCKETS),
     append_conflicts: AtomicU64::new(0),
+    append_statements: AtomicU64::new(0),
     webhook_deliveries: LabeledCounter::new(),
     github_calls: LabeledCounter::new(),
     github_rate_limit_remaining: AtomicI64::new(-1),
@@ -127,6 +131,9 @@ impl Metrics {
         out.push_str("# HELP understudy_append_conflicts_total Appends retried because another writer won the race.\n");
         out.push_str("# TYPE understudy_append_conflicts_total counter\n");
         out.push_str(&format!("understudy_append_conflicts_total {}\n", self.append_conflicts.load(Ordering::Relaxed)));
+        out.push_str("# HELP understudy_append_statements_total INSERTs into the log by the command path (group commit puts many commands in one).\n");
+        out.push_str("# TYPE understudy_append_statements_total counter\n");
+        out.push_str(&format!("understudy_append_statements_total {}\n", self.append_statements.load(Ordering::Relaxed)));
         self.webhook_deliveries.render("understudy_webhook_deliveries_total", "result", "Webhook deliveries answered, by result.", out);
         self.github_calls.render("understudy_github_api_calls_total", "outcome", "GitHub API calls, by outcome.", out);
         out.push_str("# HELP understudy_github_rate_limit_remaining GitHub's x-ratelimit-remaining on its last answer (-1: none yet).\n");

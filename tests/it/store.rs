@@ -279,3 +279,78 @@ async fn events_stored_twice_before_migration_12_read_the_same_from_the_log_afte
     assert_eq!(built.events.iter().map(|e| e.sequence_number).collect::<Vec<_>>(), vec![recorded.len() as i32 + 1]);
     assert_eq!(count(env.pool(), "SELECT count(*) FROM environment_events").await, recorded.len() as i64 + 1);
 }
+
+/// Group commit: commands appended while others are on their way go as one statement. A
+/// statement is all or nothing, so when one command of a group cannot be stored (a stale
+/// version, a payload Postgres refuses), the rest must still commit and only that command may
+/// hear of it.
+#[tokio::test]
+async fn commands_appended_together_commit_together_and_a_bad_one_fails_alone() {
+    use understudy_adapters::event_store::AggregateStore;
+    use understudy_domain::environment::EnvironmentAggregate;
+
+    const COMMANDS: u64 = 24;
+    let env = TestEnv::new().await;
+    let store = env.runtime.store.environments.clone();
+    let project = ProjectId(Uuid::new_v4());
+    fixtures::deploy_prs(&store, project, 0..COMMANDS).await;
+    let ids: Vec<Uuid> = (0..COMMANDS).map(|pr| fixtures::env_id(&fixtures::spec(project, pr, "main.w")).0).collect();
+    let mut deployments = Vec::new();
+    for id in &ids {
+        deployments.push(store.load(*id).await.expect("load").inner().current().expect("deployed").id);
+    }
+    let result = |i: usize, test: &str| EnvironmentCommand::RecordTestResult {
+        deployment_id: deployments[i],
+        test: test.into(),
+        outcome: TestOutcome::Passed,
+        duration_ms: None,
+        at: chrono::Utc::now(),
+    };
+    // The transactions that wrote a test's results: one per statement.
+    let transactions = |test: &'static str| {
+        let pool = env.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT transaction_id) FROM event_log WHERE event_type = 'TestPassed' AND payload->>'test' = $1",
+            )
+            .bind(test)
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+        }
+    };
+
+    // Every state is kept, so each command reaches the queue without a read: all of them queue
+    // before the first statement goes, and go as one.
+    let together = futures::future::join_all(ids.iter().enumerate().map(|(i, id)| store.execute(*id, result(i, "first"), meta()))).await;
+    assert!(together.iter().all(Result::is_ok), "{together:?}");
+    assert_eq!(transactions("first").await, 1, "{COMMANDS} commands, one statement");
+    assert_eq!(count(env.pool(), "SELECT count(*) FROM event_log WHERE payload->>'test' = 'first'").await, COMMANDS as i64);
+
+    // Another process moves environment 0 on, so this process's command there names a version
+    // already taken; and environment 1's command carries a NUL, which Postgres cannot store.
+    let there: AggregateStore<EnvironmentAggregate> = AggregateStore::new(env.pool().clone()).await.expect("store");
+    there.execute(ids[0], result(0, "elsewhere"), meta()).await.expect("the other process");
+    let outcomes = futures::future::join_all(
+        ids.iter().enumerate().map(|(i, id)| store.execute(*id, result(i, if i == 1 { "sec\0ond" } else { "second" }), meta())),
+    )
+    .await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match i {
+            1 => assert!(matches!(outcome, Err(CommandError::Store(_))), "the NUL is refused, to its own command: {outcome:?}"),
+            _ => assert_eq!(outcome.as_ref().map(|done| done.events.len()).ok(), Some(1), "command {i} commits: {outcome:?}"),
+        }
+    }
+    assert_eq!(count(env.pool(), "SELECT count(*) FROM event_log WHERE payload->>'test' = 'second'").await, COMMANDS as i64 - 1);
+    // Environment 0's command lost the race, read afresh and went after the other process's.
+    let zero = store.load(ids[0]).await.expect("load").into_inner();
+    let tests: Vec<&str> = zero.current().expect("deployed").tests.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(tests, ["first", "elsewhere", "second"]);
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT aggregate_version FROM event_log WHERE aggregate_id = $1 ORDER BY aggregate_version")
+            .bind(ids[0])
+            .fetch_all(env.pool())
+            .await
+            .expect("versions");
+    assert_eq!(versions, (1..=8).collect::<Vec<i64>>(), "one event per version, none doubled");
+}
