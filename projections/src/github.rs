@@ -119,17 +119,24 @@ impl Projection for GitHubOutbox {
                         .await?;
                     }
                 }
-                mark_dirty(conn, tables, "status", &event.aggregate_id.to_string(), event).await?;
-                let pr: Option<(Uuid, i64)> = sqlx::query_as(&format!(
-                    "SELECT project_id, pr_number FROM {} WHERE environment_id = $1",
-                    tables.name("pr_environments")
+                // The environment's statuses, and its pull request's comment if it has one: one
+                // statement, as it runs for every environment event. The comment's key is
+                // `comment_key` spelled in SQL.
+                sqlx::query(&format!(
+                    "INSERT INTO {outbox} (kind, key, dirty_position, traceparent)
+                     SELECT 'status', $1::text, $2, $3
+                     UNION ALL
+                     SELECT 'comment', project_id::text || ':' || pr_number::text, $2, $3 FROM {prs} WHERE environment_id = $4
+                     ON CONFLICT (kind, key) DO UPDATE SET dirty_position = EXCLUDED.dirty_position, traceparent = EXCLUDED.traceparent",
+                    outbox = tables.name("github_outbox"),
+                    prs = tables.name("pr_environments")
                 ))
+                .bind(event.aggregate_id.to_string())
+                .bind(event.position)
+                .bind(&event.traceparent)
                 .bind(event.aggregate_id)
-                .fetch_optional(&mut *conn)
+                .execute(&mut *conn)
                 .await?;
-                if let Some((project, number)) = pr {
-                    mark_dirty(conn, tables, "comment", &comment_key(project, number), event).await?;
-                }
             }
             AnyEvent::Account(_) | AnyEvent::Project(_) | AnyEvent::User(_) => {}
         }

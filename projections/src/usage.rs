@@ -13,7 +13,8 @@ use crate::{AnyEvent, Change, Projection, ProjectionError, Tables};
 
 pub struct Usage;
 
-/// Adds to the day's counters of the environment's project.
+/// Adds to the day's counters of the environment's project (nothing for an environment this
+/// projection never saw created). One statement: it runs for most events.
 async fn add(
     conn: &mut PgConnection,
     tables: &Tables,
@@ -22,20 +23,16 @@ async fn add(
     column: &str,
     amount: f64,
 ) -> Result<(), ProjectionError> {
-    let project: Option<Uuid> =
-        sqlx::query_scalar(&format!("SELECT project_id FROM {} WHERE environment_id = $1", tables.name("usage_environments")))
-            .bind(environment)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some(project) = project else { return Ok(()) };
     let table = tables.name("preview_usage");
     // `column` is one of this module's literals, never input.
     let cast = if column == "seconds_to_ready_sum" { "" } else { "::int" };
     sqlx::query(&format!(
-        "INSERT INTO {table} (project_id, day, {column}) VALUES ($1, $2, $3{cast})
-         ON CONFLICT (project_id, day) DO UPDATE SET {column} = {table}.{column} + EXCLUDED.{column}"
+        "INSERT INTO {table} (project_id, day, {column})
+         SELECT project_id, $2, $3{cast} FROM {environments} WHERE environment_id = $1
+         ON CONFLICT (project_id, day) DO UPDATE SET {column} = {table}.{column} + EXCLUDED.{column}",
+        environments = tables.name("usage_environments")
     ))
-    .bind(project)
+    .bind(environment)
     .bind(at.date_naive())
     .bind(amount)
     .execute(&mut *conn)

@@ -212,6 +212,16 @@ async fn a_pull_request_gets_one_sticky_comment_that_follows_its_environments() 
         let report = understudy_projections::replay::verify(app.env.pool(), projection.as_ref()).await.expect("verify");
         assert!(report.differences.is_empty(), "{report:#?}");
     }
+    // The pull request's events and its environments' events marked one and the same comment
+    // entry, and one status entry per environment.
+    let entries: Vec<(String, String)> =
+        sqlx::query_as("SELECT kind, key FROM github_outbox ORDER BY kind, key").fetch_all(app.env.pool()).await.expect("outbox");
+    let api_w = EnvironmentId::derive(project_id, &target, &Entrypoint::parse("api.main.w").expect("valid"));
+    let mut expected = vec![("comment".to_string(), format!("{}:2", project_id.0))];
+    let mut statuses: Vec<_> = [main_w, api_w].iter().map(|e| ("status".to_string(), e.0.to_string())).collect();
+    statuses.sort();
+    expected.extend(statuses);
+    assert_eq!(entries, expected);
     // Everything the opened webhook caused, by its delivery's correlation id, and the pull
     // request's state before it was closed.
     let caused =
