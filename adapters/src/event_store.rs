@@ -188,9 +188,9 @@ impl<A: Aggregate> Clone for AggregateStore<A> {
 
 /// The SQL that reads one aggregate type's events. They are written once, to the global log
 /// (see [`crate::group_commit`]); the type's esrs table (`{aggregate}_events`) is a view of the
-/// log in the layout esrs reads (migration 0012), and the reads here are that view's rows, asked
-/// of the log directly so the unique index on (aggregate_id, aggregate_type, aggregate_version)
-/// bounds them.
+/// log in the layout esrs reads (migrations 0012 and 0013), and the reads here are that view's
+/// rows, asked of the log directly so the unique index on (aggregate_id, aggregate_type,
+/// aggregate_version) bounds them. Both build the payload with the SQL function `esrs_payload`.
 struct Statements {
     /// Events after a version, oldest first (all of them after 0).
     after: String,
@@ -200,15 +200,10 @@ impl Statements {
     fn of(aggregate: &str) -> Self {
         Self {
             after: format!(
-                "SELECT event_id AS id, aggregate_id,
-                        jsonb_build_object(
-                            'schema_version', schema_version,
-                            'meta', jsonb_build_object('correlation_id', correlation_id, 'causation_id', causation_id,
-                                                       'actor', actor, 'traceparent', traceparent),
-                            'event', payload) AS payload,
-                        recorded_at AS occurred_on, aggregate_version::int AS sequence_number, NULL::int AS version
-                 FROM event_log WHERE aggregate_id = $1 AND aggregate_type = '{aggregate}' AND aggregate_version > $2
-                 ORDER BY aggregate_version"
+                "SELECT l.event_id AS id, l.aggregate_id, esrs_payload(l) AS payload, l.recorded_at AS occurred_on,
+                        l.aggregate_version::int AS sequence_number, NULL::int AS version
+                 FROM event_log l WHERE l.aggregate_id = $1 AND l.aggregate_type = '{aggregate}' AND l.aggregate_version > $2
+                 ORDER BY l.aggregate_version"
             ),
         }
     }
