@@ -304,6 +304,9 @@ impl<A: Aggregate> AggregateStore<A> {
                     self.cache.put(loaded.clone());
                     return Ok(Executed { state: loaded.state, events: stored });
                 }
+                Err(PgStoreError::Custom(error)) if error.is::<HoldsNul>() => {
+                    return Err(DomainError::invalid("event", error.to_string()).into());
+                }
                 Err(error) if is_conflict(&error) => {
                     METRICS.append_conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(aggregate = A::NAME, %id, attempt, "append conflict; retrying on fresh state");
@@ -357,14 +360,13 @@ impl<A: Aggregate> AggregateStore<A> {
             events: stored
                 .iter()
                 .map(|e| {
-                    Ok(Row {
-                        event_id: e.id,
-                        version: e.sequence_number,
-                        event_type: e.payload.event.event_type(),
-                        payload: serde_json::to_value(&e.payload.event)?,
-                    })
+                    let payload = serde_json::to_value(&e.payload.event)?;
+                    if holds_nul(&payload) {
+                        return Err(PgStoreError::Custom(Box::new(HoldsNul)));
+                    }
+                    Ok(Row { event_id: e.id, version: e.sequence_number, event_type: e.payload.event.event_type(), payload })
                 })
-                .collect::<Result<_, serde_json::Error>>()?,
+                .collect::<Result<_, PgStoreError>>()?,
         };
         if crate::access_index::indexes(A::NAME) {
             let mut tx = self.pool.begin().await?;
@@ -378,6 +380,21 @@ impl<A: Aggregate> AggregateStore<A> {
         }
         crate::relay::note_appended();
         Ok(stored)
+    }
+}
+
+/// Postgres's `jsonb` cannot hold U+0000. An event whose text does (a test name a broken app
+/// reported, say) is refused before it is sent, with this, rather than with Postgres's error.
+#[derive(Debug, Error)]
+#[error("text holding a NUL character (U+0000) cannot be stored")]
+struct HoldsNul;
+
+fn holds_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(text) => text.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(holds_nul),
+        serde_json::Value::Object(fields) => fields.iter().any(|(key, value)| key.contains('\0') || holds_nul(value)),
+        _ => false,
     }
 }
 

@@ -1148,8 +1148,26 @@ impl Worker {
             Err(StepError::Infra(reason)) => return Err(Stop::Infra(reason)),
             Ok(()) | Err(StepError::Failed(_)) => {}
         }
-        let text = std::fs::read_to_string(spec.run_dir.join("test-results.json")).unwrap_or_default();
-        let parsed = parse_wing_results(&text, entrypoint);
+        // The app under test writes this file: read only a bounded amount of it.
+        let path = spec.run_dir.join("test-results.json");
+        let too_big = std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_RESULTS_BYTES);
+        if too_big {
+            log.line(format!("understudy: test-results.json is larger than {} MiB; not read", MAX_RESULTS_BYTES >> 20));
+            return Ok(vec![("wing test".into(), TestOutcome::Failed, Some(elapsed))]);
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut parsed = parse_wing_results(&text, entrypoint);
+        if parsed.len() > MAX_TESTS {
+            let left_out = parsed.len() - MAX_TESTS;
+            parsed.truncate(MAX_TESTS);
+            log.line(format!("understudy: {left_out} more test results than the {MAX_TESTS} recorded per run; not recorded"));
+            parsed.push(WingTest {
+                name: format!("{left_out} more tests"),
+                pass: false,
+                error: Some(format!("only {MAX_TESTS} test results are recorded per run")),
+                traces: vec![],
+            });
+        }
         if parsed.is_empty() {
             // No results at all (the tests did not compile, the runner crashed): one failure that
             // points at the log, never a silent pass.
@@ -1540,6 +1558,28 @@ struct WingTest {
     traces: Vec<String>,
 }
 
+/// A results file larger than this is not read: the run is one failure.
+const MAX_RESULTS_BYTES: u64 = 16 << 20;
+/// Test results recorded per run at most; past it, one failed result says how many were left out.
+const MAX_TESTS: usize = 1000;
+/// A test's name is a cell of the PR comment's table: longer ones are cut, with `…`.
+const TEST_NAME_CHARS: usize = 200;
+
+/// A test's name as the app reported it, made fit to show and store: control characters (a NUL
+/// cannot be stored at all) become U+FFFD, and the name is trimmed and cut to
+/// [`TEST_NAME_CHARS`].
+fn test_name(reported: &str) -> String {
+    let shown: String = reported.chars().map(|c| if c.is_control() { '\u{FFFD}' } else { c }).collect();
+    let shown = shown.trim();
+    if shown.is_empty() {
+        return "(unnamed test)".into();
+    }
+    match shown.char_indices().nth(TEST_NAME_CHARS) {
+        Some((cut, _)) => format!("{}…", &shown[..cut]),
+        None => shown.to_string(),
+    }
+}
+
 /// Reads `wing test`'s JSON: `{"results": {"<entrypoint>": {"<test>": {"pass", "error", "traces"}}}}`.
 fn parse_wing_results(text: &str, entrypoint: &str) -> Vec<WingTest> {
     let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return vec![] };
@@ -1549,7 +1589,7 @@ fn parse_wing_results(text: &str, entrypoint: &str) -> Vec<WingTest> {
     tests
         .iter()
         .map(|(name, result)| WingTest {
-            name: name.clone(),
+            name: test_name(name),
             pass: result.get("pass").and_then(|p| p.as_bool()).unwrap_or(false),
             error: result.get("error").and_then(|e| e.as_str()).map(str::to_string),
             traces: result
@@ -1590,6 +1630,15 @@ mod tests {
         assert!(!broken.pass);
         assert_eq!(broken.error.as_deref(), Some("expected 5 to equal 4"));
         assert!(parse_wing_results("not json", "main.w").is_empty());
+        // Names are the app's to write: a NUL, other control characters, blanks and lengths
+        // beyond a table cell are made fit to show and store.
+        let hostile = format!(
+            r#"{{"results":{{"main.w":{{"nul\u0000name":{{"pass":true}},"  ":{{"pass":true}},"{}":{{"pass":true}}}}}}}}"#,
+            "x".repeat(500)
+        );
+        let mut names: Vec<String> = parse_wing_results(&hostile, "main.w").into_iter().map(|t| t.name).collect();
+        names.sort();
+        assert_eq!(names, ["(unnamed test)".to_string(), "nul\u{FFFD}name".to_string(), format!("{}…", "x".repeat(200))]);
         assert!(parse_wing_results("{}", "main.w").is_empty());
     }
 }
