@@ -44,10 +44,13 @@ pub struct GitHubOutbox;
 /// After this many failed attempts in a row, a failing write is recorded in the project's history.
 pub const FAILURES_BEFORE_RECORDING: i32 = 5;
 
+/// How an outbox entry already there is marked dirty again: the newest event's position and trace.
+const MARK_AGAIN: &str =
+    "ON CONFLICT (kind, key) DO UPDATE SET dirty_position = EXCLUDED.dirty_position, traceparent = EXCLUDED.traceparent";
+
 async fn mark_dirty(conn: &mut PgConnection, tables: &Tables, kind: &str, key: &str, event: &LoggedEvent) -> sqlx::Result<()> {
     sqlx::query(&format!(
-        "INSERT INTO {} (kind, key, dirty_position, traceparent) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (kind, key) DO UPDATE SET dirty_position = EXCLUDED.dirty_position, traceparent = EXCLUDED.traceparent",
+        "INSERT INTO {} (kind, key, dirty_position, traceparent) VALUES ($1, $2, $3, $4) {MARK_AGAIN}",
         tables.name("github_outbox")
     ))
     .bind(kind)
@@ -127,7 +130,7 @@ impl Projection for GitHubOutbox {
                      SELECT 'status', $1::text, $2, $3
                      UNION ALL
                      SELECT 'comment', project_id::text || ':' || pr_number::text, $2, $3 FROM {prs} WHERE environment_id = $4
-                     ON CONFLICT (kind, key) DO UPDATE SET dirty_position = EXCLUDED.dirty_position, traceparent = EXCLUDED.traceparent",
+                     {MARK_AGAIN}",
                     outbox = tables.name("github_outbox"),
                     prs = tables.name("pr_environments")
                 ))
