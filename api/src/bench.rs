@@ -507,7 +507,7 @@ async fn latency(runtime: &Runtime, rate: u64, seconds: u64) -> anyhow::Result<(
     let mut ws = follow_environments(addr, project.0, "id tests { name }", None).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // the server subscribes when it first polls
 
-    let received: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let received = Committed::default();
     let reader = {
         let received = received.clone();
         tokio::spawn(async move {
@@ -526,7 +526,7 @@ async fn latency(runtime: &Runtime, rate: u64, seconds: u64) -> anyhow::Result<(
     };
     // Where the time goes: when each result reached the event stream (a core subscription to the
     // stream's subjects sees what the relay publishes).
-    let published: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let published = Committed::default();
     let mut on_stream = runtime.nats.subscribe(runtime.topology.all_events()).await?;
     runtime.nats.flush().await?;
     let stream_reader = {
