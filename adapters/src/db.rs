@@ -62,6 +62,31 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         })
 }
 
+/// Claiming one row of a work queue (webhook deliveries, the GitHub outbox) for as long as a
+/// transaction stays open, while the work itself calls out to GitHub.
+///
+/// The claim is a transaction-scoped advisory lock, `pg_try_advisory_xact_lock(class,
+/// hashtext(key))`, not a row lock. A row lock (`FOR UPDATE`) gives its transaction an id, and a
+/// transaction id held across a call to GitHub holds the sequencer's horizon back (see
+/// `relay.rs`) for every database on the Postgres cluster, for as long as GitHub takes to
+/// answer. An advisory lock takes no transaction id, and ends with its transaction, so a worker
+/// that crashes or is cancelled lets go of its row at once.
+///
+/// Two rules make it a claim:
+/// - Lock candidates from a subquery with a `LIMIT`, so that Postgres stops at the first one it
+///   can lock instead of locking every candidate the outer query would otherwise filter.
+/// - After locking, read the row again in a new statement, and go on only if it is still due. The
+///   candidates' snapshot may predate another worker's commit that finished it just before
+///   releasing its lock.
+pub mod claim {
+    /// The advisory lock class (first key) of `webhook_deliveries` rows.
+    pub const WEBHOOK_DELIVERY: i32 = 0x5553_0001;
+    /// The advisory lock class (first key) of `github_outbox` entries.
+    pub const GITHUB_OUTBOX: i32 = 0x5553_0002;
+    /// How many of the most overdue rows a claim tries to lock.
+    pub const CANDIDATES: i64 = 16;
+}
+
 /// Applies every migration in `migrations/` that has not been applied yet.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::migrate!("../migrations").run(pool).await.context("applying database migrations")?;

@@ -4,9 +4,9 @@
 //! [`GitHubOutbox`] is a projection: each event that changes what GitHub should show marks an
 //! entry of `github_outbox` dirty, in the projector's transaction: kind `comment` for a pull
 //! request's comment, kind `status` for an environment's deployments and check runs.
-//! [`OutboxWriter`] is the reactor: it takes one due entry at a time (row-locked, so two writers
-//! never race on one), reads the state once the `environments` read model has caught up, and
-//! writes it. Everything it creates on GitHub is found again before it is created (the comment by
+//! [`OutboxWriter`] is the reactor: it takes one due entry at a time (claimed by an advisory
+//! lock, so two writers never race on one), reads the state once the `environments` read model
+//! has caught up, and writes it. Everything it creates on GitHub is found again before it is created (the comment by
 //! its marker on a comment of our own App, a deployment by our id in its payload, a check run by
 //! its external id), so a crash after GitHub answered never makes a second one. After a write
 //! the entry rests (`debounce`): at most one write per entry per second, the last state wins.
@@ -185,25 +185,45 @@ impl OutboxWriter {
     }
 
     /// Writes the most overdue due entry; `false` when none is due.
+    ///
+    /// The entry is claimed for the transaction by an advisory lock
+    /// ([`understudy_adapters::db::claim`]), so nothing here holds a transaction id while GitHub
+    /// answers: what the write learns (comment and deployment ids) is stored on the pool as
+    /// soon as GitHub has acted, and the entry's own update is the transaction's one write.
     pub async fn write_next(&self) -> sqlx::Result<bool> {
+        use understudy_adapters::db::claim;
+        const DUE: &str = "dirty_position > written_position AND next_attempt_at <= now()
+            AND dirty_position <= (SELECT position FROM projector_checkpoints WHERE projection = 'environments')";
         let mut tx = self.store.pool.begin().await?;
-        let due: Option<(String, String, i64, i32, Option<String>)> = sqlx::query_as(
-            "SELECT kind, key, dirty_position, attempts, traceparent FROM github_outbox
-             WHERE dirty_position > written_position AND next_attempt_at <= now()
-               AND dirty_position <= (SELECT position FROM projector_checkpoints WHERE projection = 'environments')
-             ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED",
-        )
+        let claimed: Option<(String, String)> = sqlx::query_as(&format!(
+            "SELECT kind, key FROM (SELECT kind, key FROM github_outbox WHERE {DUE} ORDER BY next_attempt_at LIMIT $2) due
+             WHERE pg_try_advisory_xact_lock($1, hashtext(kind || ':' || key)) LIMIT 1"
+        ))
+        .bind(claim::GITHUB_OUTBOX)
+        .bind(claim::CANDIDATES)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((kind, key, dirty, attempts, traceparent)) = due else {
+        let Some((kind, key)) = claimed else {
             tx.rollback().await?;
             return Ok(false);
+        };
+        let due: Option<(i64, i32, Option<String>)> = sqlx::query_as(&format!(
+            "SELECT dirty_position, attempts, traceparent FROM github_outbox WHERE kind = $1 AND key = $2 AND {DUE}"
+        ))
+        .bind(&kind)
+        .bind(&key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((dirty, attempts, traceparent)) = due else {
+            // Another writer wrote it between our look at the candidates and our lock.
+            tx.rollback().await?;
+            return Ok(true);
         };
         let span = understudy_adapters::telemetry::span_from("github.write", traceparent.as_deref());
         let result = async {
             match kind.as_str() {
-                "comment" => self.write_comment(&mut tx, &key).await,
-                _ => self.write_statuses(&mut tx, &key).await,
+                "comment" => self.write_comment(&key).await,
+                _ => self.write_statuses(&key).await,
             }
         }
         .instrument(span)
@@ -309,7 +329,7 @@ impl OutboxWriter {
         ))
     }
 
-    async fn write_comment(&self, tx: &mut PgConnection, key: &str) -> Result<(), WriteError> {
+    async fn write_comment(&self, key: &str) -> Result<(), WriteError> {
         let parsed = key.split_once(':').and_then(|(p, n)| Some((Uuid::parse_str(p).ok()?, n.parse::<i64>().ok()?)));
         let Some((project, number)) = parsed else {
             return Err(WriteError::Unwritable(format!("bad comment key {key:?}")));
@@ -321,7 +341,7 @@ impl OutboxWriter {
         )
         .bind(project)
         .bind(number)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.store.pool)
         .await?;
         let rows: Vec<CommentRow> = rows
             .into_iter()
@@ -347,7 +367,7 @@ impl OutboxWriter {
             sqlx::query_as("SELECT comment_id, body_sha256 FROM github_comments WHERE project_id = $1 AND pr_number = $2")
                 .bind(project)
                 .bind(number)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&self.store.pool)
                 .await?;
         let (installation, repository, issue) = (repo.installation, repo.repository.as_str(), number as u64);
         let comment_id = match known {
@@ -374,14 +394,14 @@ impl OutboxWriter {
         .bind(number)
         .bind(comment_id as i64)
         .bind(hash)
-        .execute(&mut *tx)
+        .execute(&self.store.pool)
         .await?;
         Ok(())
     }
 
     /// Brings every deployment of one environment up to date on GitHub: its deployment, the
     /// deployment's status, and its check run with the test results.
-    async fn write_statuses(&self, tx: &mut PgConnection, key: &str) -> Result<(), WriteError> {
+    async fn write_statuses(&self, key: &str) -> Result<(), WriteError> {
         let id = Uuid::parse_str(key).map(EnvironmentId).map_err(|_| WriteError::Unwritable(format!("bad environment key {key:?}")))?;
         let environment =
             self.store.environments.load(id.0).await.map_err(|e| WriteError::Unwritable(format!("loading: {e}")))?.into_inner();
@@ -408,7 +428,7 @@ impl OutboxWriter {
                 "SELECT github_deployment_id, deployment_state, check_run_id, check_sha256 FROM github_deployments WHERE deployment_id = $1",
             )
             .bind(deployment.id.0)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&self.store.pool)
             .await?;
             let is_current = environment.current().map(|d| d.id) == Some(deployment.id);
             let state = deployment_state(&environment, deployment, is_current);
@@ -459,7 +479,7 @@ impl OutboxWriter {
             .bind(state)
             .bind(check_run_id as i64)
             .bind(&check_hash)
-            .execute(&mut *tx)
+            .execute(&self.store.pool)
             .await?;
         }
         Ok(())

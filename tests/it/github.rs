@@ -79,7 +79,7 @@ impl App {
     }
 
     async fn processed(&self, delivery: &str) -> String {
-        eventually(Duration::from_secs(20), "the delivery to be processed", || async {
+        eventually(Duration::from_secs(60), "the delivery to be processed", || async {
             let state: Option<String> =
                 sqlx::query_scalar("SELECT state FROM webhook_deliveries WHERE delivery_id = $1 AND state <> 'pending'")
                     .bind(delivery)
@@ -620,6 +620,103 @@ async fn pushes_to_a_tiers_branches_deploy_them_unless_the_tier_is_frozen_and_de
     assert_eq!(app.deliver("push", "t-dev-4", &to("dev-alice", '0', true)).await.0, 202);
     assert_eq!(app.processed("t-dev-4").await, "done");
     assert!(commit_of("dev-alice").await.1, "terminated");
+    app.cancel.cancel();
+}
+
+/// Waits until the fake GitHub has received, after its first `seen` requests, one whose path
+/// `matches`: with a delay set, that call is now in flight.
+async fn call_in_flight(app: &App, seen: usize, what: &str, matches: impl Fn(&str) -> bool) {
+    eventually(Duration::from_secs(30), what, || async { app.github.requests().iter().skip(seen).any(|r| matches(&r.path)).then_some(()) })
+        .await
+}
+
+/// Appends an event of an unrelated environment and waits for the sequencer to number it,
+/// within half of `slow`: long before a call to GitHub that takes `slow` can have answered.
+async fn numbered_while_github_answers(app: &App, slow: Duration) {
+    use understudy_domain::ids::{DeploymentId, ProjectId};
+    use understudy_tests::fixtures;
+    let spec = fixtures::spec(ProjectId(Uuid::new_v4()), 1, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let store = &app.env.runtime.store.environments;
+    store.execute(id, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("append");
+    eventually(slow / 2, "the event to be numbered while a call to GitHub is in flight", || async {
+        let unnumbered: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log WHERE aggregate_id = $1 AND position IS NULL")
+            .bind(id)
+            .fetch_one(app.env.pool())
+            .await
+            .expect("count");
+        (unnumbered == 0).then_some(())
+    })
+    .await
+}
+
+/// A call to GitHub may take seconds, up to the client's timeout. Neither webhook processing nor
+/// the outbox writer may hold the event log back while one is in flight: every event appended
+/// meanwhile, anywhere on the cluster, is numbered and reaches the projectors at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_github_holds_no_event_back() {
+    const SLOW: Duration = Duration::from_secs(6);
+    let app = App::start().await;
+    let repo = open_pull_request(&app).await;
+    comment_where(&app, &repo, "the first comment", |b| b.contains("| main.w |")).await;
+    app.github.set_delay(SLOW);
+
+    // Processing a push to the pull request reads the files at the new head from GitHub.
+    let seen = app.github.requests().len();
+    assert_eq!(app.deliver("pull_request", "slow-sync", &fixture("pull_request.synchronize")).await.0, 202);
+    call_in_flight(&app, seen, "webhook processing to read the new head", |path| path.contains("/contents")).await;
+    numbered_while_github_answers(&app, SLOW).await;
+
+    // The new head's deployment changes the comment: the outbox writer waits on GitHub too.
+    assert_eq!(app.processed("slow-sync").await, "done");
+    let read_head = app.github.requests().iter().rposition(|r| r.path.contains("/contents")).expect("the head was read");
+    let writes = |path: &str| path.contains("/comments") || path.contains("/deployments") || path.contains("/check-runs");
+    call_in_flight(&app, read_head + 1, "the outbox writer to call GitHub", writes).await;
+    numbered_while_github_answers(&app, SLOW).await;
+    app.cancel.cancel();
+}
+
+/// Four webhook workers and four GitHub writers at once, as four processes would run them: each
+/// delivery is processed once, and each pull request gets one comment, made by one POST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_workers_process_each_delivery_once_and_write_each_comment_once() {
+    const PULL_REQUESTS: u64 = 12;
+    let mut app = App::start().await;
+    for _ in 0..3 {
+        app.env.runtime.spawn_github(app.cancel.clone(), &mut app._tasks);
+    }
+    // Slow enough answers that the workers overlap.
+    app.github.set_delay(Duration::from_millis(30));
+    let opened = fixture("pull_request.opened");
+    let (repo, repo_id) = repo_of(&opened);
+    app.github.set_repo(&repo, repo_id, "main", &["main.w"]);
+    app.deliver("installation", "r-install", &fixture("installation.created")).await;
+    assert_eq!(app.processed("r-install").await, "done");
+    let deliveries: Vec<String> = (1..=PULL_REQUESTS).map(|n| format!("r-opened-{n}")).collect();
+    for (n, delivery) in (1..=PULL_REQUESTS).zip(&deliveries) {
+        let mut payload = opened.clone();
+        payload["number"] = json!(n);
+        payload["pull_request"]["number"] = json!(n);
+        payload["pull_request"]["head"]["ref"] = json!(format!("feature-{n}"));
+        assert_eq!(app.deliver("pull_request", delivery, &payload).await.0, 202);
+    }
+    for delivery in &deliveries {
+        assert_eq!(app.processed(delivery).await, "done");
+    }
+    let attempts: Vec<i32> = sqlx::query_scalar("SELECT attempts FROM webhook_deliveries WHERE delivery_id LIKE 'r-opened-%'")
+        .fetch_all(app.env.pool())
+        .await
+        .expect("attempts");
+    assert_eq!(attempts, vec![1; PULL_REQUESTS as usize], "each delivery processed once");
+    for n in 1..=PULL_REQUESTS {
+        eventually(Duration::from_secs(30), &format!("pull request {n}'s comment"), || async {
+            let ours = app.github.comments(&repo, n).into_iter().filter(|c| c.by_app).count();
+            assert!(ours <= 1, "pull request {n} has {ours} comments of ours");
+            (ours == 1).then_some(())
+        })
+        .await;
+        assert_eq!(app.github.count("POST", &format!("/repos/{repo}/issues/{n}/comments")), 1, "one POST for pull request {n}");
+    }
     app.cancel.cancel();
 }
 

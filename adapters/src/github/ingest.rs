@@ -152,8 +152,8 @@ pub struct Ingest {
 
 const MAX_ATTEMPTS: i32 = 20;
 
-/// A due delivery as stored: id, event, body, attempts so far, trace context.
-type PendingDelivery = (String, String, Vec<u8>, i32, Option<String>);
+/// A due delivery as stored: event, body, attempts so far, trace context.
+type PendingDelivery = (String, Vec<u8>, i32, Option<String>);
 
 impl Ingest {
     /// Processes pending deliveries in arrival order until cancelled; `wake` is poked by the
@@ -163,18 +163,37 @@ impl Ingest {
     }
 
     /// Processes the oldest due delivery; `false` when there was none.
+    ///
+    /// The delivery is claimed for the transaction by an advisory lock ([`crate::db::claim`]):
+    /// handling it may wait on GitHub, and a row lock would hold a transaction id, and so the
+    /// sequencer's horizon, for that long, holding back the very events the handling appends.
     pub async fn process_next(&self) -> sqlx::Result<bool> {
+        use crate::db::claim;
+        const DUE: &str = "state = 'pending' AND next_attempt_at <= now()";
         let pool = &self.store.pool;
         let mut tx = pool.begin().await?;
-        let row: Option<PendingDelivery> = sqlx::query_as(
-            "SELECT delivery_id, event, payload, attempts, traceparent FROM webhook_deliveries
-             WHERE state = 'pending' AND next_attempt_at <= now() ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
-        )
+        let claimed: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT delivery_id FROM (SELECT delivery_id FROM webhook_deliveries WHERE {DUE} ORDER BY seq LIMIT $2) due
+             WHERE pg_try_advisory_xact_lock($1, hashtext(delivery_id)) LIMIT 1"
+        ))
+        .bind(claim::WEBHOOK_DELIVERY)
+        .bind(claim::CANDIDATES)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((delivery_id, event, payload, attempts, traceparent)) = row else {
+        let Some(delivery_id) = claimed else {
             tx.rollback().await?;
             return Ok(false);
+        };
+        let row: Option<PendingDelivery> = sqlx::query_as(&format!(
+            "SELECT event, payload, attempts, traceparent FROM webhook_deliveries WHERE delivery_id = $1 AND {DUE}"
+        ))
+        .bind(&delivery_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((event, payload, attempts, traceparent)) = row else {
+            // Another worker processed it between our look at the candidates and our lock.
+            tx.rollback().await?;
+            return Ok(true);
         };
         let span = crate::telemetry::span_from("webhook.process", traceparent.as_deref());
         let result = match webhook::parse(&event, &payload) {
