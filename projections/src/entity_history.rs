@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use sqlx::PgConnection;
 use understudy_adapters::LoggedEvent;
 
+use crate::projector::RunApplied;
 use crate::{AnyEvent, Change, Projection, ProjectionError, Tables};
 
 pub struct EntityHistory;
@@ -24,30 +25,43 @@ impl Projection for EntityHistory {
         conn: &mut PgConnection,
         tables: &Tables,
         event: &LoggedEvent,
-        _: &AnyEvent,
+        decoded: &AnyEvent,
     ) -> Result<Vec<Change>, ProjectionError> {
-        // A plain INSERT on the position key: applying an event twice would fail loudly here.
-        sqlx::query(&format!(
-            "INSERT INTO {} (position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version,
-                 payload, recorded_at, correlation_id, causation_id, actor)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            tables.name("entity_history")
-        ))
-        .bind(event.position)
-        .bind(event.event_id)
-        .bind(&event.aggregate_type)
-        .bind(event.aggregate_id)
-        .bind(event.aggregate_version)
-        .bind(&event.event_type)
-        .bind(event.schema_version)
-        .bind(&event.payload)
-        .bind(event.recorded_at)
-        .bind(event.correlation_id)
-        .bind(event.causation_id)
-        .bind(&event.actor)
-        .execute(conn)
-        .await?;
-        Ok(vec![])
+        let done = self.apply_run(conn, tables, &[(event, decoded.clone())]).await?;
+        done.stopped.map_or(Ok(done.changes), Err)
+    }
+
+    /// The whole run in one INSERT. On the position key, so applying an event twice fails loudly.
+    async fn apply_run(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        run: &[(&LoggedEvent, AnyEvent)],
+    ) -> Result<RunApplied, ProjectionError> {
+        if !run.is_empty() {
+            sqlx::query(&format!(
+                "INSERT INTO {} (position, event_id, aggregate_type, aggregate_id, aggregate_version, event_type, schema_version,
+                     payload, recorded_at, correlation_id, causation_id, actor)
+                 SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::uuid[], $5::bigint[], $6::text[], $7::int[],
+                     $8::jsonb[], $9::timestamptz[], $10::uuid[], $11::uuid[], $12::text[])",
+                tables.name("entity_history")
+            ))
+            .bind(run.iter().map(|(e, _)| e.position).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.event_id).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.aggregate_type.as_str()).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.aggregate_id).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.aggregate_version).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.event_type.as_str()).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.schema_version).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| &e.payload).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.recorded_at).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.correlation_id).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.causation_id).collect::<Vec<_>>())
+            .bind(run.iter().map(|(e, _)| e.actor.as_str()).collect::<Vec<_>>())
+            .execute(conn)
+            .await?;
+        }
+        Ok(RunApplied { changes: vec![], applied: run.len(), stopped: None })
     }
 }
 

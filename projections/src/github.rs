@@ -31,6 +31,7 @@ use understudy_domain::values::Target;
 use understudy_domain::Metadata;
 use uuid::Uuid;
 
+use crate::projector::RunApplied;
 use crate::{AnyEvent, Change, Projection, ProjectionError, Tables};
 
 /// Hex SHA-256, to tell whether what we would write changed since the last write.
@@ -57,6 +58,36 @@ async fn mark_dirty(conn: &mut PgConnection, tables: &Tables, kind: &str, key: &
     .bind(key)
     .bind(event.position)
     .bind(&event.traceparent)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks dirty the statuses of the environments of `events` (in log order) and the comments of
+/// their pull requests, each entry at the newest of its events: one statement for the lot, the
+/// same rows as marking them event by event. The comment's key is `comment_key` spelled in SQL.
+async fn mark_environments_dirty(conn: &mut PgConnection, tables: &Tables, events: &[&LoggedEvent]) -> sqlx::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    // The newest event of each environment: one statement cannot update a row twice.
+    let mut seen = std::collections::HashSet::with_capacity(events.len());
+    let newest: Vec<&LoggedEvent> = events.iter().rev().filter(|e| seen.insert(e.aggregate_id)).copied().collect();
+    sqlx::query(&format!(
+        "WITH e AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[]) AS e (id, position, traceparent))
+         INSERT INTO {outbox} (kind, key, dirty_position, traceparent)
+         SELECT 'status', id::text, position, traceparent FROM e
+         UNION ALL
+         (SELECT DISTINCT ON (p.project_id, p.pr_number) 'comment', p.project_id::text || ':' || p.pr_number::text, e.position, e.traceparent
+          FROM e JOIN {prs} p ON p.environment_id = e.id
+          ORDER BY p.project_id, p.pr_number, e.position DESC)
+         {MARK_AGAIN}",
+        outbox = tables.name("github_outbox"),
+        prs = tables.name("pr_environments")
+    ))
+    .bind(newest.iter().map(|e| e.aggregate_id).collect::<Vec<_>>())
+    .bind(newest.iter().map(|e| e.position).collect::<Vec<_>>())
+    .bind(newest.iter().map(|e| e.traceparent.as_deref()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -122,28 +153,36 @@ impl Projection for GitHubOutbox {
                         .await?;
                     }
                 }
-                // The environment's statuses, and its pull request's comment if it has one: one
-                // statement, as it runs for every environment event. The comment's key is
-                // `comment_key` spelled in SQL.
-                sqlx::query(&format!(
-                    "INSERT INTO {outbox} (kind, key, dirty_position, traceparent)
-                     SELECT 'status', $1::text, $2, $3
-                     UNION ALL
-                     SELECT 'comment', project_id::text || ':' || pr_number::text, $2, $3 FROM {prs} WHERE environment_id = $4
-                     {MARK_AGAIN}",
-                    outbox = tables.name("github_outbox"),
-                    prs = tables.name("pr_environments")
-                ))
-                .bind(event.aggregate_id.to_string())
-                .bind(event.position)
-                .bind(&event.traceparent)
-                .bind(event.aggregate_id)
-                .execute(&mut *conn)
-                .await?;
+                mark_environments_dirty(conn, tables, &[event]).await?;
             }
             AnyEvent::Account(_) | AnyEvent::Project(_) | AnyEvent::User(_) => {}
         }
         Ok(vec![])
+    }
+
+    /// Environment events other than a creation only mark entries dirty: a run of them is one
+    /// statement. Every other event is applied alone, in its place in the run.
+    async fn apply_run(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        run: &[(&LoggedEvent, AnyEvent)],
+    ) -> Result<RunApplied, ProjectionError> {
+        let mut pending: Vec<&LoggedEvent> = Vec::new();
+        for (event, decoded) in run {
+            match decoded {
+                AnyEvent::Environment(environment_event) if !matches!(environment_event, EnvironmentEvent::EnvironmentCreated { .. }) => {
+                    pending.push(event);
+                }
+                _ => {
+                    mark_environments_dirty(conn, tables, &pending).await?;
+                    pending.clear();
+                    self.apply(conn, tables, event, decoded).await?;
+                }
+            }
+        }
+        mark_environments_dirty(conn, tables, &pending).await?;
+        Ok(RunApplied { changes: vec![], applied: run.len(), stopped: None })
     }
 }
 

@@ -16,7 +16,6 @@ use futures::StreamExt;
 use sqlx::{PgConnection, PgPool};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 use understudy_adapters::global_log;
 use understudy_adapters::nats::Topology;
 use understudy_adapters::relay::POSITION_HEADER;
@@ -110,8 +109,7 @@ pub trait Projection: Send + Sync + 'static {
     ) -> Result<RunApplied, ProjectionError> {
         let mut done = RunApplied::default();
         for (event, decoded) in run {
-            let span = understudy_adapters::telemetry::span_from("projector.apply", event.traceparent.as_deref());
-            match self.apply(conn, tables, event, decoded).instrument(span).await {
+            match self.apply(conn, tables, event, decoded).await {
                 Ok(changed) => done.changes.extend(changed),
                 Err(stop @ ProjectionError::Undecodable { .. }) => {
                     done.stopped = Some(stop);
@@ -172,7 +170,18 @@ pub(crate) async fn apply_all(
         }
         expected += 1;
     }
+    // Each live event's trace shows the run that applied it: a `projector.apply` span per event,
+    // open while the run is applied (a projection may fold the run and write each row once). A
+    // rebuild's millions of events are no one's request, and get none.
+    let spans: Vec<tracing::Span> = match tables.suffix {
+        "" => run
+            .iter()
+            .map(|(event, _)| understudy_adapters::telemetry::span_from("projector.apply", event.traceparent.as_deref()))
+            .collect(),
+        _ => Vec::new(),
+    };
     let done = projection.apply_run(conn, tables, &run).await?;
+    drop(spans);
     changes.extend(done.changes);
     if done.applied > 0 {
         checkpoint = run[done.applied - 1].0.position;
@@ -243,15 +252,18 @@ pub struct Projector {
     /// Events per transaction.
     pub batch: usize,
     /// How long a batch that is not full waits for more events before it is applied. Each
-    /// transaction costs its BEGIN, checkpoint lock, checkpoint write and COMMIT whatever its
+    /// transaction costs its BEGIN, checkpoint update and COMMIT whatever its
     /// size: at hundreds of events a second, a short wait folds several events into one
     /// transaction.
     pub linger: Duration,
+    /// The checkpoint this process last committed or read under the row's lock; -1 until then.
+    /// A batch that finds it unchanged locks and moves the row in one statement.
+    known: std::sync::atomic::AtomicI64,
 }
 
 impl Projector {
     pub fn new(pool: PgPool, nats: async_nats::Client, topology: Topology, projection: Arc<dyn Projection>) -> Self {
-        Self { pool, nats, topology, projection, batch: 500, linger: LINGER }
+        Self { pool, nats, topology, projection, batch: 500, linger: LINGER, known: std::sync::atomic::AtomicI64::new(-1) }
     }
 
     async fn consumer(&self) -> anyhow::Result<consumer::Consumer<consumer::pull::Config>> {
@@ -397,32 +409,59 @@ impl Projector {
         events.sort_by_key(|e| e.position);
         let name = self.projection.name();
         let mut tx = self.pool.begin().await?;
-        let start = lock_checkpoint(&mut tx, name).await?;
-        let mut at = start;
-        let mut changes = Vec::new();
-        let mut stopped = None;
+        let last = events.last().map_or(0, |e| e.position);
+        let (start, moved) = self.take_checkpoint(&mut tx, last).await?;
+        // One contiguous run above the checkpoint, its holes filled from the log, applied in one
+        // call: a projection that folds a run writes each row once per batch, not once per event.
+        let mut run = Vec::with_capacity(events.len());
+        let mut next = start + 1;
         for event in events {
-            if event.position <= at {
+            if event.position < next {
                 continue;
             }
-            let mut run = Vec::new();
-            if event.position > at + 1 {
-                run = global_log::read_range(&mut *tx, at, event.position - 1, i64::MAX).await?;
+            if event.position > next {
+                run.extend(global_log::read_range(&mut *tx, next - 1, event.position - 1, i64::MAX).await?);
             }
+            next = event.position + 1;
             run.push(event);
-            let progress = apply_all(self.projection.as_ref(), &mut tx, &Tables::LIVE, at, &run, &mut changes).await?;
-            at = progress.checkpoint;
-            if progress.stopped.is_some() {
-                stopped = progress.stopped;
-                break;
-            }
         }
-        if at > start {
+        let mut changes = Vec::new();
+        let progress = apply_all(self.projection.as_ref(), &mut tx, &Tables::LIVE, start, &run, &mut changes).await?;
+        let (at, stopped) = (progress.checkpoint, progress.stopped);
+        // Moved ahead to `last` but stopped short of it: set it back to what was applied.
+        if (moved && at != last) || (!moved && at > start) {
             store_checkpoint(&mut tx, name, at).await?;
         }
         tx.commit().await?;
+        self.known.store(at, std::sync::atomic::Ordering::Relaxed);
         self.announce(changes).await;
         stopped.map_or(Ok(()), |stop| Err(stop.into()))
+    }
+
+    /// Takes the checkpoint row for a batch that ends at `last`, returning where the batch starts
+    /// and whether the row was already moved to `last`. While the row still holds what this
+    /// process last knew, one statement locks it, checks it and moves it (the batch's run from
+    /// there to `last` is contiguous, or fails and rolls back). Otherwise (another process moved
+    /// it, a replay swapped the tables, a redelivery) it is locked and read as it is.
+    async fn take_checkpoint(&self, conn: &mut PgConnection, last: i64) -> sqlx::Result<(i64, bool)> {
+        let name = self.projection.name();
+        let known = self.known.load(std::sync::atomic::Ordering::Relaxed);
+        if known >= 0 && last > known {
+            let moved =
+                sqlx::query("UPDATE projector_checkpoints SET position = $3, updated_at = now() WHERE projection = $1 AND position = $2")
+                    .bind(name)
+                    .bind(known)
+                    .bind(last)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+                    == 1;
+            if moved {
+                return Ok((known, true));
+            }
+        }
+        let start = lock_checkpoint(conn, name).await?;
+        Ok((start, false))
     }
 
     /// Applies whatever the Postgres log has beyond the checkpoint.
@@ -436,12 +475,14 @@ impl Projector {
                 // End the transaction now: a dropped one holds the checkpoint lock until its
                 // connection is next used.
                 tx.rollback().await?;
+                self.known.store(start, std::sync::atomic::Ordering::Relaxed);
                 return Ok(());
             }
             let mut changes = Vec::new();
             let progress = apply_all(self.projection.as_ref(), &mut tx, &Tables::LIVE, start, &events, &mut changes).await?;
             store_checkpoint(&mut tx, name, progress.checkpoint).await?;
             tx.commit().await?;
+            self.known.store(progress.checkpoint, std::sync::atomic::Ordering::Relaxed);
             self.announce(changes).await;
             if let Some(stop) = progress.stopped {
                 return Err(stop.into());

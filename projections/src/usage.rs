@@ -9,6 +9,7 @@ use understudy_adapters::LoggedEvent;
 use understudy_domain::environment::EnvironmentEvent;
 use uuid::Uuid;
 
+use crate::projector::RunApplied;
 use crate::{AnyEvent, Change, Projection, ProjectionError, Tables};
 
 pub struct Usage;
@@ -124,6 +125,89 @@ impl Projection for Usage {
             | E::EnvironmentReactivated { .. } => {}
         }
         Ok(vec![])
+    }
+
+    /// Events that only count (a test's result, a failed deployment, a terminated environment)
+    /// are summed in memory per environment and day and added in one statement; every other
+    /// event is applied alone, in its place in the run. Counts are integers, so the sums are the
+    /// same however the log is cut.
+    async fn apply_run(
+        &self,
+        conn: &mut PgConnection,
+        tables: &Tables,
+        run: &[(&LoggedEvent, AnyEvent)],
+    ) -> Result<RunApplied, ProjectionError> {
+        use EnvironmentEvent as E;
+        let mut counts = Counts::default();
+        for (event, decoded) in run {
+            let counted = match decoded {
+                AnyEvent::Environment(E::TestPassed { at, .. }) => Some((at, 0)),
+                AnyEvent::Environment(E::TestFailed { at, .. }) => Some((at, 1)),
+                AnyEvent::Environment(E::DeploymentFailed { at, .. }) => Some((at, 2)),
+                AnyEvent::Environment(E::EnvironmentTerminated { at, .. }) => Some((at, 3)),
+                _ => None,
+            };
+            match counted {
+                Some((at, column)) => counts.add(event.aggregate_id, at.date_naive(), column),
+                None => {
+                    counts.flush(conn, tables).await?;
+                    self.apply(conn, tables, event, decoded).await?;
+                }
+            }
+        }
+        counts.flush(conn, tables).await?;
+        Ok(RunApplied { changes: vec![], applied: run.len(), stopped: None })
+    }
+}
+
+/// Counters summed per environment and day, in the order of [`Counts::COLUMNS`].
+#[derive(Default)]
+struct Counts {
+    slot: std::collections::HashMap<(Uuid, NaiveDate), usize>,
+    rows: Vec<(Uuid, NaiveDate, [i32; 4])>,
+}
+
+impl Counts {
+    const COLUMNS: [&'static str; 4] = ["tests_passed", "tests_failed", "deployments_failed", "environments_terminated"];
+
+    fn add(&mut self, environment: Uuid, day: NaiveDate, column: usize) {
+        let next = self.rows.len();
+        let i = *self.slot.entry((environment, day)).or_insert(next);
+        if i == next {
+            self.rows.push((environment, day, [0; 4]));
+        }
+        self.rows[i].2[column] += 1;
+    }
+
+    async fn flush(&mut self, conn: &mut PgConnection, tables: &Tables) -> Result<(), ProjectionError> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let table = tables.name("preview_usage");
+        let [a, b, c, d] = Self::COLUMNS;
+        let column = |i: usize| self.rows.iter().map(|r| r.2[i]).collect::<Vec<i32>>();
+        sqlx::query(&format!(
+            "INSERT INTO {table} (project_id, day, {a}, {b}, {c}, {d})
+             SELECT u.project_id, n.day, sum(n.a), sum(n.b), sum(n.c), sum(n.d)
+             FROM UNNEST($1::uuid[], $2::date[], $3::int[], $4::int[], $5::int[], $6::int[]) AS n (environment_id, day, a, b, c, d)
+             JOIN {environments} u ON u.environment_id = n.environment_id
+             GROUP BY u.project_id, n.day
+             ON CONFLICT (project_id, day) DO UPDATE SET
+                 {a} = {table}.{a} + EXCLUDED.{a}, {b} = {table}.{b} + EXCLUDED.{b},
+                 {c} = {table}.{c} + EXCLUDED.{c}, {d} = {table}.{d} + EXCLUDED.{d}",
+            environments = tables.name("usage_environments")
+        ))
+        .bind(self.rows.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(self.rows.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(column(0))
+        .bind(column(1))
+        .bind(column(2))
+        .bind(column(3))
+        .execute(&mut *conn)
+        .await?;
+        self.slot.clear();
+        self.rows.clear();
+        Ok(())
     }
 }
 
