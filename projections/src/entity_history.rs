@@ -27,8 +27,7 @@ impl Projection for EntityHistory {
         event: &LoggedEvent,
         decoded: &AnyEvent,
     ) -> Result<Vec<Change>, ProjectionError> {
-        let done = self.apply_run(conn, tables, &[(event, decoded.clone())]).await?;
-        done.stopped.map_or(Ok(done.changes), Err)
+        self.apply_run(conn, tables, &[(event, decoded.clone())]).await?.into_result()
     }
 
     /// The whole run in one INSERT. On the position key, so applying an event twice fails loudly.

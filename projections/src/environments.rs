@@ -39,8 +39,7 @@ impl Projection for Environments {
         event: &LoggedEvent,
         decoded: &AnyEvent,
     ) -> Result<Vec<Change>, ProjectionError> {
-        let done = self.apply_run(conn, tables, &[(event, decoded.clone())]).await?;
-        done.stopped.map_or(Ok(done.changes), Err)
+        self.apply_run(conn, tables, &[(event, decoded.clone())]).await?.into_result()
     }
 
     /// Folds the run in memory, environment by environment, and writes each environment it

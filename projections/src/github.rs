@@ -168,7 +168,7 @@ impl Projection for GitHubOutbox {
         tables: &Tables,
         run: &[(&LoggedEvent, AnyEvent)],
     ) -> Result<RunApplied, ProjectionError> {
-        let mut pending: Vec<&LoggedEvent> = Vec::new();
+        let (mut pending, mut changes): (Vec<&LoggedEvent>, Vec<Change>) = (Vec::new(), Vec::new());
         for (event, decoded) in run {
             match decoded {
                 AnyEvent::Environment(environment_event) if !matches!(environment_event, EnvironmentEvent::EnvironmentCreated { .. }) => {
@@ -177,12 +177,12 @@ impl Projection for GitHubOutbox {
                 _ => {
                     mark_environments_dirty(conn, tables, &pending).await?;
                     pending.clear();
-                    self.apply(conn, tables, event, decoded).await?;
+                    changes.extend(self.apply(conn, tables, event, decoded).await?);
                 }
             }
         }
         mark_environments_dirty(conn, tables, &pending).await?;
-        Ok(RunApplied { changes: vec![], applied: run.len(), stopped: None })
+        Ok(RunApplied { changes, applied: run.len(), stopped: None })
     }
 }
 

@@ -132,6 +132,13 @@ pub struct RunApplied {
     pub stopped: Option<ProjectionError>,
 }
 
+impl RunApplied {
+    /// A run of one event as [`Projection::apply`] answers it: its changes, or why it stopped.
+    pub fn into_result(self) -> Result<Vec<Change>, ProjectionError> {
+        self.stopped.map_or(Ok(self.changes), Err)
+    }
+}
+
 /// How far a batch got: the new checkpoint, and the event it stopped at, if any.
 pub(crate) struct Progress {
     pub checkpoint: i64,

@@ -138,7 +138,7 @@ impl Projection for Usage {
         run: &[(&LoggedEvent, AnyEvent)],
     ) -> Result<RunApplied, ProjectionError> {
         use EnvironmentEvent as E;
-        let mut counts = Counts::default();
+        let (mut counts, mut changes) = (Counts::default(), Vec::new());
         for (event, decoded) in run {
             let counted = match decoded {
                 AnyEvent::Environment(E::TestPassed { at, .. }) => Some((at, 0)),
@@ -151,41 +151,33 @@ impl Projection for Usage {
                 Some((at, column)) => counts.add(event.aggregate_id, at.date_naive(), column),
                 None => {
                     counts.flush(conn, tables).await?;
-                    self.apply(conn, tables, event, decoded).await?;
+                    changes.extend(self.apply(conn, tables, event, decoded).await?);
                 }
             }
         }
         counts.flush(conn, tables).await?;
-        Ok(RunApplied { changes: vec![], applied: run.len(), stopped: None })
+        Ok(RunApplied { changes, applied: run.len(), stopped: None })
     }
 }
 
 /// Counters summed per environment and day, in the order of [`Counts::COLUMNS`].
 #[derive(Default)]
-struct Counts {
-    slot: std::collections::HashMap<(Uuid, NaiveDate), usize>,
-    rows: Vec<(Uuid, NaiveDate, [i32; 4])>,
-}
+struct Counts(std::collections::HashMap<(Uuid, NaiveDate), [i32; 4]>);
 
 impl Counts {
     const COLUMNS: [&'static str; 4] = ["tests_passed", "tests_failed", "deployments_failed", "environments_terminated"];
 
     fn add(&mut self, environment: Uuid, day: NaiveDate, column: usize) {
-        let next = self.rows.len();
-        let i = *self.slot.entry((environment, day)).or_insert(next);
-        if i == next {
-            self.rows.push((environment, day, [0; 4]));
-        }
-        self.rows[i].2[column] += 1;
+        self.0.entry((environment, day)).or_default()[column] += 1;
     }
 
     async fn flush(&mut self, conn: &mut PgConnection, tables: &Tables) -> Result<(), ProjectionError> {
-        if self.rows.is_empty() {
+        if self.0.is_empty() {
             return Ok(());
         }
         let table = tables.name("preview_usage");
         let [a, b, c, d] = Self::COLUMNS;
-        let column = |i: usize| self.rows.iter().map(|r| r.2[i]).collect::<Vec<i32>>();
+        let column = |i: usize| self.0.values().map(|counts| counts[i]).collect::<Vec<i32>>();
         sqlx::query(&format!(
             "INSERT INTO {table} (project_id, day, {a}, {b}, {c}, {d})
              SELECT u.project_id, n.day, sum(n.a), sum(n.b), sum(n.c), sum(n.d)
@@ -197,16 +189,15 @@ impl Counts {
                  {c} = {table}.{c} + EXCLUDED.{c}, {d} = {table}.{d} + EXCLUDED.{d}",
             environments = tables.name("usage_environments")
         ))
-        .bind(self.rows.iter().map(|r| r.0).collect::<Vec<_>>())
-        .bind(self.rows.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(self.0.keys().map(|(environment, _)| *environment).collect::<Vec<_>>())
+        .bind(self.0.keys().map(|(_, day)| *day).collect::<Vec<_>>())
         .bind(column(0))
         .bind(column(1))
         .bind(column(2))
         .bind(column(3))
         .execute(&mut *conn)
         .await?;
-        self.slot.clear();
-        self.rows.clear();
+        self.0.clear();
         Ok(())
     }
 }
