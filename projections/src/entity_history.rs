@@ -20,6 +20,10 @@ impl Projection for EntityHistory {
         &["entity_history"]
     }
 
+    fn linger(&self) -> std::time::Duration {
+        crate::projector::BACKGROUND_LINGER
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,

@@ -115,6 +115,10 @@ impl Projection for GitHubOutbox {
         }
     }
 
+    fn linger(&self) -> std::time::Duration {
+        crate::projector::BACKGROUND_LINGER
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,

@@ -88,6 +88,12 @@ pub trait Projection: Send + Sync + 'static {
     fn compared_columns(&self, _table: &str) -> &'static str {
         "*"
     }
+    /// How long its projector's batch waits for more events ([`Projector::linger`]). What
+    /// someone watches live keeps [`LINGER`]; a read model nobody awaits event by event waits
+    /// [`BACKGROUND_LINGER`] and so commits a fraction of the transactions.
+    fn linger(&self) -> Duration {
+        LINGER
+    }
     /// Applies one event inside the caller's transaction; returns the rows it changed.
     async fn apply(
         &self,
@@ -250,6 +256,12 @@ pub async fn lag(pool: &PgPool) -> sqlx::Result<Vec<Lag>> {
 /// about 3.5 ms more at p50 for no CPU the benches could see (docs/benchmarks.md, 2026-12-04).
 pub const LINGER: Duration = Duration::from_millis(1);
 
+/// The linger of projections no subscriber waits on (history, usage, the GitHub outbox, whose
+/// writer polls every 200 ms and debounces a second). At 500 events/s each of their batches
+/// holds about 25 events instead of a handful, and their BEGIN, checkpoint and COMMIT no longer
+/// compete for the CPU with the projection subscribers wait on (docs/benchmarks.md, 2026-12-05).
+pub const BACKGROUND_LINGER: Duration = Duration::from_millis(50);
+
 /// Runs one projection as a durable JetStream consumer.
 pub struct Projector {
     pub pool: PgPool,
@@ -270,7 +282,8 @@ pub struct Projector {
 
 impl Projector {
     pub fn new(pool: PgPool, nats: async_nats::Client, topology: Topology, projection: Arc<dyn Projection>) -> Self {
-        Self { pool, nats, topology, projection, batch: 500, linger: LINGER, known: std::sync::atomic::AtomicI64::new(-1) }
+        let linger = projection.linger();
+        Self { pool, nats, topology, projection, batch: 500, linger, known: std::sync::atomic::AtomicI64::new(-1) }
     }
 
     async fn consumer(&self) -> anyhow::Result<consumer::Consumer<consumer::pull::Config>> {

@@ -51,6 +51,10 @@ impl Projection for Usage {
         &["preview_usage", "usage_deployments", "usage_environments"]
     }
 
+    fn linger(&self) -> std::time::Duration {
+        crate::projector::BACKGROUND_LINGER
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,
