@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use understudy_adapters::preview::local_git;
@@ -987,6 +987,54 @@ async fn a_sandbox_sees_no_other_environment_no_control_plane_and_no_host_networ
         assert_eq!(code, Some(3), "port {port}: {out}");
         assert!(out.contains("ECONNREFUSED") || out.contains("ENETUNREACH"), "port {port}: {out}");
     }
+}
+
+#[tokio::test]
+async fn a_sandbox_s_variables_reach_the_app_and_no_command_line() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut spec = sandbox(tmp.path(), "secretive", Limits::default());
+    let secret = format!("s3cret-{}", Uuid::new_v4().simple());
+    spec.env.push(("API_TOKEN".into(), secret.clone()));
+    spec.env.push(("SPACED".into(), "two words; and a 'quote'".into()));
+    let mut sandboxed = spec
+        .spawn(&[
+            "/bin/sh".into(),
+            "-c".into(),
+            "env | sort; if [ -e /proc/self/fd/3 ]; then echo fd3: open; else echo fd3: closed; fi; sleep 30".into(),
+        ])
+        .expect("spawn");
+    let mut lines = tokio::io::BufReader::new(sandboxed.child.stdout.take().expect("stdout")).lines();
+    let mut inside = Vec::new();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
+        let done = line.starts_with("fd3:");
+        inside.push(line);
+        if done {
+            break;
+        }
+    }
+    // While it runs: no process of the machine shows the value in its command line.
+    let mut seen_in = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let path = entry.expect("entry").path().join("cmdline");
+        if let Ok(cmdline) = std::fs::read(&path) {
+            if String::from_utf8_lossy(&cmdline).contains(&secret) {
+                seen_in.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+            }
+        }
+    }
+    sandboxed.kill().await;
+    assert!(seen_in.is_empty(), "a secret on a command line anyone can read: {seen_in:?}");
+    assert!(inside.contains(&format!("API_TOKEN={secret}")), "the app sees its variable: {inside:?}");
+    assert!(inside.contains(&"SPACED=two words; and a 'quote'".to_string()), "{inside:?}");
+    let names: Vec<&str> = inside.iter().filter_map(|line| line.split_once('=').map(|(k, _)| k)).collect();
+    assert_eq!(names, ["API_TOKEN", "HOME", "PATH", "PWD", "SPACED"], "only the sandbox's own variables: {inside:?}");
+    assert_eq!(inside.last().map(String::as_str), Some("fd3: closed"), "bwrap's `--args` descriptor is not left open: {inside:?}");
+
+    // A NUL would end a value early and turn the rest into bwrap options: refused before spawning.
+    let mut injected = sandbox(tmp.path(), "injected", Limits::default());
+    injected.env.push(("X".into(), "a\0--bind\0/\0/host".into()));
+    let refused = injected.spawn(&["/bin/true".into()]).err().expect("a NUL is refused");
+    assert!(refused.to_string().contains("NUL"), "{refused}");
 }
 
 #[tokio::test]

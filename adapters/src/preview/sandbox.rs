@@ -11,6 +11,7 @@
 //! cgroup v1 or v2 mounted writable), and a wall-clock timeout per step by the caller.
 //! bwrap runs with an empty environment (its own environ is readable as PID 1 inside).
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -103,12 +104,30 @@ impl SandboxSpec {
         for (host, inside) in [(&self.app_dir, "/app"), (&self.cache_dir, "/cache"), (&self.run_dir, "/run/understudy")] {
             args.extend(["--bind".into(), host.display().to_string(), inside.to_string()]);
         }
-        args.extend(["--chdir".into(), self.workdir.clone(), "--clearenv".into()]);
-        for (key, value) in &self.env {
-            args.extend(["--setenv".into(), key.clone(), value.clone()]);
-        }
+        // The variables follow on the `--args` descriptor ([`Self::variables`]), never here:
+        // any user of the machine can read a process's command line.
+        args.extend(["--chdir".into(), self.workdir.clone(), "--clearenv".into(), "--args".into(), VARIABLES_FD.to_string()]);
         args.push("--".into());
         args
+    }
+
+    /// `--setenv KEY VALUE` for each variable, NUL-separated, as bwrap's `--args` reads them.
+    /// A NUL inside a name or value would end it early and make the rest bwrap options: refused.
+    fn variables(&self) -> std::io::Result<Vec<u8>> {
+        let mut data = Vec::new();
+        for (key, value) in &self.env {
+            if key.contains('\0') || value.contains('\0') {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("the variable {:?} holds a NUL character, which no environment variable can", key.replace('\0', "\\0")),
+                ));
+            }
+            for part in ["--setenv", key.as_str(), value.as_str()] {
+                data.extend_from_slice(part.as_bytes());
+                data.push(0);
+            }
+        }
+        Ok(data)
     }
 
     /// Starts `argv` in the sandbox with stdout and stderr piped. The process is placed in its
@@ -127,18 +146,74 @@ impl SandboxSpec {
         // From `/`: the shell exports its working directory as PWD, which bwrap (PID 1 inside)
         // would carry.
         command.env_clear().current_dir("/").arg("-c").arg(script).arg("sandbox");
+        let data = self.variables()?;
+        let (variables, writer) = variables_pipe()?;
+        let fd = variables.as_raw_fd();
+        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) on
+        // descriptors this process owns: the pipe's read end becomes the child's descriptor
+        // `VARIABLES_FD`, without close-on-exec, so only this child (the shell, then bwrap)
+        // holds it; every other child of the worker inherits neither end.
+        unsafe {
+            command.pre_exec(move || {
+                let done = if fd == VARIABLES_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, VARIABLES_FD) };
+                if done == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let dirs = cgroup.as_ref().map(|c| c.dirs.clone()).unwrap_or_default();
         command.arg(dirs.len().to_string()).args(&dirs);
-        command.arg(bwrap_path()).args(self.bwrap_args()).args(&self.wrap).args(argv);
+        // bwrap leaves its `--args` descriptor open (read to its end, so empty): the first
+        // thing inside closes it before anything of the app's runs.
+        let close = ["/bin/sh", "-c", "exec 3<&- \"$@\"", "sh"].map(String::from);
+        command.arg(bwrap_path()).args(self.bwrap_args()).args(close).args(&self.wrap).args(argv);
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         let child = command.spawn()?;
+        drop(variables);
+        // bwrap reads to the end before it starts anything; a pipe holds 64 KiB, so a bigger
+        // environment is written while it reads. A child that died early makes this fail, and
+        // its exit tells why.
+        std::thread::spawn(move || {
+            let mut writer = writer;
+            let _ = std::io::Write::write_all(&mut writer, &data);
+        });
         crate::metrics::METRICS.sandboxes_running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Sandboxed { child, cgroup, oom_counted: std::sync::atomic::AtomicBool::new(false) })
     }
 }
 
+/// bwrap's absolute path: `$UNDERSTUDY_BWRAP`, else `bwrap` found on this process's own `PATH`
+/// (the sandbox's `PATH` must never choose what runs outside it).
+/// The descriptor bwrap reads the sandbox's variables from (`--args`).
+const VARIABLES_FD: i32 = 3;
+
+/// A pipe, both ends close-on-exec: (read, write).
+fn variables_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds` on success, which we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    Ok(unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) })
+}
+
 fn bwrap_path() -> String {
-    std::env::var("UNDERSTUDY_BWRAP").unwrap_or_else(|_| "bwrap".into())
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let name = std::env::var("UNDERSTUDY_BWRAP").unwrap_or_else(|_| "bwrap".into());
+        if name.contains('/') {
+            return name;
+        }
+        let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&search)
+            .map(|dir| dir.join(&name))
+            .find(|path| path.is_file())
+            .map_or_else(|| format!("/usr/bin/{name}"), |path| path.display().to_string())
+    })
+    .clone()
 }
 
 /// Whether bubblewrap can run here at all (installed, and user namespaces allowed).
