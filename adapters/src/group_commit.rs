@@ -186,7 +186,8 @@ async fn commit(pool: &PgPool, batch: Vec<Pending>) {
         Err(error) if group.len() == 1 => {
             let _ = group.pop().expect("one").done.send(Err(error.into()));
         }
-        Err(_) => {
+        Err(error) => {
+            METRICS.append_group_failures.inc(cause(&error));
             // Which command spoiled the group is not said; each learns its own outcome alone, a
             // few at a time so that a failed group does not take the whole pool.
             use futures::StreamExt;
@@ -195,6 +196,16 @@ async fn commit(pool: &PgPool, batch: Vec<Pending>) {
     }
     for pending in repeats {
         alone(pool, pending).await;
+    }
+}
+
+/// Why a group's statement failed, as the metric counts it: `conflict` (a version another writer
+/// took), `deadlock` (which the sort above rules out between groups), or `other`.
+fn cause(error: &sqlx::Error) -> &'static str {
+    match error.as_database_error().and_then(|e| e.code()).as_deref() {
+        Some("23505") => "conflict",
+        Some("40P01") => "deadlock",
+        _ => "other",
     }
 }
 

@@ -62,6 +62,11 @@ impl LabeledCounter {
         *values.entry(label.to_string()).or_insert(0) += 1;
     }
 
+    /// The count for `label` so far (0 if never counted).
+    pub fn get(&self, label: &str) -> u64 {
+        self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(label).copied().unwrap_or(0)
+    }
+
     fn render(&self, name: &str, label: &str, help: &str, out: &mut String) {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
         let values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -83,6 +88,9 @@ pub struct Metrics {
     /// INSERTs into the log by the command path; with `events_appended` it shows how many
     /// commands group commit put in each.
     pub append_statements: AtomicU64,
+    /// Group statements that failed, by cause (`conflict`, `deadlock`, `other`); each of their
+    /// commands was then tried alone.
+    pub append_group_failures: LabeledCounter,
     pub webhook_deliveries: LabeledCounter,
     pub github_calls: LabeledCounter,
     /// `x-ratelimit-remaining` of GitHub's last answer; -1 before any.
@@ -109,6 +117,7 @@ pub static METRICS: Metrics = Metrics {
     append_seconds: Histogram::new(&BUCKETS),
     append_conflicts: AtomicU64::new(0),
     append_statements: AtomicU64::new(0),
+    append_group_failures: LabeledCounter::new(),
     webhook_deliveries: LabeledCounter::new(),
     github_calls: LabeledCounter::new(),
     github_rate_limit_remaining: AtomicI64::new(-1),
@@ -134,6 +143,12 @@ impl Metrics {
         out.push_str("# HELP understudy_append_statements_total INSERTs into the log by the command path (group commit puts many commands in one).\n");
         out.push_str("# TYPE understudy_append_statements_total counter\n");
         out.push_str(&format!("understudy_append_statements_total {}\n", self.append_statements.load(Ordering::Relaxed)));
+        self.append_group_failures.render(
+            "understudy_append_group_failures_total",
+            "cause",
+            "Group commit statements that failed, by cause; each of their commands was tried again alone.",
+            out,
+        );
         self.webhook_deliveries.render("understudy_webhook_deliveries_total", "result", "Webhook deliveries answered, by result.", out);
         self.github_calls.render("understudy_github_api_calls_total", "outcome", "GitHub API calls, by outcome.", out);
         out.push_str("# HELP understudy_github_rate_limit_remaining GitHub's x-ratelimit-remaining on its last answer (-1: none yet).\n");

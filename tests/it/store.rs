@@ -359,3 +359,58 @@ async fn commands_appended_together_commit_together_and_a_bad_one_fails_alone() 
             .expect("versions");
     assert_eq!(versions, (1..=8).collect::<Vec<i64>>(), "one event per version, none doubled");
 }
+
+/// Two processes whose groups hold the same aggregates, queued in opposite orders, wait on each
+/// other instead of deadlocking: every group takes the log's unique index entries sorted by
+/// aggregate, so whichever statement is first takes them all first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_groups_over_the_same_aggregates_never_deadlock() {
+    use understudy_adapters::event_store::AggregateStore;
+    use understudy_adapters::metrics::METRICS;
+    use understudy_domain::environment::EnvironmentAggregate;
+
+    const COMMANDS: u64 = 16;
+    let env = TestEnv::new().await;
+    let here = env.runtime.store.environments.clone();
+    let there: AggregateStore<EnvironmentAggregate> = AggregateStore::new(env.pool().clone()).await.expect("store");
+    let project = ProjectId(Uuid::new_v4());
+    fixtures::deploy_prs(&here, project, 0..COMMANDS).await;
+    let ids: Vec<Uuid> = (0..COMMANDS).map(|pr| fixtures::env_id(&fixtures::spec(project, pr, "main.w")).0).collect();
+    let mut deployments = Vec::new();
+    for id in &ids {
+        deployments.push(here.load(*id).await.expect("load").inner().current().expect("deployed").id);
+        there.load(*id).await.expect("load");
+    }
+    let result = |i: usize, test: &str| EnvironmentCommand::RecordTestResult {
+        deployment_id: deployments[i],
+        test: test.into(),
+        outcome: TestOutcome::Passed,
+        duration_ms: None,
+        at: chrono::Utc::now(),
+    };
+    // Each row now takes 20 ms to insert, so both groups' statements are in flight together, and
+    // taken in the order queued they would each hold what the other wants next.
+    for statement in [
+        "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.02); RETURN NEW; END $$",
+        "CREATE TRIGGER slow_row BEFORE INSERT ON event_log FOR EACH ROW EXECUTE FUNCTION slow_row()",
+    ] {
+        sqlx::query(statement).execute(env.pool()).await.expect("the slow trigger");
+    }
+    let (deadlocks, conflicts) = (METRICS.append_group_failures.get("deadlock"), METRICS.append_group_failures.get("conflict"));
+
+    let forward = futures::future::join_all(ids.iter().enumerate().map(|(i, id)| here.execute(*id, result(i, "here"), meta())));
+    let backward = futures::future::join_all(ids.iter().enumerate().rev().map(|(i, id)| there.execute(*id, result(i, "there"), meta())));
+    let (forward, backward) = tokio::join!(forward, backward);
+    assert!(forward.iter().chain(&backward).all(Result::is_ok), "every command lands: {forward:?} {backward:?}");
+
+    assert_eq!(METRICS.append_group_failures.get("deadlock") - deadlocks, 0, "no group deadlocked");
+    assert!(METRICS.append_group_failures.get("conflict") > conflicts, "one group lost the race to the other");
+    let doubled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT aggregate_id FROM event_log WHERE event_type = 'TestPassed'
+         GROUP BY aggregate_id HAVING count(*) <> 2) AS wrong",
+    )
+    .fetch_one(env.pool())
+    .await
+    .expect("count");
+    assert_eq!(doubled, 0, "each environment has one result from each process");
+}
