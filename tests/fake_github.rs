@@ -361,8 +361,9 @@ fn page_of(query: &HashMap<String, String>) -> (usize, usize) {
 }
 
 /// One page of a list of `total` items, with GitHub's `Link` header: next and last unless on the
-/// last page, prev and first unless on the first. `base` is the list's URL with its query.
-fn paged(items: Vec<Value>, base: &str, per_page: usize, page: usize, total: usize) -> Response {
+/// last page, prev and first unless on the first. `base` is the list's URL with its query; `body`
+/// is the page's items, or the object that holds them.
+fn paged(body: Value, base: &str, per_page: usize, page: usize, total: usize) -> Response {
     let last = total.div_ceil(per_page).max(1);
     let link_to = |p: usize| format!("<{base}&page={p}>");
     let mut links = Vec::new();
@@ -376,7 +377,7 @@ fn paged(items: Vec<Value>, base: &str, per_page: usize, page: usize, total: usi
     if page > 1 {
         links.push(format!("{}; rel=\"first\"", link_to(1)));
     }
-    let mut response = json_response(StatusCode::OK, Value::Array(items));
+    let mut response = json_response(StatusCode::OK, body);
     if !links.is_empty() {
         response.headers_mut().insert("link", HeaderValue::from_str(&links.join(", ")).expect("a Link header"));
     }
@@ -705,17 +706,7 @@ fn repo_route(
             None => not_found(),
         },
         (&Method::POST, ["check-runs"]) => inner.create_check_run(&full_name, body),
-        (&Method::GET, ["commits", sha, "check-runs"]) => {
-            let prefix = format!("{}/repos/{full_name}/check-runs/", inner.base_url);
-            let runs: Vec<Value> = inner
-                .check_runs
-                .iter()
-                .filter(|c| c["url"].as_str().is_some_and(|u| u.starts_with(&prefix)) && c["head_sha"] == *sha)
-                .filter(|c| query.get("check_name").is_none_or(|name| c["name"] == name.as_str()))
-                .cloned()
-                .collect();
-            json_response(StatusCode::OK, json!({ "total_count": runs.len(), "check_runs": runs }))
-        }
+        (&Method::GET, ["commits", sha, "check-runs"]) => inner.list_check_runs(&full_name, sha, query),
         (m, ["check-runs", id]) if m == Method::GET || m == Method::PATCH => {
             let url = format!("{}/repos/{full_name}/check-runs/{id}", inner.base_url);
             let Some(index) = inner.check_runs.iter().position(|c| c["url"] == url.as_str()) else {
@@ -972,7 +963,7 @@ impl Inner {
         let items: Vec<Value> = ids.iter().skip((page - 1) * per_page).take(per_page).map(|id| self.comment_json(*id)).collect();
         let repo_id = self.repos[&full_name.to_lowercase()].id;
         let base = format!("{}/repositories/{repo_id}/issues/{issue}/comments?per_page={per_page}", self.base_url);
-        paged(items, &base, per_page, page, ids.len())
+        paged(Value::Array(items), &base, per_page, page, ids.len())
     }
 
     /// `GET /repos/{owner}/{repo}/deployments`: newest first, filtered by `sha`, `ref`, `task` and
@@ -994,7 +985,26 @@ impl Inner {
             .filter_map(|f| query.get(*f).map(|v| format!("&{f}={}", percent_encode(v))))
             .collect();
         let base = format!("{}/repositories/{repo_id}/deployments?per_page={per_page}{filters}", self.base_url);
-        paged(items, &base, per_page, page, matching.len())
+        paged(Value::Array(items), &base, per_page, page, matching.len())
+    }
+
+    /// `GET /repos/{owner}/{repo}/commits/{sha}/check-runs`: newest first, filtered by
+    /// `check_name`, `per_page` (30, at most 100) and `page`, with `Link`; the page's runs are in
+    /// `check_runs`, beside `total_count` of all that match.
+    fn list_check_runs(&self, full_name: &str, sha: &str, query: &HashMap<String, String>) -> Response {
+        let (per_page, page) = page_of(query);
+        let prefix = format!("{}/repos/{full_name}/check-runs/", self.base_url);
+        let matching: Vec<&Value> = self
+            .check_runs
+            .iter()
+            .rev()
+            .filter(|c| c["url"].as_str().is_some_and(|u| u.starts_with(&prefix)) && c["head_sha"] == sha)
+            .filter(|c| query.get("check_name").is_none_or(|name| c["name"] == name.as_str()))
+            .collect();
+        let runs: Vec<Value> = matching.iter().skip((page - 1) * per_page).take(per_page).map(|c| (*c).clone()).collect();
+        let filter = query.get("check_name").map(|name| format!("&check_name={}", percent_encode(name))).unwrap_or_default();
+        let base = format!("{}/repos/{full_name}/commits/{sha}/check-runs?per_page={per_page}{filter}", self.base_url);
+        paged(json!({ "total_count": matching.len(), "check_runs": runs }), &base, per_page, page, matching.len())
     }
 
     fn comment_json(&self, id: u64) -> Value {

@@ -11,6 +11,7 @@
 //! its external id), so a crash after GitHub answered never makes a second one. After a write
 //! the entry rests (`debounce`): at most one write per entry per second, the last state wins.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -466,13 +467,20 @@ impl OutboxWriter {
             Target::Tier { tier } => format!("Understudy: {} ({tier})", spec.entrypoint),
             _ => format!("Understudy: {}", spec.entrypoint),
         };
+        // What was written for every deployment of the environment, in one read.
+        let ids: Vec<Uuid> = environment.deployments.iter().map(|d| d.id.0).collect();
+        let mut written: HashMap<Uuid, WrittenDeployment> = sqlx::query_as::<_, (Uuid, i64, Option<String>, Option<i64>, Option<String>)>(
+            "SELECT deployment_id, github_deployment_id, deployment_state, check_run_id, check_sha256
+             FROM github_deployments WHERE deployment_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.store.pool)
+        .await?
+        .into_iter()
+        .map(|(id, github, state, check, hash)| (id, (github, state, check, hash)))
+        .collect();
         for deployment in &environment.deployments {
-            let known: Option<WrittenDeployment> = sqlx::query_as(
-                "SELECT github_deployment_id, deployment_state, check_run_id, check_sha256 FROM github_deployments WHERE deployment_id = $1",
-            )
-            .bind(deployment.id.0)
-            .fetch_optional(&self.store.pool)
-            .await?;
+            let known = written.remove(&deployment.id.0);
             let is_current = environment.current().map(|d| d.id) == Some(deployment.id);
             let state = deployment_state(&environment, deployment, is_current);
             let check = check_run(&check_name, deployment, &environment, is_current, &links);

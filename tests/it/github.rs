@@ -741,6 +741,43 @@ async fn a_write_that_keeps_failing_is_recorded_in_the_project_history() {
     app.cancel.cancel();
 }
 
+/// A lookup that stopped at the first page would take an older deployment or check run of ours
+/// for missing, and a retried write would then create a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_read_every_page_so_a_retried_write_finds_what_it_made() {
+    let github = FakeGitHub::start().await;
+    let (repo, sha) = ("octo-org/many-deploys", "a".repeat(40));
+    github.set_repo(repo, 4242, "main", &["main.w"]);
+    let key = std::fs::read_to_string(format!("{}/fixtures/github-app-test-key.pem", env!("CARGO_MANIFEST_DIR"))).expect("test key");
+    let client = GitHub::new(&GitHubConfig { api_url: github.base_url(), app_id: APP_ID, private_key_pem: key }).expect("client");
+    let installation = 7;
+    // 150 deployments of one commit to one environment (a commit rebuilt many times); the fake,
+    // as GitHub, lists them newest first, 100 a page, so the first is on page two.
+    let mut deployments = Vec::new();
+    for n in 0..150 {
+        let made = client.create_deployment(installation, repo, &sha, "preview/main.w", &format!("ours-{n}"), false).await.expect("create");
+        deployments.push(made);
+    }
+    for n in [0, 75, 149] {
+        let found = client.find_deployment(installation, repo, &sha, "preview/main.w", &format!("ours-{n}")).await.expect("find");
+        assert_eq!(found, Some(deployments[n]), "deployment ours-{n}");
+    }
+    assert_eq!(client.find_deployment(installation, repo, &sha, "preview/main.w", "never-made").await.expect("find"), None);
+    let listed = github.count("GET", &format!("/repos/{repo}/deployments"));
+    assert_eq!(listed, 2 + 1 + 1 + 2, "ours-0 and a missing one read both pages, the others only the first");
+
+    let mut runs = Vec::new();
+    for n in 0..150 {
+        let body = json!({ "name": "Understudy: main.w", "head_sha": sha, "external_id": format!("ours-{n}") });
+        runs.push(client.create_check_run(installation, repo, &body).await.expect("create"));
+    }
+    for n in [0, 149] {
+        let found = client.find_check_run(installation, repo, &sha, "Understudy: main.w", &format!("ours-{n}")).await.expect("find");
+        assert_eq!(found, Some(runs[n]), "check run ours-{n}");
+    }
+    assert_eq!(client.find_check_run(installation, repo, &sha, "Understudy: main.w", "never-made").await.expect("find"), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_can_create_a_project_explicitly() {
     let app = App::start().await;

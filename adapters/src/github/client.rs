@@ -33,6 +33,9 @@ impl std::fmt::Debug for GitHubConfig {
 
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
 
+/// The most pages of 100 a lookup reads before it takes the item for missing.
+const MAX_PAGES: u32 = 50;
+
 impl GitHubConfig {
     /// From `GITHUB_APP_ID`, `GITHUB_APP_PRIVATE_KEY` (PEM text or a file path) and
     /// `GITHUB_API_URL`; `None` when no App is configured.
@@ -235,19 +238,33 @@ impl GitHub {
     /// Our App's comment on the issue whose body starts with `marker`, if there is one. A
     /// comment by anyone else is never taken for ours, whatever it says.
     pub async fn find_comment(&self, installation: u64, full_name: &str, issue: u64, marker: &str) -> Result<Option<u64>, GitHubError> {
-        for page in 1..=50u32 {
-            let path = format!("/repos/{full_name}/issues/{issue}/comments?per_page=100&page={page}");
-            let (headers, comments) = self.call(installation, http::Method::GET, &path, None).await?;
-            let comments = comments.as_array().cloned().unwrap_or_default();
-            let ours = comments.iter().find(|c| {
-                c["performed_via_github_app"]["id"].as_u64() == Some(self.app_id)
-                    && c["body"].as_str().is_some_and(|b| b.starts_with(marker))
-            });
-            if let Some(comment) = ours {
-                return Ok(comment["id"].as_u64());
+        let path = format!("/repos/{full_name}/issues/{issue}/comments?per_page=100");
+        self.find_in_pages(installation, &path, Value::as_array, |c| {
+            let ours = c["performed_via_github_app"]["id"].as_u64() == Some(self.app_id)
+                && c["body"].as_str().is_some_and(|b| b.starts_with(marker));
+            ours.then(|| c["id"].as_u64()).flatten()
+        })
+        .await
+    }
+
+    /// The first item of a paginated list that `pick` takes, following GitHub's `Link: rel="next"`
+    /// through at most [`MAX_PAGES`] pages. `path` has a query (`?per_page=100` at least);
+    /// `items` finds the page's items in its answer (the answer itself, or a field of it).
+    async fn find_in_pages(
+        &self,
+        installation: u64,
+        path: &str,
+        items: impl Fn(&Value) -> Option<&Vec<Value>>,
+        pick: impl Fn(&Value) -> Option<u64>,
+    ) -> Result<Option<u64>, GitHubError> {
+        for page in 1..=MAX_PAGES {
+            let (headers, answer) = self.call(installation, http::Method::GET, &format!("{path}&page={page}"), None).await?;
+            let items = items(&answer).map(Vec::as_slice).unwrap_or_default();
+            if let Some(found) = items.iter().find_map(&pick) {
+                return Ok(Some(found));
             }
             let has_next = headers.get("link").and_then(|l| l.to_str().ok()).is_some_and(|l| l.contains("rel=\"next\""));
-            if comments.is_empty() || !has_next {
+            if items.is_empty() || !has_next {
                 break;
             }
         }
@@ -282,10 +299,10 @@ impl GitHub {
             "/repos/{full_name}/deployments?sha={sha}&environment={}&per_page=100",
             understudy_domain::pr_comment::segment(environment)
         );
-        let (_, list) = self.call(installation, http::Method::GET, &path, None).await?;
-        Ok(list.as_array().and_then(|list| {
-            list.iter().find(|d| d["payload"]["understudy_deployment"] == ours && d["sha"] == sha).and_then(|d| d["id"].as_u64())
-        }))
+        self.find_in_pages(installation, &path, Value::as_array, |d| {
+            (d["payload"]["understudy_deployment"] == ours && d["sha"] == sha).then(|| d["id"].as_u64()).flatten()
+        })
+        .await
     }
 
     /// Creates a deployment of `sha` to `environment`, tagged with our deployment id.
@@ -344,12 +361,13 @@ impl GitHub {
     ) -> Result<Option<u64>, GitHubError> {
         let path =
             format!("/repos/{full_name}/commits/{sha}/check-runs?check_name={}&per_page=100", understudy_domain::pr_comment::segment(name));
-        let (_, answer) = self.call(installation, http::Method::GET, &path, None).await?;
-        Ok(answer["check_runs"].as_array().and_then(|runs| {
-            runs.iter()
-                .find(|r| r["external_id"] == external_id && r["app"]["id"].as_u64() == Some(self.app_id))
-                .and_then(|r| r["id"].as_u64())
-        }))
+        self.find_in_pages(
+            installation,
+            &path,
+            |answer| answer["check_runs"].as_array(),
+            |r| (r["external_id"] == external_id && r["app"]["id"].as_u64() == Some(self.app_id)).then(|| r["id"].as_u64()).flatten(),
+        )
+        .await
     }
 
     pub async fn create_check_run(&self, installation: u64, full_name: &str, body: &Value) -> Result<u64, GitHubError> {
