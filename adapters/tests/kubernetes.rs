@@ -30,7 +30,7 @@ fn spec(name: &str) -> InstanceSpec {
         secrets: vec![("API_TOKEN".into(), SecretString::from(TOKEN)), ("DB_PASSWORD".into(), SecretString::from(PASSWORD))],
         port: 8080,
         health_path: Some("/healthz".into()),
-        limits: Limits { memory_bytes: 256 << 20, pids: 256, cpu_millicores: 500 },
+        limits: Limits { memory_bytes: 256 << 20, pids: 256, cpu_millicores: 500, cpu_cap_millicores: Some(2000) },
         workdir: "/app/web".into(),
     }
 }
@@ -100,9 +100,13 @@ async fn start_creates_a_secret_pod_service_and_network_policy_with_labels_limit
     assert_eq!(security["runAsNonRoot"], true);
     assert_eq!(security["readOnlyRootFilesystem"], true);
     assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
-    let limits = json!({ "cpu": "500m", "memory": (256u64 << 20).to_string() });
-    assert_eq!(app["resources"]["limits"], limits);
-    assert_eq!(app["resources"]["requests"], limits);
+    assert_eq!(app["resources"]["requests"], json!({ "cpu": "500m", "memory": (256u64 << 20).to_string() }));
+    assert_eq!(app["resources"]["limits"], json!({ "cpu": "2000m", "memory": (256u64 << 20).to_string() }));
+    let mut uncapped = spec("web");
+    uncapped.limits.cpu_cap_millicores = None;
+    let uncapped = runtime.pod("web-app", &uncapped);
+    let resources = uncapped.spec.expect("a pod spec").containers[0].resources.clone().expect("resources");
+    assert!(!resources.limits.expect("limits").contains_key("cpu"), "no cap: the pod may use idle CPU");
     assert_eq!(app["readinessProbe"]["httpGet"], json!({ "path": "/healthz", "port": 8080 }));
     assert_eq!(app["volumeMounts"], json!([{ "name": "tmp", "mountPath": "/tmp" }]));
     let env = app["env"].as_array().expect("env");

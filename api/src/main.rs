@@ -83,6 +83,13 @@ struct Config {
     /// Memory limit of each sandbox, in MiB.
     #[arg(long, env = "UNDERSTUDY_SANDBOX_MEMORY_MB", default_value_t = 1024, global = true)]
     sandbox_memory_mb: u64,
+    /// CPU each sandbox is sure of when sandboxes compete, in thousandths of a core; idle cores
+    /// it may use beyond that.
+    #[arg(long, env = "UNDERSTUDY_SANDBOX_CPU_MILLICORES", default_value_t = 1000, global = true)]
+    sandbox_cpu_millicores: u64,
+    /// The most CPU a sandbox may use even when cores are idle, in thousandths of a core (0: no cap).
+    #[arg(long, env = "UNDERSTUDY_SANDBOX_CPU_CAP_MILLICORES", default_value_t = 0, global = true)]
+    sandbox_cpu_cap_millicores: u64,
 }
 
 #[derive(Subcommand)]
@@ -406,6 +413,8 @@ fn preview_config(config: &Config) -> anyhow::Result<PreviewConfig> {
     preview.max_parallel = config.worker_parallel.max(1);
     preview.lease_ttl = std::time::Duration::from_secs(config.lease_seconds.max(3));
     preview.limits.memory_bytes = config.sandbox_memory_mb.max(64) << 20;
+    preview.limits.cpu_millicores = config.sandbox_cpu_millicores.max(10);
+    preview.limits.cpu_cap_millicores = (config.sandbox_cpu_cap_millicores > 0).then_some(config.sandbox_cpu_cap_millicores.max(10));
     Ok(preview)
 }
 

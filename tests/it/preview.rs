@@ -58,7 +58,7 @@ impl Previews {
         config.lease_ttl = Duration::from_secs(3);
         config.signer = Some(Arc::new(understudy_adapters::preview::token::PreviewSigner::generate("http://understudy.test")));
         config.start_timeout = Duration::from_secs(60);
-        config.limits = Limits { memory_bytes: 1 << 30, pids: 512, cpu_millicores: 2000 };
+        config.limits = Limits { memory_bytes: 1 << 30, pids: 512, cpu_millicores: 2000, cpu_cap_millicores: None };
         config.secret_key = key;
         config.addon_database = Some(
             understudy_adapters::preview::addon::AddonServer::new(&understudy_tests::admin_database_url()).expect("the add-on server"),
@@ -1037,10 +1037,36 @@ async fn a_sandbox_s_variables_reach_the_app_and_no_command_line() {
     assert!(refused.to_string().contains("NUL"), "{refused}");
 }
 
+/// A sandbox's CPU is a share (its weight against other sandboxes), so an idle worker's cores go
+/// to whichever preview needs them; an operator's cap, when set, is a hard quota on top.
+#[tokio::test]
+async fn a_sandbox_s_cpu_is_a_share_and_a_cap_only_when_one_is_set() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let read = |sandboxed: &understudy_adapters::preview::sandbox::Sandboxed, file: &str| {
+        sandboxed.cgroup_dirs().iter().find_map(|dir| std::fs::read_to_string(Path::new(dir).join(file)).ok()).map(|s| s.trim().to_string())
+    };
+    for (name, cap, quota_v1, max_v2) in [("shared", None, "-1", "max 100000"), ("capped", Some(1500), "150000", "150000 100000")] {
+        let limits = Limits { memory_bytes: 256 << 20, pids: 64, cpu_millicores: 500, cpu_cap_millicores: cap };
+        let mut sandboxed = sandbox(tmp.path(), name, limits).spawn(&["/bin/sleep".into(), "30".into()]).expect("spawn");
+        assert!(sandboxed.limited(), "this machine lets root create cgroups; without them the limits are not enforced");
+        match read(&sandboxed, "cpu.weight") {
+            Some(weight) => {
+                assert_eq!(weight, "50", "{name}: half the default weight of one core");
+                assert_eq!(read(&sandboxed, "cpu.max").as_deref(), Some(max_v2), "{name}");
+            }
+            None => {
+                assert_eq!(read(&sandboxed, "cpu.shares").as_deref(), Some("512"), "{name}: half the 1024 shares of one core");
+                assert_eq!(read(&sandboxed, "cpu.cfs_quota_us").as_deref(), Some(quota_v1), "{name}");
+            }
+        }
+        sandboxed.kill().await;
+    }
+}
+
 #[tokio::test]
 async fn a_sandbox_cannot_outgrow_its_memory_or_process_limits() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let limits = Limits { memory_bytes: 128 << 20, pids: 64, cpu_millicores: 1000 };
+    let limits = Limits { memory_bytes: 128 << 20, pids: 64, cpu_millicores: 1000, cpu_cap_millicores: None };
     let spec = sandbox(tmp.path(), "greedy", limits);
     let (code, out, oom) = run(&spec, "node -e \"const a = []; for (;;) a.push(Buffer.alloc(16 << 20, 1))\"").await;
     assert_ne!(code, Some(0), "{out}");

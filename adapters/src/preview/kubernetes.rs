@@ -7,9 +7,10 @@
 //! - the **Pod**: one container `app`, `restartPolicy: Never` (the caller decides about
 //!   restarts, as the worker does for the sandbox), no service account token, no service links,
 //!   non-root user 1000, no privilege escalation, every capability dropped, the runtime's default
-//!   seccomp profile, a read-only root file system with a writable `/tmp` (`$HOME`), CPU and
-//!   memory requested and limited at the spec's limits (the process limit is the kubelet's,
-//!   not per Pod), and a readiness probe on the health path (or the port);
+//!   seccomp profile, a read-only root file system with a writable `/tmp` (`$HOME`), memory
+//!   requested and limited at the spec's limit, CPU requested at its share and limited only at
+//!   its cap if it has one (the process limit is the kubelet's, not per Pod), and a readiness
+//!   probe on the health path (or the port);
 //! - the **Service**: ClusterIP, its port to the app's port; the address is `{name}.{ns}.svc:{port}`;
 //! - the **NetworkPolicy**: ingress to the Pod only from the proxy's pods
 //!   (`understudy.dev/role=proxy`, in the previews' namespace or the one configured) on the
@@ -150,11 +151,14 @@ impl KubernetesRuntime {
                 ..EnvVarSource::default()
             }),
         }));
-        let resources: BTreeMap<String, Quantity> = [
-            ("cpu".to_string(), Quantity(format!("{}m", spec.limits.cpu_millicores))),
-            ("memory".to_string(), Quantity(spec.limits.memory_bytes.to_string())),
-        ]
-        .into();
+        // CPU: requested at the share, limited only at the cap; memory: both at its limit.
+        let memory = ("memory".to_string(), Quantity(spec.limits.memory_bytes.to_string()));
+        let requests: BTreeMap<String, Quantity> =
+            [("cpu".to_string(), Quantity(format!("{}m", spec.limits.cpu_millicores))), memory.clone()].into();
+        let mut limits: BTreeMap<String, Quantity> = [memory].into();
+        if let Some(cap) = spec.limits.cpu_cap_millicores {
+            limits.insert("cpu".to_string(), Quantity(format!("{cap}m")));
+        }
         let port = i32::from(spec.port);
         let readiness_probe = Probe {
             http_get: spec.health_path.as_ref().map(|path| HTTPGetAction {
@@ -179,11 +183,7 @@ impl KubernetesRuntime {
                 protocol: Some("TCP".into()),
                 ..ContainerPort::default()
             }]),
-            resources: Some(ResourceRequirements {
-                requests: Some(resources.clone()),
-                limits: Some(resources),
-                ..ResourceRequirements::default()
-            }),
+            resources: Some(ResourceRequirements { requests: Some(requests), limits: Some(limits), ..ResourceRequirements::default() }),
             readiness_probe: Some(readiness_probe),
             security_context: Some(SecurityContext {
                 run_as_non_root: Some(true),

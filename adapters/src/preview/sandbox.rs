@@ -22,13 +22,35 @@ use tokio::process::{Child, Command};
 pub struct Limits {
     pub memory_bytes: u64,
     pub pids: u64,
-    /// CPU time per wall second, in thousandths of a core (1000 = one core).
+    /// The CPU a sandbox is sure of when sandboxes compete, in thousandths of a core (1000 = one
+    /// core): its weight against the others (cgroup `cpu.shares` / `cpu.weight`, a Kubernetes
+    /// request). While cores are idle it may use them.
     pub cpu_millicores: u64,
+    /// The most CPU it may use even on an idle machine (cgroup CFS quota, a Kubernetes limit), in
+    /// thousandths of a core; none: no cap beyond the machine.
+    pub cpu_cap_millicores: Option<u64>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { memory_bytes: 1 << 30, pids: 512, cpu_millicores: 1000 }
+        Self { memory_bytes: 1 << 30, pids: 512, cpu_millicores: 1000, cpu_cap_millicores: None }
+    }
+}
+
+impl Limits {
+    /// cgroup v1's `cpu.shares` for the CPU share: 1024 per core, as Kubernetes converts it.
+    fn cpu_shares(&self) -> u64 {
+        (self.cpu_millicores * 1024 / 1000).max(2)
+    }
+
+    /// cgroup v2's `cpu.weight` for the CPU share: 100 (the default) per core, 1 to 10000.
+    fn cpu_weight(&self) -> u64 {
+        (self.cpu_millicores / 10).clamp(1, 10_000)
+    }
+
+    /// The CFS quota per 100 ms period for the cap, or none.
+    fn cpu_quota_us(&self) -> Option<u64> {
+        self.cpu_cap_millicores.map(|cap| cap.max(10) * 100)
     }
 }
 
@@ -265,6 +287,11 @@ impl Sandboxed {
         self.cgroup.is_some()
     }
 
+    /// Its cgroup directories: one per controller on cgroup v1, one on v2; none when unlimited.
+    pub fn cgroup_dirs(&self) -> &[String] {
+        self.cgroup.as_ref().map_or(&[], |c| &c.dirs)
+    }
+
     /// Whether the memory limit killed something in it.
     pub fn out_of_memory(&self) -> bool {
         let oom = self.cgroup.as_ref().is_some_and(Cgroup::oom_killed);
@@ -326,7 +353,8 @@ impl Cgroup {
             let ok = write(&dir, "memory.max", limits.memory_bytes.to_string())
                 && write(&dir, "memory.swap.max", "0".into())
                 && write(&dir, "pids.max", limits.pids.to_string())
-                && write(&dir, "cpu.max", format!("{} 100000", limits.cpu_millicores * 100));
+                && write(&dir, "cpu.weight", limits.cpu_weight().to_string())
+                && write(&dir, "cpu.max", format!("{} 100000", limits.cpu_quota_us().map_or("max".to_string(), |q| q.to_string())));
             let dir = dir.display().to_string();
             let cgroup = Cgroup { dirs: vec![dir.clone()], memory_dir: dir, v2: true };
             if !ok {
@@ -340,7 +368,14 @@ impl Cgroup {
         for (controller, settings) in [
             ("memory", vec![("memory.limit_in_bytes", limits.memory_bytes.to_string())]),
             ("pids", vec![("pids.max", limits.pids.to_string())]),
-            ("cpu", vec![("cpu.cfs_period_us", "100000".into()), ("cpu.cfs_quota_us", (limits.cpu_millicores * 100).to_string())]),
+            (
+                "cpu",
+                vec![
+                    ("cpu.shares", limits.cpu_shares().to_string()),
+                    ("cpu.cfs_period_us", "100000".into()),
+                    ("cpu.cfs_quota_us", limits.cpu_quota_us().map_or("-1".to_string(), |q| q.to_string())),
+                ],
+            ),
         ] {
             let dir = root.join(controller).join("understudy").join(name);
             let ok = std::fs::create_dir_all(&dir).is_ok() && settings.into_iter().all(|(file, value)| write(&dir, file, value));
