@@ -8,7 +8,8 @@ use understudy_api::runtime::Runtime;
 use uuid::Uuid;
 
 pub fn admin_database_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    // No TLS to the loopback server: it only costs CPU the tests share (docs/operating.md).
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".into())
 }
 
 pub fn nats_url() -> String {
@@ -39,8 +40,13 @@ impl TestEnv {
             understudy_adapters::db::connect(&admin_database_url(), 1).await.expect("the test Postgres must be up (scripts/services)");
         sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await.expect("create test database");
         admin.close().await;
-        let base = admin_database_url();
-        let database_url = format!("{}/{database}", &base[..base.rfind('/').expect("URL has a path")]);
+        let admin = admin_database_url();
+        let (base, query) = admin.split_once('?').map_or((admin.as_str(), None), |(base, query)| (base, Some(query)));
+        let server = &base[..base.rfind('/').expect("URL has a path")];
+        let database_url = match query {
+            Some(query) => format!("{server}/{database}?{query}"),
+            None => format!("{server}/{database}"),
+        };
         (database, database_url, prefix)
     }
 
