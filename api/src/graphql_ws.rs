@@ -77,7 +77,7 @@ pub async fn serve(
     connection_data: Data,
     keepalive: std::time::Duration,
 ) {
-    let mut connection = Connection { executor, protocol, connection_data: Some(connection_data), data: None, streams: HashMap::new() };
+    let mut connection = Connection::new(executor, protocol, connection_data);
     let init_deadline = tokio::time::sleep(INIT_TIMEOUT);
     tokio::pin!(init_deadline);
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
@@ -113,7 +113,7 @@ pub async fn serve(
                     Some(Err(_)) | None => return,
                 }
             },
-            (id, next) = futures::future::poll_fn(|cx| connection.poll_streams(cx)) => connection.next_or_complete(id, next),
+            outgoing = connection.next() => outgoing,
         };
         let close = matches!(outgoing, Some(Message::Close(_)));
         if let Some(message) = outgoing {
@@ -130,7 +130,9 @@ async fn send(socket: &mut WebSocket, message: Message, within: std::time::Durat
     matches!(tokio::time::timeout(within, socket.send(message)).await, Ok(Ok(())))
 }
 
-struct Connection {
+/// One socket's side of the protocol, apart from the socket: what [`serve`] runs, and what the
+/// fuzz target (`fuzz/src/graphql_ws.rs`) drives with any messages.
+pub struct Connection {
     executor: SharedSubscriptions,
     protocol: WebSocketProtocols,
     /// Who is asking, settled at the upgrade; taken by `connection_init`.
@@ -171,8 +173,25 @@ fn close(code: u16, reason: impl Into<String>) -> Message {
 const MAX_CLOSE_REASON: usize = 123;
 
 impl Connection {
+    /// A socket's state before its client has sent anything; `connection_data` says who it is.
+    pub fn new(executor: SharedSubscriptions, protocol: WebSocketProtocols, connection_data: Data) -> Self {
+        Self { executor, protocol, connection_data: Some(connection_data), data: None, streams: HashMap::new() }
+    }
+
+    /// How many subscriptions run on the socket.
+    pub fn running(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The next message of a running subscription: a result, or `complete` once one has ended.
+    /// Pending while none has anything (and for ever with none running).
+    pub async fn next(&mut self) -> Option<Message> {
+        let (id, next) = futures::future::poll_fn(|cx| self.poll_streams(cx)).await;
+        self.next_or_complete(id, next)
+    }
+
     /// What to answer a client's message with, if anything.
-    fn receive(&mut self, bytes: &[u8]) -> Option<Message> {
+    pub fn receive(&mut self, bytes: &[u8]) -> Option<Message> {
         let message = match ClientMessage::from_bytes(bytes) {
             Ok(message) => message,
             Err(error) => return Some(close(4400, format!("not a GraphQL over WebSocket message: {error}"))),

@@ -17,12 +17,14 @@ use async_graphql::{Request, Schema, Variables};
 use futures::StreamExt;
 use understudy_api::graphql::{with_limits, AppSchema, MutationRoot, QueryRoot, SharedReads, Subscription};
 
-struct Fixture {
-    runtime: tokio::runtime::Runtime,
-    schema: AppSchema,
+pub(crate) struct Fixture {
+    pub(crate) runtime: tokio::runtime::Runtime,
+    pub(crate) schema: AppSchema,
 }
 
-fn fixture() -> &'static Fixture {
+/// The served schema with its limits over the unreachable database, and the runtime it runs on
+/// (the WebSocket target's too).
+pub(crate) fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime");

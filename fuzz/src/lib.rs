@@ -3,6 +3,7 @@
 //! input that once found a bug stays checked on every run, without a nightly compiler.
 
 pub mod graphql;
+pub mod graphql_ws;
 pub mod logs;
 pub mod repository_file;
 pub mod signature;

@@ -72,3 +72,8 @@ fn the_graphql_corpus_is_answered_with_errors_in_time() {
 fn the_logs_corpus_is_routed_and_paged_as_served() {
     replay("logs", |data| targets::logs::run_within(data, DEADLINE));
 }
+
+#[test]
+fn the_graphql_ws_corpus_is_answered_in_the_protocol_in_time() {
+    replay("graphql_ws", |data| targets::graphql_ws::run_within(data, DEADLINE));
+}
