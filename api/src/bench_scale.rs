@@ -229,6 +229,29 @@ async fn subscriber(
     }
 }
 
+/// Per second of a run (from its first commit): the results committed in it, and the slowest of
+/// them to reach a subscriber. Where the faulted run's tail comes from, beside the kill times.
+async fn by_second(run: &str, committed: &Seen, subscribers: &[Seen]) -> Vec<(usize, Duration)> {
+    let committed = committed.lock().await;
+    let ours: Vec<(&String, &Instant)> = committed.iter().filter(|(name, _)| name.starts_with(&format!("{run}-"))).collect();
+    let Some(first) = ours.iter().map(|(_, at)| **at).min() else { return Vec::new() };
+    let mut seconds: Vec<(usize, Duration)> = Vec::new();
+    for seen in subscribers {
+        let seen = seen.lock().await;
+        for (name, at) in &ours {
+            let second = at.duration_since(first).as_secs() as usize;
+            if seconds.len() <= second {
+                seconds.resize(second + 1, (0, Duration::ZERO));
+            }
+            seconds[second].0 += 1;
+            if let Some(got) = seen.get(*name) {
+                seconds[second].1 = seconds[second].1.max(got.saturating_duration_since(**at));
+            }
+        }
+    }
+    seconds
+}
+
 /// The commit-to-subscriber latencies of one run's results, over both subscribers.
 async fn samples(run: &str, committed: &Seen, subscribers: &[Seen]) -> (Vec<Duration>, usize) {
     let committed = committed.lock().await;
@@ -463,6 +486,13 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
     for fault in &faults {
         println!("killed {fault}");
     }
+    let slowest: Vec<String> = by_second("faulted", &committed, &subscribers)
+        .await
+        .iter()
+        .enumerate()
+        .map(|(second, (_, max))| format!("{second}s {:.0}", max.as_secs_f64() * 1000.0))
+        .collect();
+    println!("faulted run, slowest delivery (ms) of the results committed in each second: {}", slowest.join(", "));
     println!("subscribers reconnected {} times", reconnects.load(std::sync::atomic::Ordering::Relaxed));
     for proc in roles.procs.iter_mut() {
         if let Some(status) = proc.exited() {
