@@ -293,19 +293,8 @@ async fn commands_appended_together_commit_together_and_a_bad_one_fails_alone() 
     let env = TestEnv::new().await;
     let store = env.runtime.store.environments.clone();
     let project = ProjectId(Uuid::new_v4());
-    fixtures::deploy_prs(&store, project, 0..COMMANDS).await;
-    let ids: Vec<Uuid> = (0..COMMANDS).map(|pr| fixtures::env_id(&fixtures::spec(project, pr, "main.w")).0).collect();
-    let mut deployments = Vec::new();
-    for id in &ids {
-        deployments.push(store.load(*id).await.expect("load").inner().current().expect("deployed").id);
-    }
-    let result = |i: usize, test: &str| EnvironmentCommand::RecordTestResult {
-        deployment_id: deployments[i],
-        test: test.into(),
-        outcome: TestOutcome::Passed,
-        duration_ms: None,
-        at: chrono::Utc::now(),
-    };
+    let (ids, deployments) = deployed(&store, project, COMMANDS).await;
+    let result = |i: usize, test: &str| passed(deployments[i], test);
     // The transactions that wrote a test's results: one per statement.
     let transactions = |test: &'static str| {
         let pool = env.pool().clone();
@@ -374,20 +363,11 @@ async fn racing_groups_over_the_same_aggregates_never_deadlock() {
     let here = env.runtime.store.environments.clone();
     let there: AggregateStore<EnvironmentAggregate> = AggregateStore::new(env.pool().clone()).await.expect("store");
     let project = ProjectId(Uuid::new_v4());
-    fixtures::deploy_prs(&here, project, 0..COMMANDS).await;
-    let ids: Vec<Uuid> = (0..COMMANDS).map(|pr| fixtures::env_id(&fixtures::spec(project, pr, "main.w")).0).collect();
-    let mut deployments = Vec::new();
+    let (ids, deployments) = deployed(&here, project, COMMANDS).await;
     for id in &ids {
-        deployments.push(here.load(*id).await.expect("load").inner().current().expect("deployed").id);
         there.load(*id).await.expect("load");
     }
-    let result = |i: usize, test: &str| EnvironmentCommand::RecordTestResult {
-        deployment_id: deployments[i],
-        test: test.into(),
-        outcome: TestOutcome::Passed,
-        duration_ms: None,
-        at: chrono::Utc::now(),
-    };
+    let result = |i: usize, test: &str| passed(deployments[i], test);
     // Each row now takes 20 ms to insert, so both groups' statements are in flight together, and
     // taken in the order queued they would each hold what the other wants next.
     for statement in [
@@ -413,4 +393,30 @@ async fn racing_groups_over_the_same_aggregates_never_deadlock() {
     .await
     .expect("count");
     assert_eq!(doubled, 0, "each environment has one result from each process");
+}
+
+/// `count` pull requests of `project` deployed: their environments' ids and current deployments.
+async fn deployed(
+    store: &understudy_adapters::event_store::AggregateStore<understudy_domain::environment::EnvironmentAggregate>,
+    project: ProjectId,
+    count: u64,
+) -> (Vec<Uuid>, Vec<DeploymentId>) {
+    fixtures::deploy_prs(store, project, 0..count).await;
+    let ids: Vec<Uuid> = (0..count).map(|pr| fixtures::env_id(&fixtures::spec(project, pr, "main.w")).0).collect();
+    let mut deployments = Vec::new();
+    for id in &ids {
+        deployments.push(store.load(*id).await.expect("load").inner().current().expect("deployed").id);
+    }
+    (ids, deployments)
+}
+
+/// A passed result of `test` for `deployment`.
+fn passed(deployment: DeploymentId, test: &str) -> EnvironmentCommand {
+    EnvironmentCommand::RecordTestResult {
+        deployment_id: deployment,
+        test: test.into(),
+        outcome: TestOutcome::Passed,
+        duration_ms: None,
+        at: chrono::Utc::now(),
+    }
 }
