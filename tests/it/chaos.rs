@@ -53,7 +53,13 @@ impl Nats {
         let log = std::fs::File::create(self.dir.join("nats.log")).expect("log");
         self.child =
             Some(Command::new(nats_server()).arg("-c").arg(&config).stdout(Stdio::null()).stderr(log).spawn().expect("nats-server"));
-    }
+        // The roles started next connect at once, and the relay and projectors exit when no NATS
+        // server answers at start: return once it listens.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "nats-server did not listen on {} within 20 s", self.port);
+            std::thread::sleep(Duration::from_millis(10));
+        }
 
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
