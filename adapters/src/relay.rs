@@ -142,7 +142,7 @@ async fn publish_one(
 ///
 /// Numbering and publishing are two loops: while NATS is away (a cluster electing a new stream
 /// leader, a server restarting) the log is still numbered, so projectors, which read the
-/// Postgres log whenever JetStream is quiet, keep up without NATS.
+/// Postgres log whenever JetStream falls behind it, keep up without NATS.
 pub async fn run(pool: PgPool, js: jetstream::Context, topology: Topology, cancel: CancellationToken) {
     const BATCH: i64 = 1000;
     let numbered = watch::Sender::new(0u64);

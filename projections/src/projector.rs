@@ -6,6 +6,11 @@
 //! path, Postgres the truth), writes the new checkpoint, commits, and only then acks. A crash at
 //! any point leaves either the old checkpoint and old rows, or both new: redelivered events are
 //! skipped by position, so each event is applied exactly once.
+//!
+//! JetStream is read by a task of its own; the projector's loop also looks at the log's head
+//! every [`WATCH`] and reads the log itself when JetStream has not delivered what was numbered
+//! by its last look, so nothing NATS does (an outage, a leader election, a hanging request)
+//! holds the read models back for longer than that.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -286,10 +291,15 @@ impl Projector {
         Self { pool, nats, topology, projection, batch: 500, linger, known: std::sync::atomic::AtomicI64::new(-1) }
     }
 
-    async fn consumer(&self) -> anyhow::Result<consumer::Consumer<consumer::pull::Config>> {
-        let js = jetstream::new(self.nats.clone());
-        let stream = understudy_adapters::nats::ensure_stream(&js, &self.topology).await?;
-        let name = self.topology.consumer_name(self.projection.name());
+    /// The durable consumer this projection reads JetStream through.
+    async fn consumer(
+        nats: &async_nats::Client,
+        topology: &Topology,
+        projection: &str,
+    ) -> anyhow::Result<consumer::Consumer<consumer::pull::Config>> {
+        let js = jetstream::new(nats.clone());
+        let stream = understudy_adapters::nats::ensure_stream(&js, topology).await?;
+        let name = topology.consumer_name(projection);
         stream
             .get_or_create_consumer(
                 &name,
@@ -297,7 +307,7 @@ impl Projector {
                     durable_name: Some(name.clone()),
                     ack_policy: consumer::AckPolicy::Explicit,
                     deliver_policy: consumer::DeliverPolicy::All,
-                    filter_subject: self.topology.all_events(),
+                    filter_subject: topology.all_events(),
                     ack_wait: Duration::from_secs(30),
                     max_ack_pending: 20_000,
                     ..Default::default()
@@ -307,8 +317,15 @@ impl Projector {
             .map_err(|e| anyhow::anyhow!("creating JetStream consumer {name}: {e}"))
     }
 
-    /// Consumes until cancelled. Returns an error only for what must stop the projector (an
+    /// Projects until cancelled. Returns an error only for what must stop the projector (an
     /// event it cannot decode); transport and database errors are retried with backoff.
+    ///
+    /// Two sources feed one loop, which applies one batch at a time: what JetStream delivers
+    /// (read by a task of its own, which reconnects and recreates its consumer as often as it
+    /// must), and the Postgres log, read whenever an event numbered a [`WATCH`] ago is still not
+    /// applied. JetStream away, a stream leader being elected, a request hanging to its timeout:
+    /// none of it holds the loop, so the read models keep up from the log within about
+    /// [`WATCH`] whatever NATS does.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let name = self.projection.name();
         // One process at a time consumes each projection; others wait as standbys and take over
@@ -331,14 +348,32 @@ impl Projector {
             }
         };
         tracing::info!(projection = name, "projecting");
+        // The feeding task ends with this loop, however it ends (a projector task aborted too).
+        let feeding = cancel.child_token();
+        let _stop_feeding = feeding.clone().drop_guard();
+        // Two chunks in hand at most: beyond that JetStream holds them, up to `max_ack_pending`.
+        let (chunks, mut delivered) = tokio::sync::mpsc::channel(2);
+        let feeder = Feeder {
+            nats: self.nats.clone(),
+            topology: self.topology.clone(),
+            projection: name,
+            batch: self.batch,
+            linger: self.linger,
+        };
+        tokio::spawn(feeder.run(chunks, feeding));
+        let mut log = LogWatch::default();
         let mut failures = 0u32;
         loop {
-            let result = tokio::select! {
+            let step = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                result = self.consume(&cancel) => result,
+                Some(chunk) = delivered.recv() => {
+                    log.active = tokio::time::Instant::now();
+                    self.apply_delivered(chunk).await
+                }
+                _ = tokio::time::sleep_until(log.due()) => self.watch_log(&mut log).await,
             };
-            match result {
-                Ok(()) => return Ok(()),
+            match step {
+                Ok(()) => failures = 0,
                 Err(error) if is_fatal(&error) => {
                     tracing::error!(projection = name, error = format!("{error:#}"), "projector stopped");
                     return Err(error);
@@ -346,14 +381,7 @@ impl Projector {
                 Err(error) => {
                     failures += 1;
                     let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
-                    tracing::warn!(projection = name, error = format!("{error:#}"), ?backoff, "projector failed; restarting");
-                    // NATS away (a server restarting, a cluster electing a leader) stops the fast
-                    // path only: keep up from the Postgres log meanwhile.
-                    if let Err(error) = self.catch_up_from_log().await {
-                        if is_fatal(&error) {
-                            return Err(error);
-                        }
-                    }
+                    tracing::warn!(projection = name, error = format!("{error:#}"), ?backoff, "projecting failed; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -375,53 +403,43 @@ impl Projector {
         Ok(connection)
     }
 
-    async fn consume(&self, cancel: &CancellationToken) -> anyhow::Result<()> {
-        let consumer = self.consumer().await?;
-        // Catch up from Postgres first: it is the truth, and the stream may be younger than the log.
-        self.catch_up_from_log().await?;
-        // A continuous pull: each chunk is whatever has arrived, up to `batch`, so one event
-        // alone is applied at once and a burst is applied in one transaction.
-        let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("pulling from JetStream: {e}"))?.ready_chunks(self.batch);
-        loop {
-            let next = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                next = tokio::time::timeout(Duration::from_secs(1), messages.next()) => next,
-            };
-            let chunk = match next {
-                // Idle: whatever NATS lost, Postgres still has.
-                Err(_) => {
-                    self.catch_up_from_log().await?;
-                    continue;
-                }
-                Ok(None) => anyhow::bail!("the JetStream message stream ended"),
-                Ok(Some(mut chunk)) => {
-                    let deadline = tokio::time::Instant::now() + self.linger;
-                    while chunk.len() < self.batch {
-                        match tokio::time::timeout_at(deadline, messages.next()).await {
-                            Ok(Some(more)) => chunk.extend(more),
-                            // The stream's end is seen again on the next turn.
-                            Ok(None) | Err(_) => break,
-                        }
-                    }
-                    chunk
-                }
-            };
-            let mut batch = Vec::with_capacity(chunk.len());
-            for message in chunk {
-                batch.push(message.map_err(|e| anyhow::anyhow!("receiving from JetStream: {e}"))?);
+    /// Applies a chunk JetStream delivered, then acks it.
+    async fn apply_delivered(&self, chunk: Vec<jetstream::Message>) -> anyhow::Result<()> {
+        let mut events = Vec::with_capacity(chunk.len());
+        for message in &chunk {
+            events.push(decode_message(message)?);
+        }
+        self.apply_batch(events).await?;
+        for message in &chunk {
+            // A lost ack only means a redelivery, which the checkpoint skips.
+            if let Err(error) = message.ack().await {
+                tracing::debug!(error = %error, "ack failed; the event will be redelivered and skipped");
             }
-            let mut events = Vec::with_capacity(batch.len());
-            for message in &batch {
-                events.push(decode_message(message)?);
-            }
-            self.apply_batch(events).await?;
-            for message in &batch {
-                // A lost ack only means a redelivery, which the checkpoint skips.
-                if let Err(error) = message.ack().await {
-                    tracing::debug!(error = %error, "ack failed; the event will be redelivered and skipped");
+        }
+        Ok(())
+    }
+
+    /// One look at the log: reads it if an event numbered at the last look is still not applied
+    /// (or at the first look, since the stream may be younger than the log), then notes its head.
+    async fn watch_log(&self, log: &mut LogWatch) -> anyhow::Result<()> {
+        let now = tokio::time::Instant::now();
+        log.last = now;
+        let known = self.known.load(std::sync::atomic::Ordering::Relaxed);
+        if log.head.is_none_or(|head| head > known) {
+            let applied = self.catch_up_from_log().await?;
+            if applied > 0 {
+                log.active = now;
+                if log.head.is_some() {
+                    tracing::debug!(projection = self.projection.name(), applied, "JetStream is behind; applied from the log");
                 }
             }
         }
+        let head = global_log::head(&self.pool).await?;
+        if log.head != Some(head) {
+            log.active = now;
+        }
+        log.head = Some(head);
+        Ok(())
     }
 
     /// Applies events that arrived over NATS, in one transaction, filling holes from the log.
@@ -484,9 +502,10 @@ impl Projector {
         Ok((start, false))
     }
 
-    /// Applies whatever the Postgres log has beyond the checkpoint.
-    pub async fn catch_up_from_log(&self) -> anyhow::Result<()> {
+    /// Applies whatever the Postgres log has beyond the checkpoint; returns how many events.
+    pub async fn catch_up_from_log(&self) -> anyhow::Result<usize> {
         let name = self.projection.name();
+        let mut applied = 0;
         loop {
             let mut tx = self.pool.begin().await?;
             let start = lock_checkpoint(&mut tx, name).await?;
@@ -496,8 +515,9 @@ impl Projector {
                 // connection is next used.
                 tx.rollback().await?;
                 self.known.store(start, std::sync::atomic::Ordering::Relaxed);
-                return Ok(());
+                return Ok(applied);
             }
+            applied += events.len();
             let mut changes = Vec::new();
             let progress = apply_all(self.projection.as_ref(), &mut tx, &Tables::LIVE, start, &events, &mut changes).await?;
             store_checkpoint(&mut tx, name, progress.checkpoint).await?;
@@ -529,6 +549,113 @@ impl Projector {
                     }
                 }
                 Err(error) => tracing::warn!(error = %error, "change notice not encodable"),
+            }
+        }
+    }
+}
+
+/// How long after an event is numbered a projector that has not had it from JetStream reads it
+/// from the Postgres log: its look at the log's head, while events flow. One indexed read of one
+/// row per projection per look; a healthy stream delivers well within it (p99 tens of ms at
+/// 500 events/s, docs/benchmarks.md), so the log is read only when the stream stalls.
+pub const WATCH: Duration = Duration::from_millis(200);
+
+/// The look at the log's head when nothing has moved for [`BUSY`].
+pub const WATCH_IDLE: Duration = Duration::from_secs(1);
+
+/// How long after the last event a projector still looks at the log every [`WATCH`].
+const BUSY: Duration = Duration::from_secs(5);
+
+/// What a projector saw at its last look at the log.
+struct LogWatch {
+    /// The log's head then; `None` before the first look.
+    head: Option<i64>,
+    /// When it looked.
+    last: tokio::time::Instant,
+    /// When it last saw anything move: the head, or events applied.
+    active: tokio::time::Instant,
+}
+
+impl Default for LogWatch {
+    fn default() -> Self {
+        let long_ago = tokio::time::Instant::now() - BUSY;
+        Self { head: None, last: long_ago, active: long_ago }
+    }
+}
+
+impl LogWatch {
+    /// When to look next.
+    fn due(&self) -> tokio::time::Instant {
+        match self.head {
+            None => self.last,
+            Some(_) if self.active.elapsed() < BUSY => self.last + WATCH,
+            Some(_) => self.last + WATCH_IDLE,
+        }
+    }
+}
+
+/// Reads a projection's durable JetStream consumer and hands what it delivers to the projector's
+/// loop, in chunks of up to `batch`.
+struct Feeder {
+    nats: async_nats::Client,
+    topology: Topology,
+    projection: &'static str,
+    batch: usize,
+    linger: Duration,
+}
+
+impl Feeder {
+    /// Feeds until cancelled or the projector's loop is gone, starting again with backoff after
+    /// any error (the loop reads the log meanwhile).
+    async fn run(self, chunks: tokio::sync::mpsc::Sender<Vec<jetstream::Message>>, cancel: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return,
+                result = self.feed(&chunks, &mut failures) => result,
+            };
+            let Err(error) = result else { return };
+            failures += 1;
+            let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
+            tracing::warn!(projection = self.projection, error = format!("{error:#}"), ?backoff, "reading JetStream failed; the log is read meanwhile");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+        }
+    }
+
+    /// One consumer's life: Ok when the loop is gone, Err when JetStream failed.
+    async fn feed(&self, chunks: &tokio::sync::mpsc::Sender<Vec<jetstream::Message>>, failures: &mut u32) -> anyhow::Result<()> {
+        let consumer = Projector::consumer(&self.nats, &self.topology, self.projection).await?;
+        // A continuous pull: each chunk is whatever has arrived, up to `batch`, so one event
+        // alone is applied at once and a burst is applied in one transaction.
+        let mut messages =
+            consumer.messages().await.map_err(|e| anyhow::anyhow!("pulling from JetStream: {e}"))?.ready_chunks(self.batch);
+        *failures = 0;
+        loop {
+            let Some(mut chunk) = messages.next().await else { anyhow::bail!("the JetStream message stream ended") };
+            let deadline = tokio::time::Instant::now() + self.linger;
+            while chunk.len() < self.batch {
+                match tokio::time::timeout_at(deadline, messages.next()).await {
+                    Ok(Some(more)) => chunk.extend(more),
+                    // The stream's end is seen again on the next turn.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let mut received = Vec::with_capacity(chunk.len());
+            let mut failed = None;
+            for message in chunk {
+                match message {
+                    Ok(message) => received.push(message),
+                    Err(error) => failed = Some(error),
+                }
+            }
+            if !received.is_empty() && chunks.send(received).await.is_err() {
+                return Ok(());
+            }
+            if let Some(error) = failed {
+                anyhow::bail!("receiving from JetStream: {error}");
             }
         }
     }

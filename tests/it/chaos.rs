@@ -60,6 +60,7 @@ impl Nats {
             assert!(std::time::Instant::now() < deadline, "nats-server did not listen on {} within 20 s", self.port);
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
 
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -414,5 +415,97 @@ async fn a_thirty_second_nats_outage_loses_nothing_and_projections_keep_up_from_
     for role in [&mut relay, &mut projector, &mut api] {
         role.kill();
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// NATS frozen under load (SIGSTOP: its connections stay open and nothing answers, as a server
+/// stalled on its disk or behind a dead link looks to a client): no error tells the projector
+/// anything is wrong, yet while it lasts every event reaches the read models from the Postgres log
+/// within seconds of being numbered, and once NATS thaws every event is projected exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_nats_holds_no_projection_back() {
+    let env = TestEnv::new().await;
+    let dir = std::env::temp_dir().join(format!("understudy-frozen-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let nats = Nats::start(dir.clone());
+    let vars = vec![
+        ("DATABASE_URL".to_string(), env.database_url.clone()),
+        ("NATS_URL".to_string(), nats.url()),
+        ("UNDERSTUDY_NATS_PREFIX".to_string(), env.prefix.clone()),
+        ("RUST_LOG".to_string(), "warn".to_string()),
+    ];
+    let mut relay = Role { args: vec!["relay"], env: vars.clone(), log: dir.join("relay.log"), child: None, starts: 0 };
+    let mut projector = Role { args: vec!["projector"], env: vars, log: dir.join("projector.log"), child: None, starts: 0 };
+    relay.ensure_running();
+    projector.ensure_running();
+    let project = ProjectId(Uuid::new_v4());
+    let at_head = |pool: sqlx::PgPool, total: i64| async move {
+        let lags = understudy_projections::projector::lag(&pool).await.ok()?;
+        (!lags.is_empty() && lags.iter().all(|l| l.head == total && l.lag == 0)).then_some(lags)
+    };
+    // Flowing through JetStream first, so the projector's consumer is live when NATS freezes.
+    fixtures::deploy_prs(&env.runtime.store.environments, project, 0..10).await;
+    eventually(Duration::from_secs(30), "the projections to follow through NATS", || at_head(env.pool().clone(), 50)).await;
+
+    let pid = nats.child.as_ref().expect("nats runs").id().to_string();
+    let signal = |name: &str| {
+        let status = Command::new("kill").args([name, pid.as_str()]).status().expect("kill");
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    // One pull request every 250 ms for 40 s (long enough for the pull's missed heartbeats to end
+    // it, after which every JetStream request waits for its timeout), while a sampler notes how
+    // long the oldest event numbered but not yet applied by every projection has waited.
+    const PULL_REQUESTS: u64 = 160;
+    let writer = {
+        let store = env.runtime.store.environments.clone();
+        tokio::spawn(async move {
+            for pr in 10..10 + PULL_REQUESTS {
+                fixtures::deploy_prs(&store, project, pr..pr + 1).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let mut waiting: std::collections::VecDeque<(i64, std::time::Instant)> = Default::default();
+    let mut longest = Duration::ZERO;
+    let total = ((10 + PULL_REQUESTS) * 5) as i64;
+    loop {
+        let lags = understudy_projections::projector::lag(env.pool()).await.expect("lag");
+        let (head, applied) = (lags[0].head, lags.iter().map(|l| l.checkpoint).min().expect("projections"));
+        let now = std::time::Instant::now();
+        if waiting.back().is_none_or(|&(position, _)| head > position) {
+            waiting.push_back((head, now));
+        }
+        while waiting.front().is_some_and(|&(position, _)| position <= applied) {
+            waiting.pop_front();
+        }
+        if let Some(&(_, since)) = waiting.front() {
+            longest = longest.max(now - since);
+        }
+        if writer.is_finished() && applied == total {
+            break;
+        }
+        assert!(longest < Duration::from_secs(15), "the projections stopped following the log while NATS was frozen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writer.await.expect("writer");
+    eprintln!("while NATS was frozen, the longest an event waited for every projection: {longest:?}");
+    // A healthy stream delivers in tens of milliseconds and the log is read within a fifth of a
+    // second of a stall; seconds here would mean the projector waited on the frozen server.
+    assert!(longest < Duration::from_secs(3), "an event waited {longest:?} for the projections while NATS was frozen");
+
+    signal("-CONT");
+    fixtures::deploy_prs(&env.runtime.store.environments, project, 10 + PULL_REQUESTS..20 + PULL_REQUESTS).await;
+    let total = total + 50;
+    let lags = eventually(Duration::from_secs(60), "every projection to follow after NATS thawed", || {
+        relay.ensure_running();
+        projector.ensure_running();
+        at_head(env.pool().clone(), total)
+    })
+    .await;
+    projected_exactly_once(env.pool(), &lags, total).await;
+    relay.kill();
+    projector.kill();
+    drop(nats);
     let _ = std::fs::remove_dir_all(&dir);
 }
