@@ -1079,3 +1079,65 @@ async fn a_sandbox_cannot_outgrow_its_memory_or_process_limits() {
         run(&spec, "i=0; while [ $i -lt 300 ]; do sleep 20 & i=$((i+1)); done 2>&1; echo spawned; kill $(jobs -p) 2>/dev/null; true").await;
     assert!(out.contains("fork") || out.contains("Resource temporarily unavailable"), "forks were refused: {out}");
 }
+
+/// A worker killed outright (SIGKILL, a crash) cannot stop its sandboxes, and bubblewrap's
+/// `--die-with-parent` misses one whose worker died while starting it: the app would run on,
+/// unseen, for as long as the machine does. Every sandbox's cgroup is named for its owner (pid and start
+/// time); the sweep each worker runs at start and every minute kills the sandboxes of owners
+/// that are gone and removes their groups, and leaves a live owner's alone.
+#[tokio::test]
+async fn sandboxes_a_dead_worker_left_running_are_killed_and_a_live_ones_are_not() {
+    use std::process::Command;
+    let root = Path::new("/sys/fs/cgroup");
+    let v2 = root.join("cgroup.controllers").exists();
+    let start_time = |pid: u32| -> String {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        stat.rsplit_once(')').expect("comm").1.split_whitespace().nth(19).expect("starttime").to_string()
+    };
+    // A "worker" that is about to die, with a sandbox (a process in a group of its name).
+    let mut worker = Command::new("sleep").arg("600").spawn().expect("worker");
+    let group = format!("o{}t{}-test-{}", worker.id(), start_time(worker.id()), Uuid::new_v4().simple());
+    let dirs: Vec<PathBuf> = if v2 {
+        vec![root.join("understudy").join(&group)]
+    } else {
+        ["memory", "pids", "cpu"].iter().map(|c| root.join(c).join("understudy").join(&group)).collect()
+    };
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).expect("this machine lets root create cgroups");
+    }
+    let mut app = Command::new("sleep").arg("600").spawn().expect("app");
+    for dir in &dirs {
+        std::fs::write(dir.join("cgroup.procs"), app.id().to_string()).expect("move the app into its group");
+    }
+    // A live worker's sandbox: this test process's own, started the way every worker starts one.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let live = sandbox(tmp.path(), "live", Limits::default());
+    let mut running = live.spawn(&["/bin/sh".into(), "-c".into(), "sleep 600".into()]).expect("spawn");
+    assert!(running.limited(), "this machine lets root create cgroups");
+
+    // The owner still lives: nothing is touched.
+    understudy_adapters::preview::sandbox::reap_abandoned_sandboxes();
+    assert!(app.try_wait().expect("app").is_none(), "a live worker's sandbox was killed");
+    worker.kill().expect("kill the worker");
+    worker.wait().expect("reap the worker");
+
+    // (A worker starting in another test may sweep it first: what counts is that it is gone.)
+    understudy_adapters::preview::sandbox::reap_abandoned_sandboxes();
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(status) = app.try_wait().expect("app") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the dead worker's app is killed");
+    assert!(!status.success());
+    eventually(Duration::from_secs(10), "the dead worker's group to be removed", || async {
+        dirs.iter().all(|d| !d.exists()).then_some(())
+    })
+    .await;
+    assert!(running.child.try_wait().expect("live").is_none(), "this process's own sandbox was killed");
+    drop(running);
+}

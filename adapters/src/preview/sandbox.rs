@@ -160,7 +160,9 @@ impl SandboxSpec {
         }
         // A group per process tree: a name reused right away (a retried start) must not meet
         // the previous tree's group while that is still being removed.
-        let cgroup = Cgroup::create(&format!("{}-{}", self.name, uuid::Uuid::new_v4().simple()), self.limits);
+        // The group's name begins with its owner, so that one left by a dead process is known
+        // for abandoned (see `reap_abandoned_sandboxes`).
+        let cgroup = Cgroup::create(&format!("{}-{}-{}", owner_tag(), self.name, uuid::Uuid::new_v4().simple()), self.limits);
         // `sh` writes its own pid into each cgroup, then becomes bwrap. The paths go in as
         // arguments, not environment: nothing of ours must be readable inside.
         let script = r#"n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1/cgroup.procs" || exit 125; shift; n=$((n-1)); done; exec "$@""#;
@@ -252,26 +254,83 @@ pub fn available() -> Result<(), String> {
     }
 }
 
-/// Removes the empty sandbox cgroups a killed worker left behind. A group that still has
-/// processes cannot be removed (the kernel refuses), and groups younger than a minute are left
-/// alone: another worker may be about to move a process into one.
-pub fn remove_abandoned_cgroups() {
+/// This process as the owner of the sandbox cgroups it creates: `o{pid}t{start time}`, the
+/// start time (in clock ticks since boot, from `/proc/self/stat`) telling a live owner from a
+/// later process given the same pid.
+fn owner_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let pid = std::process::id();
+        format!("o{pid}t{}", start_time(pid).unwrap_or(0))
+    })
+}
+
+/// A process's start time in clock ticks since boot (field 22 of `/proc/PID/stat`).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process a group name's owner tag names is gone. `None` for a name without a tag.
+fn owner_gone(group: &str) -> Option<bool> {
+    let (pid, start) = group.strip_prefix('o')?.split_once('-')?.0.split_once('t')?;
+    let (pid, start): (u32, u64) = (pid.parse().ok()?, start.parse().ok()?);
+    Some(start_time(pid) != Some(start))
+}
+
+/// Kills the sandboxes of workers that died without stopping them (SIGKILL, a crash, the
+/// machine's OOM killer; bubblewrap's `--die-with-parent` misses a sandbox whose worker died
+/// while starting it, before bwrap asked to die with its parent) and removes their groups. A group's owner is in its name; one of a live
+/// owner is left alone, whichever worker on the machine it belongs to. Groups named before
+/// owners were (no tag) are removed when empty and older than a minute. Returns how many
+/// sandboxes it killed.
+pub fn reap_abandoned_sandboxes() -> usize {
     let root = Path::new("/sys/fs/cgroup");
-    let parents = if root.join("cgroup.controllers").exists() {
-        vec![root.join("understudy")]
-    } else {
-        ["memory", "pids", "cpu"].iter().map(|c| root.join(c).join("understudy")).collect()
-    };
+    let v2 = root.join("cgroup.controllers").exists();
+    let parents: Vec<PathBuf> =
+        if v2 { vec![root.join("understudy")] } else { ["memory", "pids", "cpu"].iter().map(|c| root.join(c).join("understudy")).collect() };
     let minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-    for parent in parents {
-        let Ok(entries) = std::fs::read_dir(&parent) else { continue };
+    let mut abandoned = std::collections::BTreeSet::new();
+    for parent in &parents {
+        let Ok(entries) = std::fs::read_dir(parent) else { continue };
         for entry in entries.flatten() {
-            let old = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < minute_ago);
-            if old && entry.file_type().is_ok_and(|t| t.is_dir()) {
-                let _ = std::fs::remove_dir(entry.path());
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match owner_gone(&name) {
+                Some(true) => {
+                    abandoned.insert(name);
+                }
+                Some(false) => {}
+                None => {
+                    if entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < minute_ago) {
+                        let _ = std::fs::remove_dir(entry.path());
+                    }
+                }
             }
         }
     }
+    let mut killed = 0;
+    for name in abandoned {
+        let dirs: Vec<String> = parents.iter().map(|p| p.join(&name)).filter(|d| d.exists()).map(|d| d.display().to_string()).collect();
+        let Some(memory_dir) = dirs.first().cloned() else { continue };
+        let cgroup = Cgroup { dirs, memory_dir, v2 };
+        if !cgroup.pids().is_empty() {
+            tracing::warn!(group = %name, "killing a sandbox its dead worker left running");
+            cgroup.kill_all();
+            killed += 1;
+        }
+        // The killed processes may take a moment to exit; a later sweep removes what is left.
+        for _ in 0..20 {
+            if cgroup.remove() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    }
+    killed
 }
 
 /// A process tree in a sandbox. Dropping it kills the tree.

@@ -131,6 +131,18 @@ impl From<sqlx::Error> for Stop {
     }
 }
 
+/// How often a worker looks for sandboxes that a dead worker on its machine left running.
+const REAP_EVERY: Duration = Duration::from_secs(60);
+
+/// [`super::sandbox::reap_abandoned_sandboxes`], off the async threads (it waits for killed processes).
+async fn reap_abandoned_sandboxes() {
+    match tokio::task::spawn_blocking(super::sandbox::reap_abandoned_sandboxes).await {
+        Ok(0) => {}
+        Ok(killed) => tracing::warn!(killed, "killed sandboxes that dead workers left running"),
+        Err(error) => tracing::warn!(%error, "looking for abandoned sandboxes failed"),
+    }
+}
+
 impl Worker {
     fn pool(&self) -> &PgPool {
         &self.store.pool
@@ -144,7 +156,8 @@ impl Worker {
             cancel.cancelled().await;
             return;
         }
-        super::sandbox::remove_abandoned_cgroups();
+        let mut reaped = tokio::time::Instant::now();
+        reap_abandoned_sandboxes().await;
         let mut running: JoinSet<()> = JoinSet::new();
         // Projectors announce every environment change on core NATS: a wake-up to claim at once
         // instead of at the next poll (the poll stays, for a missed notice).
@@ -157,6 +170,11 @@ impl Worker {
         };
         loop {
             while running.try_join_next().is_some() {}
+            // Another worker on this machine may die too: its sandboxes go within a minute.
+            if reaped.elapsed() >= REAP_EVERY {
+                reaped = tokio::time::Instant::now();
+                reap_abandoned_sandboxes().await;
+            }
             if running.len() < self.config.max_parallel {
                 match self.claim(self.config.max_parallel - running.len()).await {
                     Ok(jobs) => {
