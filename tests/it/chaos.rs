@@ -117,20 +117,27 @@ impl Drop for Role {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_relay_the_projector_and_nats_loses_and_doubles_nothing() {
-    let env = TestEnv::new().await;
-    let dir = std::env::temp_dir().join(format!("understudy-chaos-{}", Uuid::new_v4().simple()));
+/// A scratch directory, a private nats-server listening there, and relay and projector roles
+/// pointed at it and at `env`'s database (not started yet).
+fn relay_and_projector(env: &TestEnv, name: &str) -> (PathBuf, Nats, Role, Role) {
+    let dir = std::env::temp_dir().join(format!("understudy-{name}-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let mut nats = Nats::start(dir.clone());
+    let nats = Nats::start(dir.clone());
     let vars = vec![
         ("DATABASE_URL".to_string(), env.database_url.clone()),
         ("NATS_URL".to_string(), nats.url()),
         ("UNDERSTUDY_NATS_PREFIX".to_string(), env.prefix.clone()),
         ("RUST_LOG".to_string(), "warn".to_string()),
     ];
-    let mut relay = Role { args: vec!["relay"], env: vars.clone(), log: dir.join("relay.log"), child: None, starts: 0 };
-    let mut projector = Role { args: vec!["projector"], env: vars, log: dir.join("projector.log"), child: None, starts: 0 };
+    let relay = Role { args: vec!["relay"], env: vars.clone(), log: dir.join("relay.log"), child: None, starts: 0 };
+    let projector = Role { args: vec!["projector"], env: vars, log: dir.join("projector.log"), child: None, starts: 0 };
+    (dir, nats, relay, projector)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_relay_the_projector_and_nats_loses_and_doubles_nothing() {
+    let env = TestEnv::new().await;
+    let (dir, mut nats, mut relay, mut projector) = relay_and_projector(&env, "chaos");
 
     const PULL_REQUESTS: u64 = 1000;
     let writer = {
@@ -425,17 +432,7 @@ async fn a_thirty_second_nats_outage_loses_nothing_and_projections_keep_up_from_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_nats_holds_no_projection_back() {
     let env = TestEnv::new().await;
-    let dir = std::env::temp_dir().join(format!("understudy-frozen-{}", Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let nats = Nats::start(dir.clone());
-    let vars = vec![
-        ("DATABASE_URL".to_string(), env.database_url.clone()),
-        ("NATS_URL".to_string(), nats.url()),
-        ("UNDERSTUDY_NATS_PREFIX".to_string(), env.prefix.clone()),
-        ("RUST_LOG".to_string(), "warn".to_string()),
-    ];
-    let mut relay = Role { args: vec!["relay"], env: vars.clone(), log: dir.join("relay.log"), child: None, starts: 0 };
-    let mut projector = Role { args: vec!["projector"], env: vars, log: dir.join("projector.log"), child: None, starts: 0 };
+    let (dir, nats, mut relay, mut projector) = relay_and_projector(&env, "frozen");
     relay.ensure_running();
     projector.ensure_running();
     let project = ProjectId(Uuid::new_v4());
