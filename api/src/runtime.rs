@@ -131,13 +131,22 @@ impl Runtime {
         Self::assemble(pool, nats, topology).await
     }
 
-    /// Like [`Runtime::connect`], for the relay and the projectors: a NATS server must answer
-    /// (a wrong `NATS_URL` is an error at once), but JetStream's stream may come later — a
-    /// cluster that just lost its stream leader answers again within seconds, and meanwhile the
-    /// relay numbers the log and the projectors project it from Postgres.
+    /// Like [`Runtime::connect`], for the relay and the projectors, whose work needs Postgres
+    /// alone (the relay numbers the log, the projectors project it from there; NATS is their
+    /// fast path): a NATS server that does not answer at start is reported in one warning line
+    /// and connected to whenever it answers, and the stream is made once JetStream does. So one
+    /// restarted during a NATS outage carries on instead of exiting until the outage ends.
     pub async fn connect_stream_later(database_url: &str, nats_url: &str, topology: Topology) -> anyhow::Result<Self> {
         let pool = db::connect(database_url, pool_size()?).await?;
-        let nats = nats::connect(nats_url).await?;
+        // A URL that is not one is an error at once, not an outage.
+        nats::servers(nats_url)?;
+        let nats = match nats::connect(nats_url).await {
+            Ok(nats) => nats,
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "working from Postgres alone until NATS answers");
+                nats::connect_in_background(nats_url).await?
+            }
+        };
         db::migrate(&pool).await?;
         Self::stream_in_background(&nats, &topology);
         Self::assemble(pool, nats, topology).await

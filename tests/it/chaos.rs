@@ -307,8 +307,9 @@ async fn restarting_postgres_and_nats_mid_load_loses_and_doubles_nothing() {
 
 /// NATS gone for 30 s under load: appends go on (Postgres is the truth), the projections keep up
 /// from the Postgres log, the API keeps answering queries and says it is not ready, an API
-/// process killed meanwhile starts again without NATS, its live subscriber gets what changed
-/// while NATS was away, and afterwards every event is projected exactly once.
+/// process, the relay and the projector killed meanwhile start again without NATS and carry on,
+/// the API's live subscriber gets what changed while NATS was away, and afterwards every event
+/// is projected exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thirty_second_nats_outage_loses_nothing_and_projections_keep_up_from_postgres() {
     let env = TestEnv::new().await;
@@ -348,10 +349,6 @@ async fn a_thirty_second_nats_outage_loses_nothing_and_projections_keep_up_from_
     fixtures::deploy_prs(&env.runtime.store.environments, project, 0..50).await;
     nats.kill();
     let outage = std::time::Instant::now();
-    let writer = {
-        let store = env.runtime.store.environments.clone();
-        tokio::spawn(async move { fixtures::deploy_prs(&store, project, 50..PULL_REQUESTS).await })
-    };
     // During the outage: queries are answered from Postgres, readiness says why it is not ready.
     // Give the API's NATS client time to notice the server is gone (its reads must not care).
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -360,9 +357,17 @@ async fn a_thirty_second_nats_outage_loses_nothing_and_projections_keep_up_from_
     let ready = http.get(format!("http://127.0.0.1:{api_port}/readyz")).send().await.expect("readyz");
     assert_eq!(ready.status(), 503);
     assert!(ready.text().await.expect("body").contains("nats"), "readiness names NATS");
-    // An API process killed during the outage starts again without NATS and serves from Postgres.
-    api.kill();
-    api.ensure_running();
+    // An API process killed during the outage starts again without NATS and serves from Postgres;
+    // so do the relay and the projector, which go on numbering and projecting the log (below).
+    for role in [&mut api, &mut relay, &mut projector] {
+        role.kill();
+        role.ensure_running();
+    }
+    // The rest of the events are appended after those restarts.
+    let writer = {
+        let store = env.runtime.store.environments.clone();
+        tokio::spawn(async move { fixtures::deploy_prs(&store, project, 50..PULL_REQUESTS).await })
+    };
     let data = eventually(Duration::from_secs(20), "an API started during the outage to answer", || graphql(http.clone())).await;
     assert!(data["data"]["environments"].is_array(), "{data}");
     // A live subscriber of that API, subscribed while NATS is down.

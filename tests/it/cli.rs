@@ -41,28 +41,65 @@ fn every_subcommand_has_help() {
 }
 
 #[test]
-fn unreachable_servers_get_one_clear_line_and_a_failure_code() {
-    let cases = [
-        (
-            "postgres://postgres@127.0.0.1:1/understudy".to_string(),
-            understudy_tests::nats_url(),
-            "cannot connect to Postgres at postgres://postgres@127.0.0.1:1/understudy",
-        ),
-        (understudy_tests::admin_database_url(), "nats://127.0.0.1:1".to_string(), "cannot connect to NATS at nats://127.0.0.1:1"),
-    ];
-    for (database, nats, expected) in cases {
-        let output = Command::new(understudy_bin())
-            .arg("relay")
-            .env("DATABASE_URL", database)
-            .env("NATS_URL", nats)
-            .env("UNDERSTUDY_NATS_PREFIX", format!("t{}", &Uuid::new_v4().simple().to_string()[..12]))
-            .output()
+fn an_unreachable_postgres_gets_one_clear_line_and_a_failure_code() {
+    let output = Command::new(understudy_bin())
+        .arg("relay")
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/understudy")
+        .env("NATS_URL", understudy_tests::nats_url())
+        .env("UNDERSTUDY_NATS_PREFIX", format!("t{}", &Uuid::new_v4().simple().to_string()[..12]))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("cannot connect to Postgres at postgres://postgres@127.0.0.1:1/understudy"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The relay and the projectors work from Postgres alone while NATS is away: started without
+/// it, each says so in a clear line and keeps running (and numbering or projecting the log)
+/// instead of exiting until NATS is back. A NATS_URL that is not a URL is still an error.
+#[test]
+fn the_relay_and_projectors_start_without_nats_and_say_so() {
+    use std::io::BufRead;
+    let env = tokio::runtime::Runtime::new().expect("runtime").block_on(TestEnv::new());
+    for role in ["relay", "projector"] {
+        let mut child = Command::new(understudy_bin())
+            .arg(role)
+            .env("DATABASE_URL", &env.database_url)
+            .env("NATS_URL", "nats://127.0.0.1:1")
+            .env("UNDERSTUDY_NATS_PREFIX", &env.prefix)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success());
-        assert!(stderr.contains(expected), "{stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
+        let stderr = child.stderr.take().expect("stderr");
+        let (lines, said) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let line = loop {
+            let line = said.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("{role} said nothing about NATS in 20 s"));
+            if line.contains("NATS") {
+                break line;
+            }
+        };
+        assert!(line.contains("cannot connect to NATS at nats://127.0.0.1:1"), "{role}: {line}");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(child.try_wait().expect("try_wait").is_none(), "{role} exited without NATS");
+        child.kill().expect("kill");
+        child.wait().expect("wait");
     }
+    let output = Command::new(understudy_bin())
+        .arg("relay")
+        .env("DATABASE_URL", &env.database_url)
+        .env("NATS_URL", "http://[::1")
+        .env("UNDERSTUDY_NATS_PREFIX", &env.prefix)
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("is not a NATS URL"), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
 #[tokio::test]
