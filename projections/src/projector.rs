@@ -420,12 +420,20 @@ impl Projector {
     }
 
     /// One look at the log: reads it if an event numbered at the last look is still not applied
-    /// (or at the first look, since the stream may be younger than the log), then notes its head.
+    /// (or at the first look, since the stream may be younger than the log), or if the
+    /// checkpoint was moved back behind this process's back; then notes the head.
     async fn watch_log(&self, log: &mut LogWatch) -> anyhow::Result<()> {
         let now = tokio::time::Instant::now();
         log.last = now;
+        let (head, checkpoint): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT position FROM log_cursors WHERE name = 'sequenced'),
+                    COALESCE((SELECT position FROM projector_checkpoints WHERE projection = $1), -1)",
+        )
+        .bind(self.projection.name())
+        .fetch_one(&self.pool)
+        .await?;
         let known = self.known.load(std::sync::atomic::Ordering::Relaxed);
-        if log.head.is_none_or(|head| head > known) {
+        if log.head.is_none_or(|numbered| numbered > checkpoint) || checkpoint < known {
             let applied = self.catch_up_from_log().await?;
             if applied > 0 {
                 log.active = now;
@@ -434,7 +442,6 @@ impl Projector {
                 }
             }
         }
-        let head = global_log::head(&self.pool).await?;
         if log.head != Some(head) {
             log.active = now;
         }

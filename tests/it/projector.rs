@@ -211,3 +211,35 @@ async fn a_checkpoint_moved_behind_the_projectors_back_is_read_again_not_overwri
     let report = understudy_projections::replay::verify(env.pool(), &EntityHistory).await.expect("verify");
     assert!(report.differences.is_empty(), "{report:#?}");
 }
+
+/// An operator who resets a projection by hand (its rows emptied, its checkpoint set back to 0)
+/// while nothing is being appended gets it rebuilt by the running projector from the log: no
+/// new event has to come along first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_set_back_while_idle_is_projected_again_from_the_log() {
+    let env = TestEnv::new().await;
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    env.runtime.spawn_relay(cancel.clone(), &mut tasks);
+    let projector =
+        Projector::new(env.pool().clone(), env.runtime.nats.clone(), env.topology().clone(), std::sync::Arc::new(EntityHistory));
+    tasks.spawn(projector.run(cancel.clone()));
+    deploy_prs(&env, ProjectId(Uuid::new_v4()), 0..4).await;
+    eventually(Duration::from_secs(30), "the history to follow", || async {
+        (scalar(env.pool(), "SELECT count(*) FROM entity_history").await == 20).then_some(())
+    })
+    .await;
+    let mut tx = env.pool().begin().await.expect("begin");
+    sqlx::query("DELETE FROM entity_history").execute(&mut *tx).await.expect("empty");
+    sqlx::query("UPDATE projector_checkpoints SET position = 0 WHERE projection = 'entity_history'").execute(&mut *tx).await.expect("reset");
+    tx.commit().await.expect("commit");
+    eventually(Duration::from_secs(30), "the history to be projected again", || async {
+        (scalar(env.pool(), "SELECT count(*) FROM entity_history").await == 20).then_some(())
+    })
+    .await;
+    assert_eq!(scalar(env.pool(), "SELECT position FROM projector_checkpoints WHERE projection = 'entity_history'").await, 20);
+    cancel.cancel();
+    while let Some(result) = tasks.join_next().await {
+        result.expect("join").expect("task");
+    }
+}
