@@ -322,8 +322,8 @@ impl Projector {
     ///
     /// Two sources feed one loop, which applies one batch at a time: what JetStream delivers
     /// (read by a task of its own, which reconnects and recreates its consumer as often as it
-    /// must), and the Postgres log, read whenever an event numbered a [`WATCH`] ago is still not
-    /// applied. JetStream away, a stream leader being elected, a request hanging to its timeout:
+    /// must), and the Postgres log, read when an event numbered a [`WATCH`] ago is still not
+    /// applied, or one numbered since is not and JetStream has been silent. JetStream away, a stream leader being elected, a request hanging to its timeout:
     /// none of it holds the loop, so the read models keep up from the log within about
     /// [`WATCH`] whatever NATS does.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -368,6 +368,7 @@ impl Projector {
                 _ = cancel.cancelled() => return Ok(()),
                 Some(chunk) = delivered.recv() => {
                     log.active = tokio::time::Instant::now();
+                    log.delivered = true;
                     self.apply_delivered(chunk).await
                 }
                 _ = tokio::time::sleep_until(log.due()) => self.watch_log(&mut log).await,
@@ -419,9 +420,10 @@ impl Projector {
         Ok(())
     }
 
-    /// One look at the log: reads it if an event numbered at the last look is still not applied
-    /// (or at the first look, since the stream may be younger than the log), or if the
-    /// checkpoint was moved back behind this process's back; then notes the head.
+    /// One look at the log. Reads it if an event numbered at the last look is still not applied,
+    /// or one numbered since is not while JetStream delivered nothing since the last look (a
+    /// silent stream under load is a stalled one), or at the first look (the stream may be
+    /// younger than the log), or if the checkpoint was moved back behind this process's back.
     async fn watch_log(&self, log: &mut LogWatch) -> anyhow::Result<()> {
         let now = tokio::time::Instant::now();
         log.last = now;
@@ -433,8 +435,12 @@ impl Projector {
         .fetch_one(&self.pool)
         .await?;
         let known = self.known.load(std::sync::atomic::Ordering::Relaxed);
-        if log.head.is_none_or(|numbered| numbered > checkpoint) || checkpoint < known {
+        let silent = !std::mem::take(&mut log.delivered);
+        log.lagging = false;
+        if log.head.is_none_or(|numbered| numbered > checkpoint) || (silent && head > checkpoint) || checkpoint < known {
             let applied = self.catch_up_from_log().await?;
+            // Found what the stream had not delivered: look again soon, while that lasts.
+            log.lagging = applied > 0 && log.head.is_some();
             if applied > 0 {
                 log.active = now;
                 if log.head.is_some() {
@@ -567,6 +573,9 @@ impl Projector {
 /// 500 events/s, docs/benchmarks.md), so the log is read only when the stream stalls.
 pub const WATCH: Duration = Duration::from_millis(200);
 
+/// The look at the log's head while the last look found events JetStream had not delivered.
+pub const WATCH_LAGGING: Duration = Duration::from_millis(50);
+
 /// The look at the log's head when nothing has moved for [`BUSY`].
 pub const WATCH_IDLE: Duration = Duration::from_secs(1);
 
@@ -581,12 +590,16 @@ struct LogWatch {
     last: tokio::time::Instant,
     /// When it last saw anything move: the head, or events applied.
     active: tokio::time::Instant,
+    /// Whether JetStream delivered anything since.
+    delivered: bool,
+    /// Whether it read events from the log that JetStream had not delivered.
+    lagging: bool,
 }
 
 impl Default for LogWatch {
     fn default() -> Self {
         let long_ago = tokio::time::Instant::now() - BUSY;
-        Self { head: None, last: long_ago, active: long_ago }
+        Self { head: None, last: long_ago, active: long_ago, delivered: false, lagging: false }
     }
 }
 
@@ -595,6 +608,7 @@ impl LogWatch {
     fn due(&self) -> tokio::time::Instant {
         match self.head {
             None => self.last,
+            Some(_) if self.lagging => self.last + WATCH_LAGGING,
             Some(_) if self.active.elapsed() < BUSY => self.last + WATCH,
             Some(_) => self.last + WATCH_IDLE,
         }
