@@ -323,9 +323,9 @@ impl Projector {
     /// Two sources feed one loop, which applies one batch at a time: what JetStream delivers
     /// (read by a task of its own, which reconnects and recreates its consumer as often as it
     /// must), and the Postgres log, read when an event numbered a [`WATCH`] ago is still not
-    /// applied, or one numbered since is not and JetStream has been silent. JetStream away, a stream leader being elected, a request hanging to its timeout:
-    /// none of it holds the loop, so the read models keep up from the log within about
-    /// [`WATCH`] whatever NATS does.
+    /// applied, or one numbered since is not and JetStream has been silent. JetStream away, a
+    /// stream leader being elected, a request hanging to its timeout: none of it holds the
+    /// loop, so the read models keep up from the log within about [`WATCH`] whatever NATS does.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let name = self.projection.name();
         // One process at a time consumes each projection; others wait as standbys and take over
