@@ -353,13 +353,8 @@ impl Projector {
         let _stop_feeding = feeding.clone().drop_guard();
         // Two chunks in hand at most: beyond that JetStream holds them, up to `max_ack_pending`.
         let (chunks, mut delivered) = tokio::sync::mpsc::channel(2);
-        let feeder = Feeder {
-            nats: self.nats.clone(),
-            topology: self.topology.clone(),
-            projection: name,
-            batch: self.batch,
-            linger: self.linger,
-        };
+        let feeder =
+            Feeder { nats: self.nats.clone(), topology: self.topology.clone(), projection: name, batch: self.batch, linger: self.linger };
         tokio::spawn(feeder.run(chunks, feeding));
         let mut log = LogWatch::default();
         let mut failures = 0u32;
@@ -638,7 +633,12 @@ impl Feeder {
             let Err(error) = result else { return };
             failures += 1;
             let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
-            tracing::warn!(projection = self.projection, error = format!("{error:#}"), ?backoff, "reading JetStream failed; the log is read meanwhile");
+            tracing::warn!(
+                projection = self.projection,
+                error = format!("{error:#}"),
+                ?backoff,
+                "reading JetStream failed; the log is read meanwhile"
+            );
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
@@ -651,8 +651,7 @@ impl Feeder {
         let consumer = Projector::consumer(&self.nats, &self.topology, self.projection).await?;
         // A continuous pull: each chunk is whatever has arrived, up to `batch`, so one event
         // alone is applied at once and a burst is applied in one transaction.
-        let mut messages =
-            consumer.messages().await.map_err(|e| anyhow::anyhow!("pulling from JetStream: {e}"))?.ready_chunks(self.batch);
+        let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("pulling from JetStream: {e}"))?.ready_chunks(self.batch);
         *failures = 0;
         loop {
             let Some(mut chunk) = messages.next().await else { anyhow::bail!("the JetStream message stream ended") };

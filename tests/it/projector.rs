@@ -231,7 +231,10 @@ async fn a_checkpoint_set_back_while_idle_is_projected_again_from_the_log() {
     .await;
     let mut tx = env.pool().begin().await.expect("begin");
     sqlx::query("DELETE FROM entity_history").execute(&mut *tx).await.expect("empty");
-    sqlx::query("UPDATE projector_checkpoints SET position = 0 WHERE projection = 'entity_history'").execute(&mut *tx).await.expect("reset");
+    sqlx::query("UPDATE projector_checkpoints SET position = 0 WHERE projection = 'entity_history'")
+        .execute(&mut *tx)
+        .await
+        .expect("reset");
     tx.commit().await.expect("commit");
     eventually(Duration::from_secs(30), "the history to be projected again", || async {
         (scalar(env.pool(), "SELECT count(*) FROM entity_history").await == 20).then_some(())

@@ -288,8 +288,11 @@ fn owner_gone(group: &str) -> Option<bool> {
 pub fn reap_abandoned_sandboxes() -> usize {
     let root = Path::new("/sys/fs/cgroup");
     let v2 = root.join("cgroup.controllers").exists();
-    let parents: Vec<PathBuf> =
-        if v2 { vec![root.join("understudy")] } else { ["memory", "pids", "cpu"].iter().map(|c| root.join(c).join("understudy")).collect() };
+    let parents: Vec<PathBuf> = if v2 {
+        vec![root.join("understudy")]
+    } else {
+        ["memory", "pids", "cpu"].iter().map(|c| root.join(c).join("understudy")).collect()
+    };
     let minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
     let mut abandoned = std::collections::BTreeSet::new();
     for parent in &parents {
