@@ -336,7 +336,12 @@ impl Projector {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 lead = self.lead() => match lead {
-                    Ok(connection) => break connection,
+                    Ok((connection, took_over)) => {
+                        if took_over {
+                            self.resync().await;
+                        }
+                        break connection;
+                    }
                     Err(error) => {
                         tracing::warn!(projection = name, error = format!("{error:#}"), "cannot take the projection's lead; retrying");
                         tokio::select! {
@@ -388,15 +393,26 @@ impl Projector {
     }
 
     /// Waits until this process leads the projection: a session advisory lock on a connection
-    /// of its own, held for as long as the returned connection lives.
-    async fn lead(&self) -> anyhow::Result<PgConnection> {
+    /// of its own, held for as long as the returned connection lives. True if it had to wait:
+    /// it takes over from a leader that just stopped.
+    async fn lead(&self) -> anyhow::Result<(PgConnection, bool)> {
         use sqlx::Connection;
         let mut connection = PgConnection::connect_with(&self.pool.connect_options()).await?;
-        sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
-            .bind(format!("understudy projector {}", self.projection.name()))
-            .execute(&mut connection)
-            .await?;
-        Ok(connection)
+        let key = format!("understudy projector {}", self.projection.name());
+        let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))").bind(&key).fetch_one(&mut connection).await?;
+        if !free {
+            sqlx::query("SELECT pg_advisory_lock(hashtext($1))").bind(&key).execute(&mut connection).await?;
+        }
+        Ok((connection, !free))
+    }
+
+    /// Tells every reader to re-read what changed lately. A leader killed between committing a
+    /// batch and announcing its changes leaves readers with nothing to wake them; the standby
+    /// that takes over says so at once, not when the killed process is started again.
+    async fn resync(&self) {
+        if let Err(error) = self.nats.publish(self.topology.resync_subject(), Default::default()).await {
+            tracing::debug!(error = %error, "the resync notice was not sent; readers re-read on their next one");
+        }
     }
 
     /// Applies a chunk JetStream delivered, then acks it.
