@@ -168,11 +168,7 @@ async fn killing_the_relay_the_projector_and_nats_loses_and_doubles_nothing() {
     let lags = eventually(Duration::from_secs(90), "every projection to catch up after the chaos", || {
         relay.ensure_running();
         projector.ensure_running();
-        let pool = env.pool().clone();
-        async move {
-            let lags = understudy_projections::projector::lag(&pool).await.ok()?;
-            lags.iter().all(|l| l.head == total && l.lag == 0).then_some(lags)
-        }
+        at_head(env.pool().clone(), total)
     })
     .await;
     assert!(round >= 10, "the chaos loop ran only {round} rounds");
@@ -184,6 +180,12 @@ async fn killing_the_relay_the_projector_and_nats_loses_and_doubles_nothing() {
     relay.kill();
     projector.kill();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every projection's checkpoint at the log's head, and the head at `total`: their lags then.
+async fn at_head(pool: sqlx::PgPool, total: i64) -> Option<Vec<understudy_projections::projector::Lag>> {
+    let lags = understudy_projections::projector::lag(&pool).await.ok()?;
+    (!lags.is_empty() && lags.iter().all(|l| l.head == total && l.lag == 0)).then_some(lags)
 }
 
 /// After catching up: every checkpoint at `total`, every event in the history once, and every
@@ -282,11 +284,7 @@ async fn restarting_postgres_and_nats_mid_load_loses_and_doubles_nothing() {
     eventually(Duration::from_secs(90), "every projection to catch up after the restarts", || {
         relay.ensure_running();
         projector.ensure_running();
-        let pool = pool.clone();
-        async move {
-            let lags = understudy_projections::projector::lag(&pool).await.ok()?;
-            lags.iter().all(|l| l.head == total && l.lag == 0).then_some(())
-        }
+        at_head(pool.clone(), total)
     })
     .await;
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log").fetch_one(&pool).await.expect("count");
@@ -381,14 +379,8 @@ async fn a_thirty_second_nats_outage_loses_nothing_and_projections_keep_up_from_
     .await;
     // The projections keep up from the Postgres log while NATS is away.
     let total = (PULL_REQUESTS * 5) as i64;
-    eventually(Duration::from_secs(25), "the projections to reach the head of the log without NATS", || {
-        let pool = env.pool().clone();
-        async move {
-            let lags = understudy_projections::projector::lag(&pool).await.ok()?;
-            lags.iter().all(|l| l.head == total && l.lag == 0).then_some(())
-        }
-    })
-    .await;
+    eventually(Duration::from_secs(25), "the projections to reach the head of the log without NATS", || at_head(env.pool().clone(), total))
+        .await;
     // The outage itself is the point: hold it for its full 30 s.
     while outage.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -415,11 +407,7 @@ async fn a_thirty_second_nats_outage_loses_nothing_and_projections_keep_up_from_
         for role in [&mut relay, &mut projector, &mut api] {
             role.ensure_running();
         }
-        let pool = env.pool().clone();
-        async move {
-            let lags = understudy_projections::projector::lag(&pool).await.ok()?;
-            lags.iter().all(|l| l.head == total && l.lag == 0).then_some(lags)
-        }
+        at_head(env.pool().clone(), total)
     })
     .await;
     projected_exactly_once(env.pool(), &lags, total).await;
@@ -441,10 +429,6 @@ async fn a_frozen_nats_holds_no_projection_back() {
     relay.ensure_running();
     projector.ensure_running();
     let project = ProjectId(Uuid::new_v4());
-    let at_head = |pool: sqlx::PgPool, total: i64| async move {
-        let lags = understudy_projections::projector::lag(&pool).await.ok()?;
-        (!lags.is_empty() && lags.iter().all(|l| l.head == total && l.lag == 0)).then_some(lags)
-    };
     // Flowing through JetStream first, so the projector's consumer is live when NATS freezes.
     fixtures::deploy_prs(&env.runtime.store.environments, project, 0..10).await;
     eventually(Duration::from_secs(30), "the projections to follow through NATS", || at_head(env.pool().clone(), 50)).await;
