@@ -381,7 +381,7 @@ impl Projector {
                 }
                 Err(error) => {
                     failures += 1;
-                    let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
+                    let backoff = backoff(failures);
                     tracing::warn!(projection = name, error = format!("{error:#}"), ?backoff, "projecting failed; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
@@ -648,7 +648,7 @@ impl Feeder {
             };
             let Err(error) = result else { return };
             failures += 1;
-            let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
+            let backoff = backoff(failures);
             tracing::warn!(
                 projection = self.projection,
                 error = format!("{error:#}"),
@@ -695,6 +695,12 @@ impl Feeder {
             }
         }
     }
+}
+
+/// The pause after `failures` failures in a row, of the projector's loop or its feeder: 200 ms
+/// more each time, at most 5 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(200 * u64::from(failures.min(25)))
 }
 
 fn is_fatal(error: &anyhow::Error) -> bool {
