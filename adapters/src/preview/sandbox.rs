@@ -281,8 +281,9 @@ fn owner_gone(group: &str) -> Option<bool> {
 
 /// Kills the sandboxes of workers that died without stopping them (SIGKILL, a crash, the
 /// machine's OOM killer; bubblewrap's `--die-with-parent` misses a sandbox whose worker died
-/// while starting it, before bwrap asked to die with its parent) and removes their groups. A group's owner is in its name; one of a live
-/// owner is left alone, whichever worker on the machine it belongs to. Groups named before
+/// while starting it, before bwrap asked to die with its parent) and removes their groups. A
+/// group's owner is in its name; one of a live owner is left alone, whichever worker on the
+/// machine it belongs to. Groups named before
 /// owners were (no tag) are removed when empty and older than a minute. Returns how many
 /// sandboxes it killed.
 pub fn reap_abandoned_sandboxes() -> usize {
@@ -326,12 +327,7 @@ pub fn reap_abandoned_sandboxes() -> usize {
             killed += 1;
         }
         // The killed processes may take a moment to exit; a later sweep removes what is left.
-        for _ in 0..20 {
-            if cgroup.remove() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
+        cgroup.remove_once_empty(20, std::time::Duration::from_millis(25));
     }
     killed
 }
@@ -380,14 +376,7 @@ impl Drop for Sandboxed {
         if let Some(cgroup) = self.cgroup.take() {
             cgroup.kill_all();
             // Removing the group needs it empty; the killed processes may still be exiting.
-            std::thread::spawn(move || {
-                for _ in 0..50 {
-                    if cgroup.remove() {
-                        return;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-            });
+            std::thread::spawn(move || cgroup.remove_once_empty(50, std::time::Duration::from_millis(100)));
         }
     }
 }
@@ -494,6 +483,18 @@ impl Cgroup {
     /// Removes the group's directories; false while processes remain.
     fn remove(&self) -> bool {
         self.dirs.iter().all(|dir| !Path::new(dir).exists() || std::fs::remove_dir(dir).is_ok())
+    }
+
+    /// [`Cgroup::remove`], tried up to `tries` times `pause` apart while killed processes exit;
+    /// false if some remain.
+    fn remove_once_empty(&self, tries: u32, pause: std::time::Duration) -> bool {
+        for _ in 0..tries {
+            if self.remove() {
+                return true;
+            }
+            std::thread::sleep(pause);
+        }
+        false
     }
 }
 
