@@ -173,6 +173,8 @@ pub struct AggregateStore<A: Aggregate> {
     cache: std::sync::Arc<StateCache<A::State>>,
     statements: std::sync::Arc<Statements>,
     group_commit: GroupCommit,
+    /// What this store committed, for the standby relay of its process.
+    appends: std::sync::Arc<crate::relay::Appends>,
 }
 
 impl<A: Aggregate> Clone for AggregateStore<A> {
@@ -182,6 +184,7 @@ impl<A: Aggregate> Clone for AggregateStore<A> {
             cache: self.cache.clone(),
             statements: self.statements.clone(),
             group_commit: self.group_commit.clone(),
+            appends: self.appends.clone(),
         }
     }
 }
@@ -226,7 +229,14 @@ impl<A: Aggregate> AggregateStore<A> {
             pool,
             cache: std::sync::Arc::new(StateCache::new()),
             statements: std::sync::Arc::new(Statements::of(A::NAME)),
+            appends: std::sync::Arc::default(),
         })
+    }
+
+    /// The same store, reporting its commits to `appends` (shared by a process's stores).
+    fn reporting_to(mut self, appends: &std::sync::Arc<crate::relay::Appends>) -> Self {
+        self.appends = appends.clone();
+        self
     }
 
     /// The current state of `id` (the default state when it has no events yet): the kept state
@@ -378,7 +388,9 @@ impl<A: Aggregate> AggregateStore<A> {
         } else {
             self.group_commit.append(rows).await?;
         }
-        crate::relay::note_appended();
+        if let Some(last) = stored.last() {
+            self.appends.committed(last.id);
+        }
         Ok(stored)
     }
 }
@@ -416,6 +428,8 @@ pub struct EventStore {
     pub environments: AggregateStore<EnvironmentAggregate>,
     pub pull_requests: AggregateStore<PullRequestAggregate>,
     pub users: AggregateStore<UserAggregate>,
+    /// What every store here committed, for the standby relay ([`crate::relay::stand_by`]).
+    pub appends: std::sync::Arc<crate::relay::Appends>,
 }
 
 impl EventStore {
@@ -471,12 +485,14 @@ impl EventStore {
     }
 
     pub async fn new(pool: PgPool) -> Result<Self, sqlx::Error> {
+        let appends = std::sync::Arc::default();
         Ok(Self {
-            accounts: AggregateStore::new(pool.clone()).await?,
-            projects: AggregateStore::new(pool.clone()).await?,
-            environments: AggregateStore::new(pool.clone()).await?,
-            pull_requests: AggregateStore::new(pool.clone()).await?,
-            users: AggregateStore::new(pool.clone()).await?,
+            accounts: AggregateStore::new(pool.clone()).await?.reporting_to(&appends),
+            projects: AggregateStore::new(pool.clone()).await?.reporting_to(&appends),
+            environments: AggregateStore::new(pool.clone()).await?.reporting_to(&appends),
+            pull_requests: AggregateStore::new(pool.clone()).await?.reporting_to(&appends),
+            users: AggregateStore::new(pool.clone()).await?.reporting_to(&appends),
+            appends,
             pool,
         })
     }

@@ -110,6 +110,9 @@ pub struct Metrics {
     pub sandbox_oom_kills: AtomicU64,
     /// Apps restarted because they stopped answering their health check.
     pub preview_restarts: AtomicU64,
+    /// Rounds of numbering and publishing the log this process ran because no relay had
+    /// published its events in time (`relay::stand_by`).
+    pub relay_standby_rounds: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -130,6 +133,7 @@ pub static METRICS: Metrics = Metrics {
     sandboxes_running: AtomicI64::new(0),
     sandbox_oom_kills: AtomicU64::new(0),
     preview_restarts: AtomicU64::new(0),
+    relay_standby_rounds: AtomicU64::new(0),
 };
 
 impl Metrics {
@@ -190,5 +194,8 @@ impl Metrics {
         out.push_str("# HELP understudy_preview_restarts_total Previews restarted because they stopped answering their health check.\n");
         out.push_str("# TYPE understudy_preview_restarts_total counter\n");
         out.push_str(&format!("understudy_preview_restarts_total {}\n", self.preview_restarts.load(Ordering::Relaxed)));
+        out.push_str("# HELP understudy_relay_standby_rounds_total Rounds of numbering and publishing the log run because no relay had published this process's events in time.\n");
+        out.push_str("# TYPE understudy_relay_standby_rounds_total counter\n");
+        out.push_str(&format!("understudy_relay_standby_rounds_total {}\n", self.relay_standby_rounds.load(Ordering::Relaxed)));
     }
 }

@@ -56,6 +56,12 @@ impl Topology {
         format!("{}.appended", self.prefix)
     }
 
+    /// Core NATS hint that the log is numbered up to the position it carries (decimal text):
+    /// projectors that JetStream has not brought that far soon after read the log instead.
+    pub fn numbered_subject(&self) -> String {
+        format!("{}.numbered", self.prefix)
+    }
+
     /// Where a projector says it (re)connected and may not have sent every change notice.
     pub fn resync_subject(&self) -> String {
         format!("{}.changes.resync", self.prefix)

@@ -12,14 +12,31 @@
 //! acknowledged them all. A crash in between republishes, and JetStream's duplicate window and
 //! the projectors' checkpoints absorb the repeats.
 //!
-//! **Waking.** An append wakes the relay: in this process through [`note_appended`], in others
+//! **Waking.** An append wakes the relay: in this process through [`Appends::committed`], in others
 //! through a core NATS hint on [`Topology::appended_subject`] ([`announce_appends`]), and the
 //! sequencer wakes the publisher when it numbered something. Both loops still poll: every 10 ms at
 //! most within a second of their last work or wake-up (a running transaction anywhere can hold
 //! the horizon back for a moment), and every 250 ms after that, as a net for a lost hint. An
 //! idle relay costs Postgres a few queries a second, not two hundred.
+//!
+//! **Standing by.** One relay process is a single point of delay, not of loss: while it is down
+//! nothing is numbered or published. So every other process that appends stands by for it
+//! ([`stand_by`]): it keeps the id of each command's last event it committed, and
+//! [`STANDBY_GRACE`] after the commit asks whether that event has been numbered. If not, it
+//! numbers the log itself, says so on [`Topology::numbered_subject`] and publishes what is
+//! pending, round after round, until its events are numbered. A live relay numbers within a few
+//! milliseconds, so a standby rarely acts unless the relay is gone; and it leaves a JetStream that
+//! does not acknowledge (a stream electing its leader) to the relay, since publishing from more
+//! places would not help. Numbering and publishing from several processes at once is safe by
+//! construction (the cursor's row lock, `Nats-Msg-Id`), only wasteful, which is why it waits.
+//!
+//! **Hints.** Each round that numbered events says so on [`Topology::numbered_subject`], a core
+//! NATS subject that does not wait for a stream leader: projectors that JetStream has not brought
+//! that far soon after read the log instead (`projections::projector::HINT_GRACE`).
 
-use std::sync::LazyLock;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,6 +49,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::global_log::{self, LoggedEvent};
 use crate::nats::{changes, Topology};
@@ -44,7 +62,7 @@ static APPENDED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::
 
 /// Events were appended and committed by this process: wakes its relay, and (through
 /// [`announce_appends`]) every other.
-pub fn note_appended() {
+fn note_appended() {
     APPENDED.send_modify(|n| *n = n.wrapping_add(1));
 }
 
@@ -59,6 +77,176 @@ pub async fn announce_appends(nats: async_nats::Client, topology: Topology) {
         let _ = nats.publish(subject.clone(), bytes::Bytes::new()).await;
         // At most one hint per 2 ms: under load the relays are busy anyway.
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Says on [`Topology::numbered_subject`] that the log is numbered up to `head`. Skipped while
+/// NATS is away (publishing would queue in the client); projectors then read the log on their
+/// own schedule.
+pub async fn announce_numbered(nats: &async_nats::Client, topology: &Topology, head: i64) {
+    if nats.connection_state() == async_nats::connection::State::Connected {
+        // A lost hint only leaves the projectors to their next look at the log.
+        let _ = nats.publish(topology.numbered_subject(), head.to_string().into()).await;
+    }
+}
+
+/// How long after a commit a standby waits for the relay to number it before it numbers and
+/// publishes the log itself. A live relay numbers within a few milliseconds of the hint.
+pub const STANDBY_GRACE: Duration = Duration::from_millis(50);
+
+/// Commands whose last events a standby keeps at most; beyond that it drops new ones, and the
+/// rounds the older ones start publish those too.
+const MAX_UNCONFIRMED: usize = 10_000;
+
+const UNWATCHED: u8 = 0;
+const WATCHED: u8 = 1;
+const OFF: u8 = 2;
+
+/// What one event store committed and has not yet seen numbered: the to-do list of its
+/// [`stand_by`] task. Kept only while a standby watches it.
+#[derive(Default)]
+pub struct Appends {
+    state: AtomicU8,
+    /// The last event id of each command committed, and when, oldest first.
+    unconfirmed: std::sync::Mutex<VecDeque<(Uuid, Instant)>>,
+    added: tokio::sync::Notify,
+}
+
+impl Appends {
+    /// A command's events were committed; `last` is its last event's id. Wakes the relay.
+    pub fn committed(&self, last: Uuid) {
+        if self.state.load(Ordering::Relaxed) == WATCHED {
+            let mut unconfirmed = self.queue();
+            if unconfirmed.len() < MAX_UNCONFIRMED {
+                unconfirmed.push_back((last, Instant::now()));
+            }
+            drop(unconfirmed);
+            self.added.notify_one();
+        }
+        note_appended();
+    }
+
+    /// No standby for this store, for good: a relay runs beside it (or a test numbers and
+    /// publishes the log by hand).
+    pub fn stand_down(&self) {
+        self.state.store(OFF, Ordering::Relaxed);
+        self.queue().clear();
+        self.added.notify_one();
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(Uuid, Instant)>> {
+        // A panic while holding it leaves a queue of plain values, still usable.
+        self.unconfirmed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The events committed at least `grace` ago, oldest first, at most `limit`; or when the
+    /// oldest will be, if none is yet; or neither, if nothing is waiting.
+    fn due(&self, grace: Duration, limit: usize) -> Result<Vec<Uuid>, Option<Instant>> {
+        let unconfirmed = self.queue();
+        let due: Vec<Uuid> = unconfirmed.iter().take_while(|(_, at)| at.elapsed() >= grace).take(limit).map(|(id, _)| *id).collect();
+        match unconfirmed.front() {
+            _ if !due.is_empty() => Ok(due),
+            Some((_, at)) => Err(Some(*at + grace)),
+            None => Err(None),
+        }
+    }
+
+    /// The oldest `count` were numbered.
+    fn confirm(&self, count: usize) {
+        let mut unconfirmed = self.queue();
+        let count = count.min(unconfirmed.len());
+        unconfirmed.drain(..count);
+    }
+}
+
+/// How many of `events` are not numbered yet. An id the log does not hold counts as numbered.
+async fn unnumbered(pool: &PgPool, events: &[Uuid]) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM event_log WHERE event_id = ANY($1) AND position IS NULL").bind(events).fetch_one(pool).await
+}
+
+/// Stands by for the relay, for the life of the process (see the module's documentation):
+/// [`STANDBY_GRACE`] after each of `appends` commits, numbers and publishes the log from here if
+/// no relay has numbered it. Ends once the store stands down ([`Appends::stand_down`]).
+pub async fn stand_by(pool: PgPool, js: jetstream::Context, topology: Topology, appends: Arc<Appends>) {
+    const BATCH: i64 = 1000;
+    if appends.state.compare_exchange(UNWATCHED, WATCHED, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        return;
+    }
+    const SAY_AGAIN: Duration = Duration::from_secs(60);
+    // When it last said it stands in for the relay, and the rounds failed since the last success.
+    let mut said: Option<Instant> = None;
+    let (mut failures, mut waits) = (0u32, 0u32);
+    let nats = js.client();
+    let publishing = Arc::new(tokio::sync::Mutex::new(()));
+    loop {
+        if appends.state.load(Ordering::Relaxed) == OFF {
+            return;
+        }
+        let due = match appends.due(STANDBY_GRACE, BATCH as usize) {
+            Ok(due) => due,
+            Err(Some(at)) => {
+                tokio::time::sleep_until(at).await;
+                continue;
+            }
+            Err(None) => {
+                appends.added.notified().await;
+                continue;
+            }
+        };
+        let step = async {
+            // Numbered: the relay is alive (if JetStream is not, publishing from here would not
+            // help, and projectors read the log when it falls behind).
+            if unnumbered(&pool, &due).await? == 0 {
+                appends.confirm(due.len());
+                return anyhow::Ok(None);
+            }
+            crate::metrics::METRICS.relay_standby_rounds.fetch_add(1, Ordering::Relaxed);
+            let (numbered, head) = sequence(&pool, BATCH).await?;
+            if numbered > 0 {
+                announce_numbered(&nats, &topology, head).await;
+            }
+            // Publishing hangs while the stream elects a leader: it goes on in the background,
+            // one round at a time, and numbering goes on meanwhile.
+            if let Ok(round) = publishing.clone().try_lock_owned() {
+                let (pool, js, topology) = (pool.clone(), js.clone(), topology.clone());
+                tokio::spawn(async move {
+                    if let Err(error) = publish_pending(&pool, &js, &topology, BATCH).await {
+                        tracing::debug!(error = format!("{error:#}"), "the standby's publishing failed; the next round tries again");
+                    }
+                    drop(round);
+                });
+            }
+            Ok(Some(numbered))
+        };
+        let pause = match step.await {
+            Ok(None) => {
+                (failures, waits) = (0, 0);
+                Duration::ZERO
+            }
+            Ok(Some(moved)) => {
+                if said.is_none_or(|at| at.elapsed() >= SAY_AGAIN) {
+                    said = Some(Instant::now());
+                    tracing::warn!(
+                        "events this process appended were not numbered within {} ms: numbering and publishing the log \
+                         from here until they are (is the relay running?); said at most once a minute",
+                        STANDBY_GRACE.as_millis()
+                    );
+                }
+                failures = 0;
+                // Nothing to number: a transaction still running holds the horizon back, or the
+                // events wait for JetStream. Look again soon, less often the longer that lasts.
+                waits = if moved == 0 { waits + 1 } else { 0 };
+                Duration::from_millis(5 * u64::from(waits.min(10)))
+            }
+            Err(error) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(error = format!("{error:#}"), "standing by for the relay failed; retrying");
+                }
+                Duration::from_millis(100 * u64::from(failures.min(10)))
+            }
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -113,10 +301,24 @@ pub async fn publish_pending(pool: &PgPool, js: &jetstream::Context, topology: &
         acks.push(publish_one(js, topology, event).instrument(span).await?);
     }
     for ack in acks {
-        ack.await.map_err(|e| anyhow::anyhow!("{e}")).context("JetStream did not acknowledge a published event")?;
+        match ack.await {
+            Ok(_) => {}
+            // Another publisher (the relay and a standby, or two relays) sent the same event a
+            // moment earlier and the stream is storing it. Should that fail, the projectors read
+            // the event from the log, as they read any JetStream did not deliver.
+            Err(error) if publishing_elsewhere(&error) => {}
+            Err(error) => return Err(anyhow::anyhow!("{error}")).context("JetStream did not acknowledge a published event"),
+        }
     }
     sqlx::query("UPDATE log_cursors SET position = GREATEST(position, $1) WHERE name = 'published'").bind(last).execute(pool).await?;
     Ok(events.len())
+}
+
+/// JetStream's answer when a message with the same `Nats-Msg-Id` is being stored right now.
+fn publishing_elsewhere(error: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|error| error.error_code() == jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT)
 }
 
 async fn publish_one(
@@ -153,10 +355,12 @@ pub async fn run(pool: PgPool, js: jetstream::Context, topology: Topology, cance
             changes(APPENDED.subscribe())
         }
     };
+    let nats = js.client();
     let sequencer = repeat("sequencing the global log", &cancel, appended, Wakes::WhenIdle, || async {
-        let (count, _) = sequence(&pool, BATCH).await.context("sequencing the global log")?;
+        let (count, head) = sequence(&pool, BATCH).await.context("sequencing the global log")?;
         if count > 0 {
             numbered.send_modify(|n| *n = n.wrapping_add(1));
+            announce_numbered(&nats, &topology, head).await;
         }
         Ok(count)
     });

@@ -103,8 +103,11 @@ impl Runtime {
     /// otherwise.
     async fn assemble(pool: PgPool, nats: async_nats::Client, topology: Topology) -> anyhow::Result<Self> {
         let store = EventStore::new(pool.clone()).await.context("opening the event store")?;
-        // For the life of the process: relays elsewhere wake on what this process appends.
+        // For the life of the process: relays elsewhere wake on what this process appends, and
+        // this process publishes what it appended itself if no relay does.
         tokio::spawn(relay::announce_appends(nats.clone(), topology.clone()));
+        let js = async_nats::jetstream::new(nats.clone());
+        tokio::spawn(relay::stand_by(pool.clone(), js, topology.clone(), store.appends.clone()));
         Ok(Self {
             pool,
             nats,
@@ -226,6 +229,8 @@ impl Runtime {
     }
 
     pub fn spawn_relay(&self, cancel: CancellationToken, tasks: &mut JoinSet<anyhow::Result<()>>) {
+        // The relay is here: no standby for it (the one `assemble` started ends).
+        self.store.appends.stand_down();
         let js = async_nats::jetstream::new(self.nats.clone());
         let (pool, topology) = (self.pool.clone(), self.topology.clone());
         tasks.spawn(async move {
