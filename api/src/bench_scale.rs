@@ -155,7 +155,7 @@ fn roles(dir: &Path, database_url: &str, nats_url: &str, topology: &Topology) ->
         ("UNDERSTUDY_NATS_REPLICAS".to_string(), topology.replicas.to_string()),
         ("UNDERSTUDY_GIT_POLL_SECONDS".to_string(), "1".to_string()),
         ("UNDERSTUDY_LEASE_SECONDS".to_string(), "5".to_string()),
-        ("RUST_LOG".to_string(), "warn".to_string()),
+        ("RUST_LOG".to_string(), std::env::var("UNDERSTUDY_BENCH_LOG").unwrap_or_else(|_| "warn".into())),
     ];
     let mut procs = Vec::new();
     let mut api = Vec::new();
@@ -252,6 +252,104 @@ async fn by_second(run: &str, committed: &Seen, subscribers: &[Seen]) -> Vec<(us
     seconds
 }
 
+/// The log's cursors over time, sampled every 5 ms: when it was numbered, published to
+/// JetStream and projected (the environments read model, which the subscribers read) up to
+/// each position.
+#[derive(Default)]
+struct Cursors {
+    /// (when, [sequenced, published, projected]), in time order; each cursor only moves on.
+    samples: Vec<(Instant, [i64; 3])>,
+}
+
+impl Cursors {
+    async fn sample(pool: sqlx::PgPool, stop: tokio_util::sync::CancellationToken) -> Self {
+        let mut cursors = Self::default();
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while !stop.is_cancelled() {
+            tick.tick().await;
+            let row: sqlx::Result<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT (SELECT position FROM log_cursors WHERE name = 'sequenced'), (SELECT position FROM log_cursors WHERE name = 'published'),
+                        COALESCE((SELECT position FROM projector_checkpoints WHERE projection = 'environments'), 0)",
+            )
+            .fetch_one(&pool)
+            .await;
+            // A sample that failed is a gap in the series, which only blurs the stages.
+            if let Ok((sequenced, published, projected)) = row {
+                cursors.samples.push((Instant::now(), [sequenced, published, projected]));
+            }
+        }
+        cursors
+    }
+
+    /// When the cursor `stage` first reached `position`, as sampled.
+    fn reached(&self, stage: usize, position: i64) -> Option<Instant> {
+        let first = self.samples.partition_point(|(_, at)| at[stage] < position);
+        self.samples.get(first).map(|(when, _)| *when)
+    }
+}
+
+/// Where a run's slowest deliveries spent their time: for each second of the run with
+/// deliveries slower than `slow`, how many, and the median and slowest time from commit until
+/// the log was numbered, published and projected past their event, and until the subscriber got it.
+async fn stages(
+    pool: &sqlx::PgPool,
+    run: &str,
+    committed: &Seen,
+    subscribers: &[Seen],
+    cursors: &Cursors,
+    slow: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let committed = committed.lock().await;
+    let ours: Vec<(&String, &Instant)> = committed.iter().filter(|(name, _)| name.starts_with(&format!("{run}-"))).collect();
+    let Some(first) = ours.iter().map(|(_, at)| **at).min() else { return Ok(Vec::new()) };
+    let mut tail: Vec<(String, Instant, Instant)> = Vec::new();
+    for seen in subscribers {
+        let seen = seen.lock().await;
+        for (name, at) in &ours {
+            if let Some(got) = seen.get(*name).filter(|got| got.saturating_duration_since(**at) > slow) {
+                tail.push(((*name).clone(), **at, *got));
+            }
+        }
+    }
+    let names: Vec<String> = tail.iter().map(|(name, _, _)| name.clone()).collect();
+    let positions: std::collections::HashMap<String, i64> =
+        sqlx::query_as("SELECT payload->>'test', position FROM event_log WHERE event_type = 'TestPassed' AND payload->>'test' = ANY($1)")
+            .bind(&names)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+    // Per second: per stage (numbered, published, projected, delivered), the times after commit.
+    let mut seconds: std::collections::BTreeMap<u64, [Vec<Duration>; 4]> = Default::default();
+    for (name, at, got) in &tail {
+        let Some(position) = positions.get(name) else { continue };
+        let entry = seconds.entry(at.duration_since(first).as_secs()).or_default();
+        for stage in 0..3 {
+            // Not reached while sampled (the sampler stopped first): counted as when delivered.
+            let reached = cursors.reached(stage, *position).unwrap_or(*got);
+            entry[stage].push(reached.saturating_duration_since(*at));
+        }
+        entry[3].push(got.saturating_duration_since(*at));
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Ok(seconds
+        .into_iter()
+        .map(|(second, mut stages)| {
+            let count = stages[3].len();
+            let shown: Vec<String> = ["numbered", "published", "projected", "delivered"]
+                .iter()
+                .zip(stages.iter_mut())
+                .map(|(stage, times)| {
+                    times.sort();
+                    format!("{stage} {:.0}/{:.0}", ms(crate::bench::percentile(times, 0.5)), ms(*times.last().unwrap_or(&Duration::ZERO)))
+                })
+                .collect();
+            format!("{second}s ×{count}: {}", shown.join(", "))
+        })
+        .collect())
+}
+
 /// The commit-to-subscriber latencies of one run's results, over both subscribers.
 async fn samples(run: &str, committed: &Seen, subscribers: &[Seen]) -> (Vec<Duration>, usize) {
     let committed = committed.lock().await;
@@ -321,6 +419,10 @@ pub async fn scale(database_url: &str, options: Scale) -> anyhow::Result<()> {
         node.kill().await;
     }
     match &result {
+        Ok(()) if std::env::var_os("UNDERSTUDY_BENCH_KEEP").is_some() => {
+            scratch.drop_all().await?;
+            eprintln!("bench scale: UNDERSTUDY_BENCH_KEEP is set: the processes' logs are in {}", dir.display());
+        }
         Ok(()) => {
             scratch.drop_all().await?;
             let _ = std::fs::remove_dir_all(&dir);
@@ -398,10 +500,16 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
         options.rate, options.seconds, options.branches
     );
 
-    // Healthy run: the baseline.
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn(Cursors::sample(runtime.pool.clone(), sampling.clone()));
+    // Healthy run: the baseline. This process appends the load, so its standby's rounds show how
+    // often the relay was late (healthy) or gone (faulted).
+    let rounds = || understudy_adapters::metrics::METRICS.relay_standby_rounds.load(std::sync::atomic::Ordering::Relaxed);
+    let rounds_before = rounds();
     let mut pushed = push_branches(&work, &bare, "healthy", options.branches)?;
     record_results(&store, &deployments, "healthy", options.rate, (options.rate * options.seconds) as usize, &committed).await?;
 
+    let healthy_rounds = rounds() - rounds_before;
     // Faulted run: the same load while one of each is killed and started again.
     pushed.extend(push_branches(&work, &bare, "faulted", options.branches)?);
     let leader = stream_leader(&runtime.nats, &runtime.topology).await.unwrap_or(2);
@@ -445,6 +553,7 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
     );
     loaded?;
     let faults = faults?;
+    let faulted_rounds = rounds() - rounds_before - healthy_rounds;
 
     // Caught up: every result at both subscribers, every projection at the head, every branch Ready.
     until(Duration::from_secs(120), "not every result reached both subscribers", || async {
@@ -475,6 +584,8 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
         Ok(ready as usize == pushed.len())
     })
     .await?;
+    sampling.cancel();
+    let cursors = sampler.await?;
     stop.cancel();
     while tasks.join_next().await.is_some() {}
 
@@ -493,7 +604,18 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
         .map(|(second, (_, max))| format!("{second}s {:.0}", max.as_secs_f64() * 1000.0))
         .collect();
     println!("faulted run, slowest delivery (ms) of the results committed in each second: {}", slowest.join(", "));
+    // The healthy run's slowest percent, and what in the faulted run was slower than twice that.
+    for (run, slow, what) in [("healthy", base_p99, "its p99"), ("faulted", base_p99 * 2, "2× the healthy p99")] {
+        println!(
+            "{run} run, deliveries slower than {what} ({:.0} ms) by second: ms after commit until numbered, published, projected, delivered (median/max)",
+            slow.as_secs_f64() * 1000.0
+        );
+        for line in stages(pool, run, &committed, &subscribers, &cursors, slow).await? {
+            println!("  {line}");
+        }
+    }
     println!("subscribers reconnected {} times", reconnects.load(std::sync::atomic::Ordering::Relaxed));
+    println!("the load's standby relayed its own events in {healthy_rounds} rounds healthy, {faulted_rounds} faulted");
     for proc in roles.procs.iter_mut() {
         if let Some(status) = proc.exited() {
             anyhow::bail!("{} exited by itself ({status}); see {}", proc.name, proc.log.display());
