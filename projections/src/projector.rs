@@ -360,7 +360,9 @@ impl Projector {
         let (chunks, mut delivered) = tokio::sync::mpsc::channel(2);
         let feeder =
             Feeder { nats: self.nats.clone(), topology: self.topology.clone(), projection: name, batch: self.batch, linger: self.linger };
-        tokio::spawn(feeder.run(chunks, feeding));
+        tokio::spawn(feeder.run(chunks, feeding.clone()));
+        let mut numbered = hear_numbered(self.nats.clone(), self.topology.numbered_subject(), feeding);
+        let mut hints = Hints::new(self.linger);
         let mut log = LogWatch::default();
         let mut failures = 0u32;
         loop {
@@ -371,6 +373,11 @@ impl Projector {
                     log.delivered = true;
                     self.apply_delivered(chunk).await
                 }
+                Ok(()) = numbered.changed() => {
+                    hints.heard(*numbered.borrow_and_update());
+                    Ok(())
+                }
+                Some(head) = hints.due() => self.check_hint(head).await.map(|lagging| hints.lagging = lagging),
                 _ = tokio::time::sleep_until(log.due()) => self.watch_log(&mut log).await,
             };
             match step {
@@ -415,13 +422,31 @@ impl Projector {
         }
     }
 
+    /// The log was said to be numbered up to `head` a grace ago ([`HINT_GRACE`]): reads the log
+    /// if JetStream has not brought this projection that far meanwhile. Whether it had not.
+    async fn check_hint(&self, head: i64) -> anyhow::Result<bool> {
+        if self.known.load(std::sync::atomic::Ordering::Relaxed) >= head {
+            return Ok(false);
+        }
+        let applied = self.catch_up_from_log().await?;
+        if applied > 0 {
+            tracing::debug!(projection = self.projection.name(), applied, "JetStream is behind the numbered log; applied from the log");
+        }
+        Ok(true)
+    }
+
     /// Applies a chunk JetStream delivered, then acks it.
     async fn apply_delivered(&self, chunk: Vec<jetstream::Message>) -> anyhow::Result<()> {
         let mut events = Vec::with_capacity(chunk.len());
         for message in &chunk {
             events.push(decode_message(message)?);
         }
-        self.apply_batch(events).await?;
+        // All applied already (read from the log while JetStream was behind, or redelivered):
+        // nothing to lock or write, only to ack.
+        let known = self.known.load(std::sync::atomic::Ordering::Relaxed);
+        if known < 0 || events.iter().any(|event| event.position > known) {
+            self.apply_batch(events).await?;
+        }
         for message in &chunk {
             // A lost ack only means a redelivery, which the checkpoint skips.
             if let Err(error) = message.ack().await {
@@ -593,6 +618,90 @@ pub const WATCH_IDLE: Duration = Duration::from_secs(1);
 /// How long after the last event a projector still looks at the log every [`WATCH`].
 const BUSY: Duration = Duration::from_secs(5);
 
+/// How long after the log was said to be numbered up to a position ([`Topology::numbered_subject`])
+/// a projector that JetStream has not brought that far reads the log instead. A healthy stream
+/// delivers well within it (docs/benchmarks.md); a stream electing a new leader takes seconds.
+pub const HINT_GRACE: Duration = Duration::from_millis(50);
+
+/// [`HINT_GRACE`] while the last check found JetStream behind: it is not worth waiting for. At
+/// least the projection's [`Projector::linger`], as long as it would wait for JetStream anyway.
+pub const HINT_GRACE_LAGGING: Duration = Duration::from_millis(5);
+
+/// The heads the log was said to be numbered up to, each checked a grace after it was heard;
+/// those due together are checked as one.
+struct Hints {
+    /// Heads heard and not yet checked, rising, with when each was heard.
+    heard: std::collections::VecDeque<(i64, tokio::time::Instant)>,
+    /// Whether the last check read events from the log that JetStream had not delivered.
+    lagging: bool,
+    /// The projector's linger: the least grace while lagging.
+    linger: Duration,
+}
+
+impl Hints {
+    /// Heads kept at most; beyond that the oldest go, and the later ones cover them.
+    const KEPT: usize = 1000;
+
+    fn heard(&mut self, head: i64) {
+        if self.heard.back().is_none_or(|(last, _)| head > *last) {
+            if self.heard.len() == Self::KEPT {
+                self.heard.pop_front();
+            }
+            self.heard.push_back((head, tokio::time::Instant::now()));
+        }
+    }
+
+    fn new(linger: Duration) -> Self {
+        Self { heard: Default::default(), lagging: false, linger }
+    }
+
+    fn grace(&self) -> Duration {
+        if self.lagging {
+            HINT_GRACE_LAGGING.max(self.linger)
+        } else {
+            HINT_GRACE
+        }
+    }
+
+    /// The highest head due to be checked, once the oldest is; never, while none is waiting.
+    async fn due(&mut self) -> Option<i64> {
+        let (_, heard) = *self.heard.front()?;
+        tokio::time::sleep_until(heard + self.grace()).await;
+        let due = tokio::time::Instant::now() - self.grace();
+        let mut head = 0;
+        while let Some((next, _)) = self.heard.front().filter(|(_, heard)| *heard <= due) {
+            head = *next;
+            self.heard.pop_front();
+        }
+        Some(head)
+    }
+}
+
+/// The latest head said on `subject`, for as long as `cancel` is not: 0 until one is heard.
+fn hear_numbered(nats: async_nats::Client, subject: String, cancel: CancellationToken) -> tokio::sync::watch::Receiver<i64> {
+    let (heads, heard) = tokio::sync::watch::channel(0i64);
+    tokio::spawn(async move {
+        // A subscription outlives reconnects; only a client that is shut down ends it.
+        let mut hints = match nats.subscribe(subject).await {
+            Ok(hints) => hints,
+            Err(error) => {
+                tracing::warn!(error = %error, "not hearing the relay's hints; JetStream stalls are noticed by looking at the log");
+                return;
+            }
+        };
+        loop {
+            let hint = tokio::select! {
+                _ = cancel.cancelled() => return,
+                hint = hints.next() => hint,
+            };
+            let Some(hint) = hint else { return };
+            let Some(head) = std::str::from_utf8(&hint.payload).ok().and_then(|text| text.parse::<i64>().ok()) else { continue };
+            heads.send_if_modified(|latest| std::mem::replace(latest, head.max(*latest)) < head);
+        }
+    });
+    heard
+}
+
 /// What a projector saw at its last look at the log.
 struct LogWatch {
     /// The log's head then; `None` before the first look.
@@ -722,4 +831,48 @@ fn decode_message(message: &jetstream::Message) -> Result<LoggedEvent, Projectio
         });
     }
     Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// When `due` answers, and what, measured from now.
+    async fn next(hints: &mut Hints) -> (Option<i64>, Duration) {
+        let start = tokio::time::Instant::now();
+        let head = hints.due().await;
+        (head, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_hint_is_checked_a_grace_after_it_was_heard_and_those_due_together_as_one() {
+        let ms = Duration::from_millis;
+        let mut hints = Hints::new(ms(1));
+        assert_eq!(next(&mut hints).await, (None, ms(0)), "nothing heard, nothing to check");
+        hints.heard(10);
+        tokio::time::advance(ms(20)).await;
+        hints.heard(12);
+        hints.heard(11);
+        // 10 is due 50 ms after it was heard, 30 from now; 12 50 ms after it; 11 was behind.
+        assert_eq!(next(&mut hints).await, (Some(10), ms(30)));
+        assert_eq!(next(&mut hints).await, (Some(12), ms(20)));
+        assert_eq!(next(&mut hints).await, (None, ms(0)));
+
+        // Heard while the loop was busy: both due by now, checked as one, at the higher head.
+        hints.heard(30);
+        tokio::time::advance(ms(10)).await;
+        hints.heard(31);
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(next(&mut hints).await, (Some(31), ms(0)));
+
+        // JetStream found behind: the next hint is not waited for as long.
+        hints.lagging = true;
+        hints.heard(40);
+        assert_eq!(next(&mut hints).await, (Some(40), HINT_GRACE_LAGGING));
+        // A background projection's batches wait out their linger anyway.
+        let mut background = Hints::new(BACKGROUND_LINGER);
+        background.lagging = true;
+        background.heard(1);
+        assert_eq!(next(&mut background).await, (Some(1), BACKGROUND_LINGER));
+    }
 }
