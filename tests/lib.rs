@@ -132,8 +132,8 @@ pub async fn metric(addr: std::net::SocketAddr, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("{name} in /metrics"))
 }
 
-/// Numbers every event appended so far. The sequencer's horizon is cluster-wide, so a
-/// transaction of another test may hold it back for a moment: poll, never assume.
+/// Numbers every event appended so far: the ones whose transactions have committed, so poll
+/// until none is left unnumbered.
 pub async fn sequence_all(pool: &sqlx::PgPool) -> i64 {
     eventually(Duration::from_secs(30), "every appended event to be numbered", || async {
         let (_, head) = understudy_adapters::relay::sequence(pool, 100_000).await.expect("sequence");

@@ -67,10 +67,10 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
 ///
 /// The claim is a transaction-scoped advisory lock, `pg_try_advisory_xact_lock(class,
 /// hashtext(key))`, not a row lock. A row lock (`FOR UPDATE`) gives its transaction an id, and a
-/// transaction id held across a call to GitHub holds the sequencer's horizon back (see
-/// `relay.rs`) for every database on the Postgres cluster, for as long as GitHub takes to
-/// answer. An advisory lock takes no transaction id, and ends with its transaction, so a worker
-/// that crashes or is cancelled lets go of its row at once.
+/// transaction id held across a call to GitHub holds vacuum back on every database of the
+/// Postgres cluster for as long as GitHub takes to answer. An advisory lock takes no transaction
+/// id, and ends with its transaction, so a worker that crashes or is cancelled lets go of its
+/// row at once.
 ///
 /// Two rules make it a claim:
 /// - Lock candidates from a subquery with a `LIMIT`, so that Postgres stops at the first one it

@@ -1,11 +1,13 @@
 //! The sequencer and the relay: number the global log gap-free, then carry it to JetStream.
 //!
 //! **Sequencing.** Writers insert into `event_log` without a position; `id` comes from a sequence
-//! and commits out of order. The sequencer numbers only rows written by transactions older than
-//! every transaction still running (`transaction_id < pg_snapshot_xmin(pg_current_snapshot())`),
-//! in `(transaction_id, id)` order, under a row lock on its cursor, so one numbering commits
-//! before the next begins. A row that commits late is numbered late: nothing is ever skipped, and
-//! nothing waits on a timer. Writers never contend on a shared lock, so their commits group.
+//! and commits out of order. The sequencer numbers the committed rows that have no position yet,
+//! in `(transaction_id, id)` order, from the head on, under a row lock on its cursor, so one
+//! numbering commits before the next begins: positions are dense, and a reader by position never
+//! finds a hole that fills later. A row that commits late is numbered late, after rows that
+//! committed before it: nothing is ever skipped, nothing waits on a timer or on transactions
+//! that do not write the log, and an event is numbered after every event its writer could have
+//! seen. Writers never contend on a shared lock, so their commits group (docs/adr/0001-sequencer.md).
 //!
 //! **Relaying.** Numbered events after the `published` cursor are published with
 //! `Nats-Msg-Id` = event id and their position in a header; the cursor moves after JetStream
@@ -15,8 +17,7 @@
 //! **Waking.** An append wakes the relay: in this process through [`Appends::committed`], in others
 //! through a core NATS hint on [`Topology::appended_subject`] ([`announce_appends`]), and the
 //! sequencer wakes the publisher when it numbered something. Both loops still poll: every 10 ms at
-//! most within a second of their last work or wake-up (a running transaction anywhere can hold
-//! the horizon back for a moment), and every 250 ms after that, as a net for a lost hint. An
+//! most within a second of their last work or wake-up, and every 250 ms after that, as a net for a lost hint. An
 //! idle relay costs Postgres a few queries a second, not two hundred.
 //!
 //! **Standing by.** One relay process is a single point of delay, not of loss: while it is down
@@ -233,8 +234,8 @@ pub async fn stand_by(pool: PgPool, js: jetstream::Context, topology: Topology, 
                     );
                 }
                 failures = 0;
-                // Nothing to number: a transaction still running holds the horizon back, or the
-                // events wait for JetStream. Look again soon, less often the longer that lasts.
+                // Nothing to number: another numberer (the relay, back) got there first, which
+                // the next look confirms. Look again soon, less often the longer that lasts.
                 waits = if moved == 0 { waits + 1 } else { 0 };
                 Duration::from_millis(5 * u64::from(waits.min(10)))
             }
@@ -254,22 +255,17 @@ pub async fn stand_by(pool: PgPool, js: jetstream::Context, topology: Topology, 
 /// log is empty). Four statements: BEGIN, lock, number, COMMIT.
 pub async fn sequence(pool: &PgPool, limit: i64) -> sqlx::Result<(usize, i64)> {
     let mut tx = pool.begin().await?;
-    // The horizon comes from this statement's snapshot, taken before the transaction holds an id
-    // of its own (so its own id does not hold the horizon back) and before any wait for the lock
-    // (so it may be older than the lock's holder's commit: an older horizon only numbers less).
-    let (horizon, head): (String, i64) = sqlx::query_as(
-        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, position FROM log_cursors WHERE name = 'sequenced' FOR UPDATE",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    // A statement of its own, so that its snapshot sees what an earlier holder of the lock numbered.
+    let head: i64 = sqlx::query_scalar("SELECT position FROM log_cursors WHERE name = 'sequenced' FOR UPDATE").fetch_one(&mut *tx).await?;
+    // A statement of its own, so that its snapshot, taken once the lock is held, sees what an
+    // earlier holder of the lock numbered: one statement's snapshot would predate that commit
+    // and number those rows again.
     let (numbered, new_head): (i64, i64) = sqlx::query_as(
         "WITH next AS (
              SELECT id, $1 + row_number() OVER (ORDER BY transaction_id, id) AS position
              FROM event_log
-             WHERE position IS NULL AND transaction_id < $2::text::xid8
+             WHERE position IS NULL
              ORDER BY transaction_id, id
-             LIMIT $3
+             LIMIT $2
          ), numbered AS (
              UPDATE event_log e SET position = next.position FROM next WHERE e.id = next.id
              RETURNING e.position
@@ -280,7 +276,6 @@ pub async fn sequence(pool: &PgPool, limit: i64) -> sqlx::Result<(usize, i64)> {
          SELECT count(*), COALESCE(max(position), $1) FROM numbered",
     )
     .bind(head)
-    .bind(&horizon)
     .bind(limit)
     .fetch_one(&mut *tx)
     .await?;
@@ -382,8 +377,8 @@ const IDLE: Duration = Duration::from_millis(250);
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Wakes {
     /// Only [`IDLE`] pauses. For wake-ups that come with every append: under load, letting each
-    /// run the step again at once would busy-loop the sequencer while a running transaction holds
-    /// its horizon back; those that came meanwhile only keep the loop busy.
+    /// run the step again at once would run a round per append instead of one per batch; those
+    /// that came meanwhile only keep the loop busy.
     WhenIdle,
     /// Every pause, and one that came during the step runs it again at once. For wake-ups that
     /// each mean new work, such as the sequencer's rounds for the publisher.

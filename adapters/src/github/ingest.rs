@@ -165,8 +165,7 @@ impl Ingest {
     /// Processes the oldest due delivery; `false` when there was none.
     ///
     /// The delivery is claimed for the transaction by an advisory lock ([`crate::db::claim`]):
-    /// handling it may wait on GitHub, and a row lock would hold a transaction id, and so the
-    /// sequencer's horizon, for that long, holding back the very events the handling appends.
+    /// handling it may wait on GitHub, and a row lock would hold a transaction id for that long.
     pub async fn process_next(&self) -> sqlx::Result<bool> {
         use crate::db::claim;
         const DUE: &str = "state = 'pending' AND next_attempt_at <= now()";
