@@ -287,13 +287,7 @@ fn owner_gone(group: &str) -> Option<bool> {
 /// owners were (no tag) are removed when empty and older than a minute. Returns how many
 /// sandboxes it killed.
 pub fn reap_abandoned_sandboxes() -> usize {
-    let root = Path::new("/sys/fs/cgroup");
-    let v2 = root.join("cgroup.controllers").exists();
-    let parents: Vec<PathBuf> = if v2 {
-        vec![root.join("understudy")]
-    } else {
-        ["memory", "pids", "cpu"].iter().map(|c| root.join(c).join("understudy")).collect()
-    };
+    let Layout { v2, parents } = Layout::of_this_machine();
     let minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
     let mut abandoned = std::collections::BTreeSet::new();
     for parent in &parents {
@@ -381,6 +375,32 @@ impl Drop for Sandboxed {
     }
 }
 
+/// Where this machine's sandbox groups live: under `understudy/` in the one cgroup v2 tree, or
+/// in each cgroup v1 hierarchy a sandbox uses (memory's first, then pids', then cpu's). Creating,
+/// reaping and measuring sandboxes all go by it.
+struct Layout {
+    v2: bool,
+    parents: Vec<PathBuf>,
+}
+
+impl Layout {
+    fn of_this_machine() -> Layout {
+        let root = Path::new("/sys/fs/cgroup");
+        if root.join("cgroup.controllers").exists() {
+            Layout { v2: true, parents: vec![root.join("understudy")] }
+        } else {
+            Layout { v2: false, parents: ["memory", "pids", "cpu"].iter().map(|c| root.join(c).join("understudy")).collect() }
+        }
+    }
+
+    /// The groups below the memory parent: one per sandbox, on either version.
+    fn groups(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.parents[0])
+            .map(|entries| entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
 /// One sandbox's control groups: one directory per controller on cgroup v1, one on v2.
 #[derive(Debug)]
 struct Cgroup {
@@ -391,13 +411,15 @@ struct Cgroup {
 
 impl Cgroup {
     fn create(name: &str, limits: Limits) -> Option<Cgroup> {
-        let root = Path::new("/sys/fs/cgroup");
+        let layout = Layout::of_this_machine();
         let write = |dir: &Path, file: &str, value: String| std::fs::write(dir.join(file), value).is_ok();
-        if root.join("cgroup.controllers").exists() {
+        if layout.v2 {
             // cgroup v2: one tree; the parent must delegate the controllers to its children.
-            let parent = root.join("understudy");
-            std::fs::create_dir_all(&parent).ok()?;
-            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids +cpu");
+            let parent = &layout.parents[0];
+            std::fs::create_dir_all(parent).ok()?;
+            if let Some(root) = parent.parent() {
+                let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids +cpu");
+            }
             let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +pids +cpu");
             let dir = parent.join(name);
             std::fs::create_dir_all(&dir).ok()?;
@@ -414,21 +436,19 @@ impl Cgroup {
             }
             return Some(cgroup);
         }
-        // cgroup v1: a directory under each controller's hierarchy.
+        // cgroup v1: a directory under each controller's hierarchy, in the layout's order.
         let mut dirs = Vec::new();
-        for (controller, settings) in [
-            ("memory", vec![("memory.limit_in_bytes", limits.memory_bytes.to_string())]),
-            ("pids", vec![("pids.max", limits.pids.to_string())]),
-            (
-                "cpu",
-                vec![
-                    ("cpu.shares", limits.cpu_shares().to_string()),
-                    ("cpu.cfs_period_us", "100000".into()),
-                    ("cpu.cfs_quota_us", limits.cpu_quota_us().map_or("-1".to_string(), |q| q.to_string())),
-                ],
-            ),
-        ] {
-            let dir = root.join(controller).join("understudy").join(name);
+        let settings = [
+            vec![("memory.limit_in_bytes", limits.memory_bytes.to_string())],
+            vec![("pids.max", limits.pids.to_string())],
+            vec![
+                ("cpu.shares", limits.cpu_shares().to_string()),
+                ("cpu.cfs_period_us", "100000".into()),
+                ("cpu.cfs_quota_us", limits.cpu_quota_us().map_or("-1".to_string(), |q| q.to_string())),
+            ],
+        ];
+        for (parent, settings) in layout.parents.iter().zip(settings) {
+            let dir = parent.join(name);
             let ok = std::fs::create_dir_all(&dir).is_ok() && settings.into_iter().all(|(file, value)| write(&dir, file, value));
             dirs.push(dir.display().to_string());
             if !ok {
@@ -501,14 +521,11 @@ impl Cgroup {
 /// What this machine's sandboxes use now, from their cgroups: memory in bytes and CPU time in
 /// seconds, summed over every live sandbox (of any worker on the machine).
 pub fn usage() -> (u64, f64) {
-    let root = Path::new("/sys/fs/cgroup");
+    let layout = Layout::of_this_machine();
     let read = |path: PathBuf| std::fs::read_to_string(path).ok();
-    let groups = |dir: PathBuf| {
-        std::fs::read_dir(dir).map(|e| e.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default()
-    };
-    if root.join("cgroup.controllers").exists() {
+    if layout.v2 {
         let (mut memory, mut cpu_usec) = (0u64, 0u64);
-        for group in groups(root.join("understudy")) {
+        for group in layout.groups() {
             memory += read(group.join("memory.current")).and_then(|t| t.trim().parse().ok()).unwrap_or(0);
             let stat = read(group.join("cpu.stat")).unwrap_or_default();
             cpu_usec += stat.lines().find_map(|l| l.strip_prefix("usage_usec ")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
@@ -518,7 +535,7 @@ pub fn usage() -> (u64, f64) {
     // cgroup v1: memory from the memory controller; CPU from the processes themselves (the cpu
     // controller of v1 does not count usage, and cpuacct may be a hierarchy of its own).
     let (mut memory, mut ticks) = (0u64, 0u64);
-    for group in groups(root.join("memory/understudy")) {
+    for group in layout.groups() {
         memory += read(group.join("memory.usage_in_bytes")).and_then(|t| t.trim().parse().ok()).unwrap_or(0);
         for pid in read(group.join("cgroup.procs")).unwrap_or_default().lines() {
             let stat = read(PathBuf::from(format!("/proc/{}/stat", pid.trim()))).unwrap_or_default();
