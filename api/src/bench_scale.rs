@@ -325,10 +325,10 @@ async fn stages(
     for (name, at, got) in &tail {
         let Some(position) = positions.get(name) else { continue };
         let entry = seconds.entry(at.duration_since(first).as_secs()).or_default();
-        for stage in 0..3 {
+        for (stage, times) in entry.iter_mut().take(3).enumerate() {
             // Not reached while sampled (the sampler stopped first): counted as when delivered.
             let reached = cursors.reached(stage, *position).unwrap_or(*got);
-            entry[stage].push(reached.saturating_duration_since(*at));
+            times.push(reached.saturating_duration_since(*at));
         }
         entry[3].push(got.saturating_duration_since(*at));
     }
