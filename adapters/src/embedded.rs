@@ -461,7 +461,7 @@ pub fn locate_nats_server() -> Result<PathBuf> {
 }
 
 /// `(major, minor)` from `nats-server --version` ("nats-server: v2.15.1"), if it says.
-async fn nats_server_version(bin: &Path) -> Result<Option<(u32, u32)>> {
+pub async fn nats_server_version(bin: &Path) -> Result<Option<(u32, u32)>> {
     let out = Command::new(bin)
         .arg("--version")
         .stdin(Stdio::null())

@@ -91,9 +91,18 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Three nats-servers in one cluster on loopback, JetStream on each.
-fn nats_cluster(dir: &Path) -> anyhow::Result<(Vec<Proc>, Vec<u16>)> {
+/// Three nats-servers in one cluster on loopback, JetStream on each. Their configuration needs
+/// nats-server 2.10 or later (`sync_interval`); an older one is refused before it starts.
+async fn nats_cluster(dir: &Path) -> anyhow::Result<(Vec<Proc>, Vec<u16>)> {
     let program = understudy_adapters::embedded::locate_nats_server()?;
+    if let Some(version @ (major, minor)) = understudy_adapters::embedded::nats_server_version(&program).await? {
+        anyhow::ensure!(
+            version >= (2, 10),
+            "{} is nats-server {major}.{minor}; the cluster needs 2.10 or later: run scripts/setup (it puts one in .venv/), \
+             run this from the repository, or set UNDERSTUDY_NATS_SERVER",
+            program.display()
+        );
+    }
     let client: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
     let cluster: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
     let mut nodes = Vec::new();
@@ -123,13 +132,22 @@ fn nats_cluster(dir: &Path) -> anyhow::Result<(Vec<Proc>, Vec<u16>)> {
 }
 
 /// Waits until the cluster has a JetStream meta leader and holds the event stream in 3 copies.
-async fn stream_ready(url: &str, topology: &Topology) -> anyhow::Result<()> {
+/// If it does not, the error says which nodes ended and how their logs end.
+async fn stream_ready(url: &str, topology: &Topology, nodes: &mut [Proc]) -> anyhow::Result<()> {
     let client = understudy_adapters::nats::connect_in_background(url).await?;
     let js = async_nats::jetstream::new(client);
-    understudy_adapters::nats::wait_for_stream(&js, topology, Some(Duration::from_secs(60)))
-        .await
-        .map(drop)
-        .context("the NATS cluster did not come up in 60 s")
+    let Err(error) = understudy_adapters::nats::wait_for_stream(&js, topology, Some(Duration::from_secs(60))).await else {
+        return Ok(());
+    };
+    let mut why = format!("the NATS cluster did not come up in 60 s: {error:#}");
+    for node in nodes {
+        if let Some(status) = node.exited() {
+            let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            why += &format!("\n{} ended ({status}): {}", node.name, tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+        }
+    }
+    Err(anyhow::anyhow!(why))
 }
 
 /// The node (`n0`..`n2`) leading the event stream's replicas.
@@ -406,13 +424,13 @@ pub async fn scale(database_url: &str, options: Scale) -> anyhow::Result<()> {
     understudy_adapters::preview::sandbox::available().map_err(|e| anyhow::anyhow!("the workers need bubblewrap: {e}"))?;
     let dir = std::env::temp_dir().join(format!("understudy-scale-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
-    let (mut nats, ports) = nats_cluster(&dir)?;
+    let (mut nats, ports) = nats_cluster(&dir).await?;
     for node in &mut nats {
         node.start()?;
     }
     let nats_url = ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
     let topology = Topology::new(format!("scale{}", &Uuid::new_v4().simple().to_string()[..8]))?.with_replicas(3)?;
-    stream_ready(&nats_url, &topology).await?;
+    stream_ready(&nats_url, &topology, &mut nats).await?;
     let scratch = Scratch::with_topology(database_url, &nats_url, topology.clone()).await?;
     let result = scaled(&scratch, &dir, &nats_url, &mut nats, &options).await;
     for node in &mut nats {
