@@ -194,11 +194,21 @@ fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid)> {
 /// reaches ten thousand subscribers is read from Postgres once, not ten thousand times.
 #[derive(Clone, Default)]
 pub struct SharedReads {
-    reads: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(Uuid, i64), SharedRead>>>,
+    reads: SharedCells<(Uuid, i64), Option<Environment>>,
+    between: SharedCells<(Option<Uuid>, i64, i64), Vec<Environment>>,
 }
 
-/// One environment read, done by whichever subscriber gets there first.
-type SharedRead = std::sync::Arc<tokio::sync::OnceCell<Option<Environment>>>;
+/// Reads by key, each done by whichever subscriber gets there first; forgotten past 4,096 keys.
+type SharedCells<K, V> = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<K, std::sync::Arc<tokio::sync::OnceCell<V>>>>>;
+
+/// The cell of `key` in `cells`.
+fn shared_cell<K: std::hash::Hash + Eq, V>(cells: &SharedCells<K, V>, key: K) -> std::sync::Arc<tokio::sync::OnceCell<V>> {
+    let mut cells = cells.lock().unwrap_or_else(|p| p.into_inner());
+    if cells.len() > 4096 {
+        cells.clear();
+    }
+    cells.entry(key).or_default().clone()
+}
 
 /// The (test, recorded at) pairs a subscription has sent.
 type SentTests = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, DateTime<Utc>)>>>;
@@ -206,14 +216,25 @@ type SentTests = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(Stri
 impl SharedReads {
     /// The environment as of (at least) `position`, read once per (environment, position).
     pub async fn environment(&self, pool: &PgPool, id: Uuid, position: i64) -> Result<Option<Environment>> {
-        let cell = {
-            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-            if reads.len() > 4096 {
-                reads.clear();
-            }
-            reads.entry((id, position)).or_default().clone()
+        shared_cell(&self.reads, (id, position)).get_or_try_init(|| environment_by_id(pool, id)).await.cloned()
+    }
+
+    /// The environments of `project` (of every project: none) whose rows are at a position
+    /// strictly between `from` and `to`, in position order, read once per (project, from, to).
+    pub async fn between(&self, pool: &PgPool, project: Option<Uuid>, from: i64, to: i64) -> Result<Vec<Environment>> {
+        let read = || async {
+            let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
+                "SELECT {ENVIRONMENT_COLUMNS} FROM environments
+                 WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 AND position < $3 ORDER BY position"
+            ))
+            .bind(project)
+            .bind(from)
+            .bind(to)
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter().map(Environment::try_from).collect::<Result<Vec<_>>>()
         };
-        cell.get_or_try_init(|| environment_by_id(pool, id)).await.cloned()
+        shared_cell(&self.between, (project, from, to)).get_or_try_init(read).await.cloned()
     }
 }
 
@@ -511,6 +532,9 @@ impl Drop for OpenSubscription {
 impl Subscription {
     /// An environment's new state each time the `environments` read model commits a change to it
     /// (of one project, or of every project). Carries `position`: drop updates at or below one you have.
+    /// Updates come in the order of their positions, and once one at position P has come, every
+    /// change at or below P has come too: resuming `after` the highest position you saw misses
+    /// nothing.
     async fn environment_updated(
         &self,
         ctx: &Context<'_>,
@@ -537,19 +561,31 @@ impl Subscription {
         let key = project_id.map_or_else(|| "*".to_string(), |id| id.to_string());
         // Listen first, then read: a change committed in between is in one or the other.
         let notices = nats.subscribe(topology.changes_subject(READ_MODEL, &key)).await?;
-        let missed: Vec<Environment> = match after {
-            None => vec![],
-            Some(after) => {
-                let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
-                    "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-                     WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 ORDER BY position LIMIT {MAX_PAGE}"
-                ))
-                .bind(project_id)
-                .bind(after)
-                .fetch_all(&pool)
-                .await?;
-                rows.into_iter().map(Environment::try_from).collect::<Result<_>>()?
-            }
+        // What changed after `after`, a page at a time in position order, read as it is sent.
+        let missed = {
+            let pool = pool.clone();
+            futures::stream::unfold(after, move |from| {
+                let pool = pool.clone();
+                async move {
+                    let from = from?;
+                    let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
+                        "SELECT {ENVIRONMENT_COLUMNS} FROM environments
+                         WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 ORDER BY position LIMIT {MAX_PAGE}"
+                    ))
+                    .bind(project_id)
+                    .bind(from)
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap_or_else(|error| {
+                        tracing::warn!(error = %error, "reading the environments a resumed subscription missed failed");
+                        Vec::new()
+                    });
+                    let next = (rows.len() as i64 == MAX_PAGE).then(|| rows.last().map(|row| row.position)).flatten();
+                    let page: Vec<Environment> = rows.into_iter().filter_map(|row| Environment::try_from(row).ok()).collect();
+                    (!page.is_empty()).then(|| (futures::stream::iter(page), next))
+                }
+            })
+            .flatten()
         };
         // Each environment is sent only when it has moved past what this subscriber already got.
         let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<Uuid, i64>::new()));
@@ -567,20 +603,38 @@ impl Subscription {
         // The subscribers of a shared execution are counted where they join it.
         let open = (!shared).then(OpenSubscription::new);
         let reads = ctx.data::<SharedReads>()?.clone();
-        let live = notices.filter_map(move |message| {
-            let _counted = &open;
-            let (pool, fresh, reads) = (pool.clone(), fresh.clone(), reads.clone());
-            async move {
-                let change: Change = serde_json::from_slice(&message.payload).ok()?;
-                match reads.environment(&pool, change.id, change.position).await {
-                    Ok(environment) => environment.filter(|e| fresh(e)),
-                    Err(error) => {
-                        tracing::warn!(error = ?error, "reading a changed environment failed");
-                        None
+        // Notices come in position order. An environment read for one may have moved on past
+        // changes to others whose notices are still on the way: those go first, so that nothing at
+        // or below a position sent is still to come.
+        let live = notices
+            .filter_map(move |message| {
+                let _counted = &open;
+                let (pool, reads) = (pool.clone(), reads.clone());
+                async move {
+                    let change: Change = serde_json::from_slice(&message.payload).ok()?;
+                    let read = async {
+                        let Some(environment) = reads.environment(&pool, change.id, change.position).await? else {
+                            return Ok(Vec::new());
+                        };
+                        let mut send = if environment.position > change.position {
+                            reads.between(&pool, project_id, change.position, environment.position).await?
+                        } else {
+                            Vec::new()
+                        };
+                        send.push(environment);
+                        Ok::<_, async_graphql::Error>(send)
+                    };
+                    match read.await {
+                        Ok(send) => Some(futures::stream::iter(send)),
+                        Err(error) => {
+                            tracing::warn!(error = ?error, "reading a changed environment failed");
+                            None
+                        }
                     }
                 }
-            }
-        });
+            })
+            .flatten()
+            .filter(move |e| std::future::ready(fresh(e)));
         // After this process or a projector reconnects to NATS, notices may have been missed: read
         // again the most recently changed environments and send those that moved on.
         let healed = {
@@ -612,7 +666,7 @@ impl Subscription {
                 .flatten()
                 .filter(move |e| std::future::ready(fresh(e)))
         };
-        let replayed = futures::stream::iter(missed.into_iter().filter(move |e| replayed_fresh(e)));
+        let replayed = missed.filter(move |e| std::future::ready(replayed_fresh(e)));
         Ok(replayed.chain(futures::stream::select(live, healed)).boxed())
     }
 

@@ -579,7 +579,10 @@ impl Projector {
         }
     }
 
-    async fn announce(&self, changes: Vec<Change>) {
+    /// Publishes `changes` in position order: a subscriber that has a change's notice has had
+    /// those of every earlier change this process announced (a run lists its rows in the order it
+    /// first touched them, each at its newest position).
+    async fn announce(&self, mut changes: Vec<Change>) {
         // Not connected: publishing would queue in the client and, once its buffer is full,
         // block projecting until NATS is back. Readers re-read on the resync this process sends
         // when it reconnects (`Runtime::spawn_projectors`).
@@ -589,6 +592,7 @@ impl Projector {
             }
             return;
         }
+        changes.sort_by_key(|change| change.position);
         for change in changes {
             let subject = self.topology.changes_subject(&change.read_model, &change.key);
             match serde_json::to_vec(&change) {

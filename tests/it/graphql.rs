@@ -590,3 +590,110 @@ async fn deployments_and_test_results_stream_as_they_change() {
     assert_eq!(ready["payload"]["data"]["deploymentUpdated"]["id"], deployment.to_string());
     app.cancel.cancel();
 }
+
+/// The API alone (no projector runs): the test projects the log itself and sends the notices.
+async fn api_alone() -> Running {
+    let env = TestEnv::new().await;
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let addr = env.runtime.serve_api("127.0.0.1:0".parse().expect("addr"), cancel.clone(), &mut tasks).await.expect("serve");
+    Running { env, addr, cancel, _tasks: tasks }
+}
+
+/// The position of an environment's first event.
+async fn first_position(app: &Running, id: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT min(position) FROM event_log WHERE aggregate_id = $1")
+        .bind(id)
+        .fetch_one(app.env.pool())
+        .await
+        .expect("the first event's position")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_comes_only_after_every_change_at_or_below_its_position() {
+    let app = api_alone().await;
+    let project = ProjectId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    let (a, b) = (fixtures::spec(project, 1, "main.w"), fixtures::spec(project, 2, "main.w"));
+    let (a_id, b_id) = (fixtures::env_id(&a).0, fixtures::env_id(&b).0);
+    let deployment = DeploymentId(Uuid::new_v4());
+    // A changes, then B, then A again: A's row ends past B's change.
+    store.execute(a_id, fixtures::request(&a, deployment, 1), meta()).await.expect("request A");
+    store.execute(b_id, fixtures::request(&b, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request B");
+    store.execute(a_id, fixtures::to_ready(deployment).remove(0), meta()).await.expect("build A");
+    understudy_tests::sequence_all(app.env.pool()).await;
+    app.env.project(understudy_projections::all()).await;
+    let a_first = first_position(&app, a_id).await;
+
+    // A subscriber hears of A's first change while the notice of B's is still on the way: it
+    // reads A as it is now, past B's change, so B must come first or a resume after A's
+    // position would never send it.
+    let mut ws = graphql_ws::connect(app.addr).await;
+    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p) { id position } }";
+    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
+    let subject = app.env.topology().changes_subject(understudy_projections::environments::READ_MODEL, &project.to_string());
+    let notice = serde_json::to_vec(&understudy_projections::Change {
+        read_model: understudy_projections::environments::READ_MODEL.into(),
+        key: project.to_string(),
+        id: a_id,
+        position: a_first,
+    })
+    .expect("notice");
+    // The server subscribes when it first polls the stream: send the notice until it is heard.
+    let first = loop {
+        app.env.runtime.nats.publish(subject.clone(), notice.clone().into()).await.expect("publish");
+        if let Ok(message) = tokio::time::timeout(Duration::from_millis(300), next_json(&mut ws)).await {
+            break message;
+        }
+    };
+    let second = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("a second update");
+    let sent: Vec<(String, i64)> = [&first, &second]
+        .iter()
+        .map(|m| {
+            let e = &m["payload"]["data"]["environmentUpdated"];
+            (e["id"].as_str().unwrap_or_default().to_string(), e["position"].as_i64().unwrap_or_default())
+        })
+        .collect();
+    assert_eq!(sent[0].0, b_id.to_string(), "B's change, below A's position, comes first: {sent:?}");
+    assert_eq!(sent[1].0, a_id.to_string(), "{sent:?}");
+    assert!(sent[0].1 < sent[1].1, "in position order: {sent:?}");
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_subscription_gets_every_change_it_missed_past_one_page() {
+    use futures::StreamExt;
+    let app = api_alone().await;
+    let project = ProjectId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    let count = understudy_api::graphql::MAX_PAGE as u64 + 100;
+    futures::stream::iter(0..count)
+        .for_each_concurrent(16, |pr| async move {
+            let spec = fixtures::spec(project, pr + 1, "main.w");
+            store
+                .execute(fixtures::env_id(&spec).0, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta())
+                .await
+                .expect("request");
+        })
+        .await;
+    understudy_tests::sequence_all(app.env.pool()).await;
+    app.env.project(understudy_projections::all()).await;
+
+    let mut ws = graphql_ws::connect(app.addr).await;
+    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p, after: 0) { id position } }";
+    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut last = 0;
+    while let Ok(message) = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await {
+        let environment = &message["payload"]["data"]["environmentUpdated"];
+        let position = environment["position"].as_i64().expect("position");
+        assert!(position > last, "in position order: {position} after {last}");
+        last = position;
+        seen.insert(environment["id"].as_str().expect("id").to_string());
+        if seen.len() as u64 == count {
+            break;
+        }
+    }
+    assert_eq!(seen.len() as u64, count, "every environment that changed after 0, not one page of them");
+    app.cancel.cancel();
+}

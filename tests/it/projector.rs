@@ -246,3 +246,32 @@ async fn a_checkpoint_set_back_while_idle_is_projected_again_from_the_log() {
         result.expect("join").expect("task");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_notices_go_out_in_position_order() {
+    use futures::StreamExt;
+    let env = TestEnv::new().await;
+    let project = ProjectId(Uuid::new_v4());
+    let store = &env.runtime.store.environments;
+    let (a, b) = (fixtures::spec(project, 1, "main.w"), fixtures::spec(project, 2, "main.w"));
+    let (a_id, b_id) = (fixtures::env_id(&a).0, fixtures::env_id(&b).0);
+    let deployment = understudy_domain::ids::DeploymentId(Uuid::new_v4());
+    // One run touches A first, then B, then A again: A's row ends at the newest position.
+    let meta = fixtures::meta;
+    store.execute(a_id, fixtures::request(&a, deployment, 1), meta()).await.expect("request A");
+    store.execute(b_id, fixtures::request(&b, understudy_domain::ids::DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request B");
+    store.execute(a_id, fixtures::to_ready(deployment).remove(0), meta()).await.expect("build A");
+    understudy_tests::sequence_all(env.pool()).await;
+    let subject = env.topology().changes_subject(understudy_projections::environments::READ_MODEL, &project.to_string());
+    let mut notices = env.runtime.nats.subscribe(subject).await.expect("subscribe");
+    env.runtime.nats.flush().await.expect("flush");
+    env.project(vec![std::sync::Arc::new(Environments)]).await;
+    let mut heard = Vec::new();
+    while heard.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(5), notices.next()).await.expect("a notice").expect("open");
+        let change: understudy_projections::Change = serde_json::from_slice(&message.payload).expect("a change");
+        heard.push((change.id, change.position));
+    }
+    assert_eq!(heard.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![b_id, a_id], "{heard:?}");
+    assert!(heard[0].1 < heard[1].1, "{heard:?}");
+}
