@@ -238,6 +238,50 @@ impl SharedReads {
     }
 }
 
+/// The environments of `project` (of every project: none) that changed after `from`, in
+/// position order, a page at a time as the stream is read.
+fn changed_after(pool: PgPool, project: Option<Uuid>, from: i64) -> futures::stream::BoxStream<'static, Environment> {
+    futures::stream::unfold(Some(from), move |from| {
+        let pool = pool.clone();
+        async move {
+            let from = from?;
+            let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
+                "SELECT {ENVIRONMENT_COLUMNS} FROM environments
+                 WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 ORDER BY position LIMIT {MAX_PAGE}"
+            ))
+            .bind(project)
+            .bind(from)
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(error = %error, "reading the environments a subscription missed failed");
+                Vec::new()
+            });
+            let next = (rows.len() as i64 == MAX_PAGE).then(|| rows.last().map(|row| row.position)).flatten();
+            let page: Vec<Environment> = rows.into_iter().filter_map(|row| Environment::try_from(row).ok()).collect();
+            (!page.is_empty()).then(|| (futures::stream::iter(page), next))
+        }
+    })
+    .flatten()
+    .boxed()
+}
+
+/// The [`MAX_PAGE`] most recently changed environments of `project`, oldest first.
+async fn latest_environments(pool: &PgPool, project: Option<Uuid>) -> Vec<Environment> {
+    let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
+        "SELECT {ENVIRONMENT_COLUMNS} FROM environments
+         WHERE ($1::uuid IS NULL OR project_id = $1) ORDER BY position DESC LIMIT {MAX_PAGE}"
+    ))
+    .bind(project)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|error| {
+        tracing::warn!(error = %error, "re-reading environments after a NATS reconnect failed");
+        Vec::new()
+    });
+    rows.into_iter().rev().filter_map(|row| Environment::try_from(row).ok()).collect()
+}
+
 pub async fn environment_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Environment>> {
     let row: Option<EnvironmentRow> = sqlx::query_as(&format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE environment_id = $1"))
         .bind(id)
@@ -561,41 +605,22 @@ impl Subscription {
         let key = project_id.map_or_else(|| "*".to_string(), |id| id.to_string());
         // Listen first, then read: a change committed in between is in one or the other.
         let notices = nats.subscribe(topology.changes_subject(READ_MODEL, &key)).await?;
-        // What changed after `after`, a page at a time in position order, read as it is sent.
-        let missed = {
-            let pool = pool.clone();
-            futures::stream::unfold(after, move |from| {
-                let pool = pool.clone();
-                async move {
-                    let from = from?;
-                    let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
-                        "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-                         WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 ORDER BY position LIMIT {MAX_PAGE}"
-                    ))
-                    .bind(project_id)
-                    .bind(from)
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap_or_else(|error| {
-                        tracing::warn!(error = %error, "reading the environments a resumed subscription missed failed");
-                        Vec::new()
-                    });
-                    let next = (rows.len() as i64 == MAX_PAGE).then(|| rows.last().map(|row| row.position)).flatten();
-                    let page: Vec<Environment> = rows.into_iter().filter_map(|row| Environment::try_from(row).ok()).collect();
-                    (!page.is_empty()).then(|| (futures::stream::iter(page), next))
-                }
-            })
-            .flatten()
+        let missed = match after {
+            Some(after) => changed_after(pool.clone(), project_id, after).boxed(),
+            None => futures::stream::empty().boxed(),
         };
-        // Each environment is sent only when it has moved past what this subscriber already got.
+        // Each environment is sent only when it has moved past what this subscriber already got;
+        // `high` is the highest position sent (or `after`): every change up to it has been sent.
         let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<Uuid, i64>::new()));
+        let high = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(after.unwrap_or(i64::MIN)));
         let fresh = {
-            let sent = sent.clone();
+            let (sent, high) = (sent.clone(), high.clone());
             move |environment: &Environment| {
                 let mut sent = sent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 let last = sent.entry(environment.id).or_insert(i64::MIN);
                 let is_new = environment.position > *last;
                 *last = (*last).max(environment.position);
+                high.fetch_max(environment.position, std::sync::atomic::Ordering::Relaxed);
                 is_new
             }
         };
@@ -603,15 +628,37 @@ impl Subscription {
         // The subscribers of a shared execution are counted where they join it.
         let open = (!shared).then(OpenSubscription::new);
         let reads = ctx.data::<SharedReads>()?.clone();
+        // After this process or a projector reconnects to NATS, notices may have been missed. A
+        // heal is handled in turn with the notices, so that no update past it goes out first.
+        enum Wake {
+            Notice(Change),
+            Heal,
+        }
+        use understudy_adapters::nats::{changes, reconnects, resyncs};
+        let wakes = futures::stream::select(
+            notices.filter_map(|message| std::future::ready(serde_json::from_slice(&message.payload).ok().map(Wake::Notice))),
+            futures::stream::select(changes(reconnects()), changes(resyncs())).map(|()| Wake::Heal),
+        );
         // Notices come in position order. An environment read for one may have moved on past
         // changes to others whose notices are still on the way: those go first, so that nothing at
-        // or below a position sent is still to come.
-        let live = notices
-            .filter_map(move |message| {
+        // or below a position sent is still to come. A heal sends everything that changed after
+        // the highest position sent (before anything was sent: the latest page).
+        let live = wakes
+            .then(move |wake| {
                 let _counted = &open;
-                let (pool, reads) = (pool.clone(), reads.clone());
+                let (pool, reads, high) = (pool.clone(), reads.clone(), high.clone());
                 async move {
-                    let change: Change = serde_json::from_slice(&message.payload).ok()?;
+                    let change = match wake {
+                        Wake::Notice(change) => change,
+                        Wake::Heal => {
+                            let from = high.load(std::sync::atomic::Ordering::Relaxed);
+                            return if from > i64::MIN {
+                                changed_after(pool, project_id, from).boxed()
+                            } else {
+                                futures::stream::iter(latest_environments(&pool, project_id).await).boxed()
+                            };
+                        }
+                    };
                     let read = async {
                         let Some(environment) = reads.environment(&pool, change.id, change.position).await? else {
                             return Ok(Vec::new());
@@ -624,50 +671,17 @@ impl Subscription {
                         send.push(environment);
                         Ok::<_, async_graphql::Error>(send)
                     };
-                    match read.await {
-                        Ok(send) => Some(futures::stream::iter(send)),
-                        Err(error) => {
-                            tracing::warn!(error = ?error, "reading a changed environment failed");
-                            None
-                        }
-                    }
+                    let send = read.await.unwrap_or_else(|error| {
+                        tracing::warn!(error = ?error, "reading a changed environment failed");
+                        Vec::new()
+                    });
+                    futures::stream::iter(send).boxed()
                 }
             })
             .flatten()
             .filter(move |e| std::future::ready(fresh(e)));
-        // After this process or a projector reconnects to NATS, notices may have been missed: read
-        // again the most recently changed environments and send those that moved on.
-        let healed = {
-            let pool = ctx.data::<PgPool>()?.clone();
-            let fresh = replayed_fresh.clone();
-            use understudy_adapters::nats::{changes, reconnects, resyncs};
-            let reconnected = futures::stream::select(changes(reconnects()), changes(resyncs()));
-            reconnected
-                .then(move |()| {
-                    let pool = pool.clone();
-                    async move {
-                        let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
-                            "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-                             WHERE ($1::uuid IS NULL OR project_id = $1) ORDER BY position DESC LIMIT {MAX_PAGE}"
-                        ))
-                        .bind(project_id)
-                        .fetch_all(&pool)
-                        .await
-                        .unwrap_or_else(|error| {
-                            tracing::warn!(error = %error, "re-reading environments after a NATS reconnect failed");
-                            Vec::new()
-                        });
-                        let mut environments: Vec<Environment> =
-                            rows.into_iter().filter_map(|row| Environment::try_from(row).ok()).collect();
-                        environments.reverse();
-                        futures::stream::iter(environments)
-                    }
-                })
-                .flatten()
-                .filter(move |e| std::future::ready(fresh(e)))
-        };
         let replayed = missed.filter(move |e| std::future::ready(replayed_fresh(e)));
-        Ok(replayed.chain(futures::stream::select(live, healed)).boxed())
+        Ok(replayed.chain(live).boxed())
     }
 
     /// One environment's deployments as they change: its current deployment each time the

@@ -6,6 +6,8 @@ use serde_json::{json, Value};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use understudy_domain::ids::{DeploymentId, ProjectId};
+use understudy_projections::environments::Environments;
+use understudy_projections::Projector;
 use understudy_tests::fixtures::{self, meta};
 use understudy_tests::graphql_ws::{self, next_json};
 use understudy_tests::{eventually, metric, TestEnv};
@@ -695,5 +697,53 @@ async fn a_resumed_subscription_gets_every_change_it_missed_past_one_page() {
         }
     }
     assert_eq!(seen.len() as u64, count, "every environment that changed after 0, not one page of them");
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_resync_a_subscription_gets_every_change_since_the_last_it_sent() {
+    use futures::StreamExt;
+    let app = api_alone().await;
+    let project = ProjectId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    let request = |pr: u64| async move {
+        let spec = fixtures::spec(project, pr, "main.w");
+        store.execute(fixtures::env_id(&spec).0, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request");
+    };
+    request(1).await;
+    understudy_tests::sequence_all(app.env.pool()).await;
+    app.env.project(understudy_projections::all()).await;
+    let mut ws = graphql_ws::connect(app.addr).await;
+    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p, after: 0) { id position } }";
+    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("the first environment");
+    let mut last = first["payload"]["data"]["environmentUpdated"]["position"].as_i64().expect("position");
+
+    // More than a page of changes whose notices never reach this API (as while a projector's
+    // connection to NATS was down): projected by a projector that announces elsewhere.
+    let count = understudy_api::graphql::MAX_PAGE as u64 + 100;
+    futures::stream::iter(2..count + 2).for_each_concurrent(16, request).await;
+    understudy_tests::sequence_all(app.env.pool()).await;
+    let elsewhere = understudy_adapters::nats::Topology::new(format!("{}x", app.env.prefix)).expect("topology");
+    Projector::new(app.env.pool().clone(), app.env.runtime.nats.clone(), elsewhere, std::sync::Arc::new(Environments))
+        .catch_up_from_log()
+        .await
+        .expect("projecting");
+    assert!(tokio::time::timeout(Duration::from_millis(500), next_json(&mut ws)).await.is_err(), "no notice reached the API");
+
+    // The projector, back, asks every reader to re-read.
+    app.env.runtime.nats.publish(app.env.topology().resync_subject(), Vec::new().into()).await.expect("resync");
+    let mut seen = std::collections::HashSet::new();
+    while let Ok(message) = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await {
+        let environment = &message["payload"]["data"]["environmentUpdated"];
+        let position = environment["position"].as_i64().expect("position");
+        assert!(position > last, "in position order: {position} after {last}");
+        last = position;
+        seen.insert(environment["id"].as_str().expect("id").to_string());
+        if seen.len() as u64 == count {
+            break;
+        }
+    }
+    assert_eq!(seen.len() as u64, count, "every environment that changed since the last one sent");
     app.cancel.cancel();
 }
