@@ -205,19 +205,28 @@ fn roles(dir: &Path, database_url: &str, nats_url: &str, topology: &Topology) ->
 /// First time each test result was seen by one subscriber.
 type Seen = Committed;
 
+/// What each subscriber's connections did: when (from the bench's start), to which node, after
+/// which position, and why each ended; printed when results go missing.
+type Connections = Arc<std::sync::Mutex<Vec<String>>>;
+
 /// A subscriber of one API node that, when its connection drops (its node was killed), connects
 /// again to whichever node answers, resuming after the last position it saw.
 async fn subscriber(
     nodes: Vec<SocketAddr>,
     project: Uuid,
     seen: Seen,
-    reconnects: Arc<std::sync::atomic::AtomicUsize>,
+    (reconnects, connections, started): (Arc<std::sync::atomic::AtomicUsize>, Connections, Instant),
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut last: Option<i64> = None;
     let mut node = 0;
+    let note = |what: String| {
+        connections.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{:.1} s: {what}", started.elapsed().as_secs_f64()));
+    };
     while !stop.is_cancelled() {
-        let connected = follow_environments(nodes[node % nodes.len()], project, "position tests { name }", last).await;
+        let addr = nodes[node % nodes.len()];
+        let connected = follow_environments(addr, project, "position tests { name }", last).await;
+        note(format!("to {addr} after {last:?}: {}", if connected.is_ok() { "connected" } else { "refused" }));
         let Ok(mut ws) = connected else {
             node += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -228,7 +237,10 @@ async fn subscriber(
                 _ = stop.cancelled() => return,
                 next = ws.next() => next,
             };
-            let Some(Ok(Message::Text(text))) = next else { break };
+            let Some(Ok(Message::Text(text))) = next else {
+                note(format!("from {addr} at {last:?}: ended by {next:?}"));
+                break;
+            };
             let now = Instant::now();
             let Ok(value) = serde_json::from_str::<serde_json::Value>(text.as_str()) else { continue };
             let environment = &value["payload"]["data"]["environmentUpdated"];
@@ -385,6 +397,32 @@ async fn samples(run: &str, committed: &Seen, subscribers: &[Seen]) -> (Vec<Dura
     (samples, expected)
 }
 
+/// Which results a subscriber lacks (the first few, with the positions of their events and of
+/// their environments now), and what its connections did: for a run where results went missing.
+async fn missing(pool: &sqlx::PgPool, committed: &Seen, subscribers: &[Seen], connections: &[Connections]) {
+    let committed = committed.lock().await;
+    for (i, seen) in subscribers.iter().enumerate() {
+        let seen = seen.lock().await;
+        let mut lacking: Vec<String> = committed.keys().filter(|name| !seen.contains_key(*name)).cloned().collect();
+        lacking.sort();
+        println!("subscriber {i} lacks {} results", lacking.len());
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT l.payload->>'test', l.position, e.position FROM event_log l JOIN environments e ON e.environment_id = l.aggregate_id
+             WHERE l.event_type = 'TestPassed' AND l.payload->>'test' = ANY($1) ORDER BY l.position LIMIT 10",
+        )
+        .bind(&lacking)
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+        for (name, position, now) in rows {
+            println!("  {name}: event at {position}, its environment now at {now}");
+        }
+        for line in connections[i].lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            println!("  {line}");
+        }
+    }
+}
+
 /// Pushes `count` new branches of the app; returns each branch's commit.
 fn push_branches(work: &Path, bare: &Path, run: &str, count: usize) -> anyhow::Result<Vec<(String, String)>> {
     let mut pushed = Vec::new();
@@ -497,11 +535,13 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
     }
     let stop = tokio_util::sync::CancellationToken::new();
     let reconnects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let connections: Vec<Connections> = vec![Connections::default(), Connections::default()];
+    let started = Instant::now();
     let subscribers: Vec<Seen> = vec![Seen::default(), Seen::default()];
     let mut tasks = JoinSet::new();
     for (i, seen) in subscribers.iter().enumerate() {
         let nodes = vec![api[i], api[1 - i]];
-        tasks.spawn(subscriber(nodes, project.0, seen.clone(), reconnects.clone(), stop.clone()));
+        tasks.spawn(subscriber(nodes, project.0, seen.clone(), (reconnects.clone(), connections[i].clone(), started), stop.clone()));
     }
     // Everything is up once a change reaches both subscribers.
     let committed = Seen::default();
@@ -574,12 +614,16 @@ async fn scaled(scratch: &Scratch, dir: &Path, nats_url: &str, nats: &mut [Proc]
     let faulted_rounds = rounds() - rounds_before - healthy_rounds;
 
     // Caught up: every result at both subscribers, every projection at the head, every branch Ready.
-    until(Duration::from_secs(120), "not every result reached both subscribers", || async {
+    let caught_up = until(Duration::from_secs(120), "not every result reached both subscribers", || async {
         let (healthy, expected_h) = samples("healthy", &committed, &subscribers).await;
         let (faulted, expected_f) = samples("faulted", &committed, &subscribers).await;
         Ok(healthy.len() == expected_h && faulted.len() == expected_f)
     })
-    .await?;
+    .await;
+    if caught_up.is_err() {
+        missing(&runtime.pool, &committed, &subscribers, &connections).await;
+    }
+    caught_up?;
     let pool = &runtime.pool;
     // Positions are gap-free from 1, so the head is the number of events appended.
     let head: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log").fetch_one(pool).await?;
