@@ -238,6 +238,49 @@ impl SharedReads {
     }
 }
 
+/// How far back a heal reaches: further than a resync or a reconnect can lag behind the notices
+/// that follow it (its own NATS subscription and a task of its own, milliseconds apart).
+const HEAL_LOOKBACK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The highest position a subscription has sent, and what it was a [`HEAL_LOOKBACK`] ago. A heal
+/// starts from the latter: the notices the new leader (or the reconnected client) sends after a
+/// resync can reach the subscription before the resync does, and carry the highest position past
+/// changes that nobody announced.
+struct HighWater {
+    start: i64,
+    /// (when, the highest position from then on): one mark per 50 ms at most, the oldest the
+    /// newest one that is a lookback old.
+    marks: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, i64)>>,
+}
+
+impl HighWater {
+    fn new(start: i64) -> Self {
+        Self { start, marks: Default::default() }
+    }
+
+    fn raise(&self, position: i64) {
+        let now = std::time::Instant::now();
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if position <= marks.back().map_or(self.start, |(_, high)| *high) {
+            return;
+        }
+        match marks.back_mut() {
+            Some((at, high)) if now.duration_since(*at) < std::time::Duration::from_millis(50) => *high = position,
+            _ => marks.push_back((now, position)),
+        }
+        while marks.len() > 1 && now.duration_since(marks[1].0) >= HEAL_LOOKBACK {
+            marks.pop_front();
+        }
+    }
+
+    /// The highest position sent a lookback ago (within 50 ms), or the start.
+    fn a_moment_ago(&self) -> i64 {
+        let now = std::time::Instant::now();
+        let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        marks.iter().rev().find(|(at, _)| now.duration_since(*at) >= HEAL_LOOKBACK).map_or(self.start, |(_, high)| *high)
+    }
+}
+
 /// The environments of `project` (of every project: none) that changed after `from`, in
 /// position order, a page at a time as the stream is read.
 fn changed_after(pool: PgPool, project: Option<Uuid>, from: i64) -> futures::stream::BoxStream<'static, Environment> {
@@ -612,7 +655,7 @@ impl Subscription {
         // Each environment is sent only when it has moved past what this subscriber already got;
         // `high` is the highest position sent (or `after`): every change up to it has been sent.
         let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<Uuid, i64>::new()));
-        let high = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(after.unwrap_or(i64::MIN)));
+        let high = std::sync::Arc::new(HighWater::new(after.unwrap_or(i64::MIN)));
         let fresh = {
             let (sent, high) = (sent.clone(), high.clone());
             move |environment: &Environment| {
@@ -620,7 +663,7 @@ impl Subscription {
                 let last = sent.entry(environment.id).or_insert(i64::MIN);
                 let is_new = environment.position > *last;
                 *last = (*last).max(environment.position);
-                high.fetch_max(environment.position, std::sync::atomic::Ordering::Relaxed);
+                high.raise(environment.position);
                 is_new
             }
         };
@@ -642,7 +685,7 @@ impl Subscription {
         // Notices come in position order. An environment read for one may have moved on past
         // changes to others whose notices are still on the way: those go first, so that nothing at
         // or below a position sent is still to come. A heal sends everything that changed after
-        // the highest position sent (before anything was sent: the latest page).
+        // the highest position sent a moment before it (before anything was sent: the latest page).
         let live = wakes
             .then(move |wake| {
                 let _counted = &open;
@@ -651,7 +694,7 @@ impl Subscription {
                     let change = match wake {
                         Wake::Notice(change) => change,
                         Wake::Heal => {
-                            let from = high.load(std::sync::atomic::Ordering::Relaxed);
+                            let from = high.a_moment_ago();
                             return if from > i64::MIN {
                                 changed_after(pool, project_id, from).boxed()
                             } else {

@@ -747,3 +747,50 @@ async fn after_a_resync_a_subscription_gets_every_change_since_the_last_it_sent(
     assert_eq!(seen.len() as u64, count, "every environment that changed since the last one sent");
     app.cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_that_overtakes_a_resync_does_not_hide_what_the_resync_is_for() {
+    let app = api_alone().await;
+    let project = ProjectId(Uuid::new_v4());
+    let store = &app.env.runtime.store.environments;
+    let request = |pr: u64| async move {
+        let spec = fixtures::spec(project, pr, "main.w");
+        let id = fixtures::env_id(&spec).0;
+        store.execute(id, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request");
+        id
+    };
+    request(1).await;
+    understudy_tests::sequence_all(app.env.pool()).await;
+    app.env.project(understudy_projections::all()).await;
+    let mut ws = graphql_ws::connect(app.addr).await;
+    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p, after: 0) { id position } }";
+    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
+    tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("the first environment");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // A leader dies having committed A and B without announcing them; its successor says so
+    // (the resync), then announces B, and B's notice reaches the API before the resync does.
+    let (a, b) = (request(2).await, request(3).await);
+    understudy_tests::sequence_all(app.env.pool()).await;
+    let elsewhere = understudy_adapters::nats::Topology::new(format!("{}x", app.env.prefix)).expect("topology");
+    Projector::new(app.env.pool().clone(), app.env.runtime.nats.clone(), elsewhere, std::sync::Arc::new(Environments))
+        .catch_up_from_log()
+        .await
+        .expect("projecting");
+    let b_position = first_position(&app, b).await;
+    let notice = serde_json::to_vec(&understudy_projections::Change {
+        read_model: understudy_projections::environments::READ_MODEL.into(),
+        key: project.to_string(),
+        id: b,
+        position: b_position,
+    })
+    .expect("notice");
+    let subject = app.env.topology().changes_subject(understudy_projections::environments::READ_MODEL, &project.to_string());
+    app.env.runtime.nats.publish(subject, notice.into()).await.expect("notice");
+    let got = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("B");
+    assert_eq!(got["payload"]["data"]["environmentUpdated"]["id"], b.to_string(), "{got}");
+    app.env.runtime.nats.publish(app.env.topology().resync_subject(), Vec::new().into()).await.expect("resync");
+    let got = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("A, after the resync");
+    assert_eq!(got["payload"]["data"]["environmentUpdated"]["id"], a.to_string(), "{got}");
+    app.cancel.cancel();
+}
