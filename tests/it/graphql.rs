@@ -602,6 +602,40 @@ async fn api_alone() -> Running {
     Running { env, addr, cancel, _tasks: tasks }
 }
 
+/// A new environment of `project` (PR `pr`), with one event; its id.
+async fn new_environment(app: &Running, project: ProjectId, pr: u64) -> Uuid {
+    let spec = fixtures::spec(project, pr, "main.w");
+    let id = fixtures::env_id(&spec).0;
+    let store = &app.env.runtime.store.environments;
+    store.execute(id, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request");
+    id
+}
+
+/// `count` new environments of `project`, PRs from `first` on.
+async fn new_environments(app: &Running, project: ProjectId, first: u64, count: u64) {
+    use futures::StreamExt;
+    futures::stream::iter(first..first + count)
+        .for_each_concurrent(16, |pr| async move {
+            new_environment(app, project, pr).await;
+        })
+        .await;
+}
+
+/// Numbers the log and projects it; `announced`: with change notices to this API, as a live
+/// projector sends them, or else to another prefix (as when they are lost).
+async fn project_log(app: &Running, announced: bool) {
+    understudy_tests::sequence_all(app.env.pool()).await;
+    if announced {
+        app.env.project(understudy_projections::all()).await;
+        return;
+    }
+    let elsewhere = understudy_adapters::nats::Topology::new(format!("{}x", app.env.prefix)).expect("topology");
+    Projector::new(app.env.pool().clone(), app.env.runtime.nats.clone(), elsewhere, std::sync::Arc::new(Environments))
+        .catch_up_from_log()
+        .await
+        .expect("projecting");
+}
+
 /// The position of an environment's first event.
 async fn first_position(app: &Running, id: Uuid) -> i64 {
     sqlx::query_scalar("SELECT min(position) FROM event_log WHERE aggregate_id = $1")
@@ -611,140 +645,107 @@ async fn first_position(app: &Running, id: Uuid) -> i64 {
         .expect("the first event's position")
 }
 
+/// Sends the change notice a projector would send for `id` at `position`.
+async fn notice(app: &Running, project: ProjectId, id: Uuid, position: i64) {
+    let read_model = understudy_projections::environments::READ_MODEL;
+    let change = understudy_projections::Change { read_model: read_model.into(), key: project.to_string(), id, position };
+    let subject = app.env.topology().changes_subject(read_model, &project.to_string());
+    app.env.runtime.nats.publish(subject, serde_json::to_vec(&change).expect("notice").into()).await.expect("publish");
+}
+
+/// Subscribes to `project`'s environments `after` a position (none: live only).
+async fn follow(app: &Running, project: ProjectId, after: Option<i64>) -> graphql_ws::Socket {
+    let mut ws = graphql_ws::connect(app.addr).await;
+    let query = "subscription($p: UUID, $a: Int) { environmentUpdated(projectId: $p, after: $a) { id position } }";
+    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string(), "a": after })).await;
+    ws
+}
+
+/// The next update's (environment id, position), within `wait`.
+async fn next_update(ws: &mut graphql_ws::Socket, wait: Duration) -> Option<(String, i64)> {
+    let message = tokio::time::timeout(wait, next_json(ws)).await.ok()?;
+    let environment = &message["payload"]["data"]["environmentUpdated"];
+    Some((environment["id"].as_str().expect("id").to_string(), environment["position"].as_i64().expect("position")))
+}
+
+/// Reads updates until `count` environments came, each past the one before it (from `last`);
+/// how many came.
+async fn in_order(ws: &mut graphql_ws::Socket, count: u64, mut last: i64) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    while let Some((id, position)) = next_update(ws, Duration::from_secs(5)).await {
+        assert!(position > last, "in position order: {position} after {last}");
+        last = position;
+        seen.insert(id);
+        if seen.len() as u64 == count {
+            break;
+        }
+    }
+    seen.len() as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_comes_only_after_every_change_at_or_below_its_position() {
     let app = api_alone().await;
     let project = ProjectId(Uuid::new_v4());
-    let store = &app.env.runtime.store.environments;
-    let (a, b) = (fixtures::spec(project, 1, "main.w"), fixtures::spec(project, 2, "main.w"));
-    let (a_id, b_id) = (fixtures::env_id(&a).0, fixtures::env_id(&b).0);
-    let deployment = DeploymentId(Uuid::new_v4());
     // A changes, then B, then A again: A's row ends past B's change.
-    store.execute(a_id, fixtures::request(&a, deployment, 1), meta()).await.expect("request A");
-    store.execute(b_id, fixtures::request(&b, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request B");
-    store.execute(a_id, fixtures::to_ready(deployment).remove(0), meta()).await.expect("build A");
-    understudy_tests::sequence_all(app.env.pool()).await;
-    app.env.project(understudy_projections::all()).await;
-    let a_first = first_position(&app, a_id).await;
+    let spec = fixtures::spec(project, 1, "main.w");
+    let (a, deployment) = (fixtures::env_id(&spec).0, DeploymentId(Uuid::new_v4()));
+    let store = &app.env.runtime.store.environments;
+    store.execute(a, fixtures::request(&spec, deployment, 1), meta()).await.expect("request A");
+    let b = new_environment(&app, project, 2).await;
+    store.execute(a, fixtures::to_ready(deployment).remove(0), meta()).await.expect("build A");
+    project_log(&app, false).await;
 
     // A subscriber hears of A's first change while the notice of B's is still on the way: it
     // reads A as it is now, past B's change, so B must come first or a resume after A's
     // position would never send it.
-    let mut ws = graphql_ws::connect(app.addr).await;
-    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p) { id position } }";
-    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
-    let subject = app.env.topology().changes_subject(understudy_projections::environments::READ_MODEL, &project.to_string());
-    let notice = serde_json::to_vec(&understudy_projections::Change {
-        read_model: understudy_projections::environments::READ_MODEL.into(),
-        key: project.to_string(),
-        id: a_id,
-        position: a_first,
-    })
-    .expect("notice");
+    let mut ws = follow(&app, project, None).await;
+    let a_first = first_position(&app, a).await;
     // The server subscribes when it first polls the stream: send the notice until it is heard.
     let first = loop {
-        app.env.runtime.nats.publish(subject.clone(), notice.clone().into()).await.expect("publish");
-        if let Ok(message) = tokio::time::timeout(Duration::from_millis(300), next_json(&mut ws)).await {
-            break message;
+        notice(&app, project, a, a_first).await;
+        if let Some(update) = next_update(&mut ws, Duration::from_millis(300)).await {
+            break update;
         }
     };
-    let second = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("a second update");
-    let sent: Vec<(String, i64)> = [&first, &second]
-        .iter()
-        .map(|m| {
-            let e = &m["payload"]["data"]["environmentUpdated"];
-            (e["id"].as_str().unwrap_or_default().to_string(), e["position"].as_i64().unwrap_or_default())
-        })
-        .collect();
-    assert_eq!(sent[0].0, b_id.to_string(), "B's change, below A's position, comes first: {sent:?}");
-    assert_eq!(sent[1].0, a_id.to_string(), "{sent:?}");
-    assert!(sent[0].1 < sent[1].1, "in position order: {sent:?}");
+    let second = next_update(&mut ws, Duration::from_secs(5)).await.expect("a second update");
+    assert_eq!(first.0, b.to_string(), "B's change, below A's position, comes first: {first:?} {second:?}");
+    assert_eq!(second.0, a.to_string(), "{second:?}");
+    assert!(first.1 < second.1, "in position order: {first:?} {second:?}");
     app.cancel.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_subscription_gets_every_change_it_missed_past_one_page() {
-    use futures::StreamExt;
     let app = api_alone().await;
     let project = ProjectId(Uuid::new_v4());
-    let store = &app.env.runtime.store.environments;
     let count = understudy_api::graphql::MAX_PAGE as u64 + 100;
-    futures::stream::iter(0..count)
-        .for_each_concurrent(16, |pr| async move {
-            let spec = fixtures::spec(project, pr + 1, "main.w");
-            store
-                .execute(fixtures::env_id(&spec).0, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta())
-                .await
-                .expect("request");
-        })
-        .await;
-    understudy_tests::sequence_all(app.env.pool()).await;
-    app.env.project(understudy_projections::all()).await;
-
-    let mut ws = graphql_ws::connect(app.addr).await;
-    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p, after: 0) { id position } }";
-    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
-    let mut seen = std::collections::HashSet::new();
-    let mut last = 0;
-    while let Ok(message) = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await {
-        let environment = &message["payload"]["data"]["environmentUpdated"];
-        let position = environment["position"].as_i64().expect("position");
-        assert!(position > last, "in position order: {position} after {last}");
-        last = position;
-        seen.insert(environment["id"].as_str().expect("id").to_string());
-        if seen.len() as u64 == count {
-            break;
-        }
-    }
-    assert_eq!(seen.len() as u64, count, "every environment that changed after 0, not one page of them");
+    new_environments(&app, project, 1, count).await;
+    project_log(&app, true).await;
+    let mut ws = follow(&app, project, Some(0)).await;
+    assert_eq!(in_order(&mut ws, count, 0).await, count, "every environment that changed after 0, not one page of them");
     app.cancel.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_resync_a_subscription_gets_every_change_since_the_last_it_sent() {
-    use futures::StreamExt;
     let app = api_alone().await;
     let project = ProjectId(Uuid::new_v4());
-    let store = &app.env.runtime.store.environments;
-    let request = |pr: u64| async move {
-        let spec = fixtures::spec(project, pr, "main.w");
-        store.execute(fixtures::env_id(&spec).0, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request");
-    };
-    request(1).await;
-    understudy_tests::sequence_all(app.env.pool()).await;
-    app.env.project(understudy_projections::all()).await;
-    let mut ws = graphql_ws::connect(app.addr).await;
-    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p, after: 0) { id position } }";
-    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
-    let first = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("the first environment");
-    let mut last = first["payload"]["data"]["environmentUpdated"]["position"].as_i64().expect("position");
+    new_environment(&app, project, 1).await;
+    project_log(&app, true).await;
+    let mut ws = follow(&app, project, Some(0)).await;
+    let (_, last) = next_update(&mut ws, Duration::from_secs(5)).await.expect("the first environment");
 
     // More than a page of changes whose notices never reach this API (as while a projector's
-    // connection to NATS was down): projected by a projector that announces elsewhere.
+    // connection to NATS was down).
     let count = understudy_api::graphql::MAX_PAGE as u64 + 100;
-    futures::stream::iter(2..count + 2).for_each_concurrent(16, request).await;
-    understudy_tests::sequence_all(app.env.pool()).await;
-    let elsewhere = understudy_adapters::nats::Topology::new(format!("{}x", app.env.prefix)).expect("topology");
-    Projector::new(app.env.pool().clone(), app.env.runtime.nats.clone(), elsewhere, std::sync::Arc::new(Environments))
-        .catch_up_from_log()
-        .await
-        .expect("projecting");
-    assert!(tokio::time::timeout(Duration::from_millis(500), next_json(&mut ws)).await.is_err(), "no notice reached the API");
+    new_environments(&app, project, 2, count).await;
+    project_log(&app, false).await;
+    assert!(next_update(&mut ws, Duration::from_millis(500)).await.is_none(), "no notice reached the API");
 
     // The projector, back, asks every reader to re-read.
     app.env.runtime.nats.publish(app.env.topology().resync_subject(), Vec::new().into()).await.expect("resync");
-    let mut seen = std::collections::HashSet::new();
-    while let Ok(message) = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await {
-        let environment = &message["payload"]["data"]["environmentUpdated"];
-        let position = environment["position"].as_i64().expect("position");
-        assert!(position > last, "in position order: {position} after {last}");
-        last = position;
-        seen.insert(environment["id"].as_str().expect("id").to_string());
-        if seen.len() as u64 == count {
-            break;
-        }
-    }
-    assert_eq!(seen.len() as u64, count, "every environment that changed since the last one sent");
+    assert_eq!(in_order(&mut ws, count, last).await, count, "every environment that changed since the last one sent");
     app.cancel.cancel();
 }
 
@@ -752,45 +753,22 @@ async fn after_a_resync_a_subscription_gets_every_change_since_the_last_it_sent(
 async fn a_notice_that_overtakes_a_resync_does_not_hide_what_the_resync_is_for() {
     let app = api_alone().await;
     let project = ProjectId(Uuid::new_v4());
-    let store = &app.env.runtime.store.environments;
-    let request = |pr: u64| async move {
-        let spec = fixtures::spec(project, pr, "main.w");
-        let id = fixtures::env_id(&spec).0;
-        store.execute(id, fixtures::request(&spec, DeploymentId(Uuid::new_v4()), 1), meta()).await.expect("request");
-        id
-    };
-    request(1).await;
-    understudy_tests::sequence_all(app.env.pool()).await;
-    app.env.project(understudy_projections::all()).await;
-    let mut ws = graphql_ws::connect(app.addr).await;
-    let query = "subscription($p: UUID) { environmentUpdated(projectId: $p, after: 0) { id position } }";
-    graphql_ws::subscribe(&mut ws, "1", query, json!({ "p": project.to_string() })).await;
-    tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("the first environment");
+    new_environment(&app, project, 1).await;
+    project_log(&app, true).await;
+    let mut ws = follow(&app, project, Some(0)).await;
+    next_update(&mut ws, Duration::from_secs(5)).await.expect("the first environment");
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
     // A leader dies having committed A and B without announcing them; its successor says so
     // (the resync), then announces B, and B's notice reaches the API before the resync does.
-    let (a, b) = (request(2).await, request(3).await);
-    understudy_tests::sequence_all(app.env.pool()).await;
-    let elsewhere = understudy_adapters::nats::Topology::new(format!("{}x", app.env.prefix)).expect("topology");
-    Projector::new(app.env.pool().clone(), app.env.runtime.nats.clone(), elsewhere, std::sync::Arc::new(Environments))
-        .catch_up_from_log()
-        .await
-        .expect("projecting");
-    let b_position = first_position(&app, b).await;
-    let notice = serde_json::to_vec(&understudy_projections::Change {
-        read_model: understudy_projections::environments::READ_MODEL.into(),
-        key: project.to_string(),
-        id: b,
-        position: b_position,
-    })
-    .expect("notice");
-    let subject = app.env.topology().changes_subject(understudy_projections::environments::READ_MODEL, &project.to_string());
-    app.env.runtime.nats.publish(subject, notice.into()).await.expect("notice");
-    let got = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("B");
-    assert_eq!(got["payload"]["data"]["environmentUpdated"]["id"], b.to_string(), "{got}");
+    let a = new_environment(&app, project, 2).await;
+    let b = new_environment(&app, project, 3).await;
+    project_log(&app, false).await;
+    notice(&app, project, b, first_position(&app, b).await).await;
+    let got = next_update(&mut ws, Duration::from_secs(5)).await.expect("B");
+    assert_eq!(got.0, b.to_string(), "{got:?}");
     app.env.runtime.nats.publish(app.env.topology().resync_subject(), Vec::new().into()).await.expect("resync");
-    let got = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws)).await.expect("A, after the resync");
-    assert_eq!(got["payload"]["data"]["environmentUpdated"]["id"], a.to_string(), "{got}");
+    let got = next_update(&mut ws, Duration::from_secs(5)).await.expect("A, after the resync");
+    assert_eq!(got.0, a.to_string(), "{got:?}");
     app.cancel.cancel();
 }
