@@ -240,7 +240,7 @@ impl SharedReads {
 
 /// How far back a heal reaches: further than a resync or a reconnect can lag behind the notices
 /// that follow it (its own NATS subscription and a task of its own, milliseconds apart).
-const HEAL_LOOKBACK: std::time::Duration = std::time::Duration::from_secs(1);
+pub const HEAL_LOOKBACK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The highest position a subscription has sent, and what it was a [`HEAL_LOOKBACK`] ago. A heal
 /// starts from the latter: the notices the new leader (or the reconnected client) sends after a
@@ -281,27 +281,31 @@ impl HighWater {
     }
 }
 
-/// The environments of `project` (of every project: none) that changed after `from`, in
-/// position order, a page at a time as the stream is read.
+/// One page of the environments of `project` (of every project: none) that changed after
+/// `from`, in position order, and where the next page starts (none: this was the last).
+async fn page_after(pool: &PgPool, project: Option<Uuid>, from: i64) -> Result<(Vec<Environment>, Option<i64>)> {
+    let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
+        "SELECT {ENVIRONMENT_COLUMNS} FROM environments
+         WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 ORDER BY position LIMIT {MAX_PAGE}"
+    ))
+    .bind(project)
+    .bind(from)
+    .fetch_all(pool)
+    .await?;
+    let next = (rows.len() as i64 == MAX_PAGE).then(|| rows.last().map(|row| row.position)).flatten();
+    Ok((rows.into_iter().map(Environment::try_from).collect::<Result<_>>()?, next))
+}
+
+/// Every environment of `project` that changed after `from`, in position order, a page at a
+/// time as the stream is read. A page that cannot be read ends it (and is logged).
 fn changed_after(pool: PgPool, project: Option<Uuid>, from: i64) -> futures::stream::BoxStream<'static, Environment> {
     futures::stream::unfold(Some(from), move |from| {
         let pool = pool.clone();
         async move {
-            let from = from?;
-            let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
-                "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-                 WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 ORDER BY position LIMIT {MAX_PAGE}"
-            ))
-            .bind(project)
-            .bind(from)
-            .fetch_all(&pool)
-            .await
-            .unwrap_or_else(|error| {
-                tracing::warn!(error = %error, "reading the environments a subscription missed failed");
-                Vec::new()
-            });
-            let next = (rows.len() as i64 == MAX_PAGE).then(|| rows.last().map(|row| row.position)).flatten();
-            let page: Vec<Environment> = rows.into_iter().filter_map(|row| Environment::try_from(row).ok()).collect();
+            let (page, next) = page_after(&pool, project, from?)
+                .await
+                .inspect_err(|error| tracing::warn!(error = ?error, "reading the environments a subscription missed failed"))
+                .ok()?;
             (!page.is_empty()).then(|| (futures::stream::iter(page), next))
         }
     })
@@ -648,8 +652,17 @@ impl Subscription {
         let key = project_id.map_or_else(|| "*".to_string(), |id| id.to_string());
         // Listen first, then read: a change committed in between is in one or the other.
         let notices = nats.subscribe(topology.changes_subject(READ_MODEL, &key)).await?;
+        // What changed after `after`: its first page now, so that a resume that cannot be read
+        // fails as a whole; the rest as the stream is read.
         let missed = match after {
-            Some(after) => changed_after(pool.clone(), project_id, after).boxed(),
+            Some(after) => {
+                let (first, next) = page_after(&pool, project_id, after).await?;
+                let rest = match next {
+                    Some(next) => changed_after(pool.clone(), project_id, next),
+                    None => futures::stream::empty().boxed(),
+                };
+                futures::stream::iter(first).chain(rest).boxed()
+            }
             None => futures::stream::empty().boxed(),
         };
         // Each environment is sent only when it has moved past what this subscriber already got;

@@ -757,7 +757,9 @@ async fn a_notice_that_overtakes_a_resync_does_not_hide_what_the_resync_is_for()
     project_log(&app, true).await;
     let mut ws = follow(&app, project, Some(0)).await;
     next_update(&mut ws, Duration::from_secs(5)).await.expect("the first environment");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // A heal reaches back to what was sent a lookback before it, by the clock: let that be the
+    // first environment, not B.
+    tokio::time::sleep(understudy_api::graphql::HEAL_LOOKBACK + Duration::from_millis(200)).await;
 
     // A leader dies having committed A and B without announcing them; its successor says so
     // (the resync), then announces B, and B's notice reaches the API before the resync does.
