@@ -60,6 +60,10 @@ async fn a_relay_killed_at_any_moment_loses_nothing_and_publishes_nothing_twice(
         let _ = task.await;
     }
     writer.await.expect("writer");
+    // Every append the writer was told had committed is in the log, whatever the kills cancelled
+    // on the connections it shares with the relay.
+    let appended: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log").fetch_one(env.pool()).await.expect("count");
+    assert_eq!(appended, 400, "appends acknowledged to the writer are missing from the log");
     let cancel = tokio_util::sync::CancellationToken::new();
     let last = tokio::spawn(relay::run(env.pool().clone(), env.jetstream(), env.topology().clone(), cancel.clone()));
     let published = understudy_tests::eventually(std::time::Duration::from_secs(30), "the relay to publish all 400 events", || async {

@@ -412,6 +412,35 @@ async fn racing_groups_over_the_same_aggregates_never_deadlock() {
     assert_eq!(doubled, 0, "each environment has one result from each process");
 }
 
+#[tokio::test]
+async fn a_transaction_cancelled_while_it_begins_leaves_its_connection_outside_any_transaction() {
+    use sqlx::Connection;
+    let env = TestEnv::new().await;
+    // One connection, so that whatever a cancelled BEGIN leaves on it, the next borrower gets.
+    let pool = understudy_adapters::db::connect(&env.database_url, 1).await.expect("pool");
+    sqlx::query("CREATE TABLE after_cancelled_begins (n int)").execute(&pool).await.expect("table");
+    let mut cancelled_in_flight = 0;
+    for n in 0..20 {
+        // A task aborted, a client gone, a timeout: BEGIN is on the wire, its answer not yet in.
+        let mut connection = pool.acquire().await.expect("acquire");
+        let mut begin = connection.begin();
+        if futures::poll!(&mut begin).is_pending() {
+            cancelled_in_flight += 1;
+        }
+        drop(begin);
+        drop(connection);
+        // A write without a transaction right after is committed: another connection sees it.
+        sqlx::query("INSERT INTO after_cancelled_begins VALUES ($1)").bind(n).execute(&pool).await.expect("insert");
+        let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM after_cancelled_begins WHERE n = $1")
+            .bind(n)
+            .fetch_one(env.pool())
+            .await
+            .expect("count");
+        assert_eq!(seen, 1, "a write after a cancelled BEGIN ran inside the transaction it left open");
+    }
+    assert!(cancelled_in_flight > 0, "no BEGIN was cancelled in flight: the test proved nothing");
+}
+
 /// `count` pull requests of `project` deployed: their environments' ids and current deployments.
 async fn deployed(
     store: &understudy_adapters::event_store::AggregateStore<understudy_domain::environment::EnvironmentAggregate>,
