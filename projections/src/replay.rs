@@ -103,12 +103,39 @@ pub async fn replay(pool: &PgPool, projection: &dyn Projection, progress: impl F
     let (position, more) = catch_up(&mut tx, projection, &Tables::REBUILD, position, i64::MAX).await?;
     events += more;
     for table in projection.tables() {
+        let copy = Tables::REBUILD.name(table);
+        let names = index_names(&mut *tx, table, &copy).await?;
         sqlx::query(&format!("DROP TABLE {table}")).execute(&mut *tx).await?;
-        sqlx::query(&format!("ALTER TABLE {} RENAME TO {table}", Tables::REBUILD.name(table))).execute(&mut *tx).await?;
+        sqlx::query(&format!("ALTER TABLE {copy} RENAME TO {table}")).execute(&mut *tx).await?;
+        for (generated, original) in names {
+            sqlx::query(&format!("ALTER INDEX \"{generated}\" RENAME TO \"{original}\"")).execute(&mut *tx).await?;
+        }
     }
     store_checkpoint(&mut tx, projection.name(), position).await?;
     tx.commit().await?;
     Ok(ReplayReport { projection: projection.name().into(), events, position, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Each index of `copy` (made `LIKE table INCLUDING ALL`, so with names Postgres made up) and
+/// the name of `table`'s index with the same definition: the names the swapped-in table's
+/// indexes take back, so that migrations, which name them, still find them after a replay.
+async fn index_names(tx: &mut sqlx::PgConnection, table: &str, copy: &str) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(
+        "WITH defined AS (
+             SELECT tablename, indexname,
+                    regexp_replace(indexdef, '^(CREATE (UNIQUE )?INDEX) \\S+ ON \\S+', '\\1') AS definition
+             FROM pg_indexes WHERE schemaname = current_schema() AND tablename IN ($1, $2)
+         ), numbered AS (
+             SELECT *, row_number() OVER (PARTITION BY tablename, definition ORDER BY indexname) AS n FROM defined
+         )
+         SELECT c.indexname, o.indexname
+         FROM numbered o JOIN numbered c USING (definition, n)
+         WHERE o.tablename = $1 AND c.tablename = $2 AND o.indexname <> c.indexname",
+    )
+    .bind(table)
+    .bind(copy)
+    .fetch_all(tx)
+    .await
 }
 
 /// How one table of a live read model differs from a fresh replay of the log.

@@ -99,3 +99,33 @@ proptest! {
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(run_history(steps));
     }
 }
+
+#[tokio::test]
+async fn a_replayed_read_model_keeps_its_index_names_for_the_migrations_that_name_them() {
+    let env = TestEnv::new().await;
+    fixtures::deploy_prs(&env.runtime.store.environments, ProjectId(Uuid::new_v4()), 0..3).await;
+    understudy_tests::sequence_all(env.pool()).await;
+    env.project(understudy_projections::all()).await;
+    let tables: Vec<String> =
+        understudy_projections::all().iter().flat_map(|projection| projection.tables().iter().map(|t| t.to_string())).collect();
+    let indexes = || async {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT tablename::text, indexname::text, indexdef FROM pg_indexes
+             WHERE schemaname = current_schema() AND tablename = ANY($1) ORDER BY 1, 2",
+        )
+        .bind(&tables)
+        .fetch_all(env.pool())
+        .await
+        .expect("indexes");
+        rows
+    };
+    let before = indexes().await;
+    assert!(before.iter().any(|(_, name, _)| name == "environments_project_position"), "{before:?}");
+    // Twice: a replay of a replayed table too.
+    for _ in 0..2 {
+        for projection in understudy_projections::all() {
+            understudy_projections::replay::replay(env.pool(), projection.as_ref(), |_, _| {}).await.expect("replay");
+        }
+        assert_eq!(indexes().await, before, "the same indexes, under the same names");
+    }
+}
