@@ -114,6 +114,17 @@ pub enum Bench {
         #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
         sizes: Vec<u64>,
     },
+    /// The reads by position of `environmentUpdated` subscriptions (a resume's page, the rows
+    /// between two notices, the newest page), for one project and for every project, on a read
+    /// model of `environments` environments; vs the same reads without the position indexes.
+    Reads {
+        #[arg(long, default_value_t = 200_000)]
+        environments: u64,
+        #[arg(long, default_value_t = 1000)]
+        projects: u64,
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
     /// Event appended → GraphQL subscriber received, at a fixed rate, vs core NATS pub→sub.
     Latency {
         #[arg(long, default_value_t = 500)]
@@ -212,6 +223,7 @@ pub async fn run(database_url: &str, nats_url: &str, what: Bench) -> anyhow::Res
     let result = match what {
         Bench::Append { writers, cycles } => append(&scratch.runtime, writers, cycles).await,
         Bench::Latency { rate, seconds } => latency(&scratch.runtime, rate, seconds).await,
+        Bench::Reads { environments, projects, runs } => crate::bench_reads::reads(&scratch.runtime, environments, projects, runs).await,
         Bench::Replay { sizes } => crate::bench_replay::replay(&scratch.runtime, &scratch.database_url(), nats_url, &sizes).await,
         Bench::Fanout { subscribers, changes, environments } => {
             crate::bench_fanout::fanout(&scratch.runtime, subscribers, changes, environments).await

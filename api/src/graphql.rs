@@ -225,7 +225,8 @@ impl SharedReads {
         let read = || async {
             let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
                 "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-                 WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 AND position < $3 ORDER BY position"
+                 WHERE {} AND position > $2 AND position < $3 ORDER BY position",
+                of_project(project)
             ))
             .bind(project)
             .bind(from)
@@ -281,12 +282,25 @@ impl HighWater {
     }
 }
 
+/// Which environments a read by position covers: those of the project bound as `$1`, or, with
+/// `$1` NULL, every project's. Two statements rather than `($1 IS NULL OR project_id = $1)`: a
+/// prepared statement's generic plan cannot tell the cases apart, and would read one project's
+/// newest environments by scanning every project's (migration 0014, docs/benchmarks.md).
+fn of_project(project: Option<Uuid>) -> &'static str {
+    if project.is_some() {
+        "project_id = $1"
+    } else {
+        "$1::uuid IS NULL"
+    }
+}
+
 /// One page of the environments of `project` (of every project: none) that changed after
 /// `from`, in position order, and where the next page starts (none: this was the last).
-async fn page_after(pool: &PgPool, project: Option<Uuid>, from: i64) -> Result<(Vec<Environment>, Option<i64>)> {
+pub(crate) async fn page_after(pool: &PgPool, project: Option<Uuid>, from: i64) -> Result<(Vec<Environment>, Option<i64>)> {
     let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
         "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-         WHERE ($1::uuid IS NULL OR project_id = $1) AND position > $2 ORDER BY position LIMIT {MAX_PAGE}"
+         WHERE {} AND position > $2 ORDER BY position LIMIT {MAX_PAGE}",
+        of_project(project)
     ))
     .bind(project)
     .bind(from)
@@ -314,10 +328,11 @@ fn changed_after(pool: PgPool, project: Option<Uuid>, from: i64) -> futures::str
 }
 
 /// The [`MAX_PAGE`] most recently changed environments of `project`, oldest first.
-async fn latest_environments(pool: &PgPool, project: Option<Uuid>) -> Vec<Environment> {
+pub(crate) async fn latest_environments(pool: &PgPool, project: Option<Uuid>) -> Vec<Environment> {
     let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
         "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-         WHERE ($1::uuid IS NULL OR project_id = $1) ORDER BY position DESC LIMIT {MAX_PAGE}"
+         WHERE {} ORDER BY position DESC LIMIT {MAX_PAGE}",
+        of_project(project)
     ))
     .bind(project)
     .fetch_all(pool)

@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod auth;
 pub mod bench;
 pub mod bench_fanout;
+pub mod bench_reads;
 pub mod bench_replay;
 pub mod bench_scale;
 pub mod cli;

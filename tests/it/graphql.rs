@@ -718,12 +718,18 @@ async fn an_update_comes_only_after_every_change_at_or_below_its_position() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_subscription_gets_every_change_it_missed_past_one_page() {
     let app = api_alone().await;
-    let project = ProjectId(Uuid::new_v4());
+    let (project, other) = (ProjectId(Uuid::new_v4()), ProjectId(Uuid::new_v4()));
     let count = understudy_api::graphql::MAX_PAGE as u64 + 100;
     new_environments(&app, project, 1, count).await;
+    new_environments(&app, other, 1, 50).await;
     project_log(&app, true).await;
     let mut ws = follow(&app, project, Some(0)).await;
     assert_eq!(in_order(&mut ws, count, 0).await, count, "every environment that changed after 0, not one page of them");
+    assert_eq!(next_update(&mut ws, Duration::from_millis(300)).await, None, "only the project's own environments");
+    // An operator's subscription, to every project's environments.
+    let mut all = graphql_ws::connect(app.addr).await;
+    graphql_ws::subscribe(&mut all, "1", "subscription { environmentUpdated(after: 0) { id position } }", json!({})).await;
+    assert_eq!(in_order(&mut all, count + 50, 0).await, count + 50, "every project's environments");
     app.cancel.cancel();
 }
 
