@@ -104,7 +104,7 @@ pub async fn replay(pool: &PgPool, projection: &dyn Projection, progress: impl F
     events += more;
     for table in projection.tables() {
         let copy = Tables::REBUILD.name(table);
-        let names = index_names(&mut *tx, table, &copy).await?;
+        let names = index_names(&mut tx, table, &copy).await?;
         sqlx::query(&format!("DROP TABLE {table}")).execute(&mut *tx).await?;
         sqlx::query(&format!("ALTER TABLE {copy} RENAME TO {table}")).execute(&mut *tx).await?;
         for (generated, original) in names {
