@@ -59,6 +59,11 @@ async fn readyz(State(readiness): State<Readiness>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// `/metrics` and `/healthz` alone, for a process that serves no API (`--metrics-listen`).
+pub fn metrics_router(pool: sqlx::PgPool) -> Router {
+    Router::new().route("/metrics", get(crate::metrics::metrics)).with_state(pool).route("/healthz", get(|| async { "ok" }))
+}
+
 pub fn router(
     schema: AppSchema,
     auth: crate::auth::Auth,
@@ -73,7 +78,7 @@ pub fn router(
     let github = Router::new()
         .route("/webhooks/github", post(webhooks::receive).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)))
         .with_state(webhooks);
-    let metrics = Router::new().route("/metrics", get(crate::metrics::metrics)).with_state(readiness.pool.clone());
+    let metrics = metrics_router(readiness.pool.clone());
     let logs = crate::logs::router(readiness.pool.clone(), auth.clone());
     let triggers = crate::triggers::router(auth.store.clone());
     let debug = crate::debug::router(auth.store.clone(), auth.clone());
@@ -89,7 +94,6 @@ pub fn router(
         .merge(crate::auth::router(auth.clone()))
         .merge(crate::dashboard::router())
         .route("/graphiql", get(graphiql))
-        .route("/healthz", get(|| async { "ok" }))
         .merge(Router::new().route("/.well-known/jwks.json", get(crate::proxy::jwks)).with_state(proxy.clone()))
         // Who is asking, for every route of ours (not for previews: the proxy checks those).
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::identify))

@@ -38,6 +38,10 @@ struct Config {
     /// Address the API listens on.
     #[arg(long, env = "UNDERSTUDY_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     listen: SocketAddr,
+    /// Where a relay, projector, worker or scheduler process serves its `/metrics` and
+    /// `/healthz` (the API serves them at its own address). Unset: they are not served.
+    #[arg(long, env = "UNDERSTUDY_METRICS_LISTEN", global = true)]
+    metrics_listen: Option<SocketAddr>,
     /// The URL users reach the API at (links in PR comments); defaults to http://LISTEN.
     #[arg(long, env = "UNDERSTUDY_PUBLIC_URL", global = true)]
     public_url: Option<String>,
@@ -522,6 +526,20 @@ fn with_preview_signer(config: &Config, mut runtime: Runtime) -> anyhow::Result<
     Ok(runtime)
 }
 
+/// Serves this role's metrics if `--metrics-listen` asks for them, and says where.
+async fn serve_metrics(
+    config: &Config,
+    runtime: &Runtime,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    if let Some(listen) = config.metrics_listen {
+        let addr = runtime.serve_metrics(listen, cancel.clone(), tasks).await?;
+        eprintln!("understudy metrics on http://{addr}/metrics");
+    }
+    Ok(())
+}
+
 /// A worker's name: host and process, unique while it runs.
 fn worker_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
@@ -543,9 +561,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.spawn_github(cancel.clone(), &mut tasks);
             eprintln!("understudy api listening on http://{addr}/graphql");
         }
-        Command::Relay => connect_stream_later(&config).await?.spawn_relay(cancel.clone(), &mut tasks),
-        Command::Worker => connect(&config).await?.spawn_worker(worker_id(), cancel.clone(), &mut tasks),
-        Command::Scheduler => connect(&config).await?.spawn_scheduler(stale_after(&config), git_poll(&config), cancel.clone(), &mut tasks),
+        Command::Relay => {
+            let runtime = connect_stream_later(&config).await?;
+            runtime.spawn_relay(cancel.clone(), &mut tasks);
+            serve_metrics(&config, &runtime, &cancel, &mut tasks).await?;
+        }
+        Command::Worker => {
+            let runtime = connect(&config).await?;
+            runtime.spawn_worker(worker_id(), cancel.clone(), &mut tasks);
+            serve_metrics(&config, &runtime, &cancel, &mut tasks).await?;
+        }
+        Command::Scheduler => {
+            let runtime = connect(&config).await?;
+            runtime.spawn_scheduler(stale_after(&config), git_poll(&config), cancel.clone(), &mut tasks);
+            serve_metrics(&config, &runtime, &cancel, &mut tasks).await?;
+        }
         Command::SandboxBridge { socket, port, reverse, command } => {
             let code = if reverse {
                 understudy_adapters::preview::bridge::run_reverse(&socket, port, &command).await?
@@ -556,7 +586,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Projector { projection } => {
             let projections = understudy_projections::selected(projection.as_deref().unwrap_or("all"))?;
-            connect_stream_later(&config).await?.spawn_projectors(projections, cancel.clone(), &mut tasks);
+            let runtime = connect_stream_later(&config).await?;
+            runtime.spawn_projectors(projections, cancel.clone(), &mut tasks);
+            serve_metrics(&config, &runtime, &cancel, &mut tasks).await?;
         }
         Command::Migrate => {
             let pool = connect_db(&config, 2).await?;

@@ -228,6 +228,25 @@ impl Runtime {
         Ok(addr)
     }
 
+    /// Binds `listen` and serves this process's `/metrics` and `/healthz` until `cancel`: for
+    /// the roles other than the API, whose counters (a worker's builds and sandboxes, a relay's
+    /// standby rounds) no API process can see. Returns the bound address.
+    pub async fn serve_metrics(
+        &self,
+        listen: SocketAddr,
+        cancel: CancellationToken,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+    ) -> anyhow::Result<SocketAddr> {
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot serve metrics on {listen}: is it in use?"))?;
+        let addr = listener.local_addr()?;
+        let app = crate::http::metrics_router(self.pool.clone());
+        tasks.spawn(
+            async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving metrics") },
+        );
+        Ok(addr)
+    }
+
     pub fn spawn_relay(&self, cancel: CancellationToken, tasks: &mut JoinSet<anyhow::Result<()>>) {
         // The relay is here: no standby for it (the one `assemble` started ends).
         self.store.appends.stand_down();

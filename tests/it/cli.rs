@@ -102,6 +102,45 @@ fn the_relay_and_projectors_start_without_nats_and_say_so() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not a NATS URL"), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
+/// A relay, worker, projector or scheduler process serves its own `/metrics` when asked: its
+/// counters live in that process, where no API node can read them.
+#[tokio::test]
+async fn roles_other_than_the_api_serve_their_metrics_when_asked() {
+    use tokio::io::AsyncBufReadExt;
+    let env = TestEnv::new().await;
+    for role in ["relay", "worker"] {
+        let mut child = tokio::process::Command::new(understudy_bin())
+            .args([role, "--metrics-listen", "127.0.0.1:0"])
+            .env("DATABASE_URL", &env.database_url)
+            .env("NATS_URL", understudy_tests::nats_url())
+            .env("UNDERSTUDY_NATS_PREFIX", &env.prefix)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run");
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let url = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.expect("stderr") {
+                if let Some(url) = line.strip_prefix("understudy metrics on ") {
+                    return url.to_string();
+                }
+            }
+            panic!("{role} ended without saying where its metrics are");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{role} said nothing about its metrics in 30 s"));
+        let metrics = reqwest::get(&url).await.expect("metrics").text().await.expect("text");
+        // This process's own counters, and what Postgres knows (of a log nothing was appended to).
+        assert!(metrics.contains("\nunderstudy_sandboxes_running 0\n"), "{role}: {metrics}");
+        assert!(metrics.contains("\nunderstudy_relay_standby_rounds_total 0\n"), "{role}: {metrics}");
+        assert!(metrics.contains("\nunderstudy_log_head 0\n"), "{role}: {metrics}");
+        let health = reqwest::get(url.replace("/metrics", "/healthz")).await.expect("healthz");
+        assert!(health.status().is_success(), "{role}: {}", health.status());
+        child.kill().await.expect("kill");
+    }
+}
+
 #[tokio::test]
 async fn events_prints_an_entity_history_as_a_table_and_as_json() {
     let env = TestEnv::new().await;
