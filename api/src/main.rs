@@ -719,7 +719,13 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         runtime.spawn_scheduler(stale_after(&config), git_poll(&config), cancel.clone(), &mut tasks);
         let addr = runtime.serve_api(config.listen, cancel.clone(), &mut tasks).await?;
         eprintln!("understudy is up: http://{addr}/graphql (GraphiQL at http://{addr}/graphiql); Ctrl-C stops it");
-        supervise(tasks, cancel).await
+        let outcome = supervise(tasks, cancel).await;
+        // Close the connection to NATS before its private server stops: clients held by tasks
+        // that outlive the roles would otherwise see it drop, and say so, on the way out.
+        if let Err(error) = runtime.nats.drain().await {
+            tracing::debug!(error = %error, "draining the NATS connection failed");
+        }
+        outcome
     }
     .await;
     if let Some(embedded) = embedded {
