@@ -1,10 +1,12 @@
 //! `understudy bench reads`: the reads by position that `environmentUpdated` subscriptions make
 //! (a resume's page, the rows changed between two notices, the newest page after a reconnect),
-//! for one project and for every project, on a read model of many environments; against the
-//! same reads in the same run without the position indexes (migration 0014).
+//! and the environments list the dashboard shows, for one project and for every project, on a read
+//! model of many environments; against the same reads in the same run without the indexes of
+//! migrations 0014 and 0015.
 //!
 //! The read model is grown by copying one environment's row, as the projection wrote it from the
-//! command path's events, under new ids, spread over the projects, at shuffled positions.
+//! command path's events, under new ids, spread over the projects, at shuffled positions and
+//! update times.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use understudy_projections::environments::Environments;
 use uuid::Uuid;
 
 use crate::bench::{cycle, meta, percentile, spec};
-use crate::graphql::{latest_environments, page_after, SharedReads, MAX_PAGE};
+use crate::graphql::{latest_environments, page_after, EnvironmentRow, ListFilter, SharedReads, MAX_PAGE};
 use crate::runtime::Runtime;
 
 pub async fn reads(runtime: &Runtime, environments: u64, projects: u64, runs: usize) -> anyhow::Result<()> {
@@ -47,7 +49,7 @@ pub async fn reads(runtime: &Runtime, environments: u64, projects: u64, runs: us
     .await?;
     sqlx::query("DELETE FROM environments WHERE environment_id = $1").bind(id.0).execute(pool).await?;
     sqlx::query(
-        "UPDATE environments SET position = shuffled.position
+        "UPDATE environments SET position = shuffled.position, updated_at = now() - random() * interval '30 days'
          FROM (SELECT environment_id, row_number() OVER (ORDER BY random()) AS position FROM environments) AS shuffled
          WHERE shuffled.environment_id = environments.environment_id",
     )
@@ -64,12 +66,13 @@ pub async fn reads(runtime: &Runtime, environments: u64, projects: u64, runs: us
         grown.elapsed().as_secs_f64()
     );
     let with = measure(pool, project, head, runs).await?;
-    sqlx::query("DROP INDEX environments_project_position, environments_position").execute(pool).await?;
+    sqlx::query("DROP INDEX environments_project_position, environments_position, environments_recent").execute(pool).await?;
     sqlx::query("ANALYZE environments").execute(pool).await?;
     let without = measure(pool, project, head, runs).await;
     // Put back what the migration made, whatever the baseline did.
     sqlx::query("CREATE INDEX environments_project_position ON environments (project_id, position)").execute(pool).await?;
     sqlx::query("CREATE INDEX environments_position ON environments (position)").execute(pool).await?;
+    sqlx::query("CREATE INDEX environments_recent ON environments (updated_at DESC, environment_id DESC)").execute(pool).await?;
     let without = without?;
     println!("{:<62} {:>17}  {:>17}  {:>8}", "read", "with the indexes", "without (baseline)", "p50 ratio");
     for ((name, indexed), (_, baseline)) in with.iter().zip(&without) {
@@ -99,6 +102,7 @@ async fn measure(pool: &sqlx::PgPool, project: Uuid, head: i64, runs: usize) -> 
         let mut resume = Vec::with_capacity(runs);
         let mut between = Vec::with_capacity(runs);
         let mut latest = Vec::with_capacity(runs);
+        let mut list = Vec::with_capacity(runs);
         // One untimed round first: plans prepared and pages cached, as on a node that has run.
         page_after(pool, key, head - MAX_PAGE).await.map_err(|e| anyhow::anyhow!(e.message))?;
         latest_environments(pool, key).await;
@@ -115,11 +119,17 @@ async fn measure(pool: &sqlx::PgPool, project: Uuid, head: i64, runs: usize) -> 
             let newest = latest_environments(pool, key).await;
             latest.push(started.elapsed());
             anyhow::ensure!(!newest.is_empty(), "the newest environments were read");
+            let started = Instant::now();
+            let filter = ListFilter { projects: key.map(|p| vec![p]), status: None, branch: None, pull_request: None, before: None };
+            let page: Vec<EnvironmentRow> = filter.query(100).build_query_as().fetch_all(pool).await?;
+            list.push(started.elapsed());
+            anyhow::ensure!(!page.is_empty(), "the list has environments");
         }
         for (read, mut samples) in [
             ("a resume's page after a position", resume),
             ("the rows between two notices (100 positions)", between),
             ("the newest page, after a reconnect", latest),
+            ("the list's first 100, most recently updated first", list),
         ] {
             samples.sort();
             results.push((format!("{read}, {scope}"), samples));

@@ -112,12 +112,12 @@ pub struct Environment {
 }
 
 #[derive(sqlx::FromRow)]
-struct EnvironmentRow {
+pub(crate) struct EnvironmentRow {
     environment_id: Uuid,
     project_id: Uuid,
     target_kind: String,
     branch: String,
-    pull_request: Option<i64>,
+    pub(crate) pull_request: Option<i64>,
     entrypoint: String,
     status: String,
     latest_deployment_id: Option<Uuid>,
@@ -279,6 +279,46 @@ impl HighWater {
         let now = std::time::Instant::now();
         let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         marks.iter().rev().find(|(at, _)| now.duration_since(*at) >= HEAL_LOOKBACK).map_or(self.start, |(_, high)| *high)
+    }
+}
+
+/// What a list of environments (most recently updated first) is narrowed to.
+pub(crate) struct ListFilter {
+    /// The projects whose environments may be listed; none: every project's.
+    pub(crate) projects: Option<Vec<Uuid>>,
+    pub(crate) status: Option<&'static str>,
+    pub(crate) branch: Option<String>,
+    pub(crate) pull_request: Option<i64>,
+    /// Only those listed after this (updated_at, environment_id): the next page.
+    pub(crate) before: Option<(DateTime<Utc>, Uuid)>,
+}
+
+impl ListFilter {
+    /// The list's statement, up to `limit` rows. It holds only the conditions given, rather than
+    /// `($n IS NULL OR …)` for each: a prepared statement's generic plan cannot drop those, and
+    /// would walk every project's environments by recency to list one project's
+    /// (docs/benchmarks.md).
+    pub(crate) fn query(self, limit: i64) -> sqlx::QueryBuilder<'static, sqlx::Postgres> {
+        let mut query = sqlx::QueryBuilder::new(format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE true"));
+        match self.projects {
+            Some(projects) if projects.len() == 1 => query.push(" AND project_id = ").push_bind(projects[0]),
+            Some(projects) => query.push(" AND project_id = ANY(").push_bind(projects).push(")"),
+            None => &mut query,
+        };
+        if let Some(status) = self.status {
+            query.push(" AND status = ").push_bind(status);
+        }
+        if let Some(branch) = self.branch {
+            query.push(" AND branch = ").push_bind(branch);
+        }
+        if let Some(pull_request) = self.pull_request {
+            query.push(" AND pull_request = ").push_bind(pull_request);
+        }
+        if let Some((time, id)) = self.before {
+            query.push(" AND (updated_at, environment_id) < (").push_bind(time).push(", ").push_bind(id).push(")");
+        }
+        query.push(" ORDER BY updated_at DESC, environment_id DESC LIMIT ").push_bind(limit);
+        query
     }
 }
 
@@ -481,19 +521,8 @@ impl Query {
     ) -> Result<Vec<Environment>> {
         let pool = ctx.data::<PgPool>()?;
         let projects = visible_projects(ctx, project_id).await?;
-        let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
-            "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-             WHERE ($1::uuid[] IS NULL OR project_id = ANY($1)) AND ($2::text IS NULL OR status = $2)
-               AND ($4::text IS NULL OR branch = $4) AND ($5::bigint IS NULL OR pull_request = $5)
-             ORDER BY updated_at DESC, environment_id LIMIT $3"
-        ))
-        .bind(projects)
-        .bind(status.map(|s| DomainStatus::from(s).as_str()))
-        .bind(first.min(MAX_PAGE))
-        .bind(branch)
-        .bind(pull_request)
-        .fetch_all(pool)
-        .await?;
+        let filter = ListFilter { projects, status: status.map(|s| DomainStatus::from(s).as_str()), branch, pull_request, before: None };
+        let rows: Vec<EnvironmentRow> = filter.query(first.min(MAX_PAGE)).build_query_as().fetch_all(pool).await?;
         rows.into_iter().map(Environment::try_from).collect()
     }
 
@@ -512,19 +541,10 @@ impl Query {
             None => (None, None),
         };
         let projects = visible_projects(ctx, project_id).await?;
-        let rows: Vec<EnvironmentRow> = sqlx::query_as(&format!(
-            "SELECT {ENVIRONMENT_COLUMNS} FROM environments
-             WHERE ($1::uuid[] IS NULL OR project_id = ANY($1)) AND ($2::text IS NULL OR status = $2)
-               AND ($3::timestamptz IS NULL OR (updated_at, environment_id) < ($3, $4))
-             ORDER BY updated_at DESC, environment_id DESC LIMIT $5"
-        ))
-        .bind(projects)
-        .bind(status.map(|s| DomainStatus::from(s).as_str()))
-        .bind(before_time)
-        .bind(before_id)
-        .bind(first + 1)
-        .fetch_all(ctx.data::<PgPool>()?)
-        .await?;
+        let before = before_time.zip(before_id);
+        let filter =
+            ListFilter { projects, status: status.map(|s| DomainStatus::from(s).as_str()), branch: None, pull_request: None, before };
+        let rows: Vec<EnvironmentRow> = filter.query(first + 1).build_query_as().fetch_all(ctx.data::<PgPool>()?).await?;
         let has_next = rows.len() as i64 > first;
         let mut connection = async_graphql::connection::Connection::new(after.is_some(), has_next);
         for row in rows.into_iter().take(first as usize) {
