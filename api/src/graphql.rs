@@ -243,6 +243,11 @@ impl SharedReads {
 /// that follow it (its own NATS subscription and a task of its own, milliseconds apart).
 pub const HEAL_LOOKBACK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long after it starts a resumed subscription heals once more (see `environment_updated`):
+/// far longer than a NATS cluster takes to spread a subscription's interest, and no longer than
+/// [`HEAL_LOOKBACK`], so that the heal reaches back to the position resumed from.
+pub const SETTLE: std::time::Duration = HEAL_LOOKBACK;
+
 /// The highest position a subscription has sent, and what it was a [`HEAL_LOOKBACK`] ago. A heal
 /// starts from the latter: the notices the new leader (or the reconnected client) sends after a
 /// resync can reach the subscription before the resync does, and carry the highest position past
@@ -726,9 +731,16 @@ impl Subscription {
             Heal,
         }
         use understudy_adapters::nats::{changes, reconnects, resyncs};
+        // A resumed subscription heals once more when it has settled: in a NATS cluster its
+        // interest reaches the other servers a moment after this one, and a notice published on
+        // one of those in that moment is lost. The heal reaches back to the resume's position.
+        let settled = match after {
+            Some(_) => futures::stream::once(tokio::time::sleep(SETTLE)).boxed(),
+            None => futures::stream::empty().boxed(),
+        };
         let wakes = futures::stream::select(
             notices.filter_map(|message| std::future::ready(serde_json::from_slice(&message.payload).ok().map(Wake::Notice))),
-            futures::stream::select(changes(reconnects()), changes(resyncs())).map(|()| Wake::Heal),
+            futures::stream::select(futures::stream::select(changes(reconnects()), changes(resyncs())), settled).map(|()| Wake::Heal),
         );
         // Notices come in position order. An environment read for one may have moved on past
         // changes to others whose notices are still on the way: those go first, so that nothing at

@@ -741,6 +741,8 @@ async fn after_a_resync_a_subscription_gets_every_change_since_the_last_it_sent(
     project_log(&app, true).await;
     let mut ws = follow(&app, project, Some(0)).await;
     let (_, last) = next_update(&mut ws, Duration::from_secs(5)).await.expect("the first environment");
+    // Past the resumed subscription's settling heal, which would make these good too.
+    tokio::time::sleep(understudy_api::graphql::SETTLE + Duration::from_millis(200)).await;
 
     // More than a page of changes whose notices never reach this API (as while a projector's
     // connection to NATS was down).
@@ -778,5 +780,23 @@ async fn a_notice_that_overtakes_a_resync_does_not_hide_what_the_resync_is_for()
     app.env.runtime.nats.publish(app.env.topology().resync_subject(), Vec::new().into()).await.expect("resync");
     let got = next_update(&mut ws, Duration::from_secs(5)).await.expect("A, after the resync");
     assert_eq!(got.0, a.to_string(), "{got:?}");
+    app.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_lost_just_after_a_resume_is_made_good_once_the_subscription_settles() {
+    let app = api_alone().await;
+    let project = ProjectId(Uuid::new_v4());
+    new_environment(&app, project, 1).await;
+    project_log(&app, true).await;
+    let mut ws = follow(&app, project, Some(0)).await;
+    let (_, last) = next_update(&mut ws, Duration::from_secs(5)).await.expect("the first environment, from the resume's page");
+    // Right after the resume read its page, a change whose notice never reaches this API (as one
+    // published on a NATS server that the subscription's interest had not reached yet).
+    let second = new_environment(&app, project, 2).await;
+    project_log(&app, false).await;
+    let (id, position) =
+        next_update(&mut ws, understudy_api::graphql::SETTLE * 5).await.expect("the change, once the subscription settled");
+    assert_eq!((id, position > last), (second.to_string(), true));
     app.cancel.cancel();
 }
