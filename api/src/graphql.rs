@@ -244,9 +244,8 @@ impl SharedReads {
 pub const HEAL_LOOKBACK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long after it starts a resumed subscription heals once more (see `environment_updated`):
-/// far longer than a NATS cluster takes to spread a subscription's interest, and no longer than
-/// [`HEAL_LOOKBACK`], so that the heal reaches back to the position resumed from.
-pub const SETTLE: std::time::Duration = HEAL_LOOKBACK;
+/// far longer than a NATS cluster takes to spread a subscription's interest.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The highest position a subscription has sent, and what it was a [`HEAL_LOOKBACK`] ago. A heal
 /// starts from the latter: the notices the new leader (or the reconnected client) sends after a
@@ -720,7 +719,16 @@ impl Subscription {
                 is_new
             }
         };
-        let replayed_fresh = fresh.clone();
+        // The highest position the resume sent: what a change whose notice was lost after the
+        // resume's reads must be above.
+        let replayed_high = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(after.unwrap_or(i64::MIN)));
+        let replayed_fresh = {
+            let (fresh, replayed_high) = (fresh.clone(), replayed_high.clone());
+            move |environment: &Environment| {
+                replayed_high.fetch_max(environment.position, std::sync::atomic::Ordering::Relaxed);
+                fresh(environment)
+            }
+        };
         // The subscribers of a shared execution are counted where they join it.
         let open = (!shared).then(OpenSubscription::new);
         let reads = ctx.data::<SharedReads>()?.clone();
@@ -729,18 +737,19 @@ impl Subscription {
         enum Wake {
             Notice(Change),
             Heal,
+            Settled,
         }
         use understudy_adapters::nats::{changes, reconnects, resyncs};
         // A resumed subscription heals once more when it has settled: in a NATS cluster its
         // interest reaches the other servers a moment after this one, and a notice published on
-        // one of those in that moment is lost. The heal reaches back to the resume's position.
+        // one of those in that moment is lost. Those changes are all above what the resume sent.
         let settled = match after {
-            Some(_) => futures::stream::once(tokio::time::sleep(SETTLE)).boxed(),
+            Some(_) => futures::stream::once(tokio::time::sleep(SETTLE)).map(|()| Wake::Settled).boxed(),
             None => futures::stream::empty().boxed(),
         };
         let wakes = futures::stream::select(
             notices.filter_map(|message| std::future::ready(serde_json::from_slice(&message.payload).ok().map(Wake::Notice))),
-            futures::stream::select(futures::stream::select(changes(reconnects()), changes(resyncs())), settled).map(|()| Wake::Heal),
+            futures::stream::select(futures::stream::select(changes(reconnects()), changes(resyncs())).map(|()| Wake::Heal), settled),
         );
         // Notices come in position order. An environment read for one may have moved on past
         // changes to others whose notices are still on the way: those go first, so that nothing at
@@ -750,9 +759,11 @@ impl Subscription {
             .then(move |wake| {
                 let _counted = &open;
                 let (pool, reads, high) = (pool.clone(), reads.clone(), high.clone());
+                let replayed = replayed_high.load(std::sync::atomic::Ordering::Relaxed);
                 async move {
                     let change = match wake {
                         Wake::Notice(change) => change,
+                        Wake::Settled => return changed_after(pool, project_id, replayed).boxed(),
                         Wake::Heal => {
                             let from = high.a_moment_ago();
                             return if from > i64::MIN {
