@@ -117,7 +117,7 @@ pub(crate) struct EnvironmentRow {
     project_id: Uuid,
     target_kind: String,
     branch: String,
-    pub(crate) pull_request: Option<i64>,
+    pull_request: Option<i64>,
     entrypoint: String,
     status: String,
     latest_deployment_id: Option<Uuid>,
