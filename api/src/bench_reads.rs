@@ -66,13 +66,21 @@ pub async fn reads(runtime: &Runtime, environments: u64, projects: u64, runs: us
         grown.elapsed().as_secs_f64()
     );
     let with = measure(pool, project, head, runs).await?;
+    // The baseline: without the indexes of migrations 0014 and 0015, as the migrations made them.
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema()
+         AND indexname IN ('environments_project_position', 'environments_position', 'environments_recent')",
+    )
+    .fetch_all(pool)
+    .await?;
+    anyhow::ensure!(indexes.len() == 3, "the indexes of migrations 0014 and 0015 are there: {indexes:?}");
     sqlx::query("DROP INDEX environments_project_position, environments_position, environments_recent").execute(pool).await?;
     sqlx::query("ANALYZE environments").execute(pool).await?;
     let without = measure(pool, project, head, runs).await;
-    // Put back what the migration made, whatever the baseline did.
-    sqlx::query("CREATE INDEX environments_project_position ON environments (project_id, position)").execute(pool).await?;
-    sqlx::query("CREATE INDEX environments_position ON environments (position)").execute(pool).await?;
-    sqlx::query("CREATE INDEX environments_recent ON environments (updated_at DESC, environment_id DESC)").execute(pool).await?;
+    // Put them back, whatever the baseline did.
+    for index in &indexes {
+        sqlx::query(index).execute(pool).await?;
+    }
     let without = without?;
     println!("{:<62} {:>17}  {:>17}  {:>8}", "read", "with the indexes", "without (baseline)", "p50 ratio");
     for ((name, indexed), (_, baseline)) in with.iter().zip(&without) {
