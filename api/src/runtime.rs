@@ -191,8 +191,7 @@ impl Runtime {
         cancel: CancellationToken,
         tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> anyhow::Result<SocketAddr> {
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}: is it in use?"))?;
-        let addr = listener.local_addr()?;
+        let (listener, addr) = bind(listen, "listen").await?;
         let webhooks = WebhookState {
             recorder: Recorder::spawn(self.pool.clone()),
             secret: self.github.webhook_secret.clone(),
@@ -222,9 +221,7 @@ impl Runtime {
                 }
             }
         });
-        tasks.spawn(
-            async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving HTTP") },
-        );
+        serve(listener, app, cancel, tasks, "serving HTTP");
         Ok(addr)
     }
 
@@ -237,13 +234,8 @@ impl Runtime {
         cancel: CancellationToken,
         tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> anyhow::Result<SocketAddr> {
-        let listener =
-            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot serve metrics on {listen}: is it in use?"))?;
-        let addr = listener.local_addr()?;
-        let app = crate::http::metrics_router(self.pool.clone());
-        tasks.spawn(
-            async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context("serving metrics") },
-        );
+        let (listener, addr) = bind(listen, "serve metrics").await?;
+        serve(listener, crate::http::metrics_router(self.pool.clone()), cancel, tasks, "serving metrics");
         Ok(addr)
     }
 
@@ -397,6 +389,24 @@ impl Runtime {
 }
 
 /// Waits for every task; the first one to fail (or Ctrl-C) stops the others.
+/// Binds `listen` to `what` on it ("cannot {what} on {listen}" if it cannot); and the address bound.
+async fn bind(listen: SocketAddr, what: &str) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot {what} on {listen}: is it in use?"))?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+/// Serves `app` on `listener` until `cancel`, as a task of `tasks`; its error says `doing`.
+fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    cancel: CancellationToken,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    doing: &'static str,
+) {
+    tasks.spawn(async move { axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await.context(doing) });
+}
+
 pub async fn supervise(mut tasks: JoinSet<anyhow::Result<()>>, cancel: CancellationToken) -> anyhow::Result<()> {
     let mut first_error = None;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
