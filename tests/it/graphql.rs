@@ -661,6 +661,17 @@ async fn follow(app: &Running, project: ProjectId, after: Option<i64>) -> graphq
     ws
 }
 
+/// A project with one environment, and a subscription to it resumed after 0 that has received
+/// that environment: the project, the socket and the environment's position.
+async fn resumed_after_one(app: &Running) -> (ProjectId, graphql_ws::Socket, i64) {
+    let project = ProjectId(Uuid::new_v4());
+    new_environment(app, project, 1).await;
+    project_log(app, true).await;
+    let mut ws = follow(app, project, Some(0)).await;
+    let (_, position) = next_update(&mut ws, Duration::from_secs(5)).await.expect("the first environment, from the resume's page");
+    (project, ws, position)
+}
+
 /// The next update's (environment id, position), within `wait`.
 async fn next_update(ws: &mut graphql_ws::Socket, wait: Duration) -> Option<(String, i64)> {
     let message = tokio::time::timeout(wait, next_json(ws)).await.ok()?;
@@ -736,11 +747,7 @@ async fn a_resumed_subscription_gets_every_change_it_missed_past_one_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_resync_a_subscription_gets_every_change_since_the_last_it_sent() {
     let app = api_alone().await;
-    let project = ProjectId(Uuid::new_v4());
-    new_environment(&app, project, 1).await;
-    project_log(&app, true).await;
-    let mut ws = follow(&app, project, Some(0)).await;
-    let (_, last) = next_update(&mut ws, Duration::from_secs(5)).await.expect("the first environment");
+    let (project, mut ws, last) = resumed_after_one(&app).await;
     // Past the resumed subscription's settling heal, which would make these good too.
     tokio::time::sleep(understudy_api::graphql::SETTLE + Duration::from_millis(200)).await;
 
@@ -760,11 +767,7 @@ async fn after_a_resync_a_subscription_gets_every_change_since_the_last_it_sent(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_that_overtakes_a_resync_does_not_hide_what_the_resync_is_for() {
     let app = api_alone().await;
-    let project = ProjectId(Uuid::new_v4());
-    new_environment(&app, project, 1).await;
-    project_log(&app, true).await;
-    let mut ws = follow(&app, project, Some(0)).await;
-    next_update(&mut ws, Duration::from_secs(5)).await.expect("the first environment");
+    let (project, mut ws, _) = resumed_after_one(&app).await;
     // A heal reaches back to what was sent a lookback before it, by the clock: let that be the
     // first environment, not B.
     tokio::time::sleep(understudy_api::graphql::HEAL_LOOKBACK + Duration::from_millis(200)).await;
@@ -786,11 +789,7 @@ async fn a_notice_that_overtakes_a_resync_does_not_hide_what_the_resync_is_for()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_lost_just_after_a_resume_is_made_good_once_the_subscription_settles() {
     let app = api_alone().await;
-    let project = ProjectId(Uuid::new_v4());
-    new_environment(&app, project, 1).await;
-    project_log(&app, true).await;
-    let mut ws = follow(&app, project, Some(0)).await;
-    let (_, last) = next_update(&mut ws, Duration::from_secs(5)).await.expect("the first environment, from the resume's page");
+    let (project, mut ws, last) = resumed_after_one(&app).await;
     // Right after the resume read its page, a change whose notice never reaches this API (as one
     // published on a NATS server that the subscription's interest had not reached yet).
     let second = new_environment(&app, project, 2).await;
